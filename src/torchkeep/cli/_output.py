@@ -1,0 +1,54 @@
+"""The one place the CLI prints: rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_ERROR = 2
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)
+
+
+def print_error(message: str) -> None:
+    """Print an error for a person, on stderr."""
+    error_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout (paths and other objects via ``str``)."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    right_align: Sequence[str] = (),
+) -> None:
+    """Print a table; ``right_align`` names the numeric columns."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in right_align else "left")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
+
+
+def human_bytes(size: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,77 @@
+"""The exceptions torchkeep raises.
+
+Every error derives from :class:`TorchkeepError`, and each subclass also inherits the builtin
+exception a caller would naturally catch (``FileNotFoundError``, ``ValueError``, ...), so both
+``except tk.TorchkeepError`` and ``except ValueError`` work. Messages name the file, the key and
+the fix.
+"""
+
+from __future__ import annotations
+
+
+class TorchkeepError(Exception):
+    """Root of every error raised by torchkeep."""
+
+
+class FileFormatError(TorchkeepError, ValueError):
+    """A file is not in a format torchkeep can read (or not the format its caller expects)."""
+
+
+class CorruptFileError(FileFormatError):
+    """A file claims a known format but its contents are damaged or hostile."""
+
+
+class TorchkeepFileNotFoundError(TorchkeepError, FileNotFoundError):
+    """A path torchkeep was asked to read does not exist."""
+
+
+class StateDictMismatchError(TorchkeepError, ValueError):
+    """The keys or shapes of a stored state dict do not match the model it is loaded into."""
+
+
+class ChecksumMismatchError(CorruptFileError):
+    """A file's content hash differs from the one recorded in its manifest."""
+
+
+class StepExistsError(TorchkeepError, FileExistsError):
+    """A checkpoint step that already exists would be overwritten without ``overwrite=True``."""
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """No committed, valid checkpoint step matches the request."""
+
+
+class UnsafeCheckpointError(TorchkeepError, ValueError):
+    """Loading a file would require executing code that was not explicitly allowed."""
+
+
+class StorageFullError(TorchkeepError, OSError):
+    """The disk filled up while writing; nothing that was committed before was touched."""
+
+
+class MissingDependencyError(TorchkeepError, ImportError):
+    """An optional dependency is needed for this feature; the message gives the install command."""
+
+
+class ModelClassNotFoundError(TorchkeepError, ImportError):
+    """The class recorded in a model bundle cannot be imported."""
+
+
+class InitArgsError(TorchkeepError, TypeError):
+    """A model's constructor arguments cannot be captured or stored."""
+
+
+class ExportError(TorchkeepError, RuntimeError):
+    """Exporting a model (ONNX, torch.export) failed."""
+
+
+class ExportVerificationError(ExportError):
+    """An exported model gives outputs that differ from eager PyTorch beyond tolerance."""
+
+
+def missing_dependency(package: str, extra: str, feature: str) -> MissingDependencyError:
+    """Build the error raised when an optional ``package`` needed by ``feature`` is absent."""
+    return MissingDependencyError(
+        f"{feature} needs the optional package {package!r}, which is not installed. "
+        f"Install it with: pip install 'torchkeep[{extra}]'"
+    )

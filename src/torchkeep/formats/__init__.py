@@ -1,0 +1,93 @@
+"""File formats torchkeep reads and writes, recognised by content rather than suffix."""
+
+from __future__ import annotations
+
+import enum
+import os
+import zipfile
+from pathlib import Path
+
+from ..errors import FileFormatError, TorchkeepFileNotFoundError
+from . import safetensors as st
+
+# Every legacy (pre-zip) torch.save file starts with this magic number, pickled with protocol 2.
+_LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+class Format(str, enum.Enum):
+    """What a path holds."""
+
+    SAFETENSORS = "safetensors"
+    TORCH_ZIP = "torch-zip"
+    TORCH_LEGACY = "torch-legacy"
+    PICKLE = "pickle"
+    TORCHSCRIPT = "torchscript"
+    PT2 = "pt2"
+    ONNX = "onnx"
+    CHECKPOINT_STEP = "checkpoint-step"
+    CHECKPOINT_DIR = "checkpoint-dir"
+    BUNDLE = "bundle"
+    UNKNOWN = "unknown"
+
+
+def _zip_kind(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return Format.UNKNOWN
+    if any(n.endswith("archive_format") for n in names):
+        return Format.PT2
+    if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return Format.TORCHSCRIPT
+    if any(n.endswith("data.pkl") for n in names):
+        return Format.TORCH_ZIP
+    return Format.UNKNOWN
+
+
+def _directory_kind(path: Path) -> Format:
+    from ..manifest import MANIFEST_NAME
+
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file():
+        text = manifest.read_text(errors="replace")
+        if '"torchkeep.bundle"' in text:
+            return Format.BUNDLE
+        if '"torchkeep.checkpoint"' in text:
+            return Format.CHECKPOINT_STEP
+    if any(child.name.startswith("step-") for child in path.iterdir()):
+        return Format.CHECKPOINT_DIR
+    return Format.UNKNOWN
+
+
+def detect_format(path: str | os.PathLike[str]) -> Format:
+    """Recognise what ``path`` holds by reading its first bytes (or its manifest)."""
+    path = Path(path)
+    if not path.exists():
+        raise TorchkeepFileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        return _directory_kind(path)
+    with open(path, "rb") as f:
+        prefix = f.read(16)
+        size = os.fstat(f.fileno()).st_size
+    if st.is_safetensors(prefix, size):
+        return Format.SAFETENSORS
+    if prefix.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
+    if prefix.startswith(_LEGACY_TORCH_PREFIX):
+        return Format.TORCH_LEGACY
+    if prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return Format.PICKLE
+    if path.suffix == ".onnx":
+        return Format.ONNX
+    return Format.UNKNOWN
+
+
+def require_file(path: Path) -> None:
+    """Raise the typed error for a missing path, a directory or an empty file."""
+    if not path.exists():
+        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        raise FileFormatError(f"{path} is a directory, not a weights file")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"{path} is empty (0 bytes): an interrupted write? Re-create it")

@@ -1,0 +1,476 @@
+"""Reading and writing safetensors files without going through Python byte copies.
+
+The layout is the public safetensors format (8-byte little-endian header length, a JSON header,
+then the raw tensor bytes), so every file written here is readable by ``safetensors.safe_open``.
+Writing streams each tensor's own memory to the file with ``writev``; reading either maps the file
+lazily or ``preadv``-s straight into the memory of existing tensors. Headers are validated
+completely before any tensor is built, so a hostile file gets a :class:`CorruptFileError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ..errors import CorruptFileError
+from ..hashing import Hasher
+
+MAX_HEADER_BYTES = 100_000_000
+ALIASES_KEY = "torchkeep.aliases"
+_IOV_MAX = 1024
+_WRITE_BATCH_BYTES = 64 << 20
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+for _name, _attr in [
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("U64", "uint64"),
+    ("U32", "uint32"),
+    ("U16", "uint16"),
+]:
+    if hasattr(torch, _attr):
+        DTYPE_NAMES[_name] = getattr(torch, _attr)
+NAME_OF_DTYPE: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file (offsets are absolute file positions)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """The validated header of a safetensors file."""
+
+    path: Path
+    entries: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor's memory (keep the tensor alive)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    storage = tensor.untyped_storage()
+    return (
+        tensor.device,
+        storage.data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def dedupe_tied(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split ``tensors`` into unique tensors and an ``alias -> canonical name`` map.
+
+    Two names are tied when they are the very same view of one storage (same offset, shape,
+    stride and dtype), as with an embedding shared by an output layer. Tensors that merely
+    overlap are kept apart and written separately.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[object, ...], str] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0 or tensor.device.type == "meta":
+            unique[name] = tensor
+            continue
+        key = _storage_key(tensor)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+def validate_for_save(tensors: Mapping[str, object]) -> None:
+    """Raise before anything is written if some entry cannot be stored as a tensor."""
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state dict key {name!r} is not a string; safetensors needs str keys")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "
+                "a weights file holds tensors only (use a CheckpointManager for other state)"
+            )
+        if value.is_sparse or value.layout != torch.strided:
+            raise TypeError(
+                f"tensor {name!r} has layout {value.layout}; call .to_dense() before saving"
+            )
+        if value.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device and has no data to save")
+        if value.dtype not in NAME_OF_DTYPE:
+            raise TypeError(
+                f"tensor {name!r} has dtype {value.dtype}, which safetensors cannot store; "
+                "convert it (e.g. .to(torch.float32)) or save to a .pt file"
+            )
+
+
+def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int, int]]:
+    """Order tensors so that every one starts aligned to its element size; assign offsets."""
+    order = sorted(tensors.items(), key=lambda item: -item[1].element_size())
+    placed = []
+    offset = 0
+    for name, tensor in order:
+        size = tensor.numel() * tensor.element_size()
+        placed.append((name, tensor, offset, offset + size))
+        offset += size
+    return placed
+
+
+def _encode_header(
+    placed: list[tuple[str, torch.Tensor, int, int]], metadata: Mapping[str, str]
+) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for name, tensor, begin, end in placed:
+        header[name] = {
+            "dtype": NAME_OF_DTYPE[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [begin, end],
+        }
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    body += b" " * (-(len(body) + 8) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def _contiguous_cpu_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    return flat, tensor_bytes(flat)
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    """``writev`` every buffer, retrying partial writes."""
+    while buffers:
+        written = os.writev(fd, buffers)
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers.pop(0)
+        if buffers and written:
+            buffers[0] = buffers[0][written:]
+
+
+def write_file(
+    f: BinaryIO,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    hasher: Hasher | None = None,
+) -> int:
+    """Write ``tensors`` (already deduplicated and validated) to ``f``; return bytes written.
+
+    ``metadata`` goes to ``__metadata__``; ``hasher``, when given, sees every byte written.
+    """
+    placed = _layout(tensors)
+    head = memoryview(_encode_header(placed, metadata or {}))
+    fd = f.fileno()
+    pending: list[memoryview] = [head]
+    keep_alive: list[torch.Tensor] = []
+    pending_bytes = len(head)
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        if hasher is not None:
+            for buf in pending:
+                hasher.update(buf)
+        _write_all(fd, pending)
+        pending.clear()
+        keep_alive.clear()
+        pending_bytes = 0
+
+    total = len(head)
+    for _name, tensor, begin, end in placed:
+        if end == begin:
+            continue
+        flat, view = _contiguous_cpu_bytes(tensor)
+        keep_alive.append(flat)
+        pending.append(view)
+        pending_bytes += len(view)
+        total += len(view)
+        if len(pending) >= _IOV_MAX or pending_bytes >= _WRITE_BATCH_BYTES:
+            flush()
+    flush()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def _corrupt(path: Path, problem: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"{path} is not a valid safetensors file: {problem}. The file is damaged or was not "
+        "written completely; re-create it from its source"
+    )
+
+
+def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: int) -> TensorEntry:
+    if not isinstance(raw, dict):
+        raise _corrupt(path, f"entry {name!r} is not an object")
+    dtype_name = raw.get("dtype")
+    shape = raw.get("shape")
+    offsets = raw.get("data_offsets")
+    if dtype_name not in DTYPE_NAMES:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} has data_offsets {offsets} outside the {data_len}-byte data section",
+        )
+    dtype = DTYPE_NAMES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != end - begin:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected} bytes "
+            f"but its data_offsets span {end - begin}",
+        )
+    return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and fully validate the header of the safetensors file at ``path``."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"it is {file_size} bytes long, shorter than the 8-byte prefix")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES:
+            raise _corrupt(path, f"the header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
+        if header_len > file_size - 8:
+            raise _corrupt(
+                path, f"the header claims {header_len} bytes but the file has {file_size - 8}"
+            )
+        raw_header = f.read(header_len)
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    entries = {
+        name: _parse_entry(path, name, raw, data_start, data_len) for name, raw in header.items()
+    }
+    _check_coverage(path, entries, data_start, file_size)
+    aliases = _parse_aliases(path, metadata, entries)
+    return Header(path, entries, metadata, data_start, file_size, aliases)
+
+
+def _check_coverage(
+    path: Path, entries: Mapping[str, TensorEntry], data_start: int, file_size: int
+) -> None:
+    """Tensors must tile the data section exactly: no overlaps, no holes, nothing after."""
+    position = data_start
+    for entry in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin < position:
+            raise _corrupt(path, f"tensor {entry.name!r} overlaps the tensor before it")
+        if entry.begin > position:
+            raise _corrupt(path, f"there are unused bytes before tensor {entry.name!r}")
+        position = entry.end
+    if position != file_size:
+        raise _corrupt(
+            path, f"the tensors end at byte {position} but the file has {file_size} bytes"
+        )
+
+
+def _parse_aliases(
+    path: Path, metadata: Mapping[str, str], entries: Mapping[str, TensorEntry]
+) -> dict[str, str]:
+    raw = metadata.get(ALIASES_KEY)
+    if raw is None:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError:
+        raise _corrupt(path, f"metadata {ALIASES_KEY!r} is not valid JSON") from None
+    if not isinstance(aliases, dict):
+        raise _corrupt(path, f"metadata {ALIASES_KEY!r} is not an object")
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in entries:
+            raise _corrupt(path, f"tied name {alias!r} points to missing tensor {target!r}")
+        if alias in entries:
+            raise _corrupt(path, f"tied name {alias!r} is also stored as a tensor")
+    return dict(aliases)
+
+
+def _map_file(header: Header) -> torch.Tensor:
+    """Map the whole file privately (copy-on-write) as a flat uint8 tensor; pages load lazily."""
+    storage = torch.UntypedStorage.from_file(str(header.path), False, header.file_size)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+def _view(mapped: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    raw = mapped[entry.begin : entry.end]
+    if entry.begin % entry.dtype.itemsize:
+        raw = raw.clone()  # a misaligned tensor from another writer: copy it into place
+    return raw.view(entry.dtype).view(entry.shape)
+
+
+def load_tensors(header: Header, *, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Return every tensor of the file, tied names as the very same tensor.
+
+    On the CPU the tensors are lazy views into a private memory map; elsewhere they are copied
+    to ``device`` one at a time.
+    """
+    result: dict[str, torch.Tensor] = {}
+    if header.file_size > 0 and header.entries:
+        mapped = _map_file(header)
+        for name, entry in header.entries.items():
+            tensor = _view(mapped, entry)
+            if device is not None and device.type != "cpu":
+                tensor = tensor.to(device)
+            result[name] = tensor
+    for alias, target in header.aliases.items():
+        result[alias] = result[target]
+    return result
+
+
+def _direct_target(entry: TensorEntry, target: torch.Tensor) -> bool:
+    return (
+        target.device.type == "cpu"
+        and target.dtype == entry.dtype
+        and tuple(target.shape) == entry.shape
+        and target.is_contiguous()
+    )
+
+
+def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
+    """Copy the stored tensors named in ``targets`` into those tensors' memory.
+
+    Shapes must already match. CPU targets of the stored dtype are filled with ``preadv``
+    directly (no intermediate copy); others are copied from a memory map, converting dtype.
+    """
+    direct: list[tuple[TensorEntry, torch.Tensor]] = []
+    converted: list[tuple[TensorEntry, torch.Tensor]] = []
+    for name, target in targets.items():
+        entry = header.entries[header.aliases.get(name, name)]
+        (direct if _direct_target(entry, target) else converted).append((entry, target))
+    with open(header.path, "rb", buffering=0) as f:
+        _pread_runs(f.fileno(), sorted(direct, key=lambda pair: pair[0].begin), header.path)
+    if converted:
+        mapped = _map_file(header)
+        with torch.no_grad():
+            for entry, target in converted:
+                target.copy_(_view(mapped, entry))
+
+
+def _pread_runs(fd: int, pairs: list[tuple[TensorEntry, torch.Tensor]], path: Path) -> None:
+    """Fill targets from consecutive file ranges with as few ``preadv`` calls as possible."""
+    run: list[memoryview] = []
+    run_start = run_end = 0
+    for entry, target in pairs:
+        if entry.nbytes == 0:
+            continue
+        if run and (entry.begin != run_end or len(run) >= _IOV_MAX):
+            _preadv_all(fd, run, run_start, path)
+            run = []
+        if not run:
+            run_start = entry.begin
+        run.append(tensor_bytes(target))
+        run_end = entry.end
+    if run:
+        _preadv_all(fd, run, run_start, path)
+
+
+def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: Path) -> None:
+    while buffers:
+        got = os.preadv(fd, buffers, offset)
+        if got == 0:
+            raise _corrupt(path, "the file ended early (was it truncated while being read?)")
+        offset += got
+        while buffers and got >= len(buffers[0]):
+            got -= len(buffers[0])
+            buffers.pop(0)
+        if buffers and got:
+            buffers[0] = buffers[0][got:]
+
+
+def summarize_dtypes(tensors: Iterable[torch.Tensor]) -> str:
+    """A compact ``dtype:count`` summary, stored in metadata for humans and ``inspect``."""
+    counts: dict[str, int] = {}
+    for tensor in tensors:
+        counts[NAME_OF_DTYPE[tensor.dtype]] = counts.get(NAME_OF_DTYPE[tensor.dtype], 0) + 1
+    return ",".join(f"{name}:{count}" for name, count in sorted(counts.items()))
+
+
+def is_safetensors(prefix: bytes, file_size: int) -> bool:
+    """Sniff: an 8-byte length that fits the file, followed by ``{``."""
+    if len(prefix) < 9 or prefix[8:9] != b"{":
+        return False
+    header_len: int = struct.unpack("<Q", prefix[:8])[0]
+    return header_len <= file_size - 8

@@ -1,0 +1,52 @@
+"""Files written by ``torch.save``, read with weights-only semantics (no code is executed)."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptFileError, UnsafeCheckpointError
+from ..storage.local import atomic_file
+
+
+def save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Atomically write ``tensors`` as a ``torch.save`` zip loadable with ``weights_only=True``."""
+    with atomic_file(path) as f:
+        torch.save(dict(tensors), f)
+
+
+def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
+    """Load a ``torch.save`` file with torch's weights-only unpickler, memory-mapped if possible.
+
+    Only tensors, containers and primitive values can come back; a file that names any other
+    global raises :class:`UnsafeCheckpointError` and nothing it names is imported or run.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            # torch.load routes paths with this suffix to safetensors; pass the open file.
+            with open(path, "rb") as f:
+                return torch.load(f, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # Legacy (pre-zip) files cannot be memory-mapped; read them normally.
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise UnsafeCheckpointError(
+            f"{path} refers to Python objects beyond tensors and containers, so loading it "
+            f"could run code, and it was refused ({first_line}). Run `torchkeep scan {path}` "
+            "to see what it imports; whole pickled models load with "
+            "tk.load_pickled_model(path, allow=...)"
+        ) from None
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        raise CorruptFileError(
+            f"{path} could not be read as a torch.save file ({type(exc).__name__}: {exc}); "
+            "it is truncated or damaged"
+        ) from None

@@ -1,0 +1,447 @@
+"""Saving and loading model weights: the ``state_dict`` job, done safely and fast."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .errors import FileFormatError, StateDictMismatchError, TorchkeepFileNotFoundError
+from .formats import Format, detect_format, require_file, torch_zip
+from .formats import safetensors as st
+from .storage.local import atomic_file
+
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+# Keys under which training scripts commonly keep the model part of a checkpoint dict.
+MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "weights")
+# Prefixes added by wrappers: DataParallel/DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
+_RESERVED_METADATA = ("format", "torchkeep.")
+
+PathLike = str | os.PathLike[str]
+Device = torch.device | str
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers, ..."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any: ...
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did.
+
+    Attributes:
+        path: the file read.
+        format: the format recognised from the file's content.
+        loaded: model keys that received stored values.
+        missing: model keys the file has no value for.
+        unexpected: file keys the model has no place for.
+        mismatched: ``(key, stored_shape, model_shape)`` for keys whose shapes differ.
+        source_key: the key of a checkpoint dict the weights came from, if any.
+        renamed: ``stored key -> model key`` for wrapper prefixes that were fixed.
+        notes: one line per thing a user should know (prefix fixes, the key used, ...).
+    """
+
+    path: Path
+    format: Format
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    source_key: str | None = None
+    renamed: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key was loaded and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.format.value})"]
+        lines += [f"note: {note}" for note in self.notes]
+        lines += _problem_lines(self)
+        return "\n".join(lines)
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _problem_lines(report: LoadReport) -> list[str]:
+    lines = []
+    if report.missing:
+        lines.append(f"missing in the file ({len(report.missing)}): {_listing(report.missing)}")
+    if report.unexpected:
+        lines.append(f"not in the model ({len(report.unexpected)}): {_listing(report.unexpected)}")
+    for key, stored, wanted in report.mismatched[:8]:
+        lines.append(f"shape mismatch for {key}: file {list(stored)}, model {list(wanted)}")
+    if len(report.mismatched) > 8:
+        lines.append(f"... {len(report.mismatched) - 8} more shape mismatches")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def _state_of(model_or_state_dict: nn.Module | Stateful | Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(model_or_state_dict, Mapping):
+        return model_or_state_dict
+    if isinstance(model_or_state_dict, Stateful):
+        return model_or_state_dict.state_dict()
+    raise TypeError(
+        f"save_weights takes a model or a state dict, not {type(model_or_state_dict).__name__}"
+    )
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"metadata entry {key!r}: {value!r} is not str -> str; safetensors metadata "
+                "holds strings only (use json.dumps for structured values)"
+            )
+        if key.startswith(_RESERVED_METADATA):
+            raise ValueError(f"metadata key {key!r} is reserved by torchkeep; choose another name")
+        result[key] = value
+    return result
+
+
+def _detach_views(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that view a larger, unshared storage so ``torch.save`` writes only them."""
+    owners: dict[int, int] = {}
+    for tensor in tensors.values():
+        ptr = tensor.untyped_storage().data_ptr()
+        owners[ptr] = owners.get(ptr, 0) + 1
+    result = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        oversized = storage.nbytes() > tensor.numel() * tensor.element_size()
+        shared = owners[storage.data_ptr()] > 1
+        result[name] = tensor.detach().clone() if oversized and not shared else tensor.detach()
+    return result
+
+
+def save_weights(
+    model_or_state_dict: nn.Module | Stateful | Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save a model's weights (or a state dict) atomically.
+
+    ``.pt``/``.pth``/``.bin``/``.ckpt`` paths get a ``torch.save`` zip that loads with
+    ``torch.load(weights_only=True)``; every other path gets safetensors. Tied weights are
+    stored once and come back tied. The file appears at ``path`` only when complete and on disk.
+
+    Args:
+        model_or_state_dict: an ``nn.Module`` (or anything with ``state_dict()``) or a mapping
+            of names to tensors, on any device.
+        path: where to write.
+        metadata: string key/value pairs stored in the safetensors header.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> tk.save_weights(model, "net.safetensors", metadata={"epoch": "3"})
+    """
+    path = Path(path)
+    tensors = _state_of(model_or_state_dict)
+    st.validate_for_save(tensors)
+    user_metadata = _check_metadata(metadata)
+    if not path.parent.is_dir():
+        raise TorchkeepFileNotFoundError(f"cannot write {path}: folder {path.parent} is missing")
+    if path.is_dir():
+        raise FileFormatError(f"cannot write weights to {path}: it is a directory")
+    if path.suffix in TORCH_SUFFIXES:
+        if user_metadata:
+            raise ValueError(
+                f"metadata cannot be stored in a torch.save file ({path.name}); "
+                "save to a .safetensors path to keep it"
+            )
+        torch_zip.save(_detach_views(tensors), path)
+        return path
+    unique, aliases = st.dedupe_tied(tensors)
+    file_metadata = {
+        "format": "pt",
+        "torchkeep.version": __version__,
+        "torchkeep.dtypes": st.summarize_dtypes(unique.values()),
+        **user_metadata,
+    }
+    if aliases:
+        file_metadata[st.ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    with atomic_file(path) as f:
+        st.write_file(f, unique, metadata=file_metadata)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class _Source:
+    """A readable set of stored tensors, with their shapes known before any data is read."""
+
+    path: Path
+    format: Format
+    shapes: dict[str, tuple[int, ...]]
+    header: st.Header | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    source_key: str | None = None
+
+    def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.header is not None:
+            return st.load_tensors(self.header, device=device)
+        assert self.tensors is not None
+        return self.tensors
+
+    def read_into(self, targets: Mapping[str, torch.Tensor]) -> None:
+        if self.header is not None:
+            st.read_into(self.header, targets)
+            return
+        assert self.tensors is not None
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(self.tensors[name])
+
+
+def _model_part(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The flat name -> tensor mapping inside whatever a ``torch.save`` file held."""
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), None
+    if isinstance(obj, Mapping):
+        for key in MODEL_KEYS:
+            part = obj.get(key)
+            if isinstance(part, Mapping) and all(
+                isinstance(v, torch.Tensor) for v in part.values()
+            ):
+                return dict(part), key
+        keys = ", ".join(repr(k) for k in list(obj)[:10])
+        raise FileFormatError(
+            f"{path} holds a dict whose keys ({keys}) include no model state dict "
+            f"(looked for {', '.join(MODEL_KEYS)}); load it with torch.load(weights_only=True) "
+            "and pass the right part to load_weights"
+        )
+    raise FileFormatError(
+        f"{path} holds a {type(obj).__name__}, not a state dict. A pickled whole model loads "
+        "with tk.load_pickled_model(path, allow=...) after a scan"
+    )
+
+
+def _directory_weights(path: Path, fmt: Format) -> Path:
+    """The weights file inside a checkpoint step, checkpoint folder or model bundle."""
+    if fmt in (Format.BUNDLE, Format.CHECKPOINT_STEP):
+        return path / "model.safetensors"
+    if fmt == Format.CHECKPOINT_DIR:
+        from .manifest import MANIFEST_NAME
+
+        steps = sorted(
+            (p for p in path.glob("step-*") if (p / MANIFEST_NAME).is_file()),
+            key=lambda p: p.name,
+        )
+        if not steps:
+            raise TorchkeepFileNotFoundError(f"{path} holds no committed checkpoint step")
+        return steps[-1] / "model.safetensors"
+    raise FileFormatError(
+        f"{path} is a directory that is neither a torchkeep checkpoint nor a model bundle"
+    )
+
+
+def _open_source(path: Path, device: torch.device) -> _Source:
+    if not path.exists():
+        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+    fmt = detect_format(path)
+    if path.is_dir():
+        inner = _directory_weights(path, fmt)
+        source = _open_source(inner, device)
+        source.format = fmt
+        return source
+    require_file(path)
+    if fmt == Format.SAFETENSORS:
+        header = st.read_header(path)
+        shapes = {name: entry.shape for name, entry in header.entries.items()}
+        shapes.update({alias: shapes[target] for alias, target in header.aliases.items()})
+        return _Source(path, fmt, shapes, header=header)
+    if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY, Format.PICKLE):
+        tensors, source_key = _model_part(torch_zip.load(path, map_location=device), path)
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        return _Source(path, fmt, shapes, tensors=tensors, source_key=source_key)
+    hints = {
+        Format.TORCHSCRIPT: "it is a TorchScript archive (deprecated upstream); load it with "
+        "torch.jit.load if you trust it, then save_weights(model.state_dict(), ...)",
+        Format.PT2: "it is a torch.export program; load it with tk.load_model",
+        Format.ONNX: "it is an ONNX model, which holds no PyTorch state dict",
+    }
+    raise FileFormatError(
+        f"{path} is not a weights file torchkeep can read: "
+        + hints.get(fmt, "its content is neither safetensors nor a torch.save file")
+    )
+
+
+def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state dict from a weights file, checkpoint or bundle, never executing code.
+
+    The format is recognised by content: safetensors (memory-mapped, read lazily), ``torch.save``
+    files (weights-only), the model part of a tutorial-style checkpoint dict, and torchkeep
+    checkpoint steps or model bundles. Tied tensors come back as one tensor under each name.
+
+    Args:
+        path: the file or directory.
+        map_location: device for the returned tensors.
+
+    Returns:
+        A dict of names to tensors.
+
+    Example:
+        >>> model.load_state_dict(tk.load_state_dict("net.safetensors"))
+    """
+    device = torch.device(map_location)
+    return _open_source(Path(path), device).load(device)
+
+
+def _normalised(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Map stored keys to model keys, fixing wrapper prefixes; return the map and notes."""
+    wanted_set = set(wanted)
+    mapping = {key: key for key in stored if key in wanted_set}
+    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping.values()}
+    fixed: dict[str, int] = {}
+    for key in stored:
+        if key in mapping:
+            continue
+        target = unmatched_wanted.pop(_normalised(key), None)
+        if target is not None:
+            mapping[key] = target
+            stripped = key[: len(key) - len(_normalised(key))]
+            added = target[: len(target) - len(_normalised(target))]
+            change = f"'{stripped}' -> '{added}'"
+            fixed[change] = fixed.get(change, 0) + 1
+    notes = [
+        f"fixed the key prefix {change} on {count} keys "
+        f"({', '.join(w for p, w in WRAPPER_PREFIXES.items() if p in change)} wrapper)"
+        for change, count in fixed.items()
+    ]
+    return mapping, notes
+
+
+def _has_custom_loading(model: nn.Module) -> bool:
+    """True if some submodule customises state-dict loading (hooks, extra state, overrides)."""
+    base = nn.Module._load_from_state_dict
+    for module in model.modules():
+        if module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks:
+            return True
+        if type(module).set_extra_state is not nn.Module.set_extra_state:
+            return True
+        override = type(module)._load_from_state_dict
+        if override is not base and not type(module).__module__.startswith("torch.nn."):
+            return True
+    return False
+
+
+def _build_report(
+    source: _Source, expected: Mapping[str, Any]
+) -> tuple[LoadReport, dict[str, str]]:
+    mapping, notes = _match_keys(list(source.shapes), list(expected))
+    report = LoadReport(source.path, source.format, source_key=source.source_key)
+    report.renamed = {k: v for k, v in mapping.items() if k != v}
+    report.notes = notes
+    if source.source_key:
+        report.notes.insert(0, f"used the {source.source_key!r} entry of the checkpoint dict")
+    matched_targets = set(mapping.values())
+    report.missing = [k for k in expected if k not in matched_targets]
+    report.unexpected = [k for k in source.shapes if k not in mapping]
+    usable = {}
+    for stored_key, model_key in mapping.items():
+        target = expected[model_key]
+        model_shape = tuple(target.shape) if isinstance(target, torch.Tensor) else ()
+        if source.shapes[stored_key] != model_shape:
+            report.mismatched.append((model_key, source.shapes[stored_key], model_shape))
+        else:
+            usable[stored_key] = model_key
+            report.loaded.append(model_key)
+    return report, usable
+
+
+def _raise_mismatch(report: LoadReport) -> None:
+    fixes = ["pass strict=False to load the keys that match and get the rest in the report"]
+    if report.mismatched:
+        fixes.insert(0, "build the model with the sizes it was trained with")
+    raise StateDictMismatchError(
+        f"the weights in {report.path} do not fit the model:\n  "
+        + "\n  ".join(_problem_lines(report))
+        + "\nTo fix: "
+        + "; or ".join(fixes)
+    )
+
+
+def load_weights(
+    model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
+) -> LoadReport:
+    """Load stored weights into ``model`` in place and report what happened.
+
+    Reads safetensors, ``torch.save`` files (weights-only), tutorial-style checkpoint dicts
+    (their model part), checkpoints and bundles. Keys with a ``module.`` or ``_orig_mod.``
+    prefix from DataParallel/DDP or ``torch.compile`` are matched automatically. Values are read
+    straight into the parameters' memory where dtype and layout allow.
+
+    Args:
+        model: the module to fill.
+        path: the weights file or directory.
+        strict: raise :class:`StateDictMismatchError` (before changing anything) if any key is
+            missing, unexpected or of another shape.
+        map_location: where intermediate tensors of ``torch.save`` files are placed.
+
+    Returns:
+        A :class:`LoadReport` listing loaded, missing, unexpected and mismatched keys.
+
+    Example:
+        >>> report = tk.load_weights(model, "net.safetensors", strict=False)
+        >>> report.missing
+    """
+    device = torch.device(map_location)
+    source = _open_source(Path(path), device)
+    expected = model.state_dict(keep_vars=True)
+    report, usable = _build_report(source, expected)
+    if strict and not report.ok:
+        _raise_mismatch(report)
+    if _has_custom_loading(model):
+        stored = source.load(device)
+        model.load_state_dict({usable[k]: stored[k] for k in usable}, strict=False)
+        report.notes.append("used the model's own load_state_dict (it customises loading)")
+        return report
+    targets: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for stored_key, model_key in usable.items():
+        target = expected[model_key].detach()
+        identity = (target.data_ptr(), tuple(target.stride()))
+        if identity not in seen:
+            seen.add(identity)
+            targets[stored_key] = target
+    source.read_into(targets)
+    return report

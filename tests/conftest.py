@@ -1,0 +1,53 @@
+"""Shared fixtures: small real models and helpers to compare state bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch import nn
+
+from torchkeep.models import Net, small_vgg
+
+
+class TiedLM(nn.Module):
+    """A tiny language model whose output layer shares the embedding's weight."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens)))
+
+
+def assert_state_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Same keys, dtypes, shapes and bytes (NaN payloads and -0.0 included)."""
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for key in a:
+        x, y = a[key].detach().cpu(), b[key].detach().cpu()
+        assert x.dtype == y.dtype, key
+        assert x.shape == y.shape, key
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), key
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.fixture
+def vgg() -> nn.Module:
+    torch.manual_seed(0)
+    return small_vgg(batch_norm=True)
+
+
+@pytest.fixture
+def tied() -> TiedLM:
+    torch.manual_seed(0)
+    return TiedLM()
