@@ -8,6 +8,7 @@ point leaves either the previous object or the new one, never a truncated mix.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
@@ -110,11 +111,35 @@ def staged_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     fsync_dir(final.parent)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _rename_into_place(temp: Path, final: Path, *, overwrite: bool) -> None:
+    """Move ``temp`` to ``final``; with ``overwrite`` swap atomically where the OS can."""
     if not (overwrite and final.exists()):
         os.rename(temp, final)
         return
-    retired = temp_sibling(final)
+    if _exchange(temp, final):
+        shutil.rmtree(temp, ignore_errors=True)  # temp now holds the old contents
+        return
+    retired = temp_sibling(final)  # no atomic swap: keep the gap between two renames tiny
     os.rename(final, retired)
     os.rename(temp, final)
     shutil.rmtree(retired, ignore_errors=True)
