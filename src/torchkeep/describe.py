@@ -140,6 +140,7 @@ DESCRIBERS: dict[Format, Callable[[Path], Description]] = {
     Format.SAFETENSORS: _describe_safetensors,
     Format.TORCH_ZIP: _describe_torch,
     Format.TORCH_LEGACY: _describe_torch,
+    Format.PICKLE: _describe_torch,  # read weights-only: a hostile pickle is refused
 }
 
 
