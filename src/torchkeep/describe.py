@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import FileFormatError
-from .formats import Format, detect_format, torch_zip
+from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 
 
@@ -157,6 +157,8 @@ def describe(path: str | os.PathLike[str]) -> Description:
         >>> describe("net.safetensors").parameter_count
     """
     path = Path(path)
+    if path.is_file():
+        require_file(path)  # an empty file gets its own message
     fmt = detect_format(path)
     describer = DESCRIBERS.get(fmt)
     if describer is None:
