@@ -54,21 +54,6 @@ class Conversion:
 Route = Callable[[Path, Path], Conversion]
 
 
-def _separate_storages(
-    state: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Give every distinct tensor its own storage, keeping tied names the very same tensor.
-
-    Tensors read from safetensors are views into one memory map of the whole file; written
-    as they are, ``torch.save`` would store that whole map once (header bytes included).
-    """
-    unique, aliases = st.dedupe_tied(state)
-    copies = {
-        name: tensor.clone(memory_format=torch.contiguous_format) for name, tensor in unique.items()
-    }
-    return {name: copies[aliases.get(name, name)] for name in state}, aliases
-
-
 def _weights(source: Path, destination: Path) -> Conversion:
     """A state dict (or a checkpoint dict's model part) from one weights format to the other."""
     opened = _open_source(source, torch.device("cpu"))
@@ -79,17 +64,13 @@ def _weights(source: Path, destination: Path) -> Conversion:
             f"converted the {opened.source_key!r} entry of the checkpoint dict; its other "
             "entries (optimizer, epoch, ...) are not weights and were left behind"
         )
-    if _kind_of_destination(destination) == TORCH:
-        state, conversion.tied = _separate_storages(state)
-        if opened.header is not None:
-            dropped = [k for k in opened.header.metadata if not k.startswith(_RESERVED_METADATA)]
-            if dropped:
-                conversion.notes.append(
-                    f"metadata {', '.join(dropped)} was not kept: a torch.save file has no "
-                    "place for it"
-                )
-    else:
-        conversion.tied = st.dedupe_tied(state)[1]
+    conversion.tied = st.dedupe_tied(state)[1]
+    if opened.header is not None and _kind_of_destination(destination) == TORCH:
+        dropped = [k for k in opened.header.metadata if not k.startswith(_RESERVED_METADATA)]
+        if dropped:
+            conversion.notes.append(
+                f"metadata {', '.join(dropped)} was not kept: a torch.save file has no place for it"
+            )
     try:
         st.validate_for_save(state)
     except (TypeError, ValueError) as exc:
