@@ -129,6 +129,8 @@ def _compare_chunk(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -
     same |= torch.isnan(wa) & torch.isnan(wb)
     diff = torch.nan_to_num((wa - wb).abs(), nan=math.inf, posinf=math.inf)
     diff[same] = 0.0
+    # Integers that differ are at least 1 apart, even where float64 rounds them together.
+    diff[~same & (diff == 0)] = 1.0
     within = same | (torch.isfinite(diff) & (diff <= atol + rtol * wb.abs()))
     return float(diff.max()) if diff.numel() else 0.0, int((~within).sum())
 

@@ -44,7 +44,7 @@ def _print(report: DiffReport) -> None:
     if changed:
         print_table(
             "tensors that differ",
-            ["name", "status", "dtype", "shape", "max |a-b|", "beyond tolerance"],
+            ["name", "status", "dtype", "shape", "max |a-b|", "outside tol."],
             [
                 (
                     t.name,
@@ -56,7 +56,7 @@ def _print(report: DiffReport) -> None:
                 )
                 for t in changed
             ],
-            right_align=["max |a-b|", "beyond tolerance"],
+            right_align=["max |a-b|", "outside tol."],
         )
     counts = ", ".join(
         f"{report.count(status)} {status.value}" for status in Status if report.count(status)
