@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import FileFormatError
-from .formats import Format, detect_format, torch_zip
+from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 
 
@@ -140,6 +140,7 @@ DESCRIBERS: dict[Format, Callable[[Path], Description]] = {
     Format.SAFETENSORS: _describe_safetensors,
     Format.TORCH_ZIP: _describe_torch,
     Format.TORCH_LEGACY: _describe_torch,
+    Format.PICKLE: _describe_torch,  # read weights-only: a hostile pickle is refused
 }
 
 
@@ -156,6 +157,8 @@ def describe(path: str | os.PathLike[str]) -> Description:
         >>> describe("net.safetensors").parameter_count
     """
     path = Path(path)
+    if path.is_file():
+        require_file(path)  # an empty file gets its own message
     fmt = detect_format(path)
     describer = DESCRIBERS.get(fmt)
     if describer is None:

@@ -37,6 +37,10 @@ class StepExistsError(TorchkeepError, FileExistsError):
     """A checkpoint step that already exists would be overwritten without ``overwrite=True``."""
 
 
+class DestinationExistsError(TorchkeepError, FileExistsError):
+    """A file would be overwritten without ``force=True`` (``--force`` on the command line)."""
+
+
 class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """No committed, valid checkpoint step matches the request."""
 

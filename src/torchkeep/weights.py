@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,18 +124,22 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _detach_views(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone tensors that view a larger, unshared storage so ``torch.save`` writes only them."""
-    owners: dict[int, int] = {}
-    for tensor in tensors.values():
-        ptr = tensor.untyped_storage().data_ptr()
-        owners[ptr] = owners.get(ptr, 0) + 1
-    result = {}
-    for name, tensor in tensors.items():
+    """Give each distinct tensor a storage of its own so ``torch.save`` writes only its bytes.
+
+    Tied names (the very same view) stay one tensor. Anything else that views a larger or
+    shared storage is cloned: a slice of a big buffer, or the tensors of a memory-mapped
+    safetensors file, which all view one map of the whole file (``torch.save`` would store
+    that map, or refuse it when the views have different dtypes).
+    """
+    unique, aliases = st.dedupe_tied(tensors)
+    owners = Counter(t.untyped_storage().data_ptr() for t in unique.values())
+    detached: dict[str, torch.Tensor] = {}
+    for name, tensor in unique.items():
         storage = tensor.untyped_storage()
-        oversized = storage.nbytes() > tensor.numel() * tensor.element_size()
-        shared = owners[storage.data_ptr()] > 1
-        result[name] = tensor.detach().clone() if oversized and not shared else tensor.detach()
-    return result
+        alone = owners[storage.data_ptr()] == 1
+        exact = alone and storage.nbytes() == tensor.numel() * tensor.element_size()
+        detached[name] = tensor.detach() if exact else tensor.detach().clone()
+    return {name: detached[aliases.get(name, name)] for name in tensors}
 
 
 def save_weights(

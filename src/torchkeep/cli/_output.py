@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -18,9 +19,21 @@ console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
 
+def plain(value: object) -> Text:
+    """``value`` as text shown literally: no rich markup, control characters escaped.
+
+    Names and messages come from files, which may be hostile: ``[/]`` must not break the
+    output and an escape sequence must not reach the terminal.
+    """
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in text)
+    return Text(text)
+
+
 def print_error(message: str) -> None:
     """Print an error for a person, on stderr."""
-    error_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    error_console.print(Text("error: ", style="bold red") + plain(message), soft_wrap=True)
 
 
 def print_json(value: Any) -> None:
@@ -34,13 +47,18 @@ def print_table(
     rows: Iterable[Sequence[object]],
     *,
     right_align: Sequence[str] = (),
+    show_header: bool = True,
 ) -> None:
     """Print a table; ``right_align`` names the numeric columns."""
-    table = Table(title=title, title_justify="left")
+    table = Table(
+        title=None if title is None else plain(title),
+        title_justify="left",
+        show_header=show_header,
+    )
     for column in columns:
         table.add_column(column, justify="right" if column in right_align else "left")
     for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+        table.add_row(*(plain(cell) for cell in row))
     console.print(table)
 
 

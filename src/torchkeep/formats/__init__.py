@@ -7,7 +7,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from ..errors import FileFormatError, TorchkeepFileNotFoundError
+from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundError
 from . import safetensors as st
 
 # Every legacy (pre-zip) torch.save file starts with this magic number, pickled with protocol 2.
@@ -34,8 +34,11 @@ def _zip_kind(path: Path) -> Format:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return Format.UNKNOWN
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise CorruptFileError(
+            f"{path} starts like a zip archive (torch.save, torch.export) but cannot be opened "
+            f"({exc}); it is truncated or damaged, re-create it from its source"
+        ) from None
     if any(n.endswith("archive_format") for n in names):
         return Format.PT2
     if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
@@ -67,10 +70,12 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         raise TorchkeepFileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         return _directory_kind(path)
+    if not path.is_file():
+        # Reading a FIFO or a device could block forever or never end.
+        raise FileFormatError(f"{path} is not a regular file (a pipe, socket or device?)")
     with open(path, "rb") as f:
         prefix = f.read(16)
-        size = os.fstat(f.fileno()).st_size
-    if st.is_safetensors(prefix, size):
+    if st.is_safetensors(prefix):
         return Format.SAFETENSORS
     if prefix.startswith(b"PK\x03\x04"):
         return _zip_kind(path)

@@ -25,6 +25,7 @@ from ..errors import CorruptFileError
 from ..hashing import Hasher
 
 MAX_HEADER_BYTES = 100_000_000
+_MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
 ALIASES_KEY = "torchkeep.aliases"
 _IOV_MAX = 1024
 _WRITE_BATCH_BYTES = 64 << 20
@@ -265,12 +266,15 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: 
     dtype_name = raw.get("dtype")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
-    if dtype_name not in DTYPE_NAMES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPE_NAMES:
         raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype_name!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        # Even with a zero dimension (no data), torch cannot represent such a shape.
+        raise _corrupt(path, f"tensor {name!r} has a shape {shape} too large for a tensor")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -294,6 +298,28 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_len: 
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the name {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _parse_json(path: Path, text: str, what: str) -> object:
+    """Parse JSON from a file, turning every way it can fail into a :class:`CorruptFileError`.
+
+    Duplicate keys are refused (readers would disagree on which value wins); so are nesting
+    too deep for the parser and integers too long to convert, which Python reports as
+    ``RecursionError`` and ``ValueError`` rather than ``JSONDecodeError``.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, f"{what} is not valid JSON ({exc})") from None
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and fully validate the header of the safetensors file at ``path``."""
     path = Path(path)
@@ -311,14 +337,17 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             )
         raw_header = f.read(header_len)
     try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
+        text = raw_header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, f"the header is not UTF-8 ({exc})") from None
+    header = _parse_json(path, text, "the header")
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
     data_start = 8 + header_len
     data_len = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -354,10 +383,7 @@ def _parse_aliases(
     raw = metadata.get(ALIASES_KEY)
     if raw is None:
         return {}
-    try:
-        aliases = json.loads(raw)
-    except json.JSONDecodeError:
-        raise _corrupt(path, f"metadata {ALIASES_KEY!r} is not valid JSON") from None
+    aliases = _parse_json(path, raw, f"metadata {ALIASES_KEY!r}")
     if not isinstance(aliases, dict):
         raise _corrupt(path, f"metadata {ALIASES_KEY!r} is not an object")
     for alias, target in aliases.items():
@@ -468,9 +494,13 @@ def summarize_dtypes(tensors: Iterable[torch.Tensor]) -> str:
     return ",".join(f"{name}:{count}" for name, count in sorted(counts.items()))
 
 
-def is_safetensors(prefix: bytes, file_size: int) -> bool:
-    """Sniff: an 8-byte length that fits the file, followed by ``{``."""
+def is_safetensors(prefix: bytes) -> bool:
+    """Sniff: an 8-byte header length within the limit, followed by ``{``.
+
+    The length is not checked against the file size, so a truncated file is still recognised
+    (and :func:`read_header` then says precisely what is wrong with it).
+    """
     if len(prefix) < 9 or prefix[8:9] != b"{":
         return False
     header_len: int = struct.unpack("<Q", prefix[:8])[0]
-    return header_len <= file_size - 8
+    return 2 <= header_len <= MAX_HEADER_BYTES

@@ -12,6 +12,10 @@ import torch
 from ..errors import CorruptFileError, UnsafeCheckpointError
 from ..storage.local import atomic_file
 
+# torch's weights-only unpickler lets these escape when a pickle stream is damaged (an opcode
+# reading a missing memo entry or an empty stack, a tensor rebuilt from the wrong arguments).
+_DAMAGED_PICKLE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, AssertionError)
+
 
 def save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """Atomically write ``tensors`` as a ``torch.save`` zip loadable with ``weights_only=True``."""
@@ -45,7 +49,7 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
             "to see what it imports; whole pickled models load with "
             "tk.load_pickled_model(path, allow=...)"
         ) from None
-    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+    except (EOFError, RuntimeError, ValueError, OSError, *_DAMAGED_PICKLE_ERRORS) as exc:
         raise CorruptFileError(
             f"{path} could not be read as a torch.save file ({type(exc).__name__}: {exc}); "
             "it is truncated or damaged"
