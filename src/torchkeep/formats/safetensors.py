@@ -495,12 +495,12 @@ def summarize_dtypes(tensors: Iterable[torch.Tensor]) -> str:
 
 
 def is_safetensors(prefix: bytes) -> bool:
-    """Sniff: an 8-byte header length within the limit, followed by ``{``.
+    """Sniff: an 8-byte header length followed by ``{``.
 
-    The length is not checked against the file size, so a truncated file is still recognised
-    (and :func:`read_header` then says precisely what is wrong with it).
+    The length is not checked against the limit or the file size, so a truncated file or an
+    absurd length is still recognised (and :func:`read_header` says precisely what is wrong).
     """
     if len(prefix) < 9 or prefix[8:9] != b"{":
         return False
     header_len: int = struct.unpack("<Q", prefix[:8])[0]
-    return 2 <= header_len <= MAX_HEADER_BYTES
+    return header_len >= 2
