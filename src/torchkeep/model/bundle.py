@@ -26,7 +26,14 @@ from ..errors import (
 from ..formats import Format, detect_format
 from ..formats import safetensors as st
 from ..hashing import hash_file
-from ..manifest import FileRecord, find_problems, read_manifest, write_json, write_manifest, write_tensors
+from ..manifest import (
+    FileRecord,
+    find_problems,
+    read_manifest,
+    write_json,
+    write_manifest,
+    write_tensors,
+)
 from ..storage.local import staged_directory
 from ..weights import load_weights, safetensors_payload
 from .capture import captured_init_args, decode, encode, required_parameters
@@ -75,7 +82,8 @@ def _init_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[
         if missing:
             raise InitArgsError(
                 f"{cls.__qualname__}.__init__ needs {', '.join(missing)}, which were not "
-                "recorded. Pass init_args={" + ", ".join(f"{m!r}: ..." for m in missing)
+                "recorded. Pass init_args={"
+                + ", ".join(f"{m!r}: ..." for m in missing)
                 + "} to save_model, or derive the class from tk.Keepable to record them"
             )
     return config
@@ -92,9 +100,7 @@ def _check_rebuilds(model: nn.Module, init: Mapping[str, Any]) -> None:
     stored = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     fresh = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if stored != fresh:
-        differing = sorted(set(stored) ^ set(fresh)) or [
-            k for k in stored if stored[k] != fresh[k]
-        ]
+        differing = sorted(set(stored) ^ set(fresh)) or [k for k in stored if stored[k] != fresh[k]]
         raise InitArgsError(
             f"{cls.__qualname__}(*{init['args']}, **{init['kwargs']}) would not rebuild this "
             f"model (its weights differ in {', '.join(differing[:5])}): the constructor "
@@ -223,7 +229,8 @@ def _verify(path: Path) -> dict[str, Any]:
     problems = find_problems(path)
     if problems:
         raise ChecksumMismatchError(
-            f"bundle {path} is damaged:\n  " + "\n  ".join(problems)
+            f"bundle {path} is damaged:\n  "
+            + "\n  ".join(problems)
             + "\nRe-save it or restore it from a copy"
         )
     return manifest

@@ -26,7 +26,7 @@ class _Unstorable:
 
 
 def encode(value: object, name: str) -> object:
-    """Turn an argument into JSON (tuples and dtypes tagged); raise naming ``name`` if impossible."""
+    """Turn an argument into JSON (tuples, dtypes tagged); raise naming ``name`` if impossible."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -116,9 +116,10 @@ def _wrap_init(cls: type[nn.Module]) -> None:
 class Keepable:
     """Mixin that records the arguments ``__init__`` was called with, for :func:`save_model`.
 
-    Put it before ``nn.Module`` in the bases; every subclass is covered too. Arguments must be JSON values (numbers, strings, ``None``,
-    lists, tuples, dicts with string keys, torch dtypes); anything else, such as a nested
-    ``nn.Module``, is reported by name when the model is saved.
+    Put it before ``nn.Module`` in the bases; every subclass is covered too. Arguments must
+    be JSON values (numbers, strings, ``None``, lists, tuples, dicts with string keys, torch
+    dtypes); anything else, such as a nested ``nn.Module``, is reported by name when the
+    model is saved.
 
     Example:
         >>> class Net(tk.Keepable, nn.Module):
@@ -148,7 +149,8 @@ def captured_init_args(model: nn.Module) -> dict[str, Any] | None:
 
 def required_parameters(cls: type) -> list[str]:
     """Names of ``cls.__init__`` parameters that have no default."""
-    init = getattr(cls.__init__, "__wrapped__", cls.__init__)
+    init = cls.__dict__.get("__init__") or getattr(cls, "__init__")  # noqa: B009
+    init = getattr(init, "__wrapped__", init)
     params = list(inspect.signature(init).parameters.values())[1:]
     return [
         p.name

@@ -46,7 +46,7 @@ def _dtype_name(code: object) -> str:
     from torch._export.serde.schema import ScalarType
 
     try:
-        return ScalarType(code).name.lower()
+        return ScalarType(int(str(code))).name.lower()
     except ValueError:
         return f"scalar type {code}"
 

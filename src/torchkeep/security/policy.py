@@ -55,7 +55,7 @@ _BUILTIN_TYPES = frozenset(
 
 @functools.lru_cache(maxsize=1)
 def _allowlist() -> frozenset[str]:
-    """Names torch's weights-only unpickler accepts by itself (its allowlist, not user additions)."""
+    """Names torch's weights-only unpickler accepts by itself (not the user's additions)."""
     from torch import _weights_only_unpickler
 
     return frozenset(_weights_only_unpickler._get_allowed_globals())

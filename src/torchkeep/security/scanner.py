@@ -11,7 +11,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from ..errors import FileFormatError, TorchkeepFileNotFoundError
 from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
@@ -23,7 +23,9 @@ from .walker import UNRESOLVED, Event, walk
 _LEGACY_PICKLES = 5
 _MAX_ZIP_DEPTH = 3
 _STORAGE_RECORD = re.compile(r"^(?P<prefix>[^/]+/)?data/\d+$")
-_PT2_PAYLOAD_CONFIG = re.compile(r"^(?P<dir>(?:[^/]+/)?data/(?:weights|constants)/)[^/]+config\.json$")
+_PT2_PAYLOAD_CONFIG = re.compile(
+    r"^(?P<dir>(?:[^/]+/)?data/(?:weights|constants)/)[^/]+config\.json$"
+)
 _PT2_PROGRAM = re.compile(r"^(?:[^/]+/)?models/[^/]+\.json$")
 _PT2_NATIVE = re.compile(r"^(?:[^/]+/)?data/aotinductor/")
 # Shape expressions in a .pt2 program (``srepr`` text) go through sympy.sympify, which
@@ -176,7 +178,7 @@ class _Collector:
                 self.add(target.full_name, event.kind, severity, where, reason, target.module)
 
     def walk_pickles(
-        self, stream: BinaryIO, member: str, *, strict: int, top_level: bool = False
+        self, stream: IO[bytes], member: str, *, strict: int, top_level: bool = False
     ) -> None:
         """Walk pickles in sequence; the first ``strict`` must parse, later ones are optional.
 
@@ -319,10 +321,14 @@ def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth
         elif info.filename.endswith(".pkl") or head[:1] == b"\x80":
             strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
             with archive.open(info) as f:
-                collector.walk_pickles(io.BufferedReader(f), member, strict=strict)  # type: ignore[arg-type]
+                collector.walk_pickles(f, member, strict=strict)
         elif "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
             collector.add(
-                member, "code", Severity.DANGEROUS, member, "TorchScript code, run by torch.jit.load"
+                member,
+                "code",
+                Severity.DANGEROUS,
+                member,
+                "TorchScript code, run by torch.jit.load",
             )
 
 

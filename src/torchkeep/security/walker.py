@@ -11,7 +11,7 @@ from __future__ import annotations
 import _compat_pickle
 import pickletools
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO
 
 _MARK = object()
 _UNKNOWN = object()
@@ -123,16 +123,18 @@ class _Machine:
             else:
                 self.stack.append(target)
         elif name == "STACK_GLOBAL":
-            attr, module = self.pop(), self.pop()
-            if isinstance(module, str) and isinstance(attr, str):
-                target = normalise(module, attr)
+            attr_value, module_value = self.pop(), self.pop()
+            if isinstance(module_value, str) and isinstance(attr_value, str):
+                target = normalise(module_value, attr_value)
                 self.emit("global", target, offset)
                 self.stack.append(target)
             else:
                 self.emit("unresolved", None, offset, "STACK_GLOBAL with a name built at load time")
                 self.stack.append(_UNKNOWN)
         elif name in _EXT_OPS:
-            self.emit("unresolved", None, offset, f"{name} imports a global from copyreg's registry")
+            self.emit(
+                "unresolved", None, offset, f"{name} imports a global from copyreg's registry"
+            )
             self.stack.append(_UNKNOWN)
         elif name == "REDUCE":
             self.pop()
@@ -174,7 +176,7 @@ class _Machine:
             self.stack.append(_MARK if item is pickletools.markobject else _UNKNOWN)
 
 
-def walk(stream: BinaryIO) -> WalkResult:
+def walk(stream: IO[bytes]) -> WalkResult:
     """Walk one pickle from the stream's position up to and including its ``STOP``.
 
     The stream is left just after ``STOP`` (or wherever parsing failed). Parsing errors do not
