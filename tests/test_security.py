@@ -228,7 +228,7 @@ def test_loading_a_hostile_program_bundle_is_refused_even_when_trusted(
     write_manifest(bundle, kind="torchkeep.bundle", files=files)
     with pytest.raises(tk.ModelClassNotFoundError, match="trust_program"):
         tk.load_model(bundle)
-    with pytest.raises(tk.UnsafeCheckpointError, match="builtins.exec"):
+    with pytest.raises(tk.UnsafeCheckpointError, match=r"builtins\.exec"):
         tk.load_model(bundle, trust_program=True)
     assert tk.scan(bundle).dangerous
     assert not corpus.canary.exists()
@@ -279,10 +279,11 @@ def test_load_pickled_model_needs_allow_then_loads_bit_exact(tmp_path: Path) -> 
     assert user == {"tests.test_security.Block", "torchkeep.models.Net"}
     with pytest.raises(tk.UnsafeCheckpointError, match=r"allow=\('tests.test_security',"):
         tk.load_pickled_model(path)
-    with pytest.raises(tk.UnsafeCheckpointError, match="tests.test_security.Block"):
+    with pytest.raises(tk.UnsafeCheckpointError, match=r"tests\.test_security\.Block"):
         tk.load_pickled_model(path, allow=("torchkeep.models",))
     loaded = tk.load_pickled_model(path, allow=("tests.test_security", "torchkeep.models"))
-    assert isinstance(loaded, Block) and not loaded.training
+    assert isinstance(loaded, Block)
+    assert not loaded.training
     assert_state_equal(model.state_dict(), loaded.state_dict())
     with pytest.raises(tk.UnsafeCheckpointError):  # no allowlist entry was left behind
         torch_load_weights_only(path)
@@ -317,7 +318,8 @@ def test_scan_cli_exit_codes(
     assert "builtins.exec" in capsys.readouterr().out
     assert main(["scan", "--json", str(hostile)]) == 1
     (entry,) = json.loads(capsys.readouterr().out)
-    assert entry["dangerous"] >= 1 and "builtins.exec" in entry["offending"]
+    assert entry["dangerous"] >= 1
+    assert "builtins.exec" in entry["offending"]
     assert main(["scan", str(tmp_path / "missing.pt")]) == 2
     whole = tmp_path / "whole.pt"
     torch.save(Net(), whole)
