@@ -261,10 +261,12 @@ def test_inspect_describes_bundles_programs_and_torchscript(
     assert any("deprecated" in note for note in ts.notes)
 
 
-def test_demo_model_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_model_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torchkeep.cli.demo import _model_step
 
-    os.environ.setdefault("PYTHONPATH", str(SRC))
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
     _model_step(tmp_path)
     out = capsys.readouterr().out
     assert out.count("same outputs True") == 2
