@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,13 @@ def vgg() -> nn.Module:
 def tied() -> TiedLM:
     torch.manual_seed(0)
     return TiedLM()
+
+
+@pytest.fixture(scope="session")
+def net_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tutorial's Net with a program (exported once per test session)."""
+    import torchkeep as tk
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundle") / "net.bundle"
+    return tk.save_model(Net(), path, example_inputs=torch.randn(1, 3, 32, 32))

@@ -326,7 +326,7 @@ def test_pickle_that_would_run_code_is_refused(
     canary = tmp_path / "canary"
     path = tmp_path / "evil.pt"
     HOSTILE_WRITERS[writer](path, payload(canary))
-    with pytest.raises(tk.UnsafeCheckpointError, match="could run code") as info:
+    with pytest.raises(tk.UnsafeCheckpointError, match="could run") as info:
         read(path)
     assert str(path) in str(info.value)
     assert not canary.exists()

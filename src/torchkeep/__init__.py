@@ -19,6 +19,8 @@ from .errors import (
     TorchkeepFileNotFoundError,
     UnsafeCheckpointError,
 )
+from .model import Keepable, load_model, migrate_pickled_model, register_alias, save_model
+from .security import ScanReport, load_pickled_model, scan
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
@@ -30,9 +32,11 @@ __all__ = [
     "ExportVerificationError",
     "FileFormatError",
     "InitArgsError",
+    "Keepable",
     "LoadReport",
     "MissingDependencyError",
     "ModelClassNotFoundError",
+    "ScanReport",
     "StateDictMismatchError",
     "Stateful",
     "StepExistsError",
@@ -41,7 +45,13 @@ __all__ = [
     "TorchkeepFileNotFoundError",
     "UnsafeCheckpointError",
     "__version__",
+    "load_model",
+    "load_pickled_model",
     "load_state_dict",
     "load_weights",
+    "migrate_pickled_model",
+    "register_alias",
+    "save_model",
     "save_weights",
+    "scan",
 ]

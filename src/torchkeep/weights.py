@@ -182,18 +182,26 @@ def save_weights(
             )
         torch_zip.save(_detach_views(tensors), path)
         return path
+    unique, file_metadata = safetensors_payload(tensors, user_metadata)
+    with atomic_file(path) as f:
+        st.write_file(f, unique, metadata=file_metadata)
+    return path
+
+
+def safetensors_payload(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write (tied ones once) and the header metadata torchkeep records."""
     unique, aliases = st.dedupe_tied(tensors)
     file_metadata = {
         "format": "pt",
         "torchkeep.version": __version__,
         "torchkeep.dtypes": st.summarize_dtypes(unique.values()),
-        **user_metadata,
+        **(metadata or {}),
     }
     if aliases:
         file_metadata[st.ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    with atomic_file(path) as f:
-        st.write_file(f, unique, metadata=file_metadata)
-    return path
+    return unique, file_metadata
 
 
 # --------------------------------------------------------------------------------------------

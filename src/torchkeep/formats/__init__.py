@@ -11,7 +11,7 @@ from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundErr
 from . import safetensors as st
 
 # Every legacy (pre-zip) torch.save file starts with this magic number, pickled with protocol 2.
-_LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 class Format(str, enum.Enum):
@@ -79,7 +79,7 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
         return Format.SAFETENSORS
     if prefix.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
-    if prefix.startswith(_LEGACY_TORCH_PREFIX):
+    if prefix.startswith(LEGACY_TORCH_PREFIX):
         return Format.TORCH_LEGACY
     if prefix[:1] == b"\x80" and prefix[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return Format.PICKLE

@@ -27,8 +27,11 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
     """Load a ``torch.save`` file with torch's weights-only unpickler, memory-mapped if possible.
 
     Only tensors, containers and primitive values can come back; a file that names any other
-    global raises :class:`UnsafeCheckpointError` and nothing it names is imported or run.
+    global raises :class:`UnsafeCheckpointError` and nothing it names is imported or run. The
+    file is scanned first, so one that hides dangerous pickles anywhere (in members torch
+    would not read, or after the data it reads) is refused as a whole.
     """
+    _refuse_dangerous(path)
     try:
         if path.suffix == ".safetensors":
             # torch.load routes paths with this suffix to safetensors; pass the open file.
@@ -54,3 +57,15 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
             f"{path} could not be read as a torch.save file ({type(exc).__name__}: {exc}); "
             "it is truncated or damaged"
         ) from None
+
+
+def _refuse_dangerous(path: Path) -> None:
+    from ..security.scanner import scan  # the scanner reads formats; import it lazily
+
+    dangerous = scan(path).dangerous
+    if dangerous:
+        listed = ", ".join(f"{f.name} at {f.where}" for f in dangerous[:5])
+        raise UnsafeCheckpointError(
+            f"{path} contains pickled code that could run on loading ({listed}) and was "
+            f"refused. Run `torchkeep scan {path}` for the full list; do not load this file"
+        )

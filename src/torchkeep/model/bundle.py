@@ -1,0 +1,321 @@
+"""Model bundles: a directory holding a model's class, constructor arguments and weights (and
+optionally its program), written atomically with a manifest of content hashes. No pickle."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    ChecksumMismatchError,
+    CorruptFileError,
+    FileFormatError,
+    InitArgsError,
+    ModelClassNotFoundError,
+    TorchkeepFileNotFoundError,
+    UnsafeCheckpointError,
+)
+from ..formats import Format, detect_format
+from ..formats import safetensors as st
+from ..hashing import hash_file
+from ..manifest import (
+    FileRecord,
+    find_problems,
+    read_manifest,
+    write_json,
+    write_manifest,
+    write_tensors,
+)
+from ..storage.local import staged_directory
+from ..weights import load_weights, safetensors_payload
+from .capture import captured_init_args, decode, encode, required_parameters
+from .program import export_program, load_program
+
+BUNDLE_KIND = "torchkeep.bundle"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PROGRAM_NAME = "program.pt2"
+
+_ALIASES: dict[str, str] = {}
+PathLike = str | os.PathLike[str]
+
+
+def register_alias(old: str, new: str) -> None:
+    """Load bundles that recorded class ``old`` with class ``new`` (after a move or rename).
+
+    Args:
+        old: the import path stored in bundles, e.g. ``"old.module.Net"``.
+        new: where the class lives now, e.g. ``"new.module.Net"``.
+
+    Example:
+        >>> tk.register_alias("research.net.Net", "product.models.Net")
+    """
+    _ALIASES[old] = new
+
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of ``cls``, naming the real module of a script run with ``-m``."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return f"{module}.{cls.__qualname__}"
+
+
+def _init_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    cls = type(model)
+    if init_args is not None:
+        kwargs = {str(k): encode(v, str(k)) for k, v in init_args.items()}
+        config: dict[str, Any] = {"args": [], "kwargs": kwargs}
+    else:
+        config = captured_init_args(model) or {"args": [], "kwargs": {}}
+    if init_args is not None or captured_init_args(model) is None:
+        missing = [p for p in required_parameters(cls) if p not in config["kwargs"]]
+        if missing:
+            raise InitArgsError(
+                f"{cls.__qualname__}.__init__ needs {', '.join(missing)}, which were not "
+                "recorded. Pass init_args={"
+                + ", ".join(f"{m!r}: ..." for m in missing)
+                + "} to save_model, or derive the class from tk.Keepable to record them"
+            )
+    return config
+
+
+def _check_rebuilds(model: nn.Module, init: Mapping[str, Any]) -> None:
+    """Raise if the recorded arguments would build a model whose weights do not fit."""
+    cls = type(model)
+    try:
+        with torch.device("meta"):
+            rebuilt = cls(*decode(init["args"]), **decode(init["kwargs"]))
+    except Exception:
+        return  # cannot be built on the meta device; load_model builds it directly
+    stored = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fresh = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    if stored != fresh:
+        differing = sorted(set(stored) ^ set(fresh)) or [k for k in stored if stored[k] != fresh[k]]
+        raise InitArgsError(
+            f"{cls.__qualname__}(*{init['args']}, **{init['kwargs']}) would not rebuild this "
+            f"model (its weights differ in {', '.join(differing[:5])}): the constructor "
+            "arguments it was built with were not recorded. Pass init_args= to save_model, or "
+            "derive the class from tk.Keepable"
+        )
+
+
+def _check_target(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise TorchkeepFileNotFoundError(f"cannot write {path}: folder {path.parent} is missing")
+    if path.exists() and (not path.is_dir() or detect_format(path) != Format.BUNDLE):
+        raise FileFormatError(
+            f"{path} exists and is not a torchkeep bundle; choose another path (only a bundle "
+            "is replaced)"
+        )
+
+
+def save_model(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    example_inputs: torch.Tensor | Sequence[Any] | None = None,
+    init_args: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a whole model as a bundle directory: class, constructor arguments, weights.
+
+    The bundle appears at ``path`` complete or not at all (an existing bundle there is
+    replaced). With ``example_inputs`` it also holds ``program.pt2``, a ``torch.export``
+    program with a dynamic batch dimension that runs without the model's class.
+
+    Args:
+        model: the model. Its class must be importable where it is loaded, unless a program
+            is saved.
+        path: the bundle directory to create.
+        example_inputs: a tensor or a sequence of forward() arguments, batch first; any batch
+            size works (batch 1 included).
+        init_args: constructor keyword arguments (JSON values). Needed when the class does
+            not derive from :class:`Keepable` and its ``__init__`` has required parameters.
+
+    Returns:
+        The bundle path.
+
+    Raises:
+        InitArgsError: constructor arguments are missing or not JSON (the message names them).
+        ExportError: ``torch.export`` cannot export the model.
+
+    Example:
+        >>> tk.save_model(model, "net.bundle", example_inputs=torch.randn(1, 3, 32, 32))
+    """
+    path = Path(path)
+    init = _init_config(model, init_args)
+    _check_rebuilds(model, init)
+    state = model.state_dict()
+    st.validate_for_save(state)
+    _check_target(path)
+    program = export_program(model, example_inputs) if example_inputs is not None else None
+    config = {"class": class_path(type(model)), "init": init}
+    unique, metadata = safetensors_payload(state)
+    with staged_directory(path, overwrite=True) as staging:
+        files: dict[str, FileRecord] = {
+            WEIGHTS_NAME: write_tensors(staging / WEIGHTS_NAME, unique, metadata),
+            CONFIG_NAME: write_json(staging / CONFIG_NAME, config),
+        }
+        if program is not None:
+            torch.export.save(program, str(staging / PROGRAM_NAME))
+            files[PROGRAM_NAME] = FileRecord(*hash_file(staging / PROGRAM_NAME))
+        write_manifest(staging, kind=BUNDLE_KIND, files=files, model_class=config["class"])
+    return path
+
+
+def _resolve_class(name: str, aliases: Mapping[str, str]) -> type[nn.Module]:
+    target = aliases.get(name, _ALIASES.get(name, name))
+    module_name, _, qualname = target.rpartition(".")
+    candidates = [(module_name, qualname)]
+    while "." in module_name:  # nested classes: "pkg.mod.Outer.Inner"
+        module_name, _, outer = module_name.rpartition(".")
+        qualname = f"{outer}.{qualname}"
+        candidates.append((module_name, qualname))
+    for module_name, qualname in candidates:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            return obj
+    raise ModelClassNotFoundError(f"class {target!r} cannot be imported")
+
+
+def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _build(cls: type[nn.Module], init: Mapping[str, Any], device: torch.device) -> nn.Module:
+    """Construct the model without initialising weights twice where possible (meta device)."""
+    args, kwargs = decode(init.get("args", [])), decode(init.get("kwargs", {}))
+    try:
+        with torch.device("meta"):
+            model = cls(*args, **kwargs)
+    except Exception:
+        model = None  # an __init__ that needs real tensors: build it directly below
+    if model is not None:
+        persistent = set(model.state_dict())
+        all_meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        non_persistent = any(n not in persistent for n, _ in model.named_buffers())
+        if all_meta and not non_persistent:
+            ties = _tie_groups(model)
+            model.to_empty(device=device)
+            for (first, first_name), *others in ties:
+                for module, name in others:
+                    module._parameters[name] = first._parameters[first_name]
+            return model
+    with torch.device(device):
+        return cls(*args, **kwargs)
+
+
+def _verify(path: Path) -> dict[str, Any]:
+    manifest = read_manifest(path, kind=BUNDLE_KIND)
+    problems = find_problems(path)
+    if problems:
+        raise ChecksumMismatchError(
+            f"bundle {path} is damaged:\n  "
+            + "\n  ".join(problems)
+            + "\nRe-save it or restore it from a copy"
+        )
+    return manifest
+
+
+def load_model(
+    path: PathLike,
+    *,
+    map_location: torch.device | str = "cpu",
+    aliases: Mapping[str, str] | None = None,
+    trust_program: bool = False,
+) -> nn.Module:
+    """Load a bundle saved by :func:`save_model`; never unpickles anything by default.
+
+    The manifest's hashes are checked first. The class recorded in ``config.json`` is then
+    imported: note that this runs the import of that module, i.e. code *you* installed, not
+    code from the bundle. The model is built on the meta device where possible and its weights
+    are read straight into their final memory (no second copy), then it is put in eval mode.
+
+    When the class cannot be imported and the bundle holds ``program.pt2``, the program is
+    returned instead, but only with ``trust_program=True``: ``torch.export.load`` can run code
+    from the file (it unpickles parts of it), so it is used only if you trust the bundle's
+    origin, and even then only after :func:`scan` finds nothing beyond torch's allowlist.
+    A ``.pt2`` file may also be passed directly (with ``trust_program=True``).
+
+    Args:
+        path: the bundle directory (or a ``.pt2`` program).
+        map_location: device for the model.
+        aliases: ``{"old.module.Net": "new.module.Net"}`` for classes that moved (adds to
+            :func:`register_alias`).
+        trust_program: allow falling back to the program when the class is missing.
+
+    Returns:
+        The model in eval mode, or the program's module (a callable ``nn.Module``).
+
+    Example:
+        >>> model = tk.load_model("net.bundle")
+        >>> model = tk.load_model("net.bundle", aliases={"old.Net": "new.Net"})
+    """
+    path = Path(path)
+    device = torch.device(map_location)
+    if path.is_file() and detect_format(path) == Format.PT2:
+        return _program_or_refuse(path, device, trust_program, "")
+    if not path.is_dir():
+        if not path.exists():
+            raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+        raise FileFormatError(
+            f"{path} is a file, not a model bundle. A torch.save(model) pickle loads with "
+            "tk.load_pickled_model(path, allow=...); weights load with tk.load_weights"
+        )
+    _verify(path)
+    try:
+        config = json.loads((path / CONFIG_NAME).read_bytes())
+        name, init = str(config["class"]), dict(config["init"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{path / CONFIG_NAME} is malformed ({exc})") from None
+    try:
+        cls = _resolve_class(name, aliases or {})
+    except ModelClassNotFoundError as exc:
+        return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
+    model = _build(cls, init, device)
+    load_weights(model, path / WEIGHTS_NAME, map_location=device)
+    return model.eval()
+
+
+def _program_or_refuse(
+    program: Path, device: torch.device, trust_program: bool, missing: str
+) -> nn.Module:
+    if trust_program and program.is_file():
+        return load_program(program, map_location=device)
+    if not missing:
+        raise UnsafeCheckpointError(
+            f"{program} is a torch.export program, and torch.export.load may execute code from "
+            "the file. If you trust its origin, pass trust_program=True (it is scanned first)"
+        )
+    bundle = program.parent
+    fixes = [
+        "install or import the package that defines it",
+        "if it moved, pass aliases={old: new} or call tk.register_alias(old, new)",
+    ]
+    if program.is_file():
+        fixes.append(
+            "or, if you trust where the bundle came from, pass trust_program=True to run its "
+            "program.pt2 (torch.export.load may execute code from that file)"
+        )
+    else:
+        fixes.append("(the bundle has no program: save it with example_inputs= to get one)")
+    raise ModelClassNotFoundError(f"{missing} for bundle {bundle}. To fix: " + "; ".join(fixes))

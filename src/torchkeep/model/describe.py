@@ -1,0 +1,99 @@
+"""``inspect`` support for bundles, ``.pt2`` programs and TorchScript archives (never loaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..describe import DESCRIBERS, Description, TensorInfo, describe
+from ..formats import Format
+from ..manifest import read_manifest
+from .bundle import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME
+
+_PROGRAM_NOTE = (
+    "a torch.export program: it runs without the model's Python code. torch.export.load can "
+    "execute code from the file (it unpickles parts of it), so torchkeep loads it only with "
+    "load_model(..., trust_program=True), after a scan"
+)
+
+
+def _describe_bundle(path: Path) -> Description:
+    manifest = read_manifest(path, kind=BUNDLE_KIND)
+    description = describe(path / WEIGHTS_NAME)
+    description.path, description.format = path, Format.BUNDLE
+    description.size = sum(int(r.get("size", 0)) for r in manifest["files"].values())
+    config = json.loads((path / CONFIG_NAME).read_bytes())
+    description.sections["bundle"] = [
+        ("class", str(config.get("class"))),
+        ("init args", json.dumps(config.get("init"), sort_keys=True)),
+        ("program", "yes (program.pt2)" if (path / PROGRAM_NAME).is_file() else "no"),
+        ("files", ", ".join(sorted(manifest["files"]))),
+        ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
+                       f"torch {manifest.get('torch_version')}"),
+    ]  # fmt: skip
+    description.notes.append(
+        "load with tk.load_model(path); it imports the class above (your installed code)"
+    )
+    if (path / PROGRAM_NAME).is_file():
+        description.notes.append(f"program.pt2 is {_PROGRAM_NOTE}")
+    return description
+
+
+def _dtype_name(code: object) -> str:
+    from torch._export.serde.schema import ScalarType
+
+    try:
+        return ScalarType(int(str(code))).name.lower()
+    except ValueError:
+        return f"scalar type {code}"
+
+
+def _program_tensors(archive: zipfile.ZipFile) -> list[TensorInfo]:
+    tensors = []
+    for name in archive.namelist():
+        if not name.endswith("_weights_config.json"):
+            continue
+        config: dict[str, Any] = json.loads(archive.read(name)).get("config", {})
+        for fqn, entry in config.items():
+            meta = entry.get("tensor_meta") or {}
+            shape = tuple(int(s.get("as_int", 0)) for s in meta.get("sizes", []))
+            dtype = _dtype_name(meta.get("dtype"))
+            size = {"double": 8, "long": 8, "half": 2, "bfloat16": 2, "bool": 1, "byte": 1}
+            tensors.append(TensorInfo(fqn, dtype, shape, math.prod(shape) * size.get(dtype, 4)))
+    return tensors
+
+
+def _describe_program(path: Path) -> Description:
+    description = Description(path, Format.PT2, path.stat().st_size)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        description.tensors = _program_tensors(archive)
+    models = sorted(n.rsplit("/", 1)[1][:-5] for n in names if "/models/" in f"/{n}")
+    description.sections["program"] = [
+        ("programs", ", ".join(models) or "none"),
+        ("archive members", str(len(names))),
+        ("native code (AOTInductor)", "yes" if any("aotinductor/" in n for n in names) else "no"),
+    ]
+    description.notes.append(f"{path.name} is {_PROGRAM_NOTE}")
+    return description
+
+
+def _describe_torchscript(path: Path) -> Description:
+    description = Description(path, Format.TORCHSCRIPT, path.stat().st_size)
+    with zipfile.ZipFile(path) as archive:
+        code = sorted(n for n in archive.namelist() if "/code/" in f"/{n}" and n.endswith(".py"))
+    description.sections["torchscript"] = [("code files", ", ".join(code) or "none")]
+    description.notes.append(
+        "a TorchScript archive (torch.jit.save). TorchScript is deprecated upstream; torchkeep "
+        "does not load it, because torch.jit.load runs the code inside. `torchkeep scan` lists "
+        "what it imports; if you trust it, load it yourself and save a bundle with tk.save_model"
+    )
+    return description
+
+
+DESCRIBERS[Format.BUNDLE] = _describe_bundle
+DESCRIBERS[Format.PT2] = _describe_program
+DESCRIBERS[Format.TORCHSCRIPT] = _describe_torchscript

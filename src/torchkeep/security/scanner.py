@@ -1,0 +1,402 @@
+"""``scan``: find every pickle in a file (zip members, pickles in sequence, ``.pt2`` payloads)
+and report what loading it would import and call, without executing anything."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import FileFormatError, TorchkeepFileNotFoundError
+from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
+from .policy import Severity, classify
+from .walker import UNRESOLVED, Event, walk
+
+# A legacy torch.save file is five pickles (magic, protocol, sys info, object, storage keys),
+# then raw tensor bytes; torch unpickles exactly those five.
+_LEGACY_PICKLES = 5
+_MAX_ZIP_DEPTH = 3
+_STORAGE_RECORD = re.compile(r"^(?P<prefix>[^/]+/)?data/\d+$")
+_PT2_PAYLOAD_CONFIG = re.compile(
+    r"^(?P<dir>(?:[^/]+/)?data/(?:weights|constants)/)[^/]+config\.json$"
+)
+_PT2_PROGRAM = re.compile(r"^(?:[^/]+/)?models/[^/]+\.json$")
+_PT2_NATIVE = re.compile(r"^(?:[^/]+/)?data/aotinductor/")
+# Shape expressions in a .pt2 program (``srepr`` text) go through sympy.sympify, which
+# evaluates them as Python: only sympy constructors, symbols, numbers and operators may appear.
+_EXPR_TOKEN = re.compile(
+    r"\s+|\d+(?:\.\d+)?(?:e[+-]?\d+)?|'[\w.+-]*'|\"[\w.+-]*\"|[A-Za-z_]\w*|\*\*|//|[<>=!]=|[-+*/%(),<>&|~^=]"
+)
+_SYMBOL = re.compile(r"^[a-z]{1,4}\d+$")
+_KEYWORD = re.compile(r"^[a-z][a-z_]*$")
+_SYMPY_NAMES = frozenset(
+    {
+        "Symbol", "Dummy", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max",
+        "Min", "Abs", "floor", "ceiling", "sign", "sqrt", "Equality", "Unequality",
+        "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Eq", "Ne", "Lt",
+        "Le", "Gt", "Ge", "And", "Or", "Not", "Xor", "BooleanTrue", "BooleanFalse", "true",
+        "false", "True", "False", "None", "Piecewise", "ExprCondPair", "Infinity",
+        "NegativeInfinity", "ComplexInfinity", "NaN", "oo", "zoo", "nan", "Half", "One", "Zero",
+        "NegativeOne", "IntInfinity", "NegativeIntInfinity", "int_oo", "ITE", "Tuple",
+        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt",
+        "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
+        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
+        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
+        "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One global imported or one call made by a pickle, with how dangerous it is.
+
+    Attributes:
+        name: dotted name (``"os.system"``), or ``"<unresolved>"`` when it cannot be known.
+        kind: ``"global"``, ``"call"``, ``"unresolved"`` or ``"code"`` (non-pickle code).
+        severity: see :class:`~torchkeep.security.Severity`.
+        where: the pickle (zip member) and byte offset of the first occurrence.
+        reason: why it has this severity.
+        count: how many times it occurs.
+        module: the module part of ``name`` (empty when unresolved or not a global).
+    """
+
+    name: str
+    kind: str
+    severity: Severity
+    where: str
+    reason: str
+    count: int = 1
+    module: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "severity": self.severity.value,
+            "where": self.where,
+            "reason": self.reason,
+            "count": self.count,
+        }
+
+
+@dataclass
+class ScanReport:
+    """What :func:`scan` found in one file or directory.
+
+    Attributes:
+        path: the path scanned.
+        format: its format, recognised by content.
+        findings: every distinct global and call (most severe first).
+        pickles: the pickles walked (``member@offset``).
+        notes: other things worth knowing (trailing data, no pickles at all, ...).
+    """
+
+    path: Path
+    format: Format
+    findings: list[Finding] = field(default_factory=list)
+    pickles: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dangerous(self) -> list[Finding]:
+        """Findings that would run code, touch files, processes or the network, or hide a name."""
+        return [f for f in self.findings if f.severity == Severity.DANGEROUS]
+
+    @property
+    def globals(self) -> list[str]:
+        """Every distinct global name imported, sorted."""
+        return sorted({f.name for f in self.findings if f.kind == "global"})
+
+    @property
+    def is_safe(self) -> bool:
+        """True when torch's weights-only unpickler alone could load every pickle found."""
+        return all(f.severity == Severity.SAFE for f in self.findings)
+
+    def offending(self, allow: Iterable[str] = ()) -> list[Finding]:
+        """Findings that block loading with ``allow`` module prefixes (torch layers pass)."""
+        prefixes = tuple(allow)
+        return [
+            f
+            for f in self.findings
+            if f.severity == Severity.DANGEROUS
+            or (f.severity == Severity.USER and not _allowed(f.name, prefixes))
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the report."""
+        return {
+            "path": str(self.path),
+            "format": self.format.value,
+            "safe": self.is_safe,
+            "dangerous": len(self.dangerous),
+            "findings": [f.to_json() for f in self.findings],
+            "pickles": self.pickles,
+            "notes": self.notes,
+        }
+
+
+def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class _Collector:
+    """Accumulates findings (deduplicated) into a report."""
+
+    def __init__(self, report: ScanReport) -> None:
+        self.report = report
+        self._index: dict[tuple[str, str], int] = {}
+
+    def add(
+        self, name: str, kind: str, severity: Severity, where: str, reason: str, module: str = ""
+    ) -> None:
+        key = (name, kind)
+        if key in self._index:
+            i = self._index[key]
+            self.report.findings[i] = replace(
+                self.report.findings[i], count=self.report.findings[i].count + 1
+            )
+            return
+        self._index[key] = len(self.report.findings)
+        self.report.findings.append(Finding(name, kind, severity, where, reason, 1, module))
+
+    def add_events(self, events: list[Event], member: str) -> None:
+        for event in events:
+            where = f"{member}@{event.offset}"
+            if event.target is None:
+                detail = event.detail or "a name that cannot be resolved statically"
+                self.add(UNRESOLVED, event.kind, Severity.DANGEROUS, where, detail)
+            else:
+                severity, reason = classify(event.target)
+                target = event.target
+                self.add(target.full_name, event.kind, severity, where, reason, target.module)
+
+    def walk_pickles(
+        self, stream: IO[bytes], member: str, *, strict: int, top_level: bool = False
+    ) -> None:
+        """Walk pickles in sequence; the first ``strict`` must parse, later ones are optional.
+
+        With ``top_level``, a stream whose first opcode is already invalid is not a pickle at
+        all and raises :class:`FileFormatError` instead of being reported.
+        """
+        index = 0
+        while True:
+            start = stream.tell()
+            if not stream.read(1):
+                return
+            stream.seek(start)
+            result = walk(stream)
+            if top_level and index == 0 and not result.complete and not result.events:
+                raise FileFormatError(
+                    f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
+                    f"format torchkeep knows to be pickle-free ({result.error}); nothing to scan"
+                )
+            if index >= strict and not result.complete:
+                stream.seek(0, os.SEEK_END)
+                self.report.notes.append(
+                    f"{member}: {stream.tell() - start} bytes after the last pickle (from "
+                    f"offset {start}) are not a pickle and are never unpickled"
+                )
+                return
+            self.report.pickles.append(f"{member}@{start} (protocol {result.protocol})")
+            self.add_events(result.events, member)
+            if not result.complete:
+                self.add(
+                    UNRESOLVED,
+                    "unparseable",
+                    Severity.DANGEROUS,
+                    f"{member}@{start}",
+                    f"a malformed pickle ({result.error}); a loader may still run what "
+                    "precedes the damage",
+                )
+                return
+            index += 1
+
+
+def _pt2_raw_records(archive: zipfile.ZipFile) -> set[str]:
+    """Members of a .pt2 that its payload configs declare as raw tensor bytes (never unpickled)."""
+    raw = set()
+    for name in archive.namelist():
+        match = _PT2_PAYLOAD_CONFIG.match(name)
+        if not match:
+            continue
+        try:
+            config = json.loads(archive.read(name)).get("config", {})
+        except (ValueError, AttributeError, zipfile.BadZipFile):
+            continue
+        for entry in config.values() if isinstance(config, dict) else ():
+            if isinstance(entry, dict) and entry.get("use_pickle") is False:
+                path_name = str(entry.get("path_name", ""))
+                if path_name.startswith(("weight_", "tensor_")):
+                    raw.add(match["dir"] + path_name)
+    return raw
+
+
+def _torch_storage_records(names: list[str]) -> set[str]:
+    """``<prefix>/data/<n>`` records of a torch zip: raw storage bytes, read but not unpickled."""
+    pickles = {n.rsplit("/", 1)[0] + "/" for n in names if n.endswith("data.pkl")}
+    return {
+        n
+        for n in names
+        if (m := _STORAGE_RECORD.match(n)) and (m["prefix"] or "") in pickles | {""}
+    }
+
+
+def _unsafe_expressions(value: object) -> Iterator[str]:
+    """Shape expressions in a serialized program that are more than arithmetic on symbols."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "expr_str" and isinstance(item, str) and not _is_arithmetic(item):
+                yield item
+            else:
+                yield from _unsafe_expressions(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _unsafe_expressions(item)
+
+
+def _is_arithmetic(expression: str) -> bool:
+    """True when ``expression`` only builds sympy objects (no other names, no attributes)."""
+    tokens = []
+    position = 0
+    while position < len(expression):
+        match = _EXPR_TOKEN.match(expression, position)
+        if not match:
+            return False
+        if not match.group().isspace():
+            tokens.append(match.group())
+        position = match.end()
+    for index, token in enumerate(tokens):
+        if not (token[0].isalpha() or token[0] == "_"):
+            continue
+        keyword = index + 1 < len(tokens) and tokens[index + 1] == "="
+        if keyword and not _KEYWORD.match(token):
+            return False
+        if not keyword and not (_SYMBOL.match(token) or token in _SYMPY_NAMES):
+            return False
+    return True
+
+
+def _scan_program_json(collector: _Collector, data: bytes, member: str) -> None:
+    try:
+        program = json.loads(data)
+    except ValueError:
+        collector.add(member, "code", Severity.DANGEROUS, member, "unreadable program JSON")
+        return
+    for expression in _unsafe_expressions(program):
+        shown = expression if len(expression) < 80 else expression[:77] + "..."
+        collector.add(
+            shown,
+            "code",
+            Severity.DANGEROUS,
+            member,
+            "a shape expression torch.export.load evaluates with sympy (runs Python)",
+        )
+
+
+def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth: int) -> None:
+    names = archive.namelist()
+    skip = _torch_storage_records(names) | _pt2_raw_records(archive)
+    for info in archive.infolist():
+        member = f"{label}{info.filename}"
+        if info.is_dir() or info.filename in skip:
+            continue
+        if _PT2_NATIVE.match(info.filename):
+            collector.add(
+                member, "code", Severity.DANGEROUS, member, "AOTInductor native code is loaded"
+            )
+            continue
+        with archive.open(info) as f:
+            head = f.read(16)
+        if head.startswith(b"PK\x03\x04"):
+            _scan_nested_zip(collector, archive.read(info), member, depth)
+        elif _PT2_PROGRAM.match(info.filename):
+            _scan_program_json(collector, archive.read(info), member)
+        elif info.filename.endswith(".pkl") or head[:1] == b"\x80":
+            strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
+            with archive.open(info) as f:
+                collector.walk_pickles(f, member, strict=strict)
+        elif "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
+            collector.add(
+                member,
+                "code",
+                Severity.DANGEROUS,
+                member,
+                "TorchScript code, run by torch.jit.load",
+            )
+
+
+def _scan_nested_zip(collector: _Collector, data: bytes, member: str, depth: int) -> None:
+    if depth >= _MAX_ZIP_DEPTH:
+        collector.add(member, "unresolved", Severity.DANGEROUS, member, "zips nested too deep")
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            _scan_zip(collector, inner, f"{member}!", depth + 1)
+    except zipfile.BadZipFile as exc:
+        collector.add(member, "unparseable", Severity.DANGEROUS, member, f"a damaged zip ({exc})")
+
+
+def _scan_file(collector: _Collector, path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(16)
+        f.seek(0)
+        if head.startswith(b"PK\x03\x04"):
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    _scan_zip(collector, archive, "", 0)
+            except zipfile.BadZipFile as exc:
+                raise FileFormatError(f"{path} starts like a zip but is damaged ({exc})") from None
+            return
+        strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
+        collector.walk_pickles(f, str(path), strict=strict, top_level=True)
+
+
+def scan(path: str | os.PathLike[str]) -> ScanReport:
+    """Statically list what loading a file's pickles would import and call; never executes it.
+
+    Handles ``torch.save`` zips (every pickle member, whatever its name, and zips inside zips),
+    legacy torch files (pickles in sequence), raw pickles of any protocol, ``.pt2`` programs
+    (their pickled payloads, shape expressions and native code) and TorchScript archives. The
+    format is recognised by content, so a wrong suffix changes nothing. Safetensors, ONNX and
+    torchkeep bundles without a program hold no pickles. Names that cannot be resolved
+    statically are reported as dangerous.
+
+    Args:
+        path: a file, or a torchkeep bundle directory (its ``program.pt2`` is scanned).
+
+    Returns:
+        A :class:`ScanReport`; ``report.dangerous`` lists what must never be loaded.
+
+    Example:
+        >>> report = tk.scan("old_model.pth")
+        >>> [f.name for f in report.dangerous]
+        ['os.system']
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+    fmt = detect_format(path)
+    report = ScanReport(path, fmt)
+    collector = _Collector(report)
+    if path.is_dir():
+        program = path / "program.pt2"
+        if fmt != Format.BUNDLE and fmt not in (Format.CHECKPOINT_STEP, Format.CHECKPOINT_DIR):
+            raise FileFormatError(f"{path} is a directory but not a torchkeep bundle or checkpoint")
+        if program.is_file():
+            _scan_file(collector, program)
+        report.notes.append("safetensors and JSON files hold no code")
+    elif fmt in (Format.SAFETENSORS, Format.ONNX):
+        report.notes.append(f"{fmt.value} files hold no pickles")
+    else:
+        _scan_file(collector, path)
+    report.findings.sort(key=lambda f: (-list(Severity).index(f.severity), f.name))
+    if not report.findings:
+        report.notes.append("no globals, no calls: loadable with weights_only=True")
+    return report
