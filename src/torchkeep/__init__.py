@@ -18,6 +18,7 @@ from .errors import (
     TorchkeepFileNotFoundError,
     UnsafeCheckpointError,
 )
+from .onnx import OnnxReport, export_onnx
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "LoadReport",
     "MissingDependencyError",
     "ModelClassNotFoundError",
+    "OnnxReport",
     "StateDictMismatchError",
     "Stateful",
     "StepExistsError",
@@ -39,6 +41,7 @@ __all__ = [
     "TorchkeepFileNotFoundError",
     "UnsafeCheckpointError",
     "__version__",
+    "export_onnx",
     "load_state_dict",
     "load_weights",
     "save_weights",
