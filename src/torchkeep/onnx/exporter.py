@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -80,7 +82,7 @@ def _batch_plan(
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's log lines and deprecation chatter; errors still propagate."""
-    logger = logging.getLogger("torch.onnx")
+    logger = logging.getLogger("torch")  # torch's loggers inherit its level
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -95,9 +97,14 @@ def _quiet_exporter() -> Iterator[None]:
 def _export_dynamo(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: Any, **options: Any
 ) -> onnx.ModelProto:
-    program = torch.onnx.export(
-        model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **options
-    )
+    # torch.export prints the partial graph of a failed trace to stderr; the ExportError says
+    # what matters, so that print is kept only when the export succeeds.
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        program = torch.onnx.export(
+            model, inputs, dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **options
+        )
+    sys.stderr.write(printed.getvalue())
     assert program is not None  # dynamo=True without a path always returns the program
     proto: onnx.ModelProto = program.model_proto
     return proto
@@ -128,6 +135,7 @@ def _export_torchscript(
             inputs,
             str(scratch),
             dynamo=False,
+            verbose=False,
             input_names=input_names,
             output_names=output_names,
             opset_version=opset_version,
