@@ -89,6 +89,8 @@ def _quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # inputs sharing the one batch dimension make the exporter say so once per input
+            warnings.filterwarnings("ignore", message=r"\W*The axis name: .* will not be used")
             yield
     finally:
         logger.setLevel(level)
@@ -252,6 +254,10 @@ def export_onnx(
     if not final.parent.is_dir():
         raise TorchkeepFileNotFoundError(f"cannot write {final}: folder {final.parent} is missing")
     inputs = _as_inputs(example_inputs)
+    if dynamic_shapes is None:
+        traced, shapes, export_batch = _batch_plan(inputs, dynamic_batch)
+    else:
+        traced, shapes, export_batch = inputs, dynamic_shapes, _batch_plan(inputs, False)[2]
     with eval_mode(model):
         with torch.no_grad():
             outputs = flatten_tensors(model(*inputs))
@@ -262,18 +268,10 @@ def export_onnx(
             inputs=_names(input_names, len(inputs), "input"),
             outputs=_names(output_names, len(outputs), "output"),
             dynamic_batch=False,
-            export_batch_size=None,
+            export_batch_size=export_batch,
             rtol=rtol,
             atol=atol,
         )
-        if dynamic_shapes is None:
-            traced, shapes, report.export_batch_size = _batch_plan(inputs, dynamic_batch)
-        else:
-            traced, shapes, report.export_batch_size = (
-                inputs,
-                dynamic_shapes,
-                _batch_plan(inputs, False)[2],
-            )
         options = {
             "input_names": report.inputs,
             "output_names": report.outputs,
@@ -313,7 +311,7 @@ def _verify(
     staged: Path, model: nn.Module, inputs: tuple[torch.Tensor, ...], report: OnnxReport
 ) -> None:
     """Fill in the report's verification; raise when an output is beyond tolerance."""
-    batch = report.export_batch_size or 1
+    batch = report.export_batch_size
     report.batch_sizes = verification_batch_sizes(batch) if report.dynamic_batch else (batch,)
     report.diffs = verify_file(
         staged,

@@ -86,7 +86,7 @@ class OnnxReport:
     inputs: list[str]
     outputs: list[str]
     dynamic_batch: bool
-    export_batch_size: int | None
+    export_batch_size: int
     rtol: float
     atol: float
     fallback_reason: str | None = None
