@@ -265,3 +265,23 @@ def test_bad_example_inputs_and_names_are_refused_before_writing(tmp_path: Path)
     with pytest.raises(tk.ExportError, match="share its first dimension"):
         tk.export_onnx(TwoInTwoOut(), (torch.randn(2, 4), torch.randn(3, 6)), tmp_path / "c.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torchscript_fallback_is_reported_and_verified(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, net: Net
+) -> None:
+    from torchkeep.onnx import exporter
+
+    def dynamo_fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated dynamo failure")
+
+    monkeypatch.setattr(exporter, "_export_dynamo", dynamo_fails)
+    report = tk.export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / "net.onnx")
+    assert report.exporter == "torchscript"
+    assert report.fallback_reason is not None
+    assert "simulated dynamo failure" in report.fallback_reason
+    assert report.ok
+    assert report.batch_sizes == (1, 2, 7)
+    props = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
+    stored = json.loads(props["torchkeep.report"])
+    assert stored["exporter"] == "torchscript"
