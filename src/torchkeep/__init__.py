@@ -20,6 +20,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .model import Keepable, load_model, migrate_pickled_model, register_alias, save_model
+from .onnx import OnnxReport, export_onnx
 from .security import ScanReport, load_pickled_model, scan
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
@@ -36,6 +37,7 @@ __all__ = [
     "LoadReport",
     "MissingDependencyError",
     "ModelClassNotFoundError",
+    "OnnxReport",
     "ScanReport",
     "StateDictMismatchError",
     "Stateful",
@@ -45,6 +47,7 @@ __all__ = [
     "TorchkeepFileNotFoundError",
     "UnsafeCheckpointError",
     "__version__",
+    "export_onnx",
     "load_model",
     "load_pickled_model",
     "load_state_dict",

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .. import load_state_dict, load_weights, save_model, save_weights
+from .. import export_onnx, load_state_dict, load_weights, save_model, save_weights
+from ..errors import MissingDependencyError
 from ..models import Net
 from ._output import EXIT_OK, console, human_bytes
+from .export_onnx import print_report
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -94,10 +96,26 @@ def _model_step(workdir: Path) -> None:
     )
 
 
+def _onnx_step(workdir: Path) -> None:
+    console.rule("[bold]3. ONNX: export, then prove the file gives PyTorch's numbers")
+    torch.manual_seed(0)
+    try:
+        report = export_onnx(Net(), torch.randn(1, 3, 32, 32), workdir / "net.onnx")
+    except MissingDependencyError as exc:
+        console.print(f"skipped: {exc}")
+        return
+    console.print(
+        "exported from a batch-1 example, yet the batch stays dynamic: onnxruntime ran the file "
+        f"at batch sizes {', '.join(map(str, report.batch_sizes))} on fresh inputs"
+    )
+    print_report(report)
+
+
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="torchkeep-demo-") as tmp:
         workdir = args.dir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         _weights_step(workdir)
         _model_step(workdir)
+        _onnx_step(workdir)
     return EXIT_OK
