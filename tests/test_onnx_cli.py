@@ -146,3 +146,28 @@ def test_bad_input_shape_is_a_usage_error(tmp_path: Path, shape: str) -> None:
     with pytest.raises(SystemExit) as info:
         main([*args, "--input-shape", shape])
     assert info.value.code == 2
+
+
+def test_export_of_a_bundle_defaults_to_its_example_input_shapes(
+    net_bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bundle.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export-onnx", str(net_bundle), "-o", str(out), "--json"]) == 0
+    model = tk.load_model(net_bundle)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(
+        torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), expected
+    )
+
+
+def test_export_without_known_shapes_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tk.save_model(Net(), tmp_path / "plain.bundle")  # no example inputs recorded
+    assert main(["export-onnx", str(bundle), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

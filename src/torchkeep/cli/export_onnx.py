@@ -11,9 +11,9 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-import torchkeep
-
-from ..errors import ExportVerificationError, FileFormatError, ModelClassNotFoundError
+from ..errors import ExportError, ExportVerificationError, ModelClassNotFoundError
+from ..model import load_model
+from ..model.bundle import example_input_specs
 from ..onnx import OnnxReport, export_onnx
 from ..onnx.report import TABLE_COLUMNS
 from ..weights import load_weights
@@ -41,6 +41,11 @@ def input_spec(text: str) -> torch.Tensor:
             f"{text!r}: give positive sizes separated by commas, optionally ':dtype' "
             "(e.g. 1,3,32,32 or 4,16:int64)"
         )
+    return example_tensor(shape, dtype)
+
+
+def example_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Random floats, or zeros for integer and bool dtypes, of ``shape``."""
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype)
     return torch.zeros(shape, dtype=dtype)
@@ -65,10 +70,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--input-shape",
         type=input_spec,
         action="append",
-        required=True,
         metavar="SHAPE[:DTYPE]",
         help="shape of one example input, e.g. 1,3,32,32 (repeat once per input; int dtypes "
-        "give zeros)",
+        "give zeros); a bundle saved with example_inputs defaults to their shapes",
     )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     parser.add_argument("--static-batch", action="store_true", help="keep the batch size fixed")
@@ -93,23 +97,12 @@ def _import_model(source: str, init_kwargs: dict[str, object]) -> nn.Module:
     return model
 
 
-def _load_bundle(path: Path) -> nn.Module:
-    load_model = getattr(torchkeep, "load_model", None)
-    if load_model is None:
-        raise FileFormatError(
-            f"{path} is a directory, but this torchkeep cannot load model bundles; give "
-            "module:Class and --weights instead"
-        )
-    model: nn.Module = load_model(path)
-    return model
-
-
 def load_source(
     source: str, *, weights: Path | None = None, init_kwargs: dict[str, object] | None = None
 ) -> nn.Module:
     """The model named by ``source``: a bundle directory, or ``module:Class`` plus weights."""
     if Path(source).is_dir():
-        return _load_bundle(Path(source))
+        return load_model(source)
     if ":" not in source:
         raise ModelClassNotFoundError(f"{source!r}: give module:Class (e.g. torchkeep.models:Net)")
     model = _import_model(source, init_kwargs or {})
@@ -139,12 +132,26 @@ def print_report(report: OnnxReport) -> None:
         console.print("[yellow]not verified[/] (--no-verify)")
 
 
+def _example_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """``--input-shape`` values, else the shapes a bundle recorded at save time."""
+    if args.input_shape:
+        return tuple(args.input_shape)
+    if Path(args.source).is_dir():
+        specs = example_input_specs(args.source)
+        if specs:
+            return tuple(example_tensor(shape, getattr(torch, dtype)) for shape, dtype in specs)
+    raise ExportError(
+        f"{args.source}: no example input shapes are known; give --input-shape (e.g. 1,3,32,32)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    example_inputs = _example_inputs(args)
     model = load_source(args.source, weights=args.weights, init_kwargs=args.init_kwargs)
     try:
         report = export_onnx(
             model,
-            tuple(args.input_shape),
+            example_inputs,
             args.output,
             dynamic_batch=not args.static_batch,
             opset=args.opset,

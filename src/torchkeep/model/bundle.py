@@ -158,7 +158,9 @@ def save_model(
     st.validate_for_save(state)
     _check_target(path)
     program = export_program(model, example_inputs) if example_inputs is not None else None
-    config = {"class": class_path(type(model)), "init": init}
+    config: dict[str, Any] = {"class": class_path(type(model)), "init": init}
+    if example_inputs is not None:
+        config["example_inputs"] = _input_specs(example_inputs)
     unique, metadata = safetensors_payload(state)
     with staged_directory(path, overwrite=True) as staging:
         files: dict[str, FileRecord] = {
@@ -170,6 +172,22 @@ def save_model(
             files[PROGRAM_NAME] = FileRecord(*hash_file(staging / PROGRAM_NAME))
         write_manifest(staging, kind=BUNDLE_KIND, files=files, model_class=config["class"])
     return path
+
+
+def _input_specs(example_inputs: torch.Tensor | Sequence[Any]) -> list[dict[str, Any]]:
+    """Shape and dtype of each example tensor, so tools can make inputs for the bundle later."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    return [
+        {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for t in inputs
+        if isinstance(t, torch.Tensor)
+    ]
+
+
+def example_input_specs(path: PathLike) -> list[tuple[list[int], str]]:
+    """``(shape, dtype name)`` of the example inputs a bundle was saved with (empty if none)."""
+    config = json.loads((Path(path) / CONFIG_NAME).read_bytes())
+    return [(spec["shape"], spec["dtype"]) for spec in config.get("example_inputs", [])]
 
 
 def _resolve_class(name: str, aliases: Mapping[str, str]) -> type[nn.Module]:
