@@ -1,6 +1,7 @@
 """torchkeep: save, load, export and checkpoint PyTorch models safely, atomically and fast."""
 
 from ._version import __version__
+from .checkpoint import CheckpointManager, Restored
 from .errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -17,10 +18,13 @@ from .errors import (
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnsafeCheckpointError,
+    UnsupportedValueError,
 )
+from .verify import VerifyReport, verify
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptFileError",
@@ -31,6 +35,7 @@ __all__ = [
     "LoadReport",
     "MissingDependencyError",
     "ModelClassNotFoundError",
+    "Restored",
     "StateDictMismatchError",
     "Stateful",
     "StepExistsError",
@@ -38,8 +43,11 @@ __all__ = [
     "TorchkeepError",
     "TorchkeepFileNotFoundError",
     "UnsafeCheckpointError",
+    "UnsupportedValueError",
+    "VerifyReport",
     "__version__",
     "load_state_dict",
     "load_weights",
     "save_weights",
+    "verify",
 ]
