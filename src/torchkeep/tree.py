@@ -5,7 +5,8 @@ states, user values) into a flat ``name -> tensor`` dict, stored with safetensor
 *skeleton* holding everything else. Python types JSON cannot tell apart carry explicit tags, so
 that :func:`unflatten` gives back exactly what went in: tuples stay tuples, ints stay ints,
 ``nan``/``inf`` survive, dtypes, devices, ``torch.Size`` and bytes come back as themselves, and
-dicts (``OrderedDict``s come back as plain dicts) keep their order and non-string keys (an optimizer's integer parameter ids).
+dicts keep their order and non-string keys (an optimizer's integer parameter ids);
+``OrderedDict`` comes back as a plain dict.
 
 A tagged node is a JSON object with one key starting with ``$``; a plain JSON object is a dict
 whose keys are all strings not starting with ``$``. Reading a skeleton never executes anything.

@@ -19,14 +19,18 @@ class VerifyReport:
     Attributes:
         path: the path checked.
         format: what it is (a checkpoint step, a checkpoint folder or a model bundle).
-        checked: every committed directory whose files were hashed.
-        problems: one line per problem (missing, truncated or corrupted file, bad manifest).
+        checked: every directory checked, with its problems (missing, truncated or corrupted
+            files, a missing or bad manifest); an empty list means intact.
     """
 
     path: Path
     format: Format
-    checked: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    checked: dict[Path, list[str]] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem found, one line each."""
+        return [problem for problems in self.checked.values() for problem in problems]
 
     @property
     def ok(self) -> bool:
@@ -66,19 +70,17 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
     fmt = detect_format(path)
     if fmt in (Format.CHECKPOINT_STEP, Format.BUNDLE):
-        return VerifyReport(path, fmt, [path], find_problems(path))
+        return VerifyReport(path, fmt, {path: find_problems(path)})
     if fmt == Format.CHECKPOINT_DIR:
         report = VerifyReport(path, fmt)
         steps = sorted(
             (c for c in path.iterdir() if c.is_dir() and parse_step(c.name) is not None),
             key=lambda c: parse_step(c.name) or 0,
         )
-        for step_dir in steps:
-            report.checked.append(step_dir)
-            report.problems += find_problems(step_dir)
+        report.checked = {step_dir: find_problems(step_dir) for step_dir in steps}
         return report
     if path.is_dir() and parse_step(path.name) is not None:
-        return VerifyReport(path, Format.CHECKPOINT_STEP, [path], find_problems(path))
+        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: find_problems(path)})
     raise FileFormatError(
         f"{path} is not a torchkeep checkpoint step, checkpoint folder or model bundle "
         f"(it looks like {fmt.value}); verify checks directories with a manifest.json"

@@ -21,12 +21,13 @@ from ..errors import (
     StepExistsError,
     TorchkeepFileNotFoundError,
 )
+from ..manifest import read_manifest
 from ..storage.local import remove_stale_temps, temp_sibling
 from . import retention, rng
 from .asynchronous import BackgroundWriter, SnapshotBuffers
 from .commit import write_step
 from .entries import Entry, prepare
-from .layout import StepInfo, list_steps, step_path
+from .layout import KIND, StepInfo, list_steps, parse_step, step_path, uncommitted_steps
 from .reader import LoadedStep, read_step
 
 RNG_ENTRY = "rng"
@@ -287,7 +288,7 @@ class CheckpointManager:
         candidates, fallback = self._candidates(step)
         for info in candidates:
             try:
-                return read_step(info.path)
+                loaded = read_step(info.path)
             except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
                 if not fallback:
                     raise
@@ -295,6 +296,10 @@ class CheckpointManager:
                     f"checkpoint step {info.step} is unusable and was skipped: {exc}",
                     stacklevel=3,
                 )
+            else:
+                if step is None:
+                    _warn_damaged_newer(self.directory, loaded.step)
+                return loaded
         what = "a valid step" if step is None else f"a valid step {step!r}"
         raise CheckpointNotFoundError(
             f"{self.directory} holds no {what} (committed steps: {self.steps or 'none'}); "
@@ -386,6 +391,25 @@ def _check_targets(loaded: LoadedStep, targets: Mapping[str, Any]) -> None:
         else:
             problem = f"step {loaded.step} has no {name!r} (stateful entries: {saved or 'none'})"
         raise StateDictMismatchError(f"cannot restore {loaded.path}: {problem}")
+
+
+def _warn_damaged_newer(directory: Path, step: int) -> None:
+    """Warn about step directories newer than ``step`` whose manifest is missing or bad.
+
+    Steps are renamed into place only after their manifest is written, so such a directory is
+    a damaged step (or something that is not ours); either way it cannot be restored.
+    """
+    for path in uncommitted_steps(directory):
+        if (parse_step(path.name) or 0) > step:
+            try:
+                read_manifest(path, kind=KIND)
+                problem = "it is not a readable checkpoint step"
+            except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+                problem = str(exc)
+            warnings.warn(
+                f"checkpoint step directory {path.name} is unusable and was skipped: {problem}",
+                stacklevel=4,
+            )
 
 
 def _delete_step(info: StepInfo) -> None:
