@@ -57,7 +57,7 @@ class _Flattener:
         return _child(self.root, path) if path and self.root else path or self.root
 
     def _tensor_name(self, path: str) -> str:
-        name = path or "value"
+        name = path or self.root or "value"
         unique, n = name, 1
         while unique in self.tensors:
             n += 1
