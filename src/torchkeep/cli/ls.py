@@ -40,17 +40,9 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
     ]
 
 
-def run(args: argparse.Namespace) -> int:
-    directory: Path = args.directory
-    if not directory.is_dir():
-        raise TorchkeepFileNotFoundError(f"{directory} is not a folder; check the path")
-    rows = _rows(directory, check_hashes=not args.no_hash)
-    broken = uncommitted_steps(directory)
-    if args.json:
-        for row in rows:
-            row["valid"] = not row["problems"]
-        print_json({"directory": directory, "steps": rows, "uncommitted": broken})
-        return EXIT_OK
+def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
+    """Print the table of steps in ``directory`` and any problem found."""
+    rows = _rows(directory, check_hashes)
     print_table(
         f"checkpoints in {directory}",
         ["step", "time", "size", "metrics", "valid", "kept by"],
@@ -70,8 +62,19 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         for problem in row["problems"]:
             console.print(f"[red]step {row['step']}:[/] {problem}", soft_wrap=True)
-    for path in broken:
-        console.print(
-            f"[yellow]{path.name}[/] has no valid manifest and is not a step", soft_wrap=True
-        )
+    for path in uncommitted_steps(directory):
+        console.print(f"[yellow]{path.name}[/] has no valid manifest: not a step", soft_wrap=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    directory: Path = args.directory
+    if not directory.is_dir():
+        raise TorchkeepFileNotFoundError(f"{directory} is not a folder; check the path")
+    if not args.json:
+        print_steps(directory, check_hashes=not args.no_hash)
+        return EXIT_OK
+    rows = _rows(directory, check_hashes=not args.no_hash)
+    for row in rows:
+        row["valid"] = not row["problems"]
+    print_json({"directory": directory, "steps": rows, "uncommitted": uncommitted_steps(directory)})
     return EXIT_OK
