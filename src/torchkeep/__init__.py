@@ -1,6 +1,7 @@
 """torchkeep: save, load, export and checkpoint PyTorch models safely, atomically and fast."""
 
 from ._version import __version__
+from .checkpoint import CheckpointManager, Restored
 from .errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -18,13 +19,16 @@ from .errors import (
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnsafeCheckpointError,
+    UnsupportedValueError,
 )
 from .model import Keepable, load_model, migrate_pickled_model, register_alias, save_model
 from .onnx import OnnxReport, export_onnx
 from .security import ScanReport, load_pickled_model, scan
+from .verify import VerifyReport, verify
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "CorruptFileError",
@@ -38,6 +42,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelClassNotFoundError",
     "OnnxReport",
+    "Restored",
     "ScanReport",
     "StateDictMismatchError",
     "Stateful",
@@ -46,6 +51,8 @@ __all__ = [
     "TorchkeepError",
     "TorchkeepFileNotFoundError",
     "UnsafeCheckpointError",
+    "UnsupportedValueError",
+    "VerifyReport",
     "__version__",
     "export_onnx",
     "load_model",
@@ -57,4 +64,5 @@ __all__ = [
     "save_model",
     "save_weights",
     "scan",
+    "verify",
 ]

@@ -73,6 +73,10 @@ class ExportVerificationError(ExportError):
     """An exported model gives outputs that differ from eager PyTorch beyond tolerance."""
 
 
+class UnsupportedValueError(TorchkeepError, TypeError):
+    """A value in training state cannot be stored without pickle; the message names its path."""
+
+
 def missing_dependency(package: str, extra: str, feature: str) -> MissingDependencyError:
     """Build the error raised when an optional ``package`` needed by ``feature`` is absent."""
     return MissingDependencyError(

@@ -69,9 +69,12 @@ def write_tensors(
     return FileRecord(size, hasher.hexdigest())
 
 
-def write_json(path: Path, value: object) -> FileRecord:
-    """Write ``value`` as indented JSON at ``path`` and return its record."""
-    data = (json.dumps(value, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()
+def write_json(path: Path, value: object, *, sort_keys: bool = True) -> FileRecord:
+    """Write ``value`` as indented JSON at ``path`` and return its record.
+
+    ``sort_keys=False`` keeps the dicts' own order (needed where order is data).
+    """
+    data = (json.dumps(value, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n").encode()
     return write_hashed(path, lambda f: _ignore(f.write(data)))
 
 

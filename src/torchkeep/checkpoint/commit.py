@@ -1,0 +1,64 @@
+"""Write one checkpoint step with the commit protocol of the design.
+
+Every file goes into a temporary sibling of ``step-<n>/``, hashed while it is written; then
+``state.json``, then ``manifest.json`` (sizes and hashes of all files), then fsync and rename.
+Readers see the step only once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..formats import safetensors as st
+from ..manifest import FileRecord, write_json, write_manifest, write_tensors
+from ..storage.local import staged_directory
+from .entries import Entry
+from .layout import KIND, STATE_NAME
+
+
+def _tensor_metadata(entry: Entry) -> dict[str, str]:
+    metadata = {"format": "pt", "torchkeep.version": __version__}
+    if entry.aliases:
+        metadata[st.ALIASES_KEY] = json.dumps(entry.aliases, sort_keys=True)
+    return metadata
+
+
+def write_step(
+    final: Path,
+    step: int,
+    entries: Sequence[Entry],
+    *,
+    overwrite: bool,
+    manifest_fields: Mapping[str, Any],
+) -> None:
+    """Write and commit ``entries`` as the step directory ``final``.
+
+    Args:
+        final: the step directory (``.../step-00000042``).
+        step: the step number, recorded in ``state.json`` and the manifest.
+        entries: the prepared entries; their tensors must not change until this returns.
+        overwrite: replace an existing ``final`` (atomically: the old one goes only after).
+        manifest_fields: extra manifest fields (metrics, retention settings).
+
+    Raises:
+        StorageFullError: the disk filled up; the temporary directory was removed.
+    """
+    with staged_directory(final, overwrite=overwrite) as temp:
+        files: dict[str, FileRecord] = {}
+        state: dict[str, Any] = {"step": step, "entries": {}}
+        for entry in entries:
+            if entry.file_name is not None:
+                files[entry.file_name] = write_tensors(
+                    temp / entry.file_name, entry.tensors, _tensor_metadata(entry)
+                )
+            state["entries"][entry.name] = {
+                "kind": entry.kind,
+                "file": entry.file_name,
+                "value": entry.skeleton,
+            }
+        files[STATE_NAME] = write_json(temp / STATE_NAME, state, sort_keys=False)
+        write_manifest(temp, kind=KIND, files=files, step=step, **manifest_fields)

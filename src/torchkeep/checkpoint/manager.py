@@ -1,0 +1,420 @@
+"""The CheckpointManager: save training state per step, keep the right steps, resume exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptFileError,
+    StateDictMismatchError,
+    StepExistsError,
+    TorchkeepFileNotFoundError,
+)
+from ..manifest import read_manifest
+from ..storage.local import remove_stale_temps, temp_sibling
+from . import retention, rng
+from .asynchronous import BackgroundWriter, SnapshotBuffers
+from .commit import write_step
+from .entries import Entry, prepare
+from .layout import KIND, StepInfo, list_steps, parse_step, step_path, uncommitted_steps
+from .reader import LoadedStep, read_step
+
+RNG_ENTRY = "rng"
+STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
+
+
+@dataclass
+class Restored:
+    """What :meth:`CheckpointManager.restore` loaded.
+
+    Attributes:
+        step: the step restored.
+        metrics: the metrics saved with it.
+        extra: the plain values saved with it (``epoch=3`` -> ``extra["epoch"]``).
+        path: the step directory.
+    """
+
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, not {step!r}")
+    return step
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    result = {}
+    for name, value in (metrics or {}).items():
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        try:
+            result[str(name)] = float(number)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"metric {name!r} is a {type(value).__name__}, not a number; metrics hold "
+                "numbers (pass other values as keywords of save())"
+            ) from None
+    return result
+
+
+class CheckpointManager:
+    """Saves training state into ``directory/step-<n>/`` and restores it exactly.
+
+    Each ``save`` is committed atomically (temporary directory, fsync, manifest with content
+    hashes written last, rename); readers never see a partial step. After a commit, retention
+    keeps the union of the last ``keep_last`` steps, the ``keep_best`` steps by ``monitor`` and
+    every multiple of ``keep_every``; it deletes only step directories of its own.
+
+    Args:
+        directory: the checkpoint folder (created if missing).
+        keep_last: how many recent steps to keep; None keeps every step.
+        keep_best: how many best steps by ``monitor`` to keep as well.
+        monitor: the metric ranking steps for ``keep_best`` and ``restore(step="best")``.
+        mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
+        keep_every: keep every step that is a multiple of this, forever.
+        async_save: return from ``save`` once tensors are copied to host memory and write in
+            the background.
+        save_rng: capture the random generators (Python, NumPy, torch CPU and CUDA) with
+            every step and restore them on ``restore``.
+
+    Example:
+        >>> with tk.CheckpointManager("ckpt", keep_last=2) as mgr:
+        ...     mgr.save(100, model=model, optimizer=opt, metrics={"loss": 0.3}, epoch=1)
+        ...     restored = mgr.restore(model=model, optimizer=opt)
+        >>> restored.step, restored.extra["epoch"]
+        (100, 1)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep_best: int = 0,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        keep_every: int | None = None,
+        async_save: bool = False,
+        save_rng: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        settings = {
+            "keep_last": keep_last,
+            "keep_best": keep_best,
+            "monitor": monitor,
+            "mode": mode,
+            "keep_every": keep_every,
+        }
+        self.policy = retention.build(**settings)  # type: ignore[arg-type]
+        self._retention_config = retention.config(**settings)  # type: ignore[arg-type]
+        self.monitor = monitor
+        self.mode = mode
+        self.async_save = async_save
+        self.save_rng = save_rng
+        self._writer = BackgroundWriter()
+        self._buffers = SnapshotBuffers()
+
+    # ----------------------------------------------------------------------------------------
+    # what is on disk
+
+    @property
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first (contents are verified by ``restore``/``verify``)."""
+        return [info.step for info in list_steps(self.directory)]
+
+    @property
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.steps
+        return steps[-1] if steps else None
+
+    @property
+    def best_step(self) -> int | None:
+        """The committed step with the best ``monitor`` metric, or None."""
+        if self.monitor is None:
+            return None
+        return retention.best_step(list_steps(self.directory), self.monitor, self.mode)
+
+    # ----------------------------------------------------------------------------------------
+    # saving
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        **extra: Any,
+    ) -> Path:
+        """Save training state as ``step``; committed atomically, then retention runs.
+
+        Everything is validated before the first byte is written. With ``async_save`` this
+        returns once the tensors are copied to host memory.
+
+        Args:
+            step: the step number (a non-negative int).
+            model, optimizer, scheduler, scaler: objects with ``state_dict()`` (or their
+                state dicts); restored into the objects passed to :meth:`restore`.
+            metrics: numbers stored in the manifest (``monitor`` ranks by one of them).
+            overwrite: replace an existing step (atomically) instead of raising.
+            **extra: more stateful objects (a sampler) or plain values (``epoch=3``).
+
+        Returns:
+            The step directory (complete once ``wait()`` returns, with ``async_save``).
+
+        Raises:
+            StepExistsError: ``step`` exists and ``overwrite`` is False.
+            UnsupportedValueError: a value cannot be stored without pickle (the message names
+                its path).
+            StorageFullError: the disk filled up (earlier steps are intact).
+
+        Example:
+            >>> mgr.save(500, model=model, optimizer=opt, metrics={"loss": 0.2}, epoch=4)
+        """
+        self._writer.wait()
+        step = _check_step(step)
+        final = step_path(self.directory, step)
+        if final.exists() and not overwrite:
+            raise StepExistsError(
+                f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
+                "replace it, or save under another step"
+            )
+        entries = self._prepare(
+            dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler), extra
+        )
+        fields = {"metrics": _clean_metrics(metrics)}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.directory)
+        if not self.async_save:
+            self._commit(final, step, entries, overwrite, fields)
+            return final
+        snapshot = self._buffers.snapshot(entries)
+        self._writer.submit(
+            lambda: self._commit(final, step, snapshot, overwrite, fields),
+            label=f"save of checkpoint step {step}",
+        )
+        return final
+
+    def _prepare(self, slots: dict[str, Any], extra: dict[str, Any]) -> list[Entry]:
+        if RNG_ENTRY in extra and self.save_rng:
+            raise ValueError(
+                f"{RNG_ENTRY!r} is reserved for the random generator states; rename the keyword"
+            )
+        entries = [
+            prepare(name, value, state_slot=True)
+            for name, value in slots.items()
+            if value is not None
+        ]
+        entries += [prepare(name, value) for name, value in extra.items()]
+        if self.save_rng:
+            entries.append(prepare(RNG_ENTRY, rng.capture()))
+        return entries
+
+    def _commit(
+        self, final: Path, step: int, entries: list[Entry], overwrite: bool, fields: dict[str, Any]
+    ) -> None:
+        write_step(
+            final,
+            step,
+            entries,
+            overwrite=overwrite,
+            manifest_fields={**fields, "retention": self._retention_config},
+        )
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        infos = list_steps(self.directory)
+        kept = self.policy.keep(infos)
+        for info in infos:
+            if info.step not in kept:
+                _delete_step(info)
+
+    def wait(self) -> None:
+        """Block until an in-flight async save is committed; raise its error if it failed."""
+        self._writer.wait()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except Exception as save_error:
+            warnings.warn(f"the background save also failed: {save_error}", stacklevel=2)
+
+    # ----------------------------------------------------------------------------------------
+    # restoring
+
+    def _candidates(self, step: int | Literal["best"] | None) -> tuple[list[StepInfo], bool]:
+        """Steps to try in order, and whether falling back past the first is allowed."""
+        infos = list_steps(self.directory)
+        if step is None:
+            return infos[::-1], True
+        if step == "best":
+            if self.monitor is None:
+                raise ValueError("restore(step='best') needs a manager created with monitor=...")
+            ranker = retention.KeepBest(len(infos) or 1, self.monitor, self.mode)
+            return ranker.ranked(infos), True
+        wanted = _check_step(step)
+        return [info for info in infos if info.step == wanted], False
+
+    def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
+        candidates, fallback = self._candidates(step)
+        for info in candidates:
+            try:
+                loaded = read_step(info.path)
+            except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+                if not fallback:
+                    raise
+                warnings.warn(
+                    f"checkpoint step {info.step} is unusable and was skipped: {exc}",
+                    stacklevel=3,
+                )
+            else:
+                if step is None:
+                    _warn_damaged_newer(self.directory, loaded.step)
+                return loaded
+        what = "a valid step" if step is None else f"a valid step {step!r}"
+        raise CheckpointNotFoundError(
+            f"{self.directory} holds no {what} (committed steps: {self.steps or 'none'}); "
+            "check the directory, or start training from scratch"
+        )
+
+    def restore(
+        self,
+        step: int | Literal["best"] | None = None,
+        *,
+        model: Any = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        restore_rng: bool = True,
+        **objects: Any,
+    ) -> Restored:
+        """Load a step into the given objects, after verifying every file's hash.
+
+        With ``step=None`` (the latest) or ``"best"``, a corrupt step gives a warning naming
+        the problem and the next candidate is tried; an explicitly requested step that is
+        corrupt raises. Nothing is changed before the step has been fully verified.
+
+        Args:
+            step: None for the latest valid step, ``"best"`` by ``monitor``, or a step number.
+            model, optimizer, scheduler, scaler, **objects: objects with
+                ``load_state_dict()`` to fill from the entries of the same name.
+            restore_rng: put the random generators back as they were at the save.
+
+        Returns:
+            A :class:`Restored` with the step, its metrics and the plain values saved with it.
+
+        Raises:
+            CheckpointNotFoundError: no (valid) step matches.
+            StateDictMismatchError: an object was passed for an entry the step does not have.
+
+        Example:
+            >>> restored = mgr.restore(model=model, optimizer=opt)
+            >>> start_epoch = restored.extra["epoch"] + 1
+        """
+        self.wait()
+        loaded = self._load_first_valid(step)
+        targets = {
+            name: obj
+            for name, obj in dict(
+                model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **objects
+            ).items()
+            if obj is not None
+        }
+        _check_targets(loaded, targets)
+        for name, obj in targets.items():
+            obj.load_state_dict(loaded.entries[name][1])
+        if restore_rng and RNG_ENTRY in loaded.entries:
+            rng.restore(loaded.entries[RNG_ENTRY][1])
+        extra = {
+            name: value
+            for name, (kind, value) in loaded.entries.items()
+            if kind == "value" and name != RNG_ENTRY
+        }
+        return Restored(loaded.step, loaded.metrics, extra, loaded.path)
+
+    def export_torch(
+        self, step: int | Literal["best"] | None, path: str | os.PathLike[str]
+    ) -> Path:
+        """Write a step as a tutorial-style ``torch.save`` dict for tools that read only that.
+
+        See :func:`torchkeep.checkpoint.migrate.export_torch_checkpoint`.
+
+        Example:
+            >>> mgr.export_torch(None, "latest.pt")
+        """
+        from .migrate import export_torch_checkpoint
+
+        self.wait()
+        return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _check_targets(loaded: LoadedStep, targets: Mapping[str, Any]) -> None:
+    """Every object passed to ``restore`` must have a stateful entry; checked before loading."""
+    for name, obj in targets.items():
+        kind = loaded.entries.get(name, ("missing", None))[0]
+        if kind == "stateful" and hasattr(obj, "load_state_dict"):
+            continue
+        saved = ", ".join(sorted(n for n, (k, _) in loaded.entries.items() if k == "stateful"))
+        if kind == "value":
+            problem = f"{name!r} was saved as a plain value: read it from restored.extra"
+        elif kind == "stateful":
+            problem = f"the object passed as {name!r} has no load_state_dict()"
+        else:
+            problem = f"step {loaded.step} has no {name!r} (stateful entries: {saved or 'none'})"
+        raise StateDictMismatchError(f"cannot restore {loaded.path}: {problem}")
+
+
+def _warn_damaged_newer(directory: Path, step: int) -> None:
+    """Warn about step directories newer than ``step`` whose manifest is missing or bad.
+
+    Steps are renamed into place only after their manifest is written, so such a directory is
+    a damaged step (or something that is not ours); either way it cannot be restored.
+    """
+    for path in uncommitted_steps(directory):
+        if (parse_step(path.name) or 0) > step:
+            try:
+                read_manifest(path, kind=KIND)
+                problem = "it is not a readable checkpoint step"
+            except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+                problem = str(exc)
+            warnings.warn(
+                f"checkpoint step directory {path.name} is unusable and was skipped: {problem}",
+                stacklevel=4,
+            )
+
+
+def _delete_step(info: StepInfo) -> None:
+    """Remove a step: first renamed out of sight (atomic), then deleted."""
+    doomed = temp_sibling(info.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(info.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)

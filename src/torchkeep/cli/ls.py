@@ -1,0 +1,80 @@
+"""List the steps of a checkpoint folder: time, size, metrics, validity and retention."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import retention
+from ..checkpoint.layout import list_steps, uncommitted_steps
+from ..errors import TorchkeepFileNotFoundError
+from ..manifest import find_problems
+from ._output import EXIT_OK, console, human_bytes, print_json, print_table
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, help="the checkpoint folder")
+    parser.add_argument("--json", action="store_true", help="print the steps as JSON")
+    parser.add_argument(
+        "--no-hash", action="store_true", help="check file sizes only (faster for big steps)"
+    )
+
+
+def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
+    infos = list_steps(directory)
+    policy = retention.from_config(infos[-1].manifest.get("retention")) if infos else None
+    kept_by = policy.kept_by(infos) if policy is not None else {}
+    return [
+        {
+            "step": info.step,
+            "time": datetime.datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S"),
+            "size": info.size,
+            "metrics": info.metrics,
+            "problems": find_problems(info.path, check_hashes=check_hashes),
+            "kept_by": kept_by.get(info.step, []),
+            "path": info.path,
+        }
+        for info in infos
+    ]
+
+
+def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
+    """Print the table of steps in ``directory`` and any problem found."""
+    rows = _rows(directory, check_hashes)
+    print_table(
+        f"checkpoints in {directory}",
+        ["step", "time", "size", "metrics", "valid", "kept by"],
+        [
+            (
+                row["step"],
+                row["time"],
+                human_bytes(row["size"]),
+                " ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-",
+                "yes" if not row["problems"] else "NO",
+                ", ".join(row["kept_by"]) or "-",
+            )
+            for row in rows
+        ],
+        right_align=["step", "size"],
+    )
+    for row in rows:
+        for problem in row["problems"]:
+            console.print(f"[red]step {row['step']}:[/] {problem}", soft_wrap=True)
+    for path in uncommitted_steps(directory):
+        console.print(f"[yellow]{path.name}[/] has no valid manifest: not a step", soft_wrap=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    directory: Path = args.directory
+    if not directory.is_dir():
+        raise TorchkeepFileNotFoundError(f"{directory} is not a folder; check the path")
+    if not args.json:
+        print_steps(directory, check_hashes=not args.no_hash)
+        return EXIT_OK
+    rows = _rows(directory, check_hashes=not args.no_hash)
+    for row in rows:
+        row["valid"] = not row["problems"]
+    print_json({"directory": directory, "steps": rows, "uncommitted": uncommitted_steps(directory)})
+    return EXIT_OK

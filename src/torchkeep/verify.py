@@ -1,0 +1,87 @@
+"""Check checkpoints and model bundles against their manifests, listing every problem."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint.layout import parse_step
+from .errors import FileFormatError, TorchkeepFileNotFoundError
+from .formats import Format, detect_format
+from .manifest import find_problems
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found.
+
+    Attributes:
+        path: the path checked.
+        format: what it is (a checkpoint step, a checkpoint folder or a model bundle).
+        checked: every directory checked, with its problems (missing, truncated or corrupted
+            files, a missing or bad manifest); an empty list means intact.
+    """
+
+    path: Path
+    format: Format
+    checked: dict[Path, list[str]] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem found, one line each."""
+        return [problem for problems in self.checked.values() for problem in problems]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return not self.problems
+
+    def __str__(self) -> str:
+        status = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        lines = [f"{self.path} ({self.format.value}): checked {len(self.checked)}, {status}"]
+        return "\n".join(lines + [f"  {problem}" for problem in self.problems])
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Hash every file of a checkpoint step, checkpoint folder or model bundle.
+
+    In a checkpoint folder every ``step-<n>`` directory is checked, including ones without a
+    manifest (an interrupted save never leaves one; a damaged step might); temporary
+    directories of interrupted saves are not steps and are skipped.
+
+    Args:
+        path: a ``step-<n>`` directory, a checkpoint folder or a model bundle.
+
+    Returns:
+        A :class:`VerifyReport`; ``report.ok`` is True when nothing is wrong.
+
+    Raises:
+        TorchkeepFileNotFoundError: ``path`` does not exist.
+        FileFormatError: ``path`` is not one of the directories above.
+
+    Example:
+        >>> report = tk.verify("ckpt")
+        >>> report.ok, report.problems
+        (True, [])
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+    fmt = detect_format(path)
+    if fmt in (Format.CHECKPOINT_STEP, Format.BUNDLE):
+        return VerifyReport(path, fmt, {path: find_problems(path)})
+    if fmt == Format.CHECKPOINT_DIR:
+        report = VerifyReport(path, fmt)
+        steps = sorted(
+            (c for c in path.iterdir() if c.is_dir() and parse_step(c.name) is not None),
+            key=lambda c: parse_step(c.name) or 0,
+        )
+        report.checked = {step_dir: find_problems(step_dir) for step_dir in steps}
+        return report
+    if path.is_dir() and parse_step(path.name) is not None:
+        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: find_problems(path)})
+    raise FileFormatError(
+        f"{path} is not a torchkeep checkpoint step, checkpoint folder or model bundle "
+        f"(it looks like {fmt.value}); verify checks directories with a manifest.json"
+    )
