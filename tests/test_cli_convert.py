@@ -183,3 +183,49 @@ def test_save_weights_to_pt_straight_from_a_mapped_safetensors_file(tmp_path: Pa
     path = tk.save_weights(tk.load_state_dict(source), tmp_path / "all.pt")
     assert path.stat().st_size < source.stat().st_size + 64 * 1024
     assert_state_equal(torch.load(path, weights_only=True), original)
+
+
+def test_tutorial_checkpoint_becomes_a_restorable_step(tmp_path: Path, net: Net) -> None:
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    net(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers exist
+    source = tmp_path / "tutorial.pt"
+    torch.save(
+        {
+            "epoch": 7,
+            "model_state_dict": net.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "loss": 0.25,
+        },
+        source,
+    )
+    assert main(["convert", str(source), str(tmp_path / "ckpt")]) == 0
+    model = Net()
+    fresh = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    restored = tk.CheckpointManager(tmp_path / "ckpt").restore(model=model, optimizer=fresh)
+    assert restored.step == 7
+    assert restored.metrics == {"loss": 0.25}
+    assert_state_equal(net.state_dict(), model.state_dict())
+    for param in net.parameters():
+        assert torch.equal(
+            optimizer.state[param]["momentum_buffer"],
+            fresh.state[dict(zip(net.parameters(), model.parameters(), strict=True))[param]][
+                "momentum_buffer"
+            ],
+        )
+
+
+def test_pickled_whole_model_becomes_a_bundle_only_when_allowed(
+    tmp_path: Path, tied: TiedLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "legacy_model.pth"
+    torch.save(tied, source)
+    bundle = tmp_path / "lm.bundle"
+    assert main(["convert", str(source), str(bundle)]) == 2
+    assert "tests.conftest" in capsys.readouterr().err
+    assert not bundle.exists()
+    assert main(["convert", str(source), str(bundle), "--allow", "tests.conftest"]) == 0
+    loaded = tk.load_model(bundle)
+    assert isinstance(loaded, TiedLM)
+    assert loaded.head.weight is loaded.embed.weight
+    assert_state_equal(tied.state_dict(), loaded.state_dict())

@@ -8,19 +8,23 @@ that does it, so a new route is one function and one entry.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .checkpoint.migrate import import_torch_checkpoint
 from .errors import DestinationExistsError, FileFormatError
 from .formats import Format, detect_format
 from .formats import safetensors as st
+from .model import migrate_pickled_model
+from .security import scan
 from .weights import _RESERVED_METADATA, TORCH_SUFFIXES, _open_source, save_weights
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
+DIRECTORY = "directory"
 _SOURCE_KINDS = {
     Format.SAFETENSORS: SAFETENSORS,
     Format.TORCH_ZIP: TORCH,
@@ -51,10 +55,18 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
 
 
-Route = Callable[[Path, Path], Conversion]
+@dataclass(frozen=True)
+class _Options:
+    """What the caller allowed: overwriting, and module prefixes for pickled classes."""
+
+    force: bool
+    allow: tuple[str, ...]
 
 
-def _weights(source: Path, destination: Path) -> Conversion:
+Route = Callable[[Path, Path, _Options], Conversion]
+
+
+def _weights(source: Path, destination: Path, options: _Options) -> Conversion:
     """A state dict (or a checkpoint dict's model part) from one weights format to the other."""
     opened = _open_source(source, torch.device("cpu"))
     state = opened.load(torch.device("cpu"))
@@ -79,9 +91,35 @@ def _weights(source: Path, destination: Path) -> Conversion:
     return conversion
 
 
+def _to_directory(source: Path, destination: Path, options: _Options) -> Conversion:
+    """A pickled whole model becomes a bundle; a tutorial checkpoint dict a checkpoint step.
+
+    Which one is decided by a static scan: only a pickled model names classes beyond tensors
+    and containers, and those must be trusted through ``allow``.
+    """
+    fmt = detect_format(source)
+    if scan(source).offending():
+        if destination.exists() and not options.force:
+            raise DestinationExistsError(
+                f"{destination} already exists; pass force=True (--force) to replace it"
+            )
+        migrate_pickled_model(source, destination, allow=options.allow)
+        conversion = Conversion(source, destination, fmt)
+        conversion.notes.append(
+            f"migrated a pickled whole model into the bundle {destination} (classes trusted: "
+            f"{', '.join(options.allow) or 'torch.nn only'})"
+        )
+        return conversion
+    step_dir = import_torch_checkpoint(source, destination, overwrite=options.force)
+    conversion = Conversion(source, step_dir, fmt)
+    conversion.notes.append(f"imported the checkpoint dict as {step_dir.name} of {destination}")
+    return conversion
+
+
 ROUTES: dict[tuple[str, str], Route] = {
     (TORCH, SAFETENSORS): _weights,
     (SAFETENSORS, TORCH): _weights,
+    (TORCH, DIRECTORY): _to_directory,
 }
 
 
@@ -101,26 +139,37 @@ def _kind_of_destination(path: Path) -> str:
         return SAFETENSORS
     if path.suffix in TORCH_SUFFIXES:
         return TORCH
+    if path.is_dir() or not path.suffix or path.suffix == ".bundle":
+        return DIRECTORY
     raise FileFormatError(
-        f"cannot tell which format to write for {path}: give it a .safetensors suffix or one "
-        f"of {', '.join(sorted(TORCH_SUFFIXES))}"
+        f"cannot tell which format to write for {path}: give it a .safetensors suffix, one "
+        f"of {', '.join(sorted(TORCH_SUFFIXES))}, or a directory name (no suffix or .bundle)"
     )
 
 
 def convert(
-    source: str | os.PathLike[str], destination: str | os.PathLike[str], *, force: bool = False
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    allow: Sequence[str] = (),
 ) -> Conversion:
     """Convert a stored model to another format, keeping every tensor bit for bit.
 
     The source's format is recognised by its content; the destination's is chosen by its
     suffix. Supported: ``torch.save`` files (``.pt``/``.pth``/``.bin``/``.ckpt``, including the
-    model part of a tutorial-style checkpoint dict) to ``.safetensors``, and back. Tied weights
-    stay tied. Nothing in the source is executed; the destination is written atomically.
+    model part of a tutorial-style checkpoint dict) to ``.safetensors``, and back; to a
+    directory, a tutorial-style checkpoint dict becomes a step of a torchkeep checkpoint folder
+    and a pickled whole model (``torch.save(model)``) becomes a model bundle, loaded only if
+    its classes lie under ``allow``. Tied weights stay tied. Nothing in the source is executed
+    unless allowed; the destination is written atomically.
 
     Args:
         source: the file to read.
-        destination: the file to write.
-        force: overwrite ``destination`` if it exists.
+        destination: the file or directory to write.
+        force: overwrite ``destination`` if it exists (a checkpoint folder is added to; with
+            ``force`` a step of the same number is replaced).
+        allow: module prefixes whose classes a pickled whole model may use.
 
     Returns:
         A :class:`Conversion` saying what was written and what was left behind.
@@ -137,8 +186,8 @@ def convert(
             f"{source} is already a {route_key[0]} file; there is nothing to convert for "
             f"{destination} (routes: {', '.join(f'{a} -> {b}' for a, b in ROUTES)})"
         )
-    if destination.exists() and not force:
+    if destination.is_file() and not force:
         raise DestinationExistsError(
             f"{destination} already exists; pass force=True (--force) to overwrite it"
         )
-    return route(source, destination)
+    return route(source, destination, _Options(force, tuple(allow)))

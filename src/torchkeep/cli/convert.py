@@ -1,4 +1,4 @@
-"""Convert weights between torch.save files (.pt/.pth/.bin) and .safetensors, bit for bit."""
+"""Convert torch.save files to .safetensors and back, or into a checkpoint step or a bundle."""
 
 from __future__ import annotations
 
@@ -13,16 +13,32 @@ def register(parser: argparse.ArgumentParser) -> None:
     routes = ", ".join(f"{a} -> {b}" for a, b in ROUTES)
     parser.description = (
         "The source's format is recognised by its content, the destination's by its suffix "
-        f"({routes}). A tutorial-style checkpoint dict converts its model part."
+        f"({routes}). To a file, a tutorial-style checkpoint dict converts its model part; to "
+        "a directory it becomes a torchkeep checkpoint step, and a pickled whole model "
+        "becomes a bundle (its classes trusted with --allow)."
     )
     parser.add_argument("source", type=Path, help="file to read")
-    parser.add_argument("destination", type=Path, help="file to write")
+    parser.add_argument("destination", type=Path, help="file or directory to write")
     parser.add_argument("--force", action="store_true", help="overwrite the destination")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="module prefix whose classes a pickled whole model may use (repeatable); "
+        "see `torchkeep scan`",
+    )
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def run(args: argparse.Namespace) -> int:
-    done = convert(args.source, args.destination, force=args.force)
-    size = human_bytes(done.destination.stat().st_size)
+    done = convert(args.source, args.destination, force=args.force, allow=args.allow)
+    size = human_bytes(_size(done.destination))
     console.print(
         plain(
             f"converted {done.source} ({done.source_format.value}) -> {done.destination} "
