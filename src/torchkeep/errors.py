@@ -77,6 +77,12 @@ class UnsupportedValueError(TorchkeepError, TypeError):
     """A value in training state cannot be stored without pickle; the message names its path."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for summaries."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def missing_dependency(package: str, extra: str, feature: str) -> MissingDependencyError:
     """Build the error raised when an optional ``package`` needed by ``feature`` is absent."""
     return MissingDependencyError(

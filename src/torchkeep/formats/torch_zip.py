@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptFileError, UnsafeCheckpointError
+from ..errors import CorruptFileError, UnsafeCheckpointError, first_line
 from ..storage.local import atomic_file
 
 # torch's weights-only unpickler lets these escape when a pickle stream is damaged (an opcode
@@ -45,10 +45,9 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
             # Legacy (pre-zip) files cannot be memory-mapped; read them normally.
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise UnsafeCheckpointError(
             f"{path} refers to Python objects beyond tensors and containers, so loading it "
-            f"could run code, and it was refused ({first_line}). Run `torchkeep scan {path}` "
+            f"could run code, and it was refused ({first_line(exc)}). Run `torchkeep scan {path}` "
             "to see what it imports; whole pickled models load with "
             "tk.load_pickled_model(path, allow=...)"
         ) from None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError, UnsafeCheckpointError
+from ..errors import ExportError, ExportVerificationError, UnsafeCheckpointError, first_line
 from ..security import scan
 
 # An example with batch 1 makes torch.export specialise the batch to the constant 1
@@ -86,7 +86,7 @@ def export_program(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any
             try:
                 program = torch.export.export(model, batched, dynamic_shapes=dynamic_shapes)
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                first = first_line(exc)
                 raise ExportError(
                     f"torch.export could not export {type(model).__qualname__} with a dynamic "
                     f"batch ({type(exc).__name__}: {first}). Save without example_inputs to "

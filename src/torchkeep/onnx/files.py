@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundError
-from ..storage.local import atomic_file, fsync_dir, temp_sibling
+from ..storage.local import atomic_file, fsync_dir, fsync_file, temp_sibling
 from ._deps import require
 from .graph import all_graphs
 
@@ -169,14 +169,6 @@ def save_staged(model: onnx.ModelProto, path: Path, *, external_data: bool) -> N
     )
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(staged: Path, final: Path, metadata: Mapping[str, str]) -> list[str]:
     """Move a staged, verified model to ``final`` with ``metadata`` added to its properties.
 
@@ -195,7 +187,7 @@ def commit(staged: Path, final: Path, metadata: Mapping[str, str]) -> list[str]:
     names = []
     for data in check_external_data(staged, model):
         relative = data.relative_to(staged.parent.resolve())
-        _fsync_file(data)
+        fsync_file(data)
         os.replace(data, final.parent / relative)
         names.append(str(relative))
     if names:

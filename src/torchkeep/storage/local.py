@@ -100,7 +100,7 @@ def staged_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         yield temp
         for child in temp.iterdir():
             if child.is_file():
-                _fsync_path(child)
+                fsync_file(child)
         fsync_dir(temp)
         _rename_into_place(temp, final, overwrite=overwrite)
     except BaseException as exc:
@@ -145,7 +145,8 @@ def _rename_into_place(temp: Path, final: Path, *, overwrite: bool) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
