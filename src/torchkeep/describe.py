@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError
+from .errors import FileFormatError, UnsafeCheckpointError
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 
@@ -115,9 +115,36 @@ def _flatten_tensors(value: object, prefix: str, out: dict[str, torch.Tensor]) -
             _flatten_tensors(item, f"{prefix}.{index}" if prefix else str(index), out)
 
 
+def _describe_pickled_model(path: Path, fmt: Format) -> Description:
+    """A ``torch.save(model)`` file: what it would import, from a static scan (never loaded)."""
+    from .security import scan
+
+    report = scan(path)
+    if report.dangerous:
+        raise UnsafeCheckpointError(
+            f"{path} contains pickled code that could run on loading; run `torchkeep scan "
+            f"{path}` for the list and do not load this file"
+        )
+    description = Description(path, fmt, path.stat().st_size)
+    description.sections["pickled classes"] = [
+        (finding.name, finding.severity.value)
+        for finding in report.findings
+        if finding.kind == "global" and finding.severity.value != "safe"
+    ]
+    description.notes.append(
+        "a pickled whole model (torch.save(model)): its tensors are known only by unpickling "
+        "it. Load it with tk.load_pickled_model(path, allow=...) or migrate it with "
+        "`torchkeep convert PATH BUNDLE --allow PREFIX`"
+    )
+    return description
+
+
 def _describe_torch(path: Path) -> Description:
     fmt = detect_format(path)
-    content = torch_zip.load(path, map_location="cpu")  # memory-mapped: no tensor data is read
+    try:
+        content = torch_zip.load(path, map_location="cpu")  # memory-mapped: reads no tensor data
+    except UnsafeCheckpointError:
+        return _describe_pickled_model(path, fmt)
     description = Description(path, fmt, path.stat().st_size)
     tensors: dict[str, torch.Tensor] = {}
     _flatten_tensors(content, "", tensors)

@@ -8,6 +8,8 @@ the fix.
 
 from __future__ import annotations
 
+import re
+
 
 class TorchkeepError(Exception):
     """Root of every error raised by torchkeep."""
@@ -78,8 +80,11 @@ class UnsupportedValueError(TorchkeepError, TypeError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none), for summaries."""
-    text = str(exc).strip()
+    """The first line of an exception's message (its type name if it has none), for summaries.
+
+    Terminal escape sequences (torch puts bold markers in some messages) are removed.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -56,7 +56,8 @@ def print_table(
         show_header=show_header,
     )
     for column in columns:
-        table.add_column(column, justify="right" if column in right_align else "left")
+        justify: JustifyMethod = "right" if column in right_align else "left"
+        table.add_column(column, justify=justify, overflow="fold")
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     console.print(table)
