@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from ..errors import (
 from ..manifest import read_manifest
 from ..storage.local import remove_stale_temps, temp_sibling
 from . import retention, rng
-from .asynchronous import BackgroundWriter, SnapshotBuffers
+from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
 from .entries import Entry, prepare
 from .layout import KIND, StepInfo, list_steps, parse_step, step_path, uncommitted_steps
@@ -127,6 +125,7 @@ class CheckpointManager:
         self.save_rng = save_rng
         self._writer = BackgroundWriter()
         self._buffers = SnapshotBuffers()
+        self._remover = Remover()
 
     # ----------------------------------------------------------------------------------------
     # what is on disk
@@ -189,7 +188,7 @@ class CheckpointManager:
         Example:
             >>> mgr.save(500, model=model, optimizer=opt, metrics={"loss": 0.2}, epoch=4)
         """
-        self._writer.wait()
+        self.wait()
         step = _check_step(step)
         final = step_path(self.directory, step)
         if final.exists() and not overwrite:
@@ -241,15 +240,26 @@ class CheckpointManager:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
+        """Retire the steps no policy keeps: renamed out of sight now, deleted in the background."""
         infos = list_steps(self.directory)
         kept = self.policy.keep(infos)
-        for info in infos:
-            if info.step not in kept:
-                _delete_step(info)
+        retired = [_retire(info) for info in infos if info.step not in kept]
+        self._remover.remove([path for path in retired if path is not None])
 
     def wait(self) -> None:
-        """Block until an in-flight async save is committed; raise its error if it failed."""
-        self._writer.wait()
+        """Block until an in-flight async save is committed; raise its error if it failed.
+
+        Also waits for retired steps to be deleted, warning about any that could not be.
+        """
+        try:
+            self._writer.wait()
+        finally:
+            for problem in self._remover.wait():
+                warnings.warn(
+                    f"a retired checkpoint step could not be deleted ({problem}); remove it "
+                    "by hand to free the space",
+                    stacklevel=2,
+                )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -412,9 +422,11 @@ def _warn_damaged_newer(directory: Path, step: int) -> None:
             )
 
 
-def _delete_step(info: StepInfo) -> None:
-    """Remove a step: first renamed out of sight (atomic), then deleted."""
+def _retire(info: StepInfo) -> Path | None:
+    """Rename a step out of sight (atomic); return the hidden name to delete, None if gone."""
     doomed = temp_sibling(info.path)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.rename(info.path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    except FileNotFoundError:
+        return None
+    return doomed
