@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import tree
 from ..errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -361,12 +362,12 @@ class CheckpointManager:
         }
         _check_targets(loaded, targets)
         for name, obj in targets.items():
-            obj.load_state_dict(loaded.entries[name][1])
+            obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)))
         if restore_rng and RNG_ENTRY in loaded.entries:
-            rng.restore(loaded.entries[RNG_ENTRY][1])
+            rng.restore(loaded.value(RNG_ENTRY))
         extra = {
-            name: value
-            for name, (kind, value) in loaded.entries.items()
+            name: loaded.value(name)
+            for name, (kind, _) in loaded.entries.items()
             if kind == "value" and name != RNG_ENTRY
         }
         return Restored(loaded.step, loaded.metrics, extra, loaded.path)
@@ -385,6 +386,14 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    """The tensors ``obj`` holds now, by flat name: restored in place where they fit."""
+    try:
+        return tree.flatten(obj.state_dict(), root=name).tensors
+    except (TypeError, ValueError):  # a state that cannot be flattened: load into new memory
+        return {}
 
 
 def _check_targets(loaded: LoadedStep, targets: Mapping[str, Any]) -> None:
