@@ -1,4 +1,4 @@
-"""The fast paths of checkpoints: direct-I/O tensor files and retention in the background."""
+"""The fast paths of checkpoints: direct-I/O writes, background retention, in-place restore."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import torchkeep as tk
+from tests.conftest import assert_state_equal
+from torchkeep import tree
 from torchkeep.checkpoint import direct
 from torchkeep.formats import safetensors as st
 from torchkeep.hashing import hash_file
+from torchkeep.models import Net
 
 
 @pytest.fixture
@@ -117,3 +120,59 @@ def test_failed_deletion_of_a_retired_step_is_reported(
     with pytest.warns(UserWarning, match="could not be deleted.*step-00000001.*busy"):
         mgr.wait()
     assert mgr.steps == [2]
+
+
+def _adamw_trained(seed: int) -> tuple[Net, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Net(dropout=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return tree.flatten(opt.state_dict(), root="optimizer").tensors
+
+
+def test_restore_into_live_parameters_and_state_is_bit_exact_and_in_place(
+    tmp_path: Path,
+) -> None:
+    saved_model, saved_opt = _adamw_trained(0)
+    mgr = tk.CheckpointManager(tmp_path)
+    mgr.save(1, model=saved_model, optimizer=saved_opt)
+    model, opt = _adamw_trained(1)  # different values, same shapes: restored in place
+    weight, exp_avg = model.conv1.weight, opt.state[model.conv1.weight]["exp_avg"]
+    address = weight.data_ptr(), exp_avg.data_ptr()
+    mgr.restore(model=model, optimizer=opt)
+    assert (model.conv1.weight.data_ptr(), opt.state[weight]["exp_avg"].data_ptr()) == address
+    assert_state_equal(saved_model.state_dict(), model.state_dict())
+    assert_state_equal(_optimizer_tensors(saved_opt), _optimizer_tensors(opt))
+    fresh = Net(dropout=0.1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)  # no state yet: new memory
+    mgr.restore(model=fresh, optimizer=fresh_opt)
+    assert_state_equal(_optimizer_tensors(saved_opt), _optimizer_tensors(fresh_opt))
+    new, live = _optimizer_tensors(fresh_opt).values(), _optimizer_tensors(opt).values()
+    pairs = zip(new, live, strict=True)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in pairs)  # two restores share no memory
+    fresh_opt.step()  # restored state is writable memory of its own
+    assert_state_equal(_optimizer_tensors(saved_opt), _optimizer_tensors(opt))
+
+
+def test_corrupt_optimizer_file_leaves_live_model_and_state_untouched(tmp_path: Path) -> None:
+    saved_model, saved_opt = _adamw_trained(0)
+    mgr = tk.CheckpointManager(tmp_path)
+    mgr.save(1, model=saved_model, optimizer=saved_opt)
+    path = tmp_path / "step-00000001" / "optimizer.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    model, opt = _adamw_trained(1)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in _optimizer_tensors(opt).items()}
+    with pytest.raises(tk.ChecksumMismatchError, match=r"optimizer\.safetensors"):
+        mgr.restore(1, model=model, optimizer=opt)
+    assert_state_equal(weights, model.state_dict())  # the model file was fine, yet not loaded
+    assert_state_equal(state, _optimizer_tensors(opt))
