@@ -309,16 +309,16 @@ def test_injected_enospc_keeps_earlier_steps(tmp_path: Path, trained, monkeypatc
     model, opt = trained
     mgr = tk.CheckpointManager(tmp_path, keep_last=1)
     mgr.save(1, model=model, optimizer=opt)
-    real = os.writev
+    real = os.pwrite
 
-    def full(fd: int, buffers) -> int:
+    def full(fd: int, data, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "writev", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(tk.StorageFullError, match="no space left") as info:
         mgr.save(2, model=model, optimizer=opt)
     assert isinstance(info.value, OSError)
-    monkeypatch.setattr(os, "writev", real)
+    monkeypatch.setattr(os, "pwrite", real)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
     assert tk.verify(tmp_path).ok
 

@@ -10,11 +10,13 @@ the next ``save()``/``wait()``; the interpreter waits for an in-flight save befo
 from __future__ import annotations
 
 import atexit
+import shutil
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -109,3 +111,44 @@ def _report_at_exit(ref: weakref.ref[BackgroundWriter]) -> None:
             f"torchkeep: the background {writer._label} failed and nothing was committed: "
             f"{type(error).__name__}: {error}\n"
         )
+
+
+class Remover:
+    """Deletes retired step directories on a non-daemon thread, one batch at a time.
+
+    The directories were already renamed out of sight (retention's decision is visible at
+    once); only the slow part, freeing their blocks, runs here. A process killed meanwhile
+    leaves hidden temporaries that the next save removes.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._errors: list[str] = []
+
+    def remove(self, paths: Sequence[Path]) -> None:
+        """Start deleting ``paths`` (after the previous batch is done)."""
+        self._thread_join()
+        self._thread = threading.Thread(
+            target=self._run, args=(list(paths),), name="torchkeep retention", daemon=False
+        )
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        for path in paths:
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._errors.append(f"{path}: {exc}")
+
+    def _thread_join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> list[str]:
+        """Block until the current batch is deleted; return (and forget) what failed."""
+        self._thread_join()
+        errors, self._errors = self._errors, []
+        return errors

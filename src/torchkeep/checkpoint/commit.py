@@ -1,6 +1,7 @@
 """Write one checkpoint step with the commit protocol of the design.
 
-Every file goes into a temporary sibling of ``step-<n>/``, hashed while it is written; then
+Every file goes into a temporary sibling of ``step-<n>/``, hashed while it is written (tensor
+files with direct I/O, see :mod:`.direct`); then
 ``state.json``, then ``manifest.json`` (sizes and hashes of all files), then fsync and rename.
 Readers see the step only once it is complete.
 """
@@ -14,8 +15,9 @@ from typing import Any
 
 from .._version import __version__
 from ..formats import safetensors as st
-from ..manifest import FileRecord, write_json, write_manifest, write_tensors
+from ..manifest import FileRecord, write_json, write_manifest
 from ..storage.local import staged_directory
+from .direct import write_tensors
 from .entries import Entry
 from .layout import KIND, STATE_NAME
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import tree
 from ..errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -24,7 +23,7 @@ from ..errors import (
 from ..manifest import read_manifest
 from ..storage.local import remove_stale_temps, temp_sibling
 from . import retention, rng
-from .asynchronous import BackgroundWriter, SnapshotBuffers
+from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
 from .entries import Entry, prepare
 from .layout import KIND, StepInfo, list_steps, parse_step, step_path, uncommitted_steps
@@ -127,6 +126,7 @@ class CheckpointManager:
         self.save_rng = save_rng
         self._writer = BackgroundWriter()
         self._buffers = SnapshotBuffers()
+        self._remover = Remover()
 
     # ----------------------------------------------------------------------------------------
     # what is on disk
@@ -189,7 +189,7 @@ class CheckpointManager:
         Example:
             >>> mgr.save(500, model=model, optimizer=opt, metrics={"loss": 0.2}, epoch=4)
         """
-        self._writer.wait()
+        self.wait()
         step = _check_step(step)
         final = step_path(self.directory, step)
         if final.exists() and not overwrite:
@@ -241,15 +241,26 @@ class CheckpointManager:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
+        """Retire the steps no policy keeps: renamed out of sight now, deleted in the background."""
         infos = list_steps(self.directory)
         kept = self.policy.keep(infos)
-        for info in infos:
-            if info.step not in kept:
-                _delete_step(info)
+        retired = [_retire(info) for info in infos if info.step not in kept]
+        self._remover.remove([path for path in retired if path is not None])
 
     def wait(self) -> None:
-        """Block until an in-flight async save is committed; raise its error if it failed."""
-        self._writer.wait()
+        """Block until an in-flight async save is committed; raise its error if it failed.
+
+        Also waits for retired steps to be deleted, warning about any that could not be.
+        """
+        try:
+            self._writer.wait()
+        finally:
+            for problem in self._remover.wait():
+                warnings.warn(
+                    f"a retired checkpoint step could not be deleted ({problem}); remove it "
+                    "by hand to free the space",
+                    stacklevel=2,
+                )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -351,12 +362,12 @@ class CheckpointManager:
         }
         _check_targets(loaded, targets)
         for name, obj in targets.items():
-            obj.load_state_dict(loaded.entries[name][1])
+            obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)))
         if restore_rng and RNG_ENTRY in loaded.entries:
-            rng.restore(loaded.entries[RNG_ENTRY][1])
+            rng.restore(loaded.value(RNG_ENTRY))
         extra = {
-            name: value
-            for name, (kind, value) in loaded.entries.items()
+            name: loaded.value(name)
+            for name, (kind, _) in loaded.entries.items()
             if kind == "value" and name != RNG_ENTRY
         }
         return Restored(loaded.step, loaded.metrics, extra, loaded.path)
@@ -375,6 +386,14 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    """The tensors ``obj`` holds now, by flat name: restored in place where they fit."""
+    try:
+        return tree.flatten(obj.state_dict(), root=name).tensors
+    except (TypeError, ValueError):  # a state that cannot be flattened: load into new memory
+        return {}
 
 
 def _check_targets(loaded: LoadedStep, targets: Mapping[str, Any]) -> None:
@@ -412,9 +431,11 @@ def _warn_damaged_newer(directory: Path, step: int) -> None:
             )
 
 
-def _delete_step(info: StepInfo) -> None:
-    """Remove a step: first renamed out of sight (atomic), then deleted."""
+def _retire(info: StepInfo) -> Path | None:
+    """Rename a step out of sight (atomic); return the hidden name to delete, None if gone."""
     doomed = temp_sibling(info.path)
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.rename(info.path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+    except FileNotFoundError:
+        return None
+    return doomed

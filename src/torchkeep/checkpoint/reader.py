@@ -1,14 +1,20 @@
 """Read a committed checkpoint step back, verifying every byte against its manifest.
 
-Tensor files are read straight into freshly allocated tensors and hashed from that memory (no
-second pass over the file). Nothing is handed to a model or optimizer until every file of the
-step has been verified, so a corrupt step never half-loads.
+Tensor files are mapped privately (copy-on-write, pages shared with the page cache) and every
+mapped byte is hashed, files in parallel, before anything else happens: the bytes that were
+hashed are exactly the bytes that are used. Only once every file of the step is verified does
+:meth:`LoadedStep.value` copy the tensors into the memory of the objects being restored (their
+parameters, their optimizer state) or into memory of their own, so a corrupt step never
+half-loads and no restored tensor keeps a file mapped.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +31,63 @@ from .layout import KIND, STATE_NAME
 
 @dataclass
 class LoadedStep:
-    """A verified step: its manifest and every entry rebuilt as ``(kind, value)``."""
+    """A verified step: its manifest and every entry rebuilt as ``(kind, value)``.
+
+    The tensors in ``entries`` are views of the verified files' private mappings; use
+    :meth:`value` to get an entry in memory of its own.
+    """
 
     step: int
     path: Path
     manifest: dict[str, Any]
     entries: dict[str, tuple[Kind, Any]]
+    skeletons: dict[str, tree.Json] = field(default_factory=dict, repr=False)
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def metrics(self) -> dict[str, Any]:
         metrics = self.manifest.get("metrics")
         return dict(metrics) if isinstance(metrics, dict) else {}
+
+    def value(self, name: str, *, into: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """Entry ``name`` with its tensors in memory of their own.
+
+        Args:
+            name: the entry (``"model"``, ``"optimizer"``, ``"epoch"``).
+            into: tensors by flat name (``tree.flatten(obj.state_dict(), root=name)``) to
+                fill in place where name, dtype and shape match (a model's parameters, an
+                optimizer's state); other tensors are copied into new memory.
+
+        Returns:
+            The entry's value (a state dict for stateful entries).
+
+        Example:
+            >>> loaded.value("model", into=tree.flatten(model.state_dict(), root="model").tensors)
+        """
+        placed: dict[int, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for flat_name, mapped in self.tensors.get(name, {}).items():
+            if id(mapped) not in placed:
+                target = (into or {}).get(flat_name)
+                if _fits(target, mapped):
+                    with torch.no_grad():
+                        placed[id(mapped)] = target.copy_(mapped)  # type: ignore[union-attr]
+                else:
+                    placed[id(mapped)] = mapped.clone()
+            tensors[flat_name] = placed[id(mapped)]
+        source = f"{self.path / STATE_NAME} (entry {name!r})"
+        return tree.unflatten(self.skeletons.get(name), tensors, source=source)
+
+
+def _fits(target: torch.Tensor | None, mapped: torch.Tensor) -> bool:
+    return (
+        isinstance(target, torch.Tensor)
+        and target.device.type == "cpu"
+        and target.dtype == mapped.dtype
+        and target.shape == mapped.shape
+        and target.is_contiguous()
+        and not target.requires_grad
+    )
 
 
 def _record(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
@@ -64,22 +116,24 @@ def _mismatch(path: Path) -> ChecksumMismatchError:
 
 
 def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file into new memory and check the file's hash."""
+    """Map a safetensors file privately and check the hash of every mapped byte.
+
+    Returns:
+        Every tensor (tied names as the same tensor), as views of the verified mapping.
+    """
     header = st.read_header(path)
-    targets = {
-        name: torch.empty(entry.shape, dtype=entry.dtype) for name, entry in header.entries.items()
-    }
-    st.read_into(header, targets)
+    tensors = st.load_tensors(header)
     hasher = new_hasher()
     with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):  # a cold file: read ahead in large sequential I/O
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
         hasher.update(f.read(header.data_start))
     for entry in sorted(header.entries.values(), key=lambda e: e.begin):
-        hasher.update(st.tensor_bytes(targets[entry.name]))
+        if entry.nbytes:
+            hasher.update(st.tensor_bytes(tensors[entry.name]))
     if hasher.hexdigest() != expected_hash:
         raise _mismatch(path)
-    for alias, target in header.aliases.items():
-        targets[alias] = targets[target]
-    return targets
+    return tensors
 
 
 def _read_state(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -116,18 +170,39 @@ def read_step(directory: Path) -> LoadedStep:
     """
     manifest = read_manifest(directory, kind=KIND)
     state = _read_state(directory, manifest)
-    entries: dict[str, tuple[Kind, Any]] = {}
+    files: dict[str, Path] = {}
     for name, raw in state["entries"].items():
         if not isinstance(raw, dict) or raw.get("kind") not in ("stateful", "value"):
             raise CorruptFileError(f"{directory / STATE_NAME}: entry {name!r} is malformed")
         file_name = raw.get("file")
-        tensors: dict[str, torch.Tensor] = {}
         if file_name is not None:
             if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
                 raise CorruptFileError(f"{directory / STATE_NAME}: bad file name {file_name!r}")
-            record = _record(directory, manifest, file_name)
-            tensors = read_tensors(directory / file_name, record.get("hash"))
+            _record(directory, manifest, file_name)
+            files[name] = directory / file_name
+    tensors = _verify_files(files, manifest)
+    loaded = LoadedStep(
+        manifest["step"] if isinstance(manifest.get("step"), int) else -1,
+        directory,
+        manifest,
+        {},
+        {name: raw.get("value") for name, raw in state["entries"].items()},
+        tensors,
+    )
+    for name, raw in state["entries"].items():
         source = f"{directory / STATE_NAME} (entry {name!r})"
-        entries[name] = (raw["kind"], tree.unflatten(raw.get("value"), tensors, source=source))
-    step = manifest.get("step")
-    return LoadedStep(step if isinstance(step, int) else -1, directory, manifest, entries)
+        value = tree.unflatten(loaded.skeletons[name], tensors.get(name, {}), source=source)
+        loaded.entries[name] = (raw["kind"], value)
+    return loaded
+
+
+def _verify_files(
+    files: Mapping[str, Path], manifest: dict[str, Any]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Map and hash the tensor files, largest first, on up to two threads (xxh3 and page
+    faults release the GIL); raise the first problem found."""
+    order = sorted(files.items(), key=lambda item: -item[1].stat().st_size)
+    expected = {name: manifest["files"][path.name].get("hash") for name, path in order}
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(read_tensors, path, expected[name]) for name, path in order}
+        return {name: future.result() for name, future in futures.items()}
