@@ -330,7 +330,7 @@ def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], l
     """Map stored keys to model keys, fixing wrapper prefixes; return the map and notes."""
     wanted_set = set(wanted)
     mapping = {key: key for key in stored if key in wanted_set}
-    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping.values()}
+    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping}
     fixed: dict[str, int] = {}
     for key in stored:
         if key in mapping:
