@@ -5,8 +5,8 @@ Each operation runs in a fresh process (see ``_harness``):
 
 - save (fsync): durable saves; torchkeep's ``save_weights`` (temp file, fsync, rename) against
   the peers' save followed by an fsync of the file;
-- save (no fsync): the same calls without any fsync (torchkeep's atomic write with durability
-  switched off inside the benchmark process), as the peers are usually run;
+- save (no fsync): the same calls without any fsync, as the peers are usually run (torchkeep's
+  atomic write with its fsyncs and early writeback switched off inside the benchmark process);
 - load into model: ``tk.load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
 - lazy load + touch: ``tk.load_state_dict(p)`` against the peers' loaders, each followed by a
   ``sum()`` of every tensor so lazily mapped data is really read.
@@ -28,6 +28,7 @@ from torch import nn
 import torchkeep as tk
 from _harness import Result, common_parser, print_results, repeat, resolve_cold, write_json
 from torchkeep import weights
+from torchkeep.formats import safetensors as st
 from torchkeep.storage import local
 
 TOOLS = ("torchkeep", "torch", "safetensors")
@@ -84,8 +85,9 @@ def save(tool: str, path: str, case: str, quick: bool, durable: bool) -> Callabl
     """Save a model's state dict with ``tool`` to ``path`` (fsynced when ``durable``)."""
     model = build_model(case, quick)
     Path(path).unlink(missing_ok=True)
-    if not durable:  # the public call, with the atomic write's fsyncs switched off
+    if not durable:  # the public call with its durability switched off: no fsync, no writeback
         weights.atomic_file = functools.partial(local.atomic_file, durable=False)
+        st.start_writeback = lambda fd, offset, nbytes: None
     writers: dict[str, Callable[[], object]] = {
         "torchkeep": lambda: tk.save_weights(model, path),
         "torch": lambda: torch.save(model.state_dict(), path),

@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ._gc import gc_paused
 from ._version import __version__
 from .errors import FileFormatError, StateDictMismatchError, TorchkeepFileNotFoundError
 from .formats import Format, detect_format, require_file, torch_zip
@@ -137,6 +138,7 @@ def _detach_views(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return result
 
 
+@gc_paused()
 def save_weights(
     model_or_state_dict: nn.Module | Stateful | Mapping[str, torch.Tensor],
     path: PathLike,
@@ -187,7 +189,7 @@ def save_weights(
     if aliases:
         file_metadata[st.ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_file(path) as f:
-        st.write_file(f, unique, metadata=file_metadata)
+        st.write_file(f, unique, metadata=file_metadata, durable=True)
     return path
 
 
@@ -295,6 +297,7 @@ def _open_source(path: Path, device: torch.device) -> _Source:
     )
 
 
+@gc_paused()
 def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str, torch.Tensor]:
     """Read a state dict from a weights file, checkpoint or bundle, never executing code.
 
@@ -400,6 +403,7 @@ def _raise_mismatch(report: LoadReport) -> None:
     )
 
 
+@gc_paused()
 def load_weights(
     model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
 ) -> LoadReport:
