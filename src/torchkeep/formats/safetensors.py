@@ -218,8 +218,8 @@ def write_file(
     """Write ``tensors`` (already deduplicated and validated) to ``f``; return bytes written.
 
     ``metadata`` goes to ``__metadata__``; ``hasher``, when given, sees every byte written.
-    ``durable`` says the caller will fsync ``f``: each batch is then handed to the disk as soon
-    as it is written, so the fsync finds little left (1 GiB: 0.87 -> 0.63 s here).
+    ``durable`` says the caller will fsync ``f``: every ``_WRITE_BATCH_BYTES`` written are then
+    handed to the disk at once, so the fsync finds little left (1 GiB: 0.87 -> 0.63 s here).
     """
     placed = _layout(tensors)
     head = memoryview(_encode_header(placed, metadata or {}))
@@ -227,18 +227,18 @@ def write_file(
     pending: list[memoryview] = [head]
     keep_alive: list[torch.Tensor] = []
     pending_bytes = len(head)
-
-    total = 0
+    total = handed = 0
 
     def flush() -> None:
-        nonlocal pending_bytes, total
+        nonlocal pending_bytes, total, handed
         if hasher is not None:
             for buf in pending:
                 hasher.update(buf)
         _write_all(fd, pending)
-        if durable:
-            start_writeback(fd, total, pending_bytes)
         total += pending_bytes
+        if durable and total - handed >= _WRITE_BATCH_BYTES:
+            start_writeback(fd, handed, total - handed)
+            handed = total
         pending.clear()
         keep_alive.clear()
         pending_bytes = 0
@@ -399,6 +399,7 @@ def _viewer(mapped: torch.Tensor) -> Callable[[TensorEntry], torch.Tensor]:
     return view
 
 
+@functools.lru_cache(maxsize=4096)
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides = []
     step = 1
