@@ -6,7 +6,7 @@ Each operation runs in a fresh process (see ``_harness``):
 - save (fsync): durable saves; torchkeep's ``save_weights`` (temp file, fsync, rename) against
   the peers' save followed by an fsync of the file;
 - save (no fsync): the same calls without any fsync, as the peers are usually run (torchkeep's
-  atomic write with its fsyncs and early writeback switched off inside the benchmark process);
+  atomic write with its fsyncs switched off inside the benchmark process);
 - load into model: ``tk.load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
 - lazy load + touch: ``tk.load_state_dict(p)`` against the peers' loaders, each followed by a
   ``sum()`` of every tensor so lazily mapped data is really read.
@@ -28,7 +28,6 @@ from torch import nn
 import torchkeep as tk
 from _harness import Result, common_parser, print_results, repeat, resolve_cold, write_json
 from torchkeep import weights
-from torchkeep.formats import safetensors as st
 from torchkeep.storage import local
 
 TOOLS = ("torchkeep", "torch", "safetensors")
@@ -85,9 +84,8 @@ def save(tool: str, path: str, case: str, quick: bool, durable: bool) -> Callabl
     """Save a model's state dict with ``tool`` to ``path`` (fsynced when ``durable``)."""
     model = build_model(case, quick)
     Path(path).unlink(missing_ok=True)
-    if not durable:  # the public call with its durability switched off: no fsync, no writeback
+    if not durable:  # the public call with its atomic write's fsyncs switched off
         weights.atomic_file = functools.partial(local.atomic_file, durable=False)
-        st.start_writeback = lambda fd, offset, nbytes: None
     writers: dict[str, Callable[[], object]] = {
         "torchkeep": lambda: tk.save_weights(model, path),
         "torch": lambda: torch.save(model.state_dict(), path),
@@ -139,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     """Run every operation on both cases; print a table; return the results."""
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["large", "small"], action="append", default=None)
+    parser.add_argument("--op", action="append", default=None, help="only operations named so")
     args = parser.parse_args(argv)
     cold = resolve_cold(args.cold)
     folder: Path = args.dir or Path(os.environ.get("TMPDIR", "/tmp")) / "torchkeep-bench"
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
             ("lazy load + touch", "bench_weights:lazy_load", {}),
         ]
         for operation, target, extra in plan:
+            if args.op and not any(part in operation for part in args.op):
+                continue
             for tool in TOOLS:
                 print(f"  {case:5} {operation:17} {tool}", flush=True)
                 summary = measured(target, tool=tool, path=files[tool], case=case, **extra)

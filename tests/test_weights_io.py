@@ -4,7 +4,6 @@ system-call results, many small tensors, misaligned files, and the paused garbag
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import os
 import struct
@@ -119,21 +118,3 @@ def test_the_garbage_collector_is_restored_even_after_an_error(
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
-
-
-def test_durable_saves_hand_written_batches_to_the_disk_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    handed: list[tuple[int, int]] = []
-    monkeypatch.setattr(st, "_WRITE_BATCH_BYTES", 10_000)
-    monkeypatch.setattr(st, "start_writeback", lambda fd, at, size: handed.append((at, size)))
-    state = _random_state(10, 1000)  # 4,000 bytes each: a batch every third tensor
-    path = tk.save_weights(state, tmp_path / "d.safetensors")
-    assert_state_equal(state, load_file(path))
-    assert handed[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(handed))
-    assert 0 < path.stat().st_size - sum(n for _, n in handed) <= 10_000 + 4_000
-    handed.clear()
-    with open(tmp_path / "plain.safetensors", "wb") as f:
-        st.write_file(f, state)  # not durable: nothing is forced out
-    assert handed == []

@@ -189,7 +189,7 @@ def save_weights(
     if aliases:
         file_metadata[st.ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
     with atomic_file(path) as f:
-        st.write_file(f, unique, metadata=file_metadata, durable=True)
+        st.write_file(f, unique, metadata=file_metadata)
     return path
 
 

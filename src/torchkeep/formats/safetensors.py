@@ -25,7 +25,6 @@ import torch
 
 from ..errors import CorruptFileError
 from ..hashing import Hasher
-from ..storage.local import start_writeback
 
 MAX_HEADER_BYTES = 100_000_000
 ALIASES_KEY = "torchkeep.aliases"
@@ -213,13 +212,10 @@ def write_file(
     *,
     metadata: Mapping[str, str] | None = None,
     hasher: Hasher | None = None,
-    durable: bool = False,
 ) -> int:
     """Write ``tensors`` (already deduplicated and validated) to ``f``; return bytes written.
 
     ``metadata`` goes to ``__metadata__``; ``hasher``, when given, sees every byte written.
-    ``durable`` says the caller will fsync ``f``: every ``_WRITE_BATCH_BYTES`` written are then
-    handed to the disk at once, so the fsync finds little left (1 GiB: 0.87 -> 0.63 s here).
     """
     placed = _layout(tensors)
     head = memoryview(_encode_header(placed, metadata or {}))
@@ -227,22 +223,18 @@ def write_file(
     pending: list[memoryview] = [head]
     keep_alive: list[torch.Tensor] = []
     pending_bytes = len(head)
-    total = handed = 0
 
     def flush() -> None:
-        nonlocal pending_bytes, total, handed
+        nonlocal pending_bytes
         if hasher is not None:
             for buf in pending:
                 hasher.update(buf)
         _write_all(fd, pending)
-        total += pending_bytes
-        if durable and total - handed >= _WRITE_BATCH_BYTES:
-            start_writeback(fd, handed, total - handed)
-            handed = total
         pending.clear()
         keep_alive.clear()
         pending_bytes = 0
 
+    total = len(head)
     for _name, tensor, begin, end in placed:
         if end == begin:
             continue
@@ -251,6 +243,7 @@ def write_file(
         keep_alive.append(source)
         pending.append(view)
         pending_bytes += len(view)
+        total += len(view)
         if len(pending) >= _IOV_MAX or pending_bytes >= _WRITE_BATCH_BYTES:
             flush()
     flush()
