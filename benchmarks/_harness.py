@@ -25,6 +25,8 @@ from rich.table import Table
 BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+if str(SRC_DIR) not in sys.path:  # benchmark this checkout's code, installed or not
+    sys.path.insert(0, str(SRC_DIR))
 
 # Runs in the fresh process: prepare, optionally drop caches, reset the peak, time the call.
 _CHILD = r"""
@@ -93,10 +95,11 @@ def measure(target: str, *, cold: bool = False, **kwargs: object) -> Measurement
         The wall time of the call and its peak resident memory above the baseline.
 
     Example:
-        >>> measure("bench_weights:save_torchkeep", path="/tmp/x", case="large")
+        >>> measure("bench_weights:lazy_load", tool="torch", path="/tmp/w.pt", case="small",
+        ...         quick=True)
     """
-    spec = {"path": [str(BENCH_DIR), str(SRC_DIR)], "target": target, "kwargs": kwargs}
-    spec["cold"] = cold
+    path = [str(BENCH_DIR), str(SRC_DIR)]
+    spec = {"path": path, "target": target, "kwargs": kwargs, "cold": cold}
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True
     )

@@ -7,8 +7,8 @@ Each operation runs in a fresh process (see ``_harness``):
   the peers' save followed by an fsync of the file;
 - save (no fsync): the same calls without any fsync, as the peers are usually run (torchkeep's
   atomic write with its fsyncs switched off inside the benchmark process);
-- load into model: ``tk.load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
-- lazy load + touch: ``tk.load_state_dict(p)`` against the peers' loaders, each followed by a
+- load into model: ``load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
+- lazy load + touch: ``load_state_dict(p)`` against the peers' loaders, each followed by a
   ``sum()`` of every tensor so lazily mapped data is really read.
 
 Run alone (``python benchmarks/bench_weights.py --quick``) or through ``benchmarks/run.py``.
@@ -25,9 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import torchkeep as tk
 from _harness import Result, common_parser, print_results, repeat, resolve_cold, write_json
-from torchkeep import weights
+from torchkeep import load_state_dict, load_weights, save_weights, weights
 from torchkeep.storage import local
 
 TOOLS = ("torchkeep", "torch", "safetensors")
@@ -87,7 +86,7 @@ def save(tool: str, path: str, case: str, quick: bool, durable: bool) -> Callabl
     if not durable:  # the public call with its atomic write's fsyncs switched off
         weights.atomic_file = functools.partial(local.atomic_file, durable=False)
     writers: dict[str, Callable[[], object]] = {
-        "torchkeep": lambda: tk.save_weights(model, path),
+        "torchkeep": lambda: save_weights(model, path),
         "torch": lambda: torch.save(model.state_dict(), path),
         "safetensors": lambda: save_file(model.state_dict(), path),
     }
@@ -104,7 +103,7 @@ def load_into_model(tool: str, path: str, case: str, quick: bool) -> Callable[[]
     """Fill an existing model's parameters from ``path`` the way ``tool`` is used for that."""
     model = build_model(case, quick, filled=False)
     loaders: dict[str, Callable[[], object]] = {
-        "torchkeep": lambda: tk.load_weights(model, path),
+        "torchkeep": lambda: load_weights(model, path),
         "torch": lambda: model.load_state_dict(torch.load(path, weights_only=True)),
         "safetensors": lambda: model.load_state_dict(load_file(path)),
     }
@@ -118,7 +117,7 @@ def load_into_model(tool: str, path: str, case: str, quick: bool) -> Callable[[]
 def lazy_load(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
     """Load a state dict from ``path`` with ``tool``, then sum every tensor (reads all data)."""
     loaders: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-        "torchkeep": lambda: tk.load_state_dict(path),
+        "torchkeep": lambda: load_state_dict(path),
         "torch": lambda: torch.load(path, weights_only=True),
         "safetensors": lambda: load_file(path),
     }
