@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ._gc import gc_paused
 from ._version import __version__
 from .errors import FileFormatError, StateDictMismatchError, TorchkeepFileNotFoundError
 from .formats import Format, detect_format, require_file, torch_zip
@@ -142,6 +143,7 @@ def _detach_views(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {name: detached[aliases.get(name, name)] for name in tensors}
 
 
+@gc_paused()
 def save_weights(
     model_or_state_dict: nn.Module | Stateful | Mapping[str, torch.Tensor],
     path: PathLike,
@@ -308,6 +310,7 @@ def _open_source(path: Path, device: torch.device) -> _Source:
     )
 
 
+@gc_paused()
 def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str, torch.Tensor]:
     """Read a state dict from a weights file, checkpoint or bundle, never executing code.
 
@@ -343,7 +346,7 @@ def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], l
     """Map stored keys to model keys, fixing wrapper prefixes; return the map and notes."""
     wanted_set = set(wanted)
     mapping = {key: key for key in stored if key in wanted_set}
-    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping.values()}
+    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping}
     fixed: dict[str, int] = {}
     for key in stored:
         if key in mapping:
@@ -413,6 +416,7 @@ def _raise_mismatch(report: LoadReport) -> None:
     )
 
 
+@gc_paused()
 def load_weights(
     model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
 ) -> LoadReport:

@@ -10,11 +10,13 @@ completely before any tensor is built, so a hostile file gets a :class:`CorruptF
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +31,8 @@ _MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
 ALIASES_KEY = "torchkeep.aliases"
 _IOV_MAX = 1024
 _WRITE_BATCH_BYTES = 64 << 20
+_READ_CHUNK = 16 << 20
+_READERS = 2
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -185,14 +189,11 @@ def _encode_header(
     return struct.pack("<Q", len(body)) + body
 
 
-def _contiguous_cpu_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    if not t.is_contiguous():
-        t = t.contiguous()
-    flat = t.reshape(-1)
-    return flat, tensor_bytes(flat)
+def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its bytes can be written as they are, else a contiguous CPU copy."""
+    if tensor.is_cpu and tensor.is_contiguous():
+        return tensor
+    return tensor.detach().to("cpu").contiguous()
 
 
 def _write_all(fd: int, buffers: list[memoryview]) -> None:
@@ -238,8 +239,9 @@ def write_file(
     for _name, tensor, begin, end in placed:
         if end == begin:
             continue
-        flat, view = _contiguous_cpu_bytes(tensor)
-        keep_alive.append(flat)
+        source = _contiguous_cpu(tensor)
+        view = tensor_bytes(source)
+        keep_alive.append(source)
         pending.append(view)
         pending_bytes += len(view)
         total += len(view)
@@ -400,11 +402,30 @@ def _map_file(header: Header) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
 
 
-def _view(mapped: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
-    raw = mapped[entry.begin : entry.end]
-    if entry.begin % entry.dtype.itemsize:
-        raw = raw.clone()  # a misaligned tensor from another writer: copy it into place
-    return raw.view(entry.dtype).view(entry.shape)
+def _viewer(mapped: torch.Tensor) -> Callable[[TensorEntry], torch.Tensor]:
+    """A function giving each entry as a view of ``mapped``, made with one call per tensor."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def view(entry: TensorEntry) -> torch.Tensor:
+        size = entry.dtype.itemsize
+        if entry.begin % size:  # a misaligned tensor from another writer: copy it into place
+            return mapped[entry.begin : entry.end].clone().view(entry.dtype).view(entry.shape)
+        whole = typed.get(entry.dtype)
+        if whole is None:
+            whole = typed[entry.dtype] = mapped[: len(mapped) // size * size].view(entry.dtype)
+        return whole.as_strided(entry.shape, _contiguous_strides(entry.shape), entry.begin // size)
+
+    return view
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
 
 
 def load_tensors(header: Header, *, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -415,9 +436,9 @@ def load_tensors(header: Header, *, device: torch.device | None = None) -> dict[
     """
     result: dict[str, torch.Tensor] = {}
     if header.file_size > 0 and header.entries:
-        mapped = _map_file(header)
+        view = _viewer(_map_file(header))
         for name, entry in header.entries.items():
-            tensor = _view(mapped, entry)
+            tensor = view(entry)
             if device is not None and device.type != "cpu":
                 tensor = tensor.to(device)
             result[name] = tensor
@@ -428,9 +449,9 @@ def load_tensors(header: Header, *, device: torch.device | None = None) -> dict[
 
 def _direct_target(entry: TensorEntry, target: torch.Tensor) -> bool:
     return (
-        target.device.type == "cpu"
+        target.is_cpu
         and target.dtype == entry.dtype
-        and tuple(target.shape) == entry.shape
+        and target.shape == entry.shape
         and target.is_contiguous()
     )
 
@@ -439,38 +460,69 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
     """Copy the stored tensors named in ``targets`` into those tensors' memory.
 
     Shapes must already match. CPU targets of the stored dtype are filled with ``preadv``
-    directly (no intermediate copy); others are copied from a memory map, converting dtype.
+    directly (no intermediate copy, large reads split between threads); others are copied from
+    a memory map, converting dtype.
     """
     direct: list[tuple[TensorEntry, torch.Tensor]] = []
     converted: list[tuple[TensorEntry, torch.Tensor]] = []
     for name, target in targets.items():
         entry = header.entries[header.aliases.get(name, name)]
         (direct if _direct_target(entry, target) else converted).append((entry, target))
+    reads = _plan_reads(sorted(direct, key=lambda pair: pair[0].begin))
     with open(header.path, "rb", buffering=0) as f:
-        _pread_runs(f.fileno(), sorted(direct, key=lambda pair: pair[0].begin), header.path)
+        fd = f.fileno()
+        _run_parallel([functools.partial(_preadv_all, fd, *read, header.path) for read in reads])
     if converted:
-        mapped = _map_file(header)
+        view = _viewer(_map_file(header))
         with torch.no_grad():
             for entry, target in converted:
-                target.copy_(_view(mapped, entry))
+                target.copy_(view(entry))
 
 
-def _pread_runs(fd: int, pairs: list[tuple[TensorEntry, torch.Tensor]], path: Path) -> None:
-    """Fill targets from consecutive file ranges with as few ``preadv`` calls as possible."""
-    run: list[memoryview] = []
-    run_start = run_end = 0
+def _plan_reads(
+    pairs: list[tuple[TensorEntry, torch.Tensor]],
+) -> list[tuple[list[memoryview], int]]:
+    """Group targets into ``(buffers, file offset)`` reads of consecutive file ranges.
+
+    A read holds at most ``_IOV_MAX`` buffers and ``_READ_CHUNK`` bytes; a bigger tensor is
+    split, so that several threads can share it.
+    """
+    reads: list[tuple[list[memoryview], int]] = []
+    buffers: list[memoryview] = []
+    start = end = size = 0
     for entry, target in pairs:
-        if entry.nbytes == 0:
-            continue
-        if run and (entry.begin != run_end or len(run) >= _IOV_MAX):
-            _preadv_all(fd, run, run_start, path)
-            run = []
-        if not run:
-            run_start = entry.begin
-        run.append(tensor_bytes(target))
-        run_end = entry.end
-    if run:
-        _preadv_all(fd, run, run_start, path)
+        whole = tensor_bytes(target)
+        pieces = [whole] if len(whole) <= _READ_CHUNK else _split(whole)
+        position = entry.begin
+        for piece in pieces:
+            if buffers and (
+                position != end or len(buffers) >= _IOV_MAX or size + len(piece) > _READ_CHUNK
+            ):
+                reads.append((buffers, start))
+                buffers, size = [], 0
+            if not buffers:
+                start = position
+            buffers.append(piece)
+            size += len(piece)
+            position = end = position + len(piece)
+    if buffers:
+        reads.append((buffers, start))
+    return reads
+
+
+def _split(view: memoryview) -> list[memoryview]:
+    return [view[at : at + _READ_CHUNK] for at in range(0, len(view), _READ_CHUNK)]
+
+
+def _run_parallel(calls: list[Callable[[], None]]) -> None:
+    """Run ``calls`` on ``_READERS`` threads (``preadv`` releases the GIL); re-raise errors."""
+    if len(calls) < 2:
+        for call in calls:
+            call()
+        return
+    with ThreadPoolExecutor(_READERS) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
 
 
 def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: Path) -> None:

@@ -1,0 +1,188 @@
+"""Shared benchmark machinery: one measured operation per fresh process, medians, tables.
+
+A benchmark describes an operation as ``"module:factory"`` plus keyword arguments. In a fresh
+Python process the factory prepares everything (imports, models, data) and returns a
+zero-argument callable; only that callable is timed. Memory is the peak resident set size while
+it runs, above the process's resident size just before it started (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``), so it counts what the operation itself allocated or mapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BENCH_DIR = Path(__file__).resolve().parent
+SRC_DIR = BENCH_DIR.parent / "src"
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+if str(SRC_DIR) not in sys.path:  # benchmark this checkout's code, installed or not
+    sys.path.insert(0, str(SRC_DIR))
+
+# Runs in the fresh process: prepare, optionally drop caches, reset the peak, time the call.
+_CHILD = r"""
+import gc, json, os, sys, time
+spec = json.loads(sys.argv[1])
+sys.path[:0] = spec["path"]
+module_name, factory_name = spec["target"].split(":")
+module = __import__(module_name)
+op = getattr(module, factory_name)(**spec["kwargs"])
+gc.collect()
+os.sync()
+if spec["cold"]:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current RSS
+baseline = status("VmRSS")
+start = time.perf_counter()
+op()
+seconds = time.perf_counter() - start
+peak = status("VmHWM") - baseline
+print("\n" + json.dumps({"seconds": seconds, "peak_rss": peak}))
+"""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed operation: wall seconds and peak extra resident memory in bytes."""
+
+    seconds: float
+    peak_rss: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Medians over repeated runs of one operation, with the spread of the times."""
+
+    seconds: float
+    peak_rss: int
+    runs: list[float]
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median: how noisy the runs were."""
+        return (max(self.runs) - min(self.runs)) / self.seconds if self.seconds else 0.0
+
+
+def measure(target: str, *, cold: bool = False, **kwargs: object) -> Measurement:
+    """Run the operation ``target`` (``"module:factory"``) once in a fresh Python process.
+
+    Args:
+        target: a module importable from ``benchmarks/`` and a factory in it; the factory gets
+            ``kwargs`` and returns the zero-argument callable to time.
+        cold: drop the page cache (needs root) after preparing and before timing.
+        **kwargs: JSON-serialisable arguments for the factory.
+
+    Returns:
+        The wall time of the call and its peak resident memory above the baseline.
+
+    Example:
+        >>> measure("bench_weights:lazy_load", tool="torch", path="/tmp/w.pt", case="small",
+        ...         quick=True)
+    """
+    path = [str(BENCH_DIR), str(SRC_DIR)]
+    spec = {"path": path, "target": target, "kwargs": kwargs, "cold": cold}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{target}({kwargs}) failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return Measurement(result["seconds"], result["peak_rss"])
+
+
+def repeat(target: str, *, times: int, cold: bool = False, **kwargs: object) -> Summary:
+    """Measure ``target`` ``times`` times, each in its own process; return the medians."""
+    runs = [measure(target, cold=cold, **kwargs) for _ in range(times)]
+    seconds = [run.seconds for run in runs]
+    peak = int(statistics.median(run.peak_rss for run in runs))
+    return Summary(statistics.median(seconds), peak, seconds)
+
+
+def can_drop_caches() -> bool:
+    """True when this process may drop the page cache (root, writable ``/proc/sys``)."""
+    try:
+        os.sync()
+        DROP_CACHES.write_text("1")
+    except OSError:
+        return False
+    return True
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script accepts (``run.py`` passes them through)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per operation (median)")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder for the files")
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    return parser
+
+
+def resolve_cold(requested: bool) -> bool:
+    """Whether to run cold, saying so when cold was asked for but is not permitted."""
+    if requested and not can_drop_caches():
+        print("note: --cold needs root to write /proc/sys/vm/drop_caches; running warm instead")
+        return False
+    return requested
+
+
+@dataclass(frozen=True)
+class Result:
+    """One operation of one tool on one case, measured."""
+
+    case: str
+    operation: str
+    tool: str
+    nbytes: int
+    summary: Summary
+
+
+def ratio(peer_seconds: float | None, seconds: float) -> str:
+    """``peer time / this time`` as ``'2.31x'`` (above 1: this one is faster)."""
+    return "—" if peer_seconds is None else f"{peer_seconds / seconds:.2f}x"
+
+
+def print_results(title: str, results: Sequence[Result], peers: Sequence[str]) -> None:
+    """Print one table row per result, with its speed ratio to each of ``peers``."""
+    times = {(r.case, r.operation, r.tool): r.summary.seconds for r in results}
+    columns = ["case", "operation", "tool", "s (median)", "GB/s", "peak RSS MiB", "spread"]
+    columns += [f"vs {peer}" for peer in peers]
+    rows = []
+    for r in results:
+        s = r.summary
+        gbps = r.nbytes / s.seconds / 1e9
+        cells = [r.case, r.operation, r.tool, f"{s.seconds:.3f}", f"{gbps:.2f}"]
+        cells += [f"{s.peak_rss / 2**20:.0f}", f"{s.spread:.0%}"]
+        cells += [ratio(times.get((r.case, r.operation, peer)), s.seconds) for peer in peers]
+        rows.append(cells)
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in columns[3:] else "left")
+    for cells in rows:
+        table.add_row(*cells)
+    Console(width=160, highlight=False).print(table)
+
+
+def write_json(path: Path, results: Sequence[Result]) -> None:
+    """Write ``results`` (every run's time included) as JSON to ``path``."""
+    path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
