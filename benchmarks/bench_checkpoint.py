@@ -36,7 +36,7 @@ import xxhash
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.checkpoint import direct
+from torchkeep import manifest
 
 WIDTH = 4096  # one 4096x4096 float32 layer is 64 MiB
 
@@ -147,7 +147,7 @@ def run(gib: float, repeats: int, workdir: Path) -> None:
 
     torch_save_s = median_time(lambda: torch_save(model, optimizer, pt), repeats)
     tk_save_s = median_time(tk_save, repeats)
-    with mock.patch.object(direct, "new_hasher", _NoHash):
+    with mock.patch.object(manifest, "new_hasher", _NoHash):
         unhashed_save_s = median_time(tk_save, repeats)
     tk_save(), torch_restore(model, optimizer, pt)  # warm-up: the peer's file is cached now
     torch_load_s = median_time(lambda: torch_restore(model, optimizer, pt), repeats)

@@ -1,4 +1,4 @@
-"""The fast paths of checkpoints: direct-I/O writes, background retention, in-place restore."""
+"""The fast paths: direct-I/O streamed writes, background retention, in-place restore."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ from safetensors.torch import load_file
 import torchkeep as tk
 from tests.conftest import assert_state_equal
 from torchkeep import tree
-from torchkeep.checkpoint import direct
 from torchkeep.formats import safetensors as st
 from torchkeep.hashing import hash_file
+from torchkeep.manifest import write_tensors
 from torchkeep.models import Net
+from torchkeep.storage import stream
 
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two aligned blocks per staging buffer, so small tensors span many buffers."""
-    monkeypatch.setattr(direct, "CHUNK_BYTES", 2 * direct.ALIGN)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 2 * stream.ALIGN)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -41,15 +42,15 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("small_chunks")
-def test_direct_file_equals_the_plain_writer_and_its_hash(tmp_path: Path) -> None:
+def test_streamed_file_holds_exactly_the_encoded_bytes_and_its_hash(tmp_path: Path) -> None:
     tensors, metadata = _tensors(), {"format": "pt"}
-    record = direct.write_tensors(tmp_path / "direct.safetensors", tensors, metadata)
-    with open(tmp_path / "plain.safetensors", "xb", buffering=0) as f:
-        size = st.write_file(f, tensors, metadata=metadata)
+    record = write_tensors(tmp_path / "direct.safetensors", tensors, metadata)
+    expected = b"".join(bytes(view) for view in st.encode(tensors, metadata))
     data = (tmp_path / "direct.safetensors").read_bytes()
-    assert data == (tmp_path / "plain.safetensors").read_bytes()
-    assert record.size == size == len(data)
-    assert size % direct.ALIGN  # the padded last block was truncated away
+    assert data == expected
+    assert record.size == len(data)
+    assert record.size > 2 * stream.CHUNK_BYTES  # the file spans several staging buffers
+    assert record.size % stream.ALIGN  # the padded last block was truncated away
     assert hash_file(tmp_path / "direct.safetensors") == (record.size, record.digest)
     loaded = load_file(tmp_path / "direct.safetensors")
     for name, tensor in tensors.items():
@@ -71,7 +72,7 @@ def test_filesystem_refusing_direct_io_gets_buffered_writes(
 
     monkeypatch.setattr(os, "pwrite", no_direct)
     tensors = _tensors()
-    record = direct.write_tensors(tmp_path / "w.safetensors", tensors, {})
+    record = write_tensors(tmp_path / "w.safetensors", tensors, {})
     assert hash_file(tmp_path / "w.safetensors") == (record.size, record.digest)
     assert torch.equal(load_file(tmp_path / "w.safetensors")["weight"], tensors["weight"])
     assert len(refused) <= 1  # the descriptor was switched to buffered writes once
@@ -92,7 +93,7 @@ def test_a_failed_block_write_raises_in_the_caller(
 
     monkeypatch.setattr(os, "pwrite", fails_third)
     with pytest.raises(OSError, match="Input/output"):
-        direct.write_tensors(tmp_path / "w.safetensors", _tensors(), {})
+        write_tensors(tmp_path / "w.safetensors", _tensors(), {})
     assert len(calls) == 3  # nothing was written after the failure
 
 

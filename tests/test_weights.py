@@ -256,7 +256,7 @@ def test_exception_mid_write_leaves_previous_file(
     def explode(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("torchkeep.formats.safetensors._write_all", explode)
+    monkeypatch.setattr("torchkeep.storage.stream.os.pwrite", explode)
     with pytest.raises(tk.StorageFullError, match=str(path)):
         tk.save_weights({"w": torch.zeros(10)}, path)
     assert path.read_bytes() == original

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import torchkeep as tk
 from tests.conftest import assert_state_equal
 from torchkeep.formats import safetensors as st
+from torchkeep.storage import stream
 
 
 def _random_state(count: int, numel: int) -> dict[str, torch.Tensor]:
@@ -61,15 +62,14 @@ def test_partial_preadv_results_are_resumed(
     assert_state_equal(state, _through_a_model(state, tmp_path / "p.safetensors"))
 
 
-def test_partial_writev_results_are_resumed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_writev = os.writev
+def test_partial_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
 
-    def stingy_writev(fd: int, buffers: list[memoryview]) -> int:
-        return real_writev(fd, [memoryview(buffers[0])[:777]])
+    def stingy_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        stream._drop_direct_io(fd)  # a short direct write would leave the offset misaligned
+        return real_pwrite(fd, memoryview(data)[:777], offset)
 
-    monkeypatch.setattr(st.os, "writev", stingy_writev)
+    monkeypatch.setattr(stream.os, "pwrite", stingy_pwrite)
     state = _random_state(5, 1000)
     path = tk.save_weights(state, tmp_path / "w.safetensors")
     assert_state_equal(state, load_file(path))

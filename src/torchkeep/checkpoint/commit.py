@@ -15,9 +15,8 @@ from typing import Any
 
 from .._version import __version__
 from ..formats import safetensors as st
-from ..manifest import FileRecord, write_json, write_manifest
+from ..manifest import FileRecord, write_json, write_manifest, write_tensors
 from ..storage.local import staged_directory
-from .direct import write_tensors
 from .entries import Entry
 from .layout import KIND, STATE_NAME
 

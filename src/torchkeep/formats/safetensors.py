@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,12 @@ import torch
 
 from ..errors import CorruptFileError
 from ..hashing import Hasher
+from ..storage.stream import enable_direct_io, write_stream
 
 MAX_HEADER_BYTES = 100_000_000
 _MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
 ALIASES_KEY = "torchkeep.aliases"
 _IOV_MAX = 1024
-_WRITE_BATCH_BYTES = 64 << 20
 _READ_CHUNK = 16 << 20
 _READERS = 2
 
@@ -101,15 +101,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
-    storage = tensor.untyped_storage()
-    return (
-        tensor.device,
-        storage.data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
+    """Equal for two tensors exactly when they are the same view of the same memory."""
+    return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.device)
 
 
 def dedupe_tied(
@@ -196,15 +189,21 @@ def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    """``writev`` every buffer, retrying partial writes."""
-    while buffers:
-        written = os.writev(fd, buffers)
-        while buffers and written >= len(buffers[0]):
-            written -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and written:
-            buffers[0] = buffers[0][written:]
+def encode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> Iterator[memoryview]:
+    """The bytes of a safetensors file holding ``tensors``: the header, then each tensor.
+
+    Tensors are laid out largest element size first, so each starts aligned for zero-copy
+    mapping. A view is valid only until the next one is requested: a tensor that is not a
+    contiguous CPU tensor is copied, one at a time.
+    """
+    placed = _layout(tensors)
+    yield memoryview(_encode_header(placed, metadata))
+    for _name, tensor, begin, end in placed:
+        if end > begin:
+            source = _contiguous_cpu(tensor)  # a copy must outlive its view: keep it bound
+            yield tensor_bytes(source)
 
 
 def write_file(
@@ -214,41 +213,17 @@ def write_file(
     metadata: Mapping[str, str] | None = None,
     hasher: Hasher | None = None,
 ) -> int:
-    """Write ``tensors`` (already deduplicated and validated) to ``f``; return bytes written.
+    """Write ``tensors`` (already deduplicated and validated) to the new, empty file ``f``.
 
-    ``metadata`` goes to ``__metadata__``; ``hasher``, when given, sees every byte written.
+    The file is written with direct I/O where the filesystem allows (see
+    :mod:`torchkeep.storage.stream`); the caller fsyncs it. ``metadata`` goes to
+    ``__metadata__``; ``hasher``, when given, sees every byte written.
+
+    Returns:
+        The file's size in bytes.
     """
-    placed = _layout(tensors)
-    head = memoryview(_encode_header(placed, metadata or {}))
-    fd = f.fileno()
-    pending: list[memoryview] = [head]
-    keep_alive: list[torch.Tensor] = []
-    pending_bytes = len(head)
-
-    def flush() -> None:
-        nonlocal pending_bytes
-        if hasher is not None:
-            for buf in pending:
-                hasher.update(buf)
-        _write_all(fd, pending)
-        pending.clear()
-        keep_alive.clear()
-        pending_bytes = 0
-
-    total = len(head)
-    for _name, tensor, begin, end in placed:
-        if end == begin:
-            continue
-        source = _contiguous_cpu(tensor)
-        view = tensor_bytes(source)
-        keep_alive.append(source)
-        pending.append(view)
-        pending_bytes += len(view)
-        total += len(view)
-        if len(pending) >= _IOV_MAX or pending_bytes >= _WRITE_BATCH_BYTES:
-            flush()
-    flush()
-    return total
+    enable_direct_io(f.fileno())
+    return write_stream(f.fileno(), encode(tensors, metadata or {}), hasher)
 
 
 # --------------------------------------------------------------------------------------------
