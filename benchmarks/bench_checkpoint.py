@@ -1,6 +1,6 @@
 """Training checkpoints: torchkeep's CheckpointManager against the tutorial's torch.save dict.
 
-    python benchmarks/bench_checkpoint.py [--gib 1.0] [--repeats 3] [--dir DIR]
+    python benchmarks/bench_checkpoint.py [--gib 1.0] [--repeat 3] [--dir DIR] [--quick]
 
 A model of ``--gib`` GiB of float32 weights (square linear layers) with AdamW state (twice the
 weights), page cache warm, like for like:
@@ -20,7 +20,6 @@ Figures are the median of ``--repeats`` runs, in seconds.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -36,6 +35,7 @@ import xxhash
 from torch import nn
 
 import torchkeep as tk
+from _harness import common_parser
 from torchkeep import manifest
 
 WIDTH = 4096  # one 4096x4096 float32 layer is 64 MiB
@@ -118,16 +118,13 @@ def hash_speeds(nbytes: int = 256 << 20) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Measure save, restore and async saves against the tutorial's torch.save dict."""
+    parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default 1)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
-    )
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        run(args.gib, args.repeats, workdir)
+        run(0.125 if args.quick else args.gib, args.repeat, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _harness import common_parser
+
 _MIB = 1 << 20
 
 
@@ -29,16 +31,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _phase(phase: str, bundle: str) -> dict[str, float]:
+def _phase(phase: str, bundle: str, quick: bool) -> dict[str, float]:
     """Run inside the child process: one save or one load, with memory figures."""
     import torch
 
     import torchkeep as tk
-    from torchkeep.models import vgg16
+    from torchkeep.models import small_vgg, vgg16
 
     if phase == "save":
         torch.manual_seed(0)
-        model = vgg16()
+        model = small_vgg() if quick else vgg16()
         before = _rss()
         start = time.perf_counter()
         tk.save_model(model, bundle)
@@ -54,14 +56,14 @@ def _phase(phase: str, bundle: str) -> dict[str, float]:
     return {"model_bytes": size, "extra_bytes": max(extra, 0), "seconds": seconds}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Save and load a VGG-16 bundle in separate processes and print the figures."""
-    with tempfile.TemporaryDirectory() as tmp:
+    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         bundle = str(Path(tmp) / "vgg16.bundle")
         for phase in ("save", "load"):
-            out = subprocess.run(
-                [sys.executable, __file__, phase, bundle], check=True, capture_output=True
-            ).stdout
+            command = [sys.executable, __file__, phase, bundle, "quick" if args.quick else "full"]
+            out = subprocess.run(command, check=True, capture_output=True).stdout
             result = json.loads(out.decode().strip().splitlines()[-1])
             share = result["extra_bytes"] / result["model_bytes"]
             print(
@@ -71,7 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
-        print(json.dumps(_phase(sys.argv[1], sys.argv[2])))
+    if len(sys.argv) == 4 and sys.argv[1] in ("save", "load"):
+        print(json.dumps(_phase(sys.argv[1], sys.argv[2], sys.argv[3] == "quick")))
     else:
         main()

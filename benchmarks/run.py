@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         print(f"== {name}", flush=True)
         results = importlib.import_module(name).main(passed)
-        collected[name] = [asdict(result) for result in results]
+        if results is not None:  # scripts that return Result rows feed --json
+            collected[name] = [asdict(result) for result in results]
     if json_path is not None:
         json_path.write_text(json.dumps(collected, indent=2) + "\n")
     return 0

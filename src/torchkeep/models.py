@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model.capture import Keepable
+
 VGG16_LAYERS: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
@@ -41,8 +43,12 @@ class Net(nn.Module):
         return out
 
 
-class VGG(nn.Module):
-    """A VGG-style network: ``layers`` lists conv widths, with ``"M"`` for a 2x2 max-pool."""
+class VGG(Keepable, nn.Module):
+    """A VGG-style network: ``layers`` lists conv widths, with ``"M"`` for a 2x2 max-pool.
+
+    It records its constructor arguments (:class:`~torchkeep.Keepable`), so a bundle of any
+    configuration rebuilds itself.
+    """
 
     def __init__(
         self,

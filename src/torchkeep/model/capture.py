@@ -4,18 +4,15 @@ rebuild the model without pickling it."""
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..errors import InitArgsError
+from .. import tree
+from ..errors import InitArgsError, UnsupportedValueError
 
 _ATTRIBUTE = "_torchkeep_init_args"
-_TUPLE_TAG = "__tuple__"
-_DTYPE_TAG = "__dtype__"
 
 
 class _Unstorable:
@@ -26,44 +23,28 @@ class _Unstorable:
 
 
 def encode(value: object, name: str) -> object:
-    """Turn an argument into JSON (tuples, dtypes tagged); raise naming ``name`` if impossible."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"__float__": repr(value)}
-    if isinstance(value, torch.dtype):
-        return {_DTYPE_TAG: str(value).removeprefix("torch.")}
-    if isinstance(value, (list, tuple)):
-        items = [encode(item, f"{name}[{i}]") for i, item in enumerate(value)]
-        return {_TUPLE_TAG: items} if isinstance(value, tuple) else items
-    if isinstance(value, Mapping):
-        if not all(isinstance(key, str) for key in value):
-            raise InitArgsError(f"argument {name!r} is a dict with non-string keys; JSON needs str")
-        return {key: encode(item, f"{name}[{key!r}]") for key, item in value.items()}
-    what = "an nn.Module" if isinstance(value, nn.Module) else f"a {type(value).__name__}"
-    raise InitArgsError(
-        f"argument {name!r} is {what}, which cannot be stored as JSON. Store plain values "
-        "(numbers, strings, lists, dicts) and build the object inside __init__, or pass "
-        "init_args= with JSON values to save_model"
-    )
+    """An argument as tagged JSON (see :mod:`torchkeep.tree`); raise naming ``name`` if not."""
+    if isinstance(value, nn.Module):
+        raise InitArgsError(
+            f"argument {name!r} is an nn.Module, which cannot be stored as JSON. Pass its "
+            "settings (numbers, strings, lists, dicts) and build the module inside __init__, or "
+            "pass init_args= with JSON values to save_model"
+        )
+    try:
+        flat = tree.flatten(value, root=name)
+    except UnsupportedValueError as exc:
+        raise InitArgsError(f"argument {name!r} cannot be stored: {exc}") from None
+    if flat.tensors:
+        raise InitArgsError(
+            f"argument {name!r} holds a tensor; constructor arguments are stored as JSON, so "
+            "pass sizes or plain values and register tensors as parameters or buffers"
+        )
+    return flat.skeleton
 
 
 def decode(value: object) -> Any:
-    """Inverse of :func:`encode`."""
-    if isinstance(value, list):
-        return [decode(item) for item in value]
-    if isinstance(value, dict):
-        if set(value) == {_TUPLE_TAG}:
-            return tuple(decode(item) for item in value[_TUPLE_TAG])
-        if set(value) == {_DTYPE_TAG}:
-            dtype = getattr(torch, str(value[_DTYPE_TAG]), None)
-            if not isinstance(dtype, torch.dtype):
-                raise InitArgsError(f"unknown dtype {value[_DTYPE_TAG]!r} in a bundle's config")
-            return dtype
-        if set(value) == {"__float__"}:
-            return float(str(value["__float__"]))
-        return {key: decode(item) for key, item in value.items()}
-    return value
+    """Inverse of :func:`encode`; a malformed value raises ``CorruptFileError``."""
+    return tree.unflatten(value, {}, source="a bundle's config.json")
 
 
 def _capture(
@@ -117,9 +98,9 @@ class Keepable:
     """Mixin that records the arguments ``__init__`` was called with, for :func:`save_model`.
 
     Put it before ``nn.Module`` in the bases; every subclass is covered too. Arguments must
-    be JSON values (numbers, strings, ``None``, lists, tuples, dicts with string keys, torch
-    dtypes); anything else, such as a nested ``nn.Module``, is reported by name when the
-    model is saved.
+    be values :mod:`torchkeep.tree` stores as JSON (numbers, strings, ``None``, bytes, lists,
+    tuples, dicts, torch dtypes, devices and sizes); anything else, such as a nested
+    ``nn.Module`` or a tensor, is reported by name when the model is saved.
 
     Example:
         >>> class Net(tk.Keepable, nn.Module):
