@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from ..hashing import Hasher
 
 ALIGN = mmap.PAGESIZE
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 DEPTH = 3  # staging buffers: one filling, up to two queued for the writer thread
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
