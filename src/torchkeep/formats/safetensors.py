@@ -102,7 +102,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def _storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
     """Equal for two tensors exactly when they are the same view of the same memory."""
-    return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.device)
+    key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+    return key if tensor.is_cpu else (*key, str(tensor.device))  # building devices is slow
 
 
 def dedupe_tied(
@@ -118,7 +119,7 @@ def dedupe_tied(
     aliases: dict[str, str] = {}
     seen: dict[tuple[object, ...], str] = {}
     for name, tensor in tensors.items():
-        if tensor.numel() == 0 or tensor.device.type == "meta":
+        if tensor.is_meta or tensor.numel() == 0:
             unique[name] = tensor
             continue
         key = _storage_key(tensor)
