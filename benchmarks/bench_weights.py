@@ -68,14 +68,6 @@ def payload_bytes(case: str, quick: bool) -> int:
     return total
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- operations: each factory runs in a fresh process and returns the callable to time ---------
 
 
@@ -94,7 +86,7 @@ def save(tool: str, path: str, case: str, quick: bool, durable: bool) -> Callabl
     def run() -> None:
         writers[tool]()
         if durable and tool != "torchkeep":
-            _fsync(path)
+            local.fsync_file(Path(path))
 
     return run
 

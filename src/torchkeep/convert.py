@@ -20,7 +20,7 @@ from .formats import Format, detect_format
 from .formats import safetensors as st
 from .model import migrate_pickled_model
 from .security import scan
-from .weights import _RESERVED_METADATA, TORCH_SUFFIXES, _open_source, save_weights
+from .weights import RESERVED_METADATA, TORCH_SUFFIXES, open_source, save_weights
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
@@ -68,7 +68,7 @@ Route = Callable[[Path, Path, _Options], Conversion]
 
 def _weights(source: Path, destination: Path, options: _Options) -> Conversion:
     """A state dict (or a checkpoint dict's model part) from one weights format to the other."""
-    opened = _open_source(source, torch.device("cpu"))
+    opened = open_source(source, torch.device("cpu"))
     state = opened.load(torch.device("cpu"))
     conversion = Conversion(source, destination, opened.format, tensors=len(state))
     if opened.source_key is not None:
@@ -78,7 +78,7 @@ def _weights(source: Path, destination: Path, options: _Options) -> Conversion:
         )
     conversion.tied = st.dedupe_tied(state)[1]
     if opened.header is not None and _kind_of_destination(destination) == TORCH:
-        dropped = [k for k in opened.header.metadata if not k.startswith(_RESERVED_METADATA)]
+        dropped = [k for k in opened.header.metadata if not k.startswith(RESERVED_METADATA)]
         if dropped:
             conversion.notes.append(
                 f"metadata {', '.join(dropped)} was not kept: a torch.save file has no place for it"

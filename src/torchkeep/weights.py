@@ -25,7 +25,7 @@ TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "weights")
 # Prefixes added by wrappers: DataParallel/DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
-_RESERVED_METADATA = ("format", "torchkeep.")
+RESERVED_METADATA = ("format", "torchkeep.")
 
 PathLike = str | os.PathLike[str]
 Device = torch.device | str
@@ -118,7 +118,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 f"metadata entry {key!r}: {value!r} is not str -> str; safetensors metadata "
                 "holds strings only (use json.dumps for structured values)"
             )
-        if key.startswith(_RESERVED_METADATA):
+        if key.startswith(RESERVED_METADATA):
             raise ValueError(f"metadata key {key!r} is reserved by torchkeep; choose another name")
         result[key] = value
     return result
@@ -211,7 +211,7 @@ def safetensors_payload(
 
 
 @dataclass
-class _Source:
+class StoredTensors:
     """A readable set of stored tensors, with their shapes known before any data is read."""
 
     path: Path
@@ -222,12 +222,14 @@ class _Source:
     source_key: str | None = None
 
     def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every tensor by name (tied names share one tensor), lazily mapped where possible."""
         if self.header is not None:
             return st.load_tensors(self.header, device=device)
         assert self.tensors is not None
         return self.tensors
 
     def read_into(self, targets: Mapping[str, torch.Tensor]) -> None:
+        """Copy the named stored tensors into ``targets``' memory (shapes already checked)."""
         if self.header is not None:
             st.read_into(self.header, targets)
             return
@@ -279,13 +281,18 @@ def _directory_weights(path: Path, fmt: Format) -> Path:
     )
 
 
-def _open_source(path: Path, device: torch.device) -> _Source:
+def open_source(path: Path, device: torch.device) -> StoredTensors:
+    """Recognise ``path`` by content and prepare to read its tensors (for torchkeep's readers).
+
+    Safetensors files are only parsed (their header fully validated); ``torch.save`` files are
+    scanned and loaded weights-only, memory-mapped. Directories resolve to their weights file.
+    """
     if not path.exists():
         raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
     fmt = detect_format(path)
     if path.is_dir():
         inner = _directory_weights(path, fmt)
-        source = _open_source(inner, device)
+        source = open_source(inner, device)
         source.format = fmt
         return source
     require_file(path)
@@ -293,11 +300,11 @@ def _open_source(path: Path, device: torch.device) -> _Source:
         header = st.read_header(path)
         shapes = {name: entry.shape for name, entry in header.entries.items()}
         shapes.update({alias: shapes[target] for alias, target in header.aliases.items()})
-        return _Source(path, fmt, shapes, header=header)
+        return StoredTensors(path, fmt, shapes, header=header)
     if fmt in (Format.TORCH_ZIP, Format.TORCH_LEGACY, Format.PICKLE):
         tensors, source_key = _model_part(torch_zip.load(path, map_location=device), path)
         shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-        return _Source(path, fmt, shapes, tensors=tensors, source_key=source_key)
+        return StoredTensors(path, fmt, shapes, tensors=tensors, source_key=source_key)
     hints = {
         Format.TORCHSCRIPT: "it is a TorchScript archive (deprecated upstream); load it with "
         "torch.jit.load if you trust it, then save_weights(model.state_dict(), ...)",
@@ -329,7 +336,7 @@ def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str
         >>> model.load_state_dict(tk.load_state_dict("net.safetensors"))
     """
     device = torch.device(map_location)
-    return _open_source(Path(path), device).load(device)
+    return open_source(Path(path), device).load(device)
 
 
 def _normalised(key: str) -> str:
@@ -381,7 +388,7 @@ def _has_custom_loading(model: nn.Module) -> bool:
 
 
 def _build_report(
-    source: _Source, expected: Mapping[str, Any]
+    source: StoredTensors, expected: Mapping[str, Any]
 ) -> tuple[LoadReport, dict[str, str]]:
     mapping, notes = _match_keys(list(source.shapes), list(expected))
     report = LoadReport(source.path, source.format, source_key=source.source_key)
@@ -442,7 +449,7 @@ def load_weights(
         >>> report.missing
     """
     device = torch.device(map_location)
-    source = _open_source(Path(path), device)
+    source = open_source(Path(path), device)
     expected = model.state_dict(keep_vars=True)
     report, usable = _build_report(source, expected)
     if strict and not report.ok:
