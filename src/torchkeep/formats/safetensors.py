@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CorruptFileError
 from ..hashing import Hasher
-from ..storage.stream import enable_direct_io, write_stream
+from ..storage.stream import Span, enable_direct_io, write_stream
 
 MAX_HEADER_BYTES = 100_000_000
 _MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
@@ -141,11 +141,11 @@ def validate_for_save(tensors: Mapping[str, object]) -> None:
                 f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "
                 "a weights file holds tensors only (use a CheckpointManager for other state)"
             )
-        if value.is_sparse or value.layout != torch.strided:
+        if value.layout != torch.strided:  # sparse, jagged, ...
             raise TypeError(
                 f"tensor {name!r} has layout {value.layout}; call .to_dense() before saving"
             )
-        if value.device.type == "meta":
+        if value.is_meta:
             raise ValueError(f"tensor {name!r} is on the meta device and has no data to save")
         if value.dtype not in NAME_OF_DTYPE:
             raise TypeError(
@@ -156,11 +156,13 @@ def validate_for_save(tensors: Mapping[str, object]) -> None:
 
 def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int, int]]:
     """Order tensors so that every one starts aligned to its element size; assign offsets."""
-    order = sorted(tensors.items(), key=lambda item: -item[1].element_size())
+    order: Iterable[tuple[str, torch.Tensor]] = tensors.items()
+    if len({tensor.dtype for tensor in tensors.values()}) > 1:  # one dtype needs no sorting
+        order = sorted(order, key=lambda item: -item[1].dtype.itemsize)
     placed = []
     offset = 0
     for name, tensor in order:
-        size = tensor.numel() * tensor.element_size()
+        size = tensor.nbytes
         placed.append((name, tensor, offset, offset + size))
         offset += size
     return placed
@@ -190,21 +192,20 @@ def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def encode(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
-) -> Iterator[memoryview]:
-    """The bytes of a safetensors file holding ``tensors``: the header, then each tensor.
+def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Iterator[Span]:
+    """The memory of a safetensors file holding ``tensors``: the header, then each tensor.
 
     Tensors are laid out largest element size first, so each starts aligned for zero-copy
-    mapping. A view is valid only until the next one is requested: a tensor that is not a
+    mapping. Each span is valid only until the next one is requested: a tensor that is not a
     contiguous CPU tensor is copied, one at a time.
     """
     placed = _layout(tensors)
-    yield memoryview(_encode_header(placed, metadata))
+    header = bytearray(_encode_header(placed, metadata))
+    yield ctypes.addressof(ctypes.c_char.from_buffer(header)), len(header)
     for _name, tensor, begin, end in placed:
         if end > begin:
-            source = _contiguous_cpu(tensor)  # a copy must outlive its view: keep it bound
-            yield tensor_bytes(source)
+            source = _contiguous_cpu(tensor)  # a copy must outlive its span: keep it bound
+            yield source.data_ptr(), end - begin
 
 
 def write_file(

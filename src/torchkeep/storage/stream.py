@@ -13,6 +13,7 @@ the device cache and the file's metadata.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -20,8 +21,12 @@ import os
 import queue
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ..hashing import Hasher
+
+Span = tuple[int, int]
+"""``(address, nbytes)`` of memory to write; valid until the producer yields the next span."""
 
 ALIGN = mmap.PAGESIZE
 CHUNK_BYTES = 8 << 20
@@ -59,15 +64,28 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         offset += written
 
 
+@dataclass(frozen=True)
+class _Staging:
+    """A page-aligned anonymous map (direct I/O needs alignment) and its address."""
+
+    view: memoryview
+    address: int
+
+    @classmethod
+    def allocate(cls) -> _Staging:
+        region = mmap.mmap(-1, CHUNK_BYTES)
+        return cls(memoryview(region), ctypes.addressof(ctypes.c_char.from_buffer(region)))
+
+
 class _WriterThread:
     """Writes filled staging buffers in order on its own thread and hands each back when done."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._todo: queue.SimpleQueue[tuple[memoryview, int, int] | None] = queue.SimpleQueue()
-        self._free: queue.SimpleQueue[memoryview | BaseException] = queue.SimpleQueue()
-        for _ in range(DEPTH):  # anonymous maps are page-aligned, as direct I/O needs
-            self._free.put(memoryview(mmap.mmap(-1, CHUNK_BYTES)))
+        self._todo: queue.SimpleQueue[tuple[_Staging, int, int] | None] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[_Staging | BaseException] = queue.SimpleQueue()
+        for _ in range(DEPTH):
+            self._free.put(_Staging.allocate())
         self._thread = threading.Thread(target=self._run, name="torchkeep-write", daemon=True)
         self._thread.start()
 
@@ -76,20 +94,20 @@ class _WriterThread:
             buffer, fill, offset = job
             padded = -(-fill // ALIGN) * ALIGN  # only the last block is short; truncated later
             try:
-                _pwrite_all(self._fd, buffer[:padded], offset)
+                _pwrite_all(self._fd, buffer.view[:padded], offset)
             except BaseException as exc:  # handed to the producer by free_buffer()
                 self._free.put(exc)
                 return
             self._free.put(buffer)
 
-    def free_buffer(self) -> memoryview:
+    def free_buffer(self) -> _Staging:
         """A buffer to fill next (waits for a write to finish); raises a failed write's error."""
         item = self._free.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def write(self, buffer: memoryview, fill: int, offset: int) -> None:
+    def write(self, buffer: _Staging, fill: int, offset: int) -> None:
         """Queue the first ``fill`` bytes of ``buffer`` for writing at ``offset``."""
         self._todo.put((buffer, fill, offset))
 
@@ -104,12 +122,15 @@ class _WriterThread:
             self.free_buffer()
 
 
-def write_stream(fd: int, views: Iterable[memoryview], hasher: Hasher | None = None) -> int:
-    """Write ``views`` one after another from offset 0 of ``fd``; return the bytes written.
+def write_stream(fd: int, spans: Iterable[Span], hasher: Hasher | None = None) -> int:
+    """Write the memory of ``spans`` one after another from offset 0 of ``fd``.
 
-    Each view is copied into a staging buffer before the next is requested, so a producer may
-    reuse or free the memory behind a view once it yields the next one. ``hasher`` sees every
-    byte. The file ends exactly after the last byte.
+    Each span is copied into a staging buffer before the next is requested, so a producer may
+    free the memory behind a span once it yields the next one. ``hasher`` sees every byte. The
+    file ends exactly after the last byte.
+
+    Returns:
+        The number of bytes written.
     """
     writer = _WriterThread(fd)
     buffer = writer.free_buffer()
@@ -118,22 +139,21 @@ def write_stream(fd: int, views: Iterable[memoryview], hasher: Hasher | None = N
     def flush() -> None:
         nonlocal buffer, fill, offset
         if hasher is not None:
-            hasher.update(buffer[:fill])
+            hasher.update(buffer.view[:fill])
         writer.write(buffer, fill, offset)
         offset += fill
         buffer, fill = writer.free_buffer(), 0
 
     try:
-        for view in views:
-            size = len(view)
+        for address, size in spans:
             if fill + size < CHUNK_BYTES:  # the common case for small tensors: one copy
-                buffer[fill : fill + size] = view
+                ctypes.memmove(buffer.address + fill, address, size)
                 fill += size
                 continue
             position = 0
             while position < size:
                 n = min(size - position, CHUNK_BYTES - fill)
-                buffer[fill : fill + n] = view[position : position + n]
+                ctypes.memmove(buffer.address + fill, address + position, n)
                 fill, position = fill + n, position + n
                 if fill == CHUNK_BYTES:
                     flush()
