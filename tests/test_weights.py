@@ -277,3 +277,15 @@ def test_cuda_round_trip(tmp_path: Path, net: Net) -> None:
     fresh = Net().cuda()
     tk.load_weights(fresh, path)
     assert_state_equal(net.state_dict(), fresh.state_dict())
+
+
+def test_views_sharing_a_start_are_tied_only_when_identical(tmp_path: Path) -> None:
+    base = torch.arange(12.0)
+    state = {"whole": base, "head": base[:4], "again": base, "head_again": base[:4]}
+    path = tk.save_weights(state, tmp_path / "views.safetensors")
+    loaded = tk.load_state_dict(path)
+    assert loaded["again"] is loaded["whole"]
+    assert loaded["head_again"] is loaded["head"]
+    assert loaded["head"] is not loaded["whole"]
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value)

@@ -117,17 +117,22 @@ def dedupe_tied(
     """
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
+    first_at: dict[int, str] = {}  # data pointer -> first name; the full key only on a clash
     seen: dict[tuple[object, ...], str] = {}
     for name, tensor in tensors.items():
         if tensor.is_meta or tensor.numel() == 0:
             unique[name] = tensor
             continue
-        key = _storage_key(tensor)
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
+        pointer = tensor.data_ptr()
+        earlier = first_at.setdefault(pointer, name)
+        if earlier != name:
+            seen.setdefault(_storage_key(tensors[earlier]), earlier)
+            key = _storage_key(tensor)
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
             seen[key] = name
-            unique[name] = tensor
+        unique[name] = tensor
     return unique, aliases
 
 
