@@ -454,3 +454,25 @@ def test_unmutated_base_file_loads_exactly(tmp_path: Path) -> None:
     assert_state_equal(
         {k: v for k, v in state.items() if k != "head"}, safetensors.torch.load(BASE)
     )
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ({"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}, "invalid shape"),
+        ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "invalid shape"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [False, 8]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": "08"}, "data_offsets"),
+        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "needs 12 bytes"),
+    ],
+)
+def test_entries_that_look_almost_valid_take_the_thorough_checks(
+    tmp_path: Path, entry: dict[str, object], words: str
+) -> None:
+    header = json.dumps({"t": entry}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "almost.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(tk.CorruptFileError, match=words):
+        tk.load_state_dict(path)
