@@ -244,7 +244,7 @@ def _build(cls: type[nn.Module], config: BundleConfig, device: torch.device) -> 
 
 
 def _verify(path: Path) -> BundleConfig:
-    """Every check that needs no import: hashes, unlisted entries, the config's schema."""
+    """Every check that needs no import: hashes, the config's schema, unlisted entries."""
     manifest = read_manifest(path, kind=BUNDLE_KIND)
     problems = find_problems(path)
     if problems:
@@ -253,15 +253,18 @@ def _verify(path: Path) -> BundleConfig:
             + "\n  ".join(problems)
             + "\nRe-save it or restore it from a copy"
         )
+    config = read_config(path)
     unlisted = content_problems(path, manifest["files"])
     if unlisted:
         raise UnsafeBundleError(
             f"bundle {path} holds entries its manifest does not account for:\n  "
             + "\n  ".join(unlisted)
-            + "\nA bundle holds only the files torchkeep wrote. Remove them if you added them; "
-            "otherwise the bundle was tampered with: do not load it"
+            + f"\nIts config.json names class {config.class_path!r}; an import of it could run "
+            "code shipped this way, so nothing was imported. A bundle holds only the files "
+            "torchkeep wrote: remove these if you added them, otherwise the bundle was tampered "
+            "with and should not be loaded"
         )
-    return read_config(path)
+    return config
 
 
 def load_model(

@@ -18,7 +18,7 @@ import keyword
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from importlib.machinery import ModuleSpec
+from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -95,9 +95,15 @@ class _Root:
         return any(_identity(p) == self.identity for p in (real, *real.parents))
 
 
+def _search_locations(spec: ModuleSpec) -> list[str] | None:
+    """A package spec's search locations (None for a plain module)."""
+    locations = spec.submodule_search_locations
+    return None if locations is None else [str(p) for p in locations]
+
+
 def _locations_of_spec(spec: ModuleSpec) -> list[str]:
     found = [spec.origin] if spec.origin and spec.has_location else []
-    return found + [str(p) for p in spec.submodule_search_locations or ()]
+    return found + (_search_locations(spec) or [])
 
 
 def _locations_of_module(module: ModuleType) -> list[str]:
@@ -111,13 +117,53 @@ def _locations_of_module(module: ModuleType) -> list[str]:
     return found
 
 
+def _entry_finder(entry: str) -> Any:
+    """The path-entry finder ``sys.path_hooks`` give ``entry`` (a fresh one, never cached)."""
+    for hook in sys.path_hooks:
+        try:
+            return hook(entry)
+        except ImportError:
+            continue
+    return None
+
+
+def _path_spec(name: str, search: list[str] | None) -> ModuleSpec | None:
+    """What ``PathFinder.find_spec`` returns, rebuilt from the path-entry finders.
+
+    ``PathFinder`` itself cannot be asked about ``a.b`` when ``a`` is a namespace package that
+    was not imported (it looks the parent up in ``sys.modules``); the entry finders can.
+    """
+    portions: list[str] = []
+    for entry in sys.path if search is None else search:
+        if not isinstance(entry, str):
+            continue
+        finder = _entry_finder(entry or os.getcwd())
+        find_spec = getattr(finder, "find_spec", None)
+        spec: ModuleSpec | None = find_spec(name) if find_spec is not None else None
+        if spec is None:
+            continue
+        if spec.loader is not None:
+            return spec
+        portions += [str(p) for p in spec.submodule_search_locations or ()]
+    if not portions:
+        return None
+    namespace = ModuleSpec(name, None, is_package=True)
+    namespace.submodule_search_locations = portions
+    return namespace
+
+
 def _find_spec(name: str, search: list[str] | None) -> ModuleSpec | None:
     """The spec the import system would use for ``name``, found without executing it."""
     for finder in sys.meta_path:
-        find_spec = getattr(finder, "find_spec", None)
-        if find_spec is None:
+        if finder is PathFinder:
+            spec = _path_spec(name, search)
+        elif hasattr(finder, "find_spec"):
+            try:
+                spec = finder.find_spec(name, search, None)
+            except Exception:  # an installed finder failed; the real import would raise too
+                continue
+        else:
             continue
-        spec: ModuleSpec | None = find_spec(name, search, None)
         if spec is not None:
             return spec
     return None
@@ -168,20 +214,27 @@ def importable_module(target: str, bundle: Path) -> str | None:
     """The deepest module of ``target`` that an import would load, after proving that no
     level of it (and no ``sys.path`` entry) lies inside ``bundle``; None if none exists.
 
+    Finding a spec reads directories but executes nothing, so every level is resolved even
+    past one inside the bundle, to name the deepest file an import would have run.
+
     Raises:
         UnsafeBundleError: some level would be imported from inside the bundle.
     """
     root = _Root(bundle)
+    inside: dict[str, str] = {}
+    deepest = None
+    for name, locations in _levels(target.rpartition(".")[0]):
+        found = [location for location in locations if root.contains(location)]
+        if found:
+            inside[name] = found[0]
+        deepest = name
+    if inside:
+        name, location = list(inside.items())[-1]
+        raise _refuse(target, bundle, location, f"module {name!r} would be imported from")
     for entry in sys.path:
         if isinstance(entry, str) and root.contains(entry):
             shown = entry or f"'' (the current folder, {os.getcwd()})"
             raise _refuse(target, bundle, shown, "sys.path holds")
-    deepest = None
-    for name, locations in _levels(target.rpartition(".")[0]):
-        for location in locations:
-            if root.contains(location):
-                raise _refuse(target, bundle, location, f"module {name!r} would be imported from")
-        deepest = name
     return deepest
 
 

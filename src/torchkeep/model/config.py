@@ -96,8 +96,8 @@ def _init(value: object, source: str) -> tuple[list[Any], dict[str, Any]]:
         raise _Invalid("init.args", "must be a list")
     if not isinstance(kwargs, dict):
         raise _Invalid("init.kwargs", "must be an object")
-    decoded_args = decode_value(args, source)
-    decoded_kwargs = decode_value(kwargs, source)
+    decoded_args = decode_value(args, f"{source}: key 'init.args'")
+    decoded_kwargs = decode_value(kwargs, f"{source}: key 'init.kwargs'")
     if not isinstance(decoded_args, list) or not isinstance(decoded_kwargs, dict):
         raise _Invalid("init", "'args' must decode to a list and 'kwargs' to an object")
     return decoded_args, decoded_kwargs
@@ -106,11 +106,11 @@ def _init(value: object, source: str) -> tuple[list[Any], dict[str, Any]]:
 def decode_value(value: object, source: str) -> Any:
     """:func:`capture.decode` with its errors (and any raw one) as CorruptFileError."""
     try:
-        return decode(value)
+        return decode(value, source)
     except CorruptFileError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
-        raise CorruptFileError(f"{source}: the 'init' values are malformed ({exc})") from None
+        raise CorruptFileError(f"{source} is malformed ({exc}); re-save the bundle") from None
 
 
 def validate_config(document: object, path: Path) -> BundleConfig:
