@@ -18,6 +18,8 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torchkeep as tk
 from tests._live import prove_live
@@ -586,3 +588,46 @@ def test_export_onnx_refuses_a_hostile_module_class_source(
     assert main(["export-onnx", source, "-o", str(out), "--input-shape", "1,3,32,32"]) == 2
     assert "not module:Class" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---- no false positives, and fuzzing -----------------------------------------------------
+
+
+def test_a_clean_bundle_named_like_a_package_loads_from_its_parent(
+    tmp_path: Path, net: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tk.save_model(net, tmp_path / "mymodel")  # importable as a namespace package
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    assert type(tk.load_model("mymodel")) is Net
+    assert tk.verify(bundle).ok
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+_CONFIG_KEYS = st.sampled_from(["class", "init", "example_inputs", "args", "kwargs", "$tuple"])
+
+
+@given(
+    document=_JSON
+    | st.dictionaries(_CONFIG_KEYS, _JSON | st.just("torchkeep.models.Net"), max_size=4)
+    | st.fixed_dictionaries(
+        {"class": st.just("torchkeep.models.Net"), "init": _JSON},
+        optional={"example_inputs": _JSON},
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_config_validation_raises_only_typed_errors(document: object) -> None:
+    from torchkeep.model.config import BundleConfig, validate_config
+
+    try:
+        config = validate_config(document, Path("config.json"))
+    except tk.CorruptFileError as exc:
+        message = str(exc)
+    else:
+        assert isinstance(config, BundleConfig)
+        return
+    assert "config.json" in message

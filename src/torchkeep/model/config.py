@@ -6,7 +6,7 @@ Schema (every other key is ignored)::
      "init": {"args": [...], "kwargs": {str: ...}},  # tagged JSON (torchkeep.tree)
      "example_inputs": [{"shape": [int, ...], "dtype": "float32"}, ...]}   # optional
 
-Bounds: 16 MiB, 64 levels of nesting, 64 example inputs of at most 16 dimensions and 2**28
+Bounds: 16 MiB, 64 levels of nesting, 64 example inputs of at most 16 dimensions and 2**26
 elements each.
 """
 
@@ -29,7 +29,7 @@ MAX_CONFIG_BYTES = 16 * 2**20
 MAX_CONFIG_DEPTH = 64
 MAX_INPUTS = 64
 MAX_DIMS = 16
-MAX_NUMEL = 2**28
+MAX_NUMEL = 2**26
 
 
 @dataclass(frozen=True)
