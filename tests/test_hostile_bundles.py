@@ -631,3 +631,14 @@ def test_config_validation_raises_only_typed_errors(document: object) -> None:
         assert isinstance(config, BundleConfig)
         return
     assert "config.json" in message
+
+
+def test_a_step_whose_manifest_mentions_a_bundle_is_still_a_step(tmp_path: Path, net: Net) -> None:
+    manager = tk.CheckpointManager(tmp_path / "ckpt")
+    manager.save(1, model=net, metrics={"torchkeep.bundle": 1.0})
+    step = next((tmp_path / "ckpt").glob("step-*"))
+    assert '"torchkeep.bundle"' in (step / MANIFEST_NAME).read_text()
+    assert detect_format(step) == Format.CHECKPOINT_STEP
+    report = tk.verify(step)
+    assert report.format == Format.CHECKPOINT_STEP
+    assert report.ok, report.problems
