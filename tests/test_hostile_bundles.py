@@ -642,3 +642,12 @@ def test_a_step_whose_manifest_mentions_a_bundle_is_still_a_step(tmp_path: Path,
     report = tk.verify(step)
     assert report.format == Format.CHECKPOINT_STEP
     assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("aliases", [["torchkeep.models.Net"], "torchkeep.models.Net", 5])
+def test_aliases_that_are_not_a_mapping_are_a_typed_error(
+    aliases: Any, tmp_path: Path, net: Net
+) -> None:
+    bundle = tk.save_model(net, tmp_path / "net")
+    with pytest.raises(tk.ModelClassNotFoundError, match="must be a mapping"):
+        tk.load_model(bundle, aliases=aliases)

@@ -323,6 +323,11 @@ def load_model(
             f"{path} is a file, not a model bundle. A torch.save(model) pickle loads with "
             "tk.load_pickled_model(path, allow=...); weights load with tk.load_weights"
         )
+    if aliases is not None and not isinstance(aliases, Mapping):
+        raise ModelClassNotFoundError(
+            f"aliases= must be a mapping {{old class path: new class path}}, not a "
+            f"{type(aliases).__name__}"
+        )
     config = _verify(path)
     target = _alias_target(config.class_path, aliases or {})
     try:

@@ -58,12 +58,11 @@ def class_path_problem(value: object) -> str | None:
 def require_class_path(value: object, where: str, fix: str) -> str:
     """``value`` if it is a valid class path, else :class:`ModelClassNotFoundError`."""
     problem = class_path_problem(value)
-    if problem is not None:
-        raise ModelClassNotFoundError(
-            f"{where} names class {value!r}, which is not a valid class path: {problem}. {fix}"
-        )
-    assert isinstance(value, str)
-    return value
+    if problem is None and isinstance(value, str):
+        return value
+    raise ModelClassNotFoundError(
+        f"{where} names class {value!r:.200}, which is not a valid class path: {problem}. {fix}"
+    )
 
 
 def _identity(path: str | os.PathLike[str], *, follow: bool = True) -> tuple[int, int] | None:
@@ -79,7 +78,6 @@ class _Root:
     directory itself, and every entry in it, so a hard link to one of its files counts too)."""
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory
         identity = _identity(directory)
         if identity is None:
             raise UnsafeBundleError(f"bundle {directory} cannot be examined (stat failed)")
@@ -89,7 +87,10 @@ class _Root:
     def contains(self, location: str) -> bool:
         """True if ``location`` (symlinks resolved) is the directory, an entry of it (or a hard
         link to one) or lies inside it."""
-        real = Path(os.path.realpath(location or os.getcwd()))
+        try:
+            real = Path(os.path.realpath(location or os.getcwd()))
+        except ValueError:  # a NUL byte: the import system cannot use this location either
+            return False
         if _identity(real) in self.entries:
             return True
         return any(_identity(p) == self.identity for p in (real, *real.parents))
