@@ -270,3 +270,34 @@ def test_demo_model_step(
     _model_step(tmp_path)
     out = capsys.readouterr().out
     assert out.count("same outputs True") == 2
+
+
+_SCRIPT = """
+import sys
+import torch
+from torch import nn
+import torchkeep as tk
+
+class Script(tk.Keepable, nn.Module):
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, width)
+
+bundle = tk.save_model(Script(width=5), sys.argv[1])
+loaded = tk.load_model(bundle)
+assert type(loaded) is Script and loaded.fc.out_features == 5
+print("ok")
+"""
+
+
+def test_a_class_defined_in_a_script_round_trips_in_that_script(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "script.bundle")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.stdout.strip() == "ok", result.stderr
+    config = json.loads((tmp_path / "script.bundle" / "config.json").read_text())
+    assert config["class"] == "__main__.Script"

@@ -18,6 +18,7 @@ from .errors import (
     StorageFullError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
+    UnsafeBundleError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "StorageFullError",
     "TorchkeepError",
     "TorchkeepFileNotFoundError",
+    "UnsafeBundleError",
     "UnsafeCheckpointError",
     "UnsupportedValueError",
     "VerifyReport",

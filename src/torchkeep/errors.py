@@ -51,6 +51,11 @@ class UnsafeCheckpointError(TorchkeepError, ValueError):
     """Loading a file would require executing code that was not explicitly allowed."""
 
 
+class UnsafeBundleError(UnsafeCheckpointError):
+    """A model bundle would make torchkeep import code located inside it, or holds files its
+    manifest does not list."""
+
+
 class StorageFullError(TorchkeepError, OSError):
     """The disk filled up while writing; nothing that was committed before was touched."""
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint.layout import parse_step
-from .errors import FileFormatError, TorchkeepFileNotFoundError
+from .errors import FileFormatError, TorchkeepError, TorchkeepFileNotFoundError
 from .formats import Format, detect_format
-from .manifest import find_problems
+from .manifest import find_problems, read_manifest
+from .model.config import read_config
+from .model.layout import content_problems
 
 
 @dataclass
@@ -43,12 +45,30 @@ class VerifyReport:
         return "\n".join(lines + [f"  {problem}" for problem in self.problems])
 
 
+def _bundle_problems(path: Path) -> list[str]:
+    """Hash problems, entries the manifest does not list, then the config's schema."""
+    problems = find_problems(path)
+    try:
+        listed = read_manifest(path)["files"]
+    except TorchkeepError:
+        return problems  # find_problems has said why
+    problems += content_problems(path, listed)
+    if not problems:
+        try:
+            read_config(path)
+        except TorchkeepError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Hash every file of a checkpoint step, checkpoint folder or model bundle.
 
-    In a checkpoint folder every ``step-<n>`` directory is checked, including ones without a
-    manifest (an interrupted save never leaves one; a damaged step might); temporary
-    directories of interrupted saves are not steps and are skipped.
+    A bundle also fails when it holds anything its manifest does not list (files, folders,
+    links) or when its ``config.json`` breaks the schema. In a checkpoint folder every
+    ``step-<n>`` directory is checked, including ones without a manifest (an interrupted save
+    never leaves one; a damaged step might); temporary directories of interrupted saves are
+    not steps and are skipped.
 
     Args:
         path: a ``step-<n>`` directory, a checkpoint folder or a model bundle.
@@ -69,7 +89,9 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     if not path.exists():
         raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
     fmt = detect_format(path)
-    if fmt in (Format.CHECKPOINT_STEP, Format.BUNDLE):
+    if fmt == Format.BUNDLE:
+        return VerifyReport(path, fmt, {path: _bundle_problems(path)})
+    if fmt == Format.CHECKPOINT_STEP:
         return VerifyReport(path, fmt, {path: find_problems(path)})
     if fmt == Format.CHECKPOINT_DIR:
         report = VerifyReport(path, fmt)

@@ -11,9 +11,15 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError, ModelClassNotFoundError
+from ..errors import (
+    ExportError,
+    ExportVerificationError,
+    InitArgsError,
+    ModelClassNotFoundError,
+)
 from ..model import load_model
 from ..model.bundle import example_input_specs
+from ..model.classpath import class_path_problem
 from ..onnx import OnnxReport, export_onnx
 from ..onnx.report import TABLE_COLUMNS
 from ..weights import load_weights
@@ -84,14 +90,29 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def _import_model(source: str, init_kwargs: dict[str, object]) -> nn.Module:
     module_name, _, attribute = source.partition(":")
+    problem = class_path_problem(f"{module_name}.{attribute}")
+    if problem is not None:
+        raise ModelClassNotFoundError(
+            f"{source!r} is not module:Class ({problem}); give an absolute module path, e.g. "
+            "torchkeep.models:Net"
+        )
     try:
+        # The user names this module on their own command line: their installed code.
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ModelClassNotFoundError(
             f"cannot import {attribute or '?'} from {module_name!r}: {exc}. Give SOURCE as "
             "module:Class with the module importable (check PYTHONPATH)"
         ) from exc
-    model = factory(**init_kwargs)
+    if not isinstance(init_kwargs, dict):
+        raise InitArgsError(f"--init-kwargs must be a JSON object, not {init_kwargs!r:.60}")
+    try:
+        model = factory(**init_kwargs)
+    except Exception as exc:  # the user's own factory rejected the arguments
+        raise InitArgsError(
+            f"{source}(**{init_kwargs!r:.80}) raised {type(exc).__name__}: {exc}; check "
+            "--init-kwargs"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ModelClassNotFoundError(f"{source} built a {type(model).__name__}, not a Module")
     return model

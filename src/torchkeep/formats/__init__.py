@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundError
 from . import safetensors as st
+from .jsondoc import read_json_document
 
 # Every legacy (pre-zip) torch.save file starts with this magic number, pickled with protocol 2.
 LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -48,16 +49,40 @@ def _zip_kind(path: Path) -> Format:
     return Format.UNKNOWN
 
 
+# Kinds recorded in the "format" field of a manifest.json, and what each directory is.
+_MANIFEST_KINDS = {"torchkeep.bundle": "bundle", "torchkeep.checkpoint": "checkpoint-step"}
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_MANIFEST_DEPTH = 32
+
+
+def _manifest_kind(manifest: Path) -> Format:
+    """The kind a manifest declares in its ``format`` field (parsed, never substring-matched);
+    UNKNOWN for a manifest that cannot be parsed or declares nothing torchkeep writes."""
+    try:
+        document = read_json_document(
+            manifest,
+            max_bytes=MAX_MANIFEST_BYTES,
+            max_depth=MAX_MANIFEST_DEPTH,
+            what="a torchkeep manifest",
+        )
+    except (CorruptFileError, TorchkeepFileNotFoundError):
+        return Format.UNKNOWN
+    kind = document.get("format") if isinstance(document, dict) else None
+    return (
+        Format(_MANIFEST_KINDS[kind])
+        if isinstance(kind, str) and kind in _MANIFEST_KINDS
+        else Format.UNKNOWN
+    )
+
+
 def _directory_kind(path: Path) -> Format:
     from ..manifest import MANIFEST_NAME
 
     manifest = path / MANIFEST_NAME
     if manifest.is_file():
-        text = manifest.read_text(errors="replace")
-        if '"torchkeep.bundle"' in text:
-            return Format.BUNDLE
-        if '"torchkeep.checkpoint"' in text:
-            return Format.CHECKPOINT_STEP
+        kind = _manifest_kind(manifest)
+        if kind != Format.UNKNOWN:
+            return kind
     if any(child.name.startswith("step-") for child in path.iterdir()):
         return Format.CHECKPOINT_DIR
     return Format.UNKNOWN

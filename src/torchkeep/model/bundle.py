@@ -3,8 +3,6 @@ optionally its program), written atomically with a manifest of content hashes. N
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -16,11 +14,11 @@ from torch import nn
 
 from ..errors import (
     ChecksumMismatchError,
-    CorruptFileError,
     FileFormatError,
     InitArgsError,
     ModelClassNotFoundError,
     TorchkeepFileNotFoundError,
+    UnsafeBundleError,
     UnsafeCheckpointError,
 )
 from ..formats import Format, detect_format
@@ -37,12 +35,10 @@ from ..manifest import (
 from ..storage.local import staged_directory
 from ..weights import load_weights, safetensors_payload
 from .capture import captured_init_args, decode, encode, required_parameters
+from .classpath import import_class, require_class_path
+from .config import BundleConfig, read_config
+from .layout import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME, content_problems
 from .program import export_program, load_program
-
-BUNDLE_KIND = "torchkeep.bundle"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-PROGRAM_NAME = "program.pt2"
 
 _ALIASES: dict[str, str] = {}
 PathLike = str | os.PathLike[str]
@@ -57,8 +53,13 @@ def register_alias(old: str, new: str) -> None:
 
     Example:
         >>> tk.register_alias("research.net.Net", "product.models.Net")
+
+    Raises:
+        ModelClassNotFoundError: ``old`` or ``new`` is not an absolute ``module.Class`` path.
     """
-    _ALIASES[old] = new
+    fix = "Give absolute class paths such as 'package.module.Class'"
+    old = require_class_path(old, "register_alias", fix)
+    _ALIASES[old] = require_class_path(new, f"register_alias({old!r}, ...)", fix)
 
 
 def class_path(cls: type) -> str:
@@ -185,29 +186,22 @@ def _input_specs(example_inputs: torch.Tensor | Sequence[Any]) -> list[dict[str,
 
 
 def example_input_specs(path: PathLike) -> list[tuple[list[int], str]]:
-    """``(shape, dtype name)`` of the example inputs a bundle was saved with (empty if none)."""
-    config = json.loads((Path(path) / CONFIG_NAME).read_bytes())
-    return [(spec["shape"], spec["dtype"]) for spec in config.get("example_inputs", [])]
+    """``(shape, dtype name)`` of the example inputs a bundle was saved with (empty if none).
+
+    Raises:
+        CorruptFileError: ``config.json`` breaks its schema (the message names the key).
+    """
+    return read_config(Path(path)).example_inputs
 
 
-def _resolve_class(name: str, aliases: Mapping[str, str]) -> type[nn.Module]:
-    target = aliases.get(name, _ALIASES.get(name, name))
-    module_name, _, qualname = target.rpartition(".")
-    candidates = [(module_name, qualname)]
-    while "." in module_name:  # nested classes: "pkg.mod.Outer.Inner"
-        module_name, _, outer = module_name.rpartition(".")
-        qualname = f"{outer}.{qualname}"
-        candidates.append((module_name, qualname))
-    for module_name, qualname in candidates:
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return obj
-    raise ModelClassNotFoundError(f"class {target!r} cannot be imported")
+def _alias_target(name: str, aliases: Mapping[str, str]) -> str:
+    """The class path to import for ``name``: its alias (``aliases=`` first, then
+    :func:`register_alias`), validated like a class path in a bundle, or ``name`` itself."""
+    if name in aliases:
+        where = f"aliases={{{name!r}: ...}}"
+        fix = "Give the alias an absolute class path such as 'package.module.Class'"
+        return require_class_path(aliases[name], where, fix)
+    return _ALIASES.get(name, name)
 
 
 def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
@@ -219,9 +213,9 @@ def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [group for group in owners.values() if len(group) > 1]
 
 
-def _build(cls: type[nn.Module], init: Mapping[str, Any], device: torch.device) -> nn.Module:
+def _build(cls: type[nn.Module], config: BundleConfig, device: torch.device) -> nn.Module:
     """Construct the model without initialising weights twice where possible (meta device)."""
-    args, kwargs = decode(init.get("args", [])), decode(init.get("kwargs", {}))
+    args, kwargs = config.args, config.kwargs
     try:
         with torch.device("meta"):
             model = cls(*args, **kwargs)
@@ -238,11 +232,19 @@ def _build(cls: type[nn.Module], init: Mapping[str, Any], device: torch.device) 
                 for module, name in others:
                     module._parameters[name] = first._parameters[first_name]
             return model
-    with torch.device(device):
-        return cls(*args, **kwargs)
+    try:
+        with torch.device(device):
+            return cls(*args, **kwargs)
+    except Exception as exc:  # the recorded arguments do not fit the installed class
+        raise InitArgsError(
+            f"{cls.__qualname__} cannot be built from the 'init' arguments in the bundle's "
+            f"{CONFIG_NAME} ({type(exc).__name__}: {exc}). If the class changed since the "
+            "bundle was saved, load its weights with tk.load_weights into a model you build"
+        ) from exc
 
 
-def _verify(path: Path) -> dict[str, Any]:
+def _verify(path: Path) -> BundleConfig:
+    """Every check that needs no import: hashes, the config's schema, unlisted entries."""
     manifest = read_manifest(path, kind=BUNDLE_KIND)
     problems = find_problems(path)
     if problems:
@@ -251,7 +253,18 @@ def _verify(path: Path) -> dict[str, Any]:
             + "\n  ".join(problems)
             + "\nRe-save it or restore it from a copy"
         )
-    return manifest
+    config = read_config(path)
+    unlisted = content_problems(path, manifest["files"])
+    if unlisted:
+        raise UnsafeBundleError(
+            f"bundle {path} holds entries its manifest does not account for:\n  "
+            + "\n  ".join(unlisted)
+            + f"\nIts config.json names class {config.class_path!r}; an import of it could run "
+            "code shipped this way, so nothing was imported. A bundle holds only the files "
+            "torchkeep wrote: remove these if you added them, otherwise the bundle was tampered "
+            "with and should not be loaded"
+        )
+    return config
 
 
 def load_model(
@@ -263,9 +276,12 @@ def load_model(
 ) -> nn.Module:
     """Load a bundle saved by :func:`save_model`; never unpickles anything by default.
 
-    The manifest's hashes are checked first. The class recorded in ``config.json`` is then
-    imported: note that this runs the import of that module, i.e. code *you* installed, not
-    code from the bundle. The model is built on the meta device where possible and its weights
+    Everything that needs no import is checked first: the manifest's hashes, that the bundle
+    holds nothing its manifest does not list (no extra files, folders or links), and
+    ``config.json`` against its schema. The class recorded there is then imported, but only
+    after proving, without executing anything, that no package level of its path (and no
+    ``sys.path`` entry) lies inside the bundle: this runs code *you* installed, never code
+    shipped in the bundle. The model is built on the meta device where possible and its weights
     are read straight into their final memory (no second copy), then it is put in eval mode.
 
     When the class cannot be imported and the bundle holds ``program.pt2``, the program is
@@ -284,6 +300,14 @@ def load_model(
     Returns:
         The model in eval mode, or the program's module (a callable ``nn.Module``).
 
+    Raises:
+        ChecksumMismatchError: a file differs from the manifest.
+        UnsafeBundleError: the bundle holds unlisted entries, or its class would be imported
+            from inside it.
+        CorruptFileError: ``config.json`` breaks its schema (the message names the key).
+        ModelClassNotFoundError: the class (or an alias target) is invalid, missing or not an
+            ``nn.Module`` subclass, and no trusted program is there to fall back on.
+
     Example:
         >>> model = tk.load_model("net.bundle")
         >>> model = tk.load_model("net.bundle", aliases={"old.Net": "new.Net"})
@@ -299,17 +323,18 @@ def load_model(
             f"{path} is a file, not a model bundle. A torch.save(model) pickle loads with "
             "tk.load_pickled_model(path, allow=...); weights load with tk.load_weights"
         )
-    _verify(path)
+    if aliases is not None and not isinstance(aliases, Mapping):
+        raise ModelClassNotFoundError(
+            f"aliases= must be a mapping {{old class path: new class path}}, not a "
+            f"{type(aliases).__name__}"
+        )
+    config = _verify(path)
+    target = _alias_target(config.class_path, aliases or {})
     try:
-        config = json.loads((path / CONFIG_NAME).read_bytes())
-        name, init = str(config["class"]), dict(config["init"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptFileError(f"{path / CONFIG_NAME} is malformed ({exc})") from None
-    try:
-        cls = _resolve_class(name, aliases or {})
+        cls = import_class(target, path)
     except ModelClassNotFoundError as exc:
         return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
-    model = _build(cls, init, device)
+    model = _build(cls, config, device)
     load_weights(model, path / WEIGHTS_NAME, map_location=device)
     return model.eval()
 

@@ -42,9 +42,10 @@ def encode(value: object, name: str) -> object:
     return flat.skeleton
 
 
-def decode(value: object) -> Any:
-    """Inverse of :func:`encode`; a malformed value raises ``CorruptFileError``."""
-    return tree.unflatten(value, {}, source="a bundle's config.json")
+def decode(value: object, source: str = "a bundle's config.json") -> Any:
+    """Inverse of :func:`encode`; a malformed value raises ``CorruptFileError`` naming
+    ``source``."""
+    return tree.unflatten(value, {}, source=source)
 
 
 def _capture(

@@ -11,7 +11,8 @@ from typing import Any
 from ..describe import DESCRIBERS, Description, TensorInfo, describe
 from ..formats import Format
 from ..manifest import read_manifest
-from .bundle import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME
+from .config import read_config
+from .layout import BUNDLE_KIND, PROGRAM_NAME, WEIGHTS_NAME, content_problems
 
 _PROGRAM_NOTE = (
     "a torch.export program: it runs without the model's Python code. torch.export.load can "
@@ -25,10 +26,10 @@ def _describe_bundle(path: Path) -> Description:
     description = describe(path / WEIGHTS_NAME)
     description.path, description.format = path, Format.BUNDLE
     description.size = sum(int(r.get("size", 0)) for r in manifest["files"].values())
-    config = json.loads((path / CONFIG_NAME).read_bytes())
+    config = read_config(path)
     description.sections["bundle"] = [
-        ("class", str(config.get("class"))),
-        ("init args", json.dumps(config.get("init"), sort_keys=True)),
+        ("class", config.class_path),
+        ("init args", json.dumps(config.init, sort_keys=True)),
         ("program", "yes (program.pt2)" if (path / PROGRAM_NAME).is_file() else "no"),
         ("files", ", ".join(sorted(manifest["files"]))),
         ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
@@ -36,6 +37,10 @@ def _describe_bundle(path: Path) -> Description:
     ]  # fmt: skip
     description.notes.append(
         "load with tk.load_model(path); it imports the class above (your installed code)"
+    )
+    description.notes.extend(
+        f"unsafe: {problem} (load_model refuses this bundle)"
+        for problem in content_problems(path, manifest["files"])
     )
     if (path / PROGRAM_NAME).is_file():
         description.notes.append(f"program.pt2 is {_PROGRAM_NOTE}")
