@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint.layout import parse_step
+from .checkpoint.layout import parse_step, step_problems
 from .errors import FileFormatError, TorchkeepFileNotFoundError
 from .formats import Format, detect_format
 from .manifest import find_problems
@@ -46,7 +46,8 @@ class VerifyReport:
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Hash every file of a checkpoint step, checkpoint folder or model bundle.
 
-    In a checkpoint folder every ``step-<n>`` directory is checked, including ones without a
+    The manifest and, in a checkpoint step, ``state.json`` are checked against their schemas
+    too. In a checkpoint folder every ``step-<n>`` directory is checked, including ones without a
     manifest (an interrupted save never leaves one; a damaged step might); temporary
     directories of interrupted saves are not steps and are skipped.
 
@@ -69,18 +70,20 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     if not path.exists():
         raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
     fmt = detect_format(path)
-    if fmt in (Format.CHECKPOINT_STEP, Format.BUNDLE):
+    if fmt == Format.BUNDLE:
         return VerifyReport(path, fmt, {path: find_problems(path)})
+    if fmt == Format.CHECKPOINT_STEP:
+        return VerifyReport(path, fmt, {path: step_problems(path)})
     if fmt == Format.CHECKPOINT_DIR:
         report = VerifyReport(path, fmt)
         steps = sorted(
             (c for c in path.iterdir() if c.is_dir() and parse_step(c.name) is not None),
             key=lambda c: parse_step(c.name) or 0,
         )
-        report.checked = {step_dir: find_problems(step_dir) for step_dir in steps}
+        report.checked = {step_dir: step_problems(step_dir) for step_dir in steps}
         return report
     if path.is_dir() and parse_step(path.name) is not None:
-        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: find_problems(path)})
+        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: step_problems(path)})
     raise FileFormatError(
         f"{path} is not a torchkeep checkpoint step, checkpoint folder or model bundle "
         f"(it looks like {fmt.value}); verify checks directories with a manifest.json"
