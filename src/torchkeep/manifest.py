@@ -165,10 +165,13 @@ def read_manifest(
 
 
 def file_problem(
-    directory: Path, name: str, record: Mapping[str, Any], *, check_hash: bool
+    directory: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
 ) -> str | None:
-    """What is wrong with file ``name`` of ``directory`` given its manifest record, or None."""
+    """What is wrong with file ``name`` of ``directory`` given its manifest record (None: the
+    manifest does not list it), or None when the file is intact."""
     path = directory / name
+    if record is None:
+        return f"{directory / MANIFEST_NAME} does not list {name!r}"
     try:
         if not path.is_file():
             return f"{path} is missing"

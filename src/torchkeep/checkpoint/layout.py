@@ -196,10 +196,25 @@ def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
     if problems:
         return problems
     try:
-        read_state(path, read_step_manifest(path))
+        manifest = read_step_manifest(path)
+        state = read_state(path, manifest)
+        if check_hashes and RNG_ENTRY in state["entries"]:
+            _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
     return []
+
+
+def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
+    """Raise unless the step's random generator states could be restored (as ``restore``
+    checks them), reading only their own small tensor file."""
+    from . import rng
+    from .reader import read_tensors
+
+    file = entry["file"]
+    tensors = read_tensors(path / file, manifest["files"][file]["hash"]) if file else {}
+    source = f"{path / STATE_NAME} ({RNG_ENTRY})"
+    rng.check(tree.unflatten(entry["value"], tensors, source=source), source=source)
 
 
 def list_steps(directory: Path) -> list[StepInfo]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,17 +22,15 @@ from ..errors import (
     UnreadableFileError,
 )
 from ..formats import Format
-from ..manifest import MANIFEST_NAME, read_manifest
-from .layout import list_steps, read_step_manifest
+from ..manifest import MANIFEST_NAME, file_problem, read_manifest
+from .layout import STATE_NAME, list_steps, read_state, read_step_manifest
 from .reader import read_tensors
 
 MODEL_FILE = "model.safetensors"
 
 
-def _verified(directory: Path, manifest: dict[str, object]) -> dict[str, torch.Tensor]:
-    files = manifest["files"]
-    assert isinstance(files, dict)
-    record = files.get(MODEL_FILE)
+def _verified(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    record = manifest["files"].get(MODEL_FILE)
     if record is None:
         raise FileFormatError(
             f"{directory / MANIFEST_NAME} lists no {MODEL_FILE}: this {directory.name} holds no "
@@ -51,6 +50,19 @@ def _verified(directory: Path, manifest: dict[str, object]) -> dict[str, torch.T
         raise UnreadableFileError(f"{path} cannot be read ({exc.strerror or exc})") from None
 
 
+def _verified_step(directory: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a step whose documents are valid (manifest, hashed ``state.json``),
+    so that the step used is the one ``restore`` would use; other tensor files are not read."""
+    manifest = read_step_manifest(directory)
+    problem = file_problem(
+        directory, STATE_NAME, manifest["files"].get(STATE_NAME), check_hash=True
+    )
+    if problem is not None:
+        raise CorruptFileError(f"{problem}; the step is damaged")
+    read_state(directory, manifest)
+    return _verified(directory, manifest)
+
+
 def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     steps = list_steps(folder)
     if not steps:
@@ -58,7 +70,7 @@ def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     failures: list[tuple[int, CorruptFileError | TorchkeepFileNotFoundError]] = []
     for info in reversed(steps):
         try:
-            tensors = _verified(info.path, read_step_manifest(info.path))
+            tensors = _verified_step(info.path)
         except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
             warnings.warn(
                 f"checkpoint step {info.step} is unusable and was skipped: {exc}", stacklevel=5
@@ -94,7 +106,7 @@ def verified_model_tensors(path: Path, fmt: Format) -> tuple[Path, dict[str, tor
     if fmt == Format.CHECKPOINT_DIR:
         return _newest_valid_step(path)
     if fmt == Format.CHECKPOINT_STEP:
-        return path / MODEL_FILE, _verified(path, read_step_manifest(path))
+        return path / MODEL_FILE, _verified_step(path)
     if fmt == Format.BUNDLE:
         return path / MODEL_FILE, _verified(path, read_manifest(path))
     raise FileFormatError(
