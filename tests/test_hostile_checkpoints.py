@@ -181,6 +181,8 @@ def _assert_skipped_everywhere(
     assert main(["ls", "--json", str(directory)]) == 0
     assert main(["inspect", str(directory)]) == 0
     assert main(["verify", str(directory)]) == 1
+    assert main(["verify", str(directory / "step-00000002")]) == 1
+    assert main(["inspect", str(directory / "step-00000002")]) in (0, 2)  # 0: the RNG payload
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
 
