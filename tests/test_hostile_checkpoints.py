@@ -32,6 +32,7 @@ from torchkeep.checkpoint.reader import read_step
 from torchkeep.cli import main
 from torchkeep.errors import InvalidDocumentError, UnreadableFileError
 from torchkeep.hashing import hash_file
+from torchkeep.models import Net
 from torchkeep.schema import Limits, parse_json_document
 
 SCHEMA_GATE = "is not a valid document"
@@ -330,6 +331,32 @@ def test_flipped_byte_in_latest_weights_falls_back(tmp_path: Path) -> None:
         pytest.raises(tk.ChecksumMismatchError, match="no step"),
     ):
         tk.load_state_dict(directory)
+
+
+def test_flipped_byte_in_a_bundle_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = Net()
+    bundle = tk.save_model(model, tmp_path / "net.bundle")
+    target = bundle / "model.safetensors"
+    torch.save(model.state_dict(), tmp_path / "expected.pt")
+    data = bytearray(target.read_bytes())
+    data[-2] ^= 0x40
+    target.write_bytes(bytes(data))
+    canary = tmp_path / "canary"
+    prove_live(
+        "import torch, pathlib\nfrom safetensors.torch import load_file\n"
+        f"got = load_file({{path}})\nwant = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "if any(not torch.equal(got[k], want[k]) for k in want):\n"
+        f"    pathlib.Path({str(canary)!r}).touch()\n",
+        canary,
+        path=target,
+    )
+    with pytest.raises(tk.ChecksumMismatchError):
+        tk.load_state_dict(bundle)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(tk.ChecksumMismatchError):
+        tk.load_weights(model, bundle)
+    assert_state_equal(model.state_dict(), before)
 
 
 def test_latest_is_by_step_number_not_by_name(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
 ``load_state_dict``/``load_weights`` on a checkpoint folder, a checkpoint step or a model bundle
 read ``model.safetensors``; here its every byte is hashed against the manifest first. In a
-checkpoint folder the newest step whose model file is intact is used (by step number, not by
-name), and every newer step that fails is named in a warning, exactly like ``restore``.
+checkpoint folder the newest step (by step number, not by name) whose manifest and
+``state.json`` are valid and whose model file is intact is used, and every newer step that fails
+is named in a warning, as ``restore`` does.
 """
 
 from __future__ import annotations
