@@ -92,6 +92,7 @@ datetime.datetime.fromtimestamp(m['created'])
 sum(r['size'] for r in m['files'].values()) + 0
 [float(v) + 0 for v in m.get('metrics', dict()).values()]
 '%s' % m['files']['model.safetensors']['hash'].lower()
+m['format_version'] <= 1
 """
 
 NAIVE_STATE = """
@@ -140,6 +141,7 @@ MANIFEST_PAYLOADS: dict[str, Callable[[dict[str, Any]], str]] = {
     "100k-deep nesting": lambda m: json.dumps(m)[:-1] + f', "extra": {DEEP}}}',
     "metric is text": lambda m: json.dumps(_manifest_with(metrics={"loss": "low"})(m)),
     "files is a list": lambda m: json.dumps(_manifest_with(files=[])(m)),
+    "format version is text": lambda m: json.dumps(_manifest_with(format_version="1")(m)),
     "hash is a number": lambda m: json.dumps(m).replace(
         f'"hash": "{m["files"]["model.safetensors"]["hash"]}"', '"hash": 7'
     ),
@@ -273,6 +275,16 @@ def test_hostile_state_is_skipped_like_a_corrupt_step(
         read_step(step_dir)
     weights_step = 2 if payload == "malformed rng entry" else 1
     _assert_skipped_everywhere(directory, states, capsys, listed=True, weights_step=weights_step)
+
+
+def test_a_newer_format_version_asks_for_an_upgrade(tmp_path: Path) -> None:
+    directory, _ = _folder(tmp_path, steps=(1,))
+    step_dir = directory / "step-00000001"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    _rewrite(step_dir, "manifest.json", json.dumps(_manifest_with(format_version=2)(manifest)))
+    with pytest.raises(tk.CorruptFileError, match=r"format version 2.*Upgrade torchkeep"):
+        read_step(step_dir)
+    assert tk.CheckpointManager(directory).steps == []
 
 
 def test_nothing_valid_leaves_the_model_untouched(tmp_path: Path) -> None:

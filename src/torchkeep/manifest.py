@@ -107,7 +107,7 @@ _FILE_RECORD = Object(
 )
 _COMMON_FIELDS: dict[str, Schema] = {
     "format": Str(max_len=64),
-    "format_version": Int(min=1, max=FORMAT_VERSION),
+    "format_version": Int(min=1, max=1000),
     "created": Number(min=0.0, max=1e11),
     "torchkeep_version": Str(max_len=64),
     "torch_version": Str(max_len=64),
@@ -155,6 +155,11 @@ def read_manifest(
         raise CorruptFileError(
             f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
+        )
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
+            f"up to {FORMAT_VERSION}. Upgrade torchkeep to read it"
         )
     if manifest["hash_algorithm"] != HASH_ALGORITHM:
         raise CorruptFileError(
