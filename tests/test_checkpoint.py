@@ -52,8 +52,8 @@ def test_round_trip_model_optimizer_values_and_layout(tmp_path: Path, trained) -
         "manifest.json",
         "model.safetensors",
         "optimizer.safetensors",
-        "rng.safetensors",
         "state.json",
+        "torchkeep.rng.safetensors",
     ]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "torchkeep.checkpoint"

@@ -23,6 +23,16 @@ class CorruptFileError(FileFormatError):
     """A file claims a known format but its contents are damaged or hostile."""
 
 
+class InvalidDocumentError(CorruptFileError):
+    """A JSON document torchkeep reads (a manifest, ``state.json``, a config) breaks its schema:
+    a wrong type, a value out of range, nesting too deep, a document too large."""
+
+
+class UnreadableFileError(CorruptFileError, OSError):
+    """A file torchkeep must read cannot be read (permission denied, an I/O error); readers
+    treat it like a damaged file (a checkpoint step is skipped and the previous one used)."""
+
+
 class TorchkeepFileNotFoundError(TorchkeepError, FileNotFoundError):
     """A path torchkeep was asked to read does not exist."""
 

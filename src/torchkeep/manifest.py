@@ -8,7 +8,6 @@ exist for any reader, and one whose files disagree with their manifest is corrup
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from ._version import __version__
 from .errors import CorruptFileError, TorchkeepFileNotFoundError
 from .formats import safetensors as st
 from .hashing import HASH_ALGORITHM, Hasher, hash_file, new_hasher
+from .schema import Int, Limits, Map, Number, Object, Schema, Str, load_json_document
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -99,53 +99,118 @@ def write_manifest(
     write_json(directory / MANIFEST_NAME, manifest)
 
 
-def read_manifest(directory: Path, *, kind: str | None = None) -> dict[str, Any]:
-    """Read and check the shape of ``directory``'s manifest (contents are not hashed here)."""
+# A file listed in a manifest: a plain name inside the directory (no separator, not hidden).
+FILE_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,254}"
+MANIFEST_LIMITS = Limits(max_bytes=16 << 20, max_depth=32, allow_nonfinite=True)
+_FILE_RECORD = Object(
+    {"size": Int(), "hash": Str(max_len=128, pattern="[0-9a-f]+")}, required=("size", "hash")
+)
+_COMMON_FIELDS: dict[str, Schema] = {
+    "format": Str(max_len=64),
+    "format_version": Int(min=1, max=1000),
+    "created": Number(min=0.0, max=1e11),
+    "torchkeep_version": Str(max_len=64),
+    "torch_version": Str(max_len=64),
+    "hash_algorithm": Str(max_len=64),
+    "files": Map(_FILE_RECORD, key=Str(max_len=255, pattern=FILE_NAME_PATTERN), max_len=10_000),
+}
+_COMMON_REQUIRED = ("format", "format_version", "created", "hash_algorithm", "files")
+
+
+def read_manifest(
+    directory: Path,
+    *,
+    kind: str | None = None,
+    fields: Mapping[str, Schema] | None = None,
+    required: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Read ``directory``'s manifest and check it against the manifest schema.
+
+    The parse is bounded (size, depth, integer length) and every common field is checked
+    (types, ranges, file names, finite creation time) before the manifest is returned; file
+    contents are not hashed here (:func:`find_problems` does).
+
+    Args:
+        directory: the committed directory.
+        kind: the ``format`` the manifest must declare (``"torchkeep.checkpoint"``).
+        fields: schemas of the fields this kind adds (checked when present).
+        required: which of those fields must be present.
+
+    Raises:
+        TorchkeepFileNotFoundError: there is no manifest (the directory was never committed).
+        CorruptFileError: the manifest cannot be read, is invalid
+            (:class:`~torchkeep.errors.InvalidDocumentError`) or describes another kind.
+    """
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise TorchkeepFileNotFoundError(
             f"{directory} has no {MANIFEST_NAME}: it was never committed (an interrupted save) "
             "or is not a torchkeep directory"
         )
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    schema = Object(
+        {**_COMMON_FIELDS, **(fields or {})}, required=_COMMON_REQUIRED + tuple(required)
+    )
+    manifest: dict[str, Any] = load_json_document(path, schema=schema, limits=MANIFEST_LIMITS)
+    if kind is not None and manifest["format"] != kind:
         raise CorruptFileError(
-            f"{path} is not valid JSON ({exc}); the directory is corrupt"
-        ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CorruptFileError(f"{path} lacks a 'files' table; the directory is corrupt")
-    if kind is not None and manifest.get("format") != kind:
-        raise CorruptFileError(
-            f"{path} describes a {manifest.get('format')!r}, not a {kind!r}; "
+            f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
         )
-    if manifest.get("hash_algorithm") != HASH_ALGORITHM:
+    if manifest["format_version"] > FORMAT_VERSION:
         raise CorruptFileError(
-            f"{path} uses hash {manifest.get('hash_algorithm')!r}; this torchkeep knows only "
+            f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
+            f"up to {FORMAT_VERSION}. Upgrade torchkeep to read it"
+        )
+    if manifest["hash_algorithm"] != HASH_ALGORITHM:
+        raise CorruptFileError(
+            f"{path} uses hash {manifest['hash_algorithm']!r}; this torchkeep knows only "
             f"{HASH_ALGORITHM!r}. Upgrade torchkeep to read it"
         )
     return manifest
 
 
-def find_problems(directory: Path, *, check_hashes: bool = True) -> list[str]:
-    """List everything wrong with a committed directory; an empty list means it is intact."""
+def file_problem(
+    directory: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
+) -> str | None:
+    """What is wrong with file ``name`` of ``directory`` given its manifest record (None: the
+    manifest does not list it), or None when the file is intact."""
+    path = directory / name
+    if record is None:
+        return f"{directory / MANIFEST_NAME} does not list {name!r}"
     try:
-        manifest = read_manifest(directory)
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != record["size"]:
+            return (
+                f"{path} has {size} bytes, the manifest says {record['size']} "
+                "(truncated or replaced)"
+            )
+        if check_hash and hash_file(path)[1] != record["hash"]:
+            return f"{path} does not match its {HASH_ALGORITHM} hash (corrupted)"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def find_problems(
+    directory: Path,
+    *,
+    check_hashes: bool = True,
+    kind: str | None = None,
+    fields: Mapping[str, Schema] | None = None,
+    required: tuple[str, ...] = (),
+) -> list[str]:
+    """List everything wrong with a committed directory; an empty list means it is intact.
+
+    ``kind``, ``fields`` and ``required`` are passed to :func:`read_manifest`.
+    """
+    try:
+        manifest = read_manifest(directory, kind=kind, fields=fields, required=required)
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
-    problems = []
-    for name, record in manifest["files"].items():
-        path = directory / name
-        if os.sep in name or name.startswith(".") or not isinstance(record, dict):
-            problems.append(f"{directory / MANIFEST_NAME} lists an invalid entry {name!r}")
-        elif not path.is_file():
-            problems.append(f"{path} is missing")
-        elif path.stat().st_size != record.get("size"):
-            problems.append(
-                f"{path} has {path.stat().st_size} bytes, the manifest says {record.get('size')}"
-                " (truncated or replaced)"
-            )
-        elif check_hashes and hash_file(path)[1] != record.get("hash"):
-            problems.append(f"{path} does not match its {HASH_ALGORITHM} hash (corrupted)")
-    return problems
+    problems = (
+        file_problem(directory, name, record, check_hash=check_hashes)
+        for name, record in manifest["files"].items()
+    )
+    return [problem for problem in problems if problem is not None]

@@ -27,6 +27,10 @@ from .errors import CorruptFileError, UnsupportedValueError
 Json = Any
 
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# Bounds of what can be stored, so that every state.json a reader accepts is also one a writer
+# can produce: JSON nesting of a skeleton, and the size of integers.
+MAX_DEPTH = 100
+MAX_INT_BITS = 256
 SUPPORTED = (
     "tensors, None, bool, int, float, str, bytes, torch.dtype, torch.device, torch.Size, "
     "and lists, tuples and dicts of these"
@@ -64,20 +68,35 @@ class _Flattener:
             unique = f"{name}#{n}"
         return unique
 
-    def encode(self, value: object, path: str) -> Json:
+    def encode(self, value: object, path: str, depth: int = 1) -> Json:
+        """The JSON node of ``value``, which sits ``depth`` levels deep in the skeleton."""
         if value is None or isinstance(value, (bool, str)):
             return value
         if type(value) is int:
+            if value.bit_length() > MAX_INT_BITS:
+                raise UnsupportedValueError(
+                    f"cannot save {self._where(path) or 'the value'}: an int of "
+                    f"{value.bit_length()} bits is beyond the {MAX_INT_BITS}-bit limit of "
+                    "stored ints; store it as a string (str(n)) or bytes"
+                )
             return value
+        if type(value) is float and math.isfinite(value):
+            return value
+        if depth > MAX_DEPTH - 2:  # every other node may open up to three levels
+            raise UnsupportedValueError(
+                f"cannot save {self._where(path) or 'the value'}: it is nested more than "
+                f"{MAX_DEPTH} levels deep (or refers to itself); flatten the structure"
+            )
         if type(value) is float:
-            return value if math.isfinite(value) else {"$float": repr(value)}
+            return {"$float": repr(value)}
         if isinstance(value, torch.Tensor):
             return self._encode_tensor(value, path)
         if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-            items = [self.encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            inner = depth + (1 if type(value) is list else 2)
+            items = [self.encode(v, f"{path}[{i}]", inner) for i, v in enumerate(value)]
             return items if type(value) is list else {"$tuple": items}
         if isinstance(value, dict):  # OrderedDict and defaultdict come back as dict
-            return self._encode_dict(value, path)
+            return self._encode_dict(value, path, depth)
         if isinstance(value, torch.Size):
             return {"$size": list(value)}
         if isinstance(value, torch.dtype):
@@ -103,9 +122,9 @@ class _Flattener:
         self.tensors[name] = tensor.detach()
         return {"$tensor": name}
 
-    def _encode_dict(self, value: dict[Any, Any], path: str) -> Json:
+    def _encode_dict(self, value: dict[Any, Any], path: str, depth: int) -> Json:
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: self.encode(v, _child(path, k)) for k, v in value.items()}
+            return {k: self.encode(v, _child(path, k), depth + 1) for k, v in value.items()}
         items = []
         for k, v in value.items():
             if isinstance(k, torch.Tensor):
@@ -113,7 +132,8 @@ class _Flattener:
                     f"cannot save {self._where(path)}: a tensor is used as a dict key; "
                     "use its .item() or an index instead"
                 )
-            items.append([self.encode(k, path), self.encode(v, _child(path, k))])
+            pair = [self.encode(k, path, depth + 3), self.encode(v, _child(path, k), depth + 3)]
+            items.append(pair)
         return {"$dict": items}
 
 

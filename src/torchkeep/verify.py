@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint.layout import parse_step
+from .checkpoint.layout import parse_step, step_problems
 from .errors import FileFormatError, TorchkeepError, TorchkeepFileNotFoundError
 from .formats import Format, detect_format
 from .manifest import find_problems, read_manifest
@@ -64,7 +64,8 @@ def _bundle_problems(path: Path) -> list[str]:
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Hash every file of a checkpoint step, checkpoint folder or model bundle.
 
-    A bundle also fails when it holds anything its manifest does not list (files, folders,
+    The manifest and, in a checkpoint step, ``state.json`` are checked against their schemas
+    too. A bundle also fails when it holds anything its manifest does not list (files, folders,
     links) or when its ``config.json`` breaks the schema. In a checkpoint folder every
     ``step-<n>`` directory is checked, including ones without a manifest (an interrupted save
     never leaves one; a damaged step might); temporary directories of interrupted saves are
@@ -92,17 +93,17 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     if fmt == Format.BUNDLE:
         return VerifyReport(path, fmt, {path: _bundle_problems(path)})
     if fmt == Format.CHECKPOINT_STEP:
-        return VerifyReport(path, fmt, {path: find_problems(path)})
+        return VerifyReport(path, fmt, {path: step_problems(path)})
     if fmt == Format.CHECKPOINT_DIR:
         report = VerifyReport(path, fmt)
         steps = sorted(
             (c for c in path.iterdir() if c.is_dir() and parse_step(c.name) is not None),
             key=lambda c: parse_step(c.name) or 0,
         )
-        report.checked = {step_dir: find_problems(step_dir) for step_dir in steps}
+        report.checked = {step_dir: step_problems(step_dir) for step_dir in steps}
         return report
     if path.is_dir() and parse_step(path.name) is not None:
-        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: find_problems(path)})
+        return VerifyReport(path, Format.CHECKPOINT_STEP, {path: step_problems(path)})
     raise FileFormatError(
         f"{path} is not a torchkeep checkpoint step, checkpoint folder or model bundle "
         f"(it looks like {fmt.value}); verify checks directories with a manifest.json"

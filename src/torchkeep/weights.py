@@ -262,39 +262,31 @@ def _model_part(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | No
     )
 
 
-def _directory_weights(path: Path, fmt: Format) -> Path:
-    """The weights file inside a checkpoint step, checkpoint folder or model bundle."""
-    if fmt in (Format.BUNDLE, Format.CHECKPOINT_STEP):
-        return path / "model.safetensors"
-    if fmt == Format.CHECKPOINT_DIR:
-        from .manifest import MANIFEST_NAME
+def _directory_source(path: Path, fmt: Format, device: torch.device) -> StoredTensors:
+    """The verified model weights of a checkpoint folder, checkpoint step or model bundle."""
+    from .checkpoint.model_file import verified_model_tensors
 
-        steps = sorted(
-            (p for p in path.glob("step-*") if (p / MANIFEST_NAME).is_file()),
-            key=lambda p: p.name,
-        )
-        if not steps:
-            raise TorchkeepFileNotFoundError(f"{path} holds no committed checkpoint step")
-        return steps[-1] / "model.safetensors"
-    raise FileFormatError(
-        f"{path} is a directory that is neither a torchkeep checkpoint nor a model bundle"
-    )
+    file, tensors = verified_model_tensors(path, fmt)
+    if device.type != "cpu":
+        moved: dict[int, torch.Tensor] = {}
+        tensors = {name: moved.setdefault(id(t), t.to(device)) for name, t in tensors.items()}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    return StoredTensors(file, fmt, shapes, tensors=tensors)
 
 
 def open_source(path: Path, device: torch.device) -> StoredTensors:
     """Recognise ``path`` by content and prepare to read its tensors (for torchkeep's readers).
 
     Safetensors files are only parsed (their header fully validated); ``torch.save`` files are
-    scanned and loaded weights-only, memory-mapped. Directories resolve to their weights file.
+    scanned and loaded weights-only, memory-mapped. Directories resolve to their weights file,
+    which is hashed against its manifest first (in a checkpoint folder: of the newest step
+    whose weights are intact, with a warning for each newer one that is not).
     """
     if not path.exists():
         raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
     fmt = detect_format(path)
     if path.is_dir():
-        inner = _directory_weights(path, fmt)
-        source = open_source(inner, device)
-        source.format = fmt
-        return source
+        return _directory_source(path, fmt, device)
     require_file(path)
     if fmt == Format.SAFETENSORS:
         header = st.read_header(path)

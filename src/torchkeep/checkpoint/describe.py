@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from ..describe import DESCRIBERS, Description, describe
-from ..errors import TorchkeepFileNotFoundError
+from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
 from ..formats import Format
-from ..manifest import read_manifest
-from .layout import KIND, STATE_NAME, list_steps
+from .layout import RNG_ENTRY, list_steps, read_state, read_step_manifest
 
 
 def _when(created: object) -> str:
@@ -19,21 +19,25 @@ def _when(created: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
 
 
-def _plain_values(step_dir: Path) -> list[tuple[str, str]]:
+def _plain_values(step_dir: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """The entries saved as plain values (``epoch=3``), as stored in ``state.json``."""
-    state = json.loads((step_dir / STATE_NAME).read_bytes())
+    state = read_state(step_dir, manifest)
     return [
-        (name, json.dumps(entry.get("value")))
-        for name, entry in state.get("entries", {}).items()
-        if entry.get("kind") == "value"
+        (name, _shorten(json.dumps(entry["value"])))
+        for name, entry in state["entries"].items()
+        if entry["kind"] == "value" and name != RNG_ENTRY
     ]
 
 
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _describe_step(path: Path) -> Description:
-    manifest = read_manifest(path, kind=KIND)
+    manifest = read_step_manifest(path)
     description = Description(path, Format.CHECKPOINT_STEP, 0)
     for name, record in sorted(manifest["files"].items()):
-        description.size += int(record.get("size", 0))
+        description.size += record["size"]
         if not name.endswith(".safetensors"):
             continue
         stem = name.removesuffix(".safetensors")
@@ -43,7 +47,7 @@ def _describe_step(path: Path) -> Description:
         ]
         for target, aliases in inner.tied.items():
             description.tied[f"{stem}.{target}"] = [f"{stem}.{a}" for a in aliases]
-    metrics = manifest.get("metrics") or {}
+    metrics = manifest.get("metrics", {})
     description.sections["checkpoint"] = [
         ("step", str(manifest.get("step"))),
         ("saved", _when(manifest.get("created"))),
@@ -52,7 +56,7 @@ def _describe_step(path: Path) -> Description:
         ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
                        f"torch {manifest.get('torch_version')}"),
     ]  # fmt: skip
-    values = _plain_values(path)
+    values = _plain_values(path, manifest)
     if values:
         description.sections["values"] = values
     description.notes.append("hashes are not checked here; `torchkeep verify` checks them")
@@ -63,14 +67,23 @@ def _describe_folder(path: Path) -> Description:
     steps = list_steps(path)
     if not steps:
         raise TorchkeepFileNotFoundError(f"{path} holds no committed checkpoint step")
-    description = _describe_step(steps[-1].path)
-    description.path, description.format = path, Format.CHECKPOINT_DIR
-    description.size = sum(info.size for info in steps)
-    description.sections["steps"] = [(str(info.step), _when(info.created)) for info in steps]
-    description.notes.insert(
-        0, f"tensors and values are those of the latest step, {steps[-1].step}"
-    )
-    return description
+    skipped: list[str] = []
+    for info in reversed(steps):
+        try:
+            description = _describe_step(info.path)
+        except CorruptFileError as exc:
+            skipped.append(f"step {info.step} is unusable and was skipped: {first_line(exc)}")
+            continue
+        description.path, description.format = path, Format.CHECKPOINT_DIR
+        description.size = sum(info.size for info in steps)
+        description.sections["steps"] = [(str(i.step), _when(i.created)) for i in steps]
+        description.notes[:0] = [
+            *skipped,
+            f"tensors and values are those of the latest step, {info.step}"
+            + (" that could be read" if skipped else ""),
+        ]
+        return description
+    raise CorruptFileError(f"{path}: no step is readable; {skipped[0]}")
 
 
 DESCRIBERS[Format.CHECKPOINT_STEP] = _describe_step

@@ -8,6 +8,8 @@ passed to ``restore``); everything else is stored as a value (kind ``value``, re
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,8 +17,14 @@ from typing import Any, Literal
 import torch
 
 from .. import tree
+from ..errors import UnsupportedValueError
 from ..formats import safetensors as st
 from ..weights import Stateful
+from .layout import ENTRY_NAME_PATTERN, RESERVED_PREFIX, STATE_LIMITS
+
+# Leaves room in state.json, whose reader refuses documents over STATE_LIMITS.max_bytes, for
+# the other entries of the step.
+_MAX_SKELETON_BYTES = STATE_LIMITS.max_bytes // 4
 
 Kind = Literal["stateful", "value"]
 
@@ -37,7 +45,28 @@ class Entry:
         return f"{self.name}.safetensors" if self.tensors else None
 
 
-def prepare(name: str, value: Any, *, state_slot: bool = False) -> Entry:
+def check_name(name: object, *, internal: bool = False) -> str:
+    """Return ``name`` if it can name an entry, else raise :class:`UnsupportedValueError`.
+
+    Entry names become file names (``<name>.safetensors``): a non-empty string of at most 200
+    characters without path separators or NUL, not starting with a dot. Names starting with
+    ``torchkeep.`` are torchkeep's own (the random generator states) unless ``internal``.
+    """
+    if not isinstance(name, str) or not re.fullmatch(ENTRY_NAME_PATTERN, name):
+        raise UnsupportedValueError(
+            f"cannot save an entry named {str(name)[:80]!r}: entry names are non-empty strings "
+            "of at most 200 characters without '/', '\\' or NUL that do not start with '.'; "
+            "rename it"
+        )
+    if name.startswith(RESERVED_PREFIX) and not internal:
+        raise UnsupportedValueError(
+            f"cannot save an entry named {name!r}: names starting with {RESERVED_PREFIX!r} are "
+            "reserved for torchkeep's own entries; rename it"
+        )
+    return name
+
+
+def prepare(name: str, value: Any, *, state_slot: bool = False, internal: bool = False) -> Entry:
     """Turn one ``save`` keyword into an :class:`Entry`, validating every value and tensor.
 
     Args:
@@ -45,14 +74,20 @@ def prepare(name: str, value: Any, *, state_slot: bool = False) -> Entry:
         value: a :class:`~torchkeep.Stateful` object or a plain value.
         state_slot: ``name`` is one of ``model``/``optimizer``/``scheduler``/``scaler``, where a
             mapping is taken to be a state dict (restored into an object, not returned).
+        internal: the entry is torchkeep's own (its name may use the reserved prefix).
 
     Returns:
         The entry; its tensors are detached references, not copies.
+
+    Raises:
+        UnsupportedValueError: the name, a value or a tensor cannot be stored (the message
+            names its path), before anything is written.
 
     Example:
         >>> prepare("optimizer", opt).kind
         'stateful'
     """
+    check_name(name, internal=internal)
     stateful = isinstance(value, Stateful) or (state_slot and isinstance(value, Mapping))
     state = value.state_dict() if isinstance(value, Stateful) else value
     flat = tree.flatten(state, root=name)
@@ -60,5 +95,11 @@ def prepare(name: str, value: Any, *, state_slot: bool = False) -> Entry:
     try:
         st.validate_for_save(unique)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"cannot save {name!r}: {exc}") from None
+        raise UnsupportedValueError(f"cannot save {name!r}: {exc}") from None
+    size = len(json.dumps(flat.skeleton, allow_nan=False))
+    if size > _MAX_SKELETON_BYTES:
+        raise UnsupportedValueError(
+            f"cannot save {name!r}: its values other than tensors take {size} bytes of JSON "
+            f"(limit {_MAX_SKELETON_BYTES}); store large data as tensors"
+        )
     return Entry(name, "stateful" if stateful else "value", flat.skeleton, unique, aliases)

@@ -9,27 +9,99 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptFileError, TorchkeepFileNotFoundError
-from ..manifest import read_manifest
+from .. import tree
+from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
+from ..manifest import FILE_NAME_PATTERN, MANIFEST_NAME, find_problems, read_manifest
+from ..schema import (
+    MAX_INT64,
+    AnyValue,
+    Equals,
+    Int,
+    Limits,
+    Map,
+    Null,
+    Number,
+    Object,
+    OneOf,
+    Schema,
+    Str,
+    load_json_document,
+)
 
 KIND = "torchkeep.checkpoint"
 STATE_NAME = "state.json"
-_STEP_DIR = re.compile(r"step-(\d+)")
+# torchkeep's own entries live under this prefix, which user entry names may not use.
+RESERVED_PREFIX = "torchkeep."
+RNG_ENTRY = f"{RESERVED_PREFIX}rng"
+MAX_STEP = MAX_INT64
+STEP_WIDTH = 8
+_STEP_DIR = re.compile(rf"step-([0-9]{{{STEP_WIDTH},19}})", re.ASCII)
+
+# Every field a checkpoint manifest adds to the common ones (see torchkeep.manifest).
+_MANIFEST_FIELDS: dict[str, Schema] = {
+    "step": Int(max=MAX_STEP),
+    "metrics": Map(
+        Number(allow_nonfinite=True), key=Str(max_len=256), max_len=1000
+    ),  # NaN/inf losses are recorded as they were
+    "retention": Object(
+        {
+            "keep_last": OneOf((Null(), Int(min=1))),
+            "keep_best": Int(),
+            "monitor": OneOf((Null(), Str(max_len=256))),
+            "mode": OneOf((Equals("min"), Equals("max"))),
+            "keep_every": OneOf((Null(), Int(min=1))),
+        }
+    ),
+}
+# ``state.json``: the JSON skeleton of every entry (see torchkeep.tree); tensors are elsewhere.
+ENTRY_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,199}"
+STATE_LIMITS = Limits(
+    max_bytes=256 << 20,
+    max_depth=tree.MAX_DEPTH + 4,
+    max_int_digits=len(str(2**tree.MAX_INT_BITS)),
+)
+STATE_SCHEMA = Object(
+    {
+        "step": Int(max=MAX_STEP),
+        "entries": Map(
+            Object(
+                {
+                    "kind": OneOf((Equals("stateful"), Equals("value"))),
+                    "file": OneOf((Null(), Str(max_len=255, pattern=FILE_NAME_PATTERN))),
+                    "value": AnyValue(),
+                },
+                required=("kind", "file", "value"),
+            ),
+            key=Str(max_len=200, pattern=ENTRY_NAME_PATTERN),
+            max_len=10_000,
+        ),
+    },
+    required=("step", "entries"),
+)
 
 
 def step_path(directory: Path, step: int) -> Path:
     """The directory of ``step`` in ``directory`` (``step-00000042``)."""
-    return directory / f"step-{step:08d}"
+    return directory / f"step-{step:0{STEP_WIDTH}d}"
 
 
 def parse_step(name: str) -> int | None:
-    """The step number of a step directory name, or None for any other name."""
+    """The step number of a step directory name, or None for any other name.
+
+    Only the names :func:`step_path` writes count: ``step-`` and ASCII digits, zero-padded to
+    eight and without extra leading zeros (``step-00000042``, ``step-100000000``), so no two
+    names mean one step and no non-ASCII digit (``step-١٢٣``) is ever read as a number.
+    """
     match = _STEP_DIR.fullmatch(name)
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if step <= MAX_STEP and name == f"step-{step:0{STEP_WIDTH}d}" else None
 
 
 @dataclass(frozen=True)
@@ -44,32 +116,105 @@ class StepInfo:
     manifest: dict[str, Any] = field(repr=False, compare=False)
 
     def metric(self, name: str) -> float | None:
-        """The value of metric ``name``, or None when absent or not a number."""
+        """The value of metric ``name``, or None when absent or NaN."""
         value = self.metrics.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if value is None or math.isnan(value):
             return None
         return float(value)
 
 
+def read_step_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the step directory ``path``, checked against the checkpoint schema.
+
+    Besides the common checks of :func:`~torchkeep.manifest.read_manifest`, the manifest must
+    record the step its directory is named after.
+
+    Raises:
+        TorchkeepFileNotFoundError: there is no manifest (never committed).
+        CorruptFileError: the manifest is unreadable or invalid.
+    """
+    manifest = read_manifest(path, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",))
+    expected = parse_step(path.name)
+    if manifest["step"] != expected:
+        raise InvalidDocumentError(
+            f"{path / MANIFEST_NAME} records step {manifest['step']} but its directory is "
+            f"{path.name}; the step was renamed or damaged, so it is skipped"
+        )
+    return manifest
+
+
+def read_state(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Read ``state.json`` of the step at ``path``, bounded and checked against its schema.
+
+    The caller has verified the file's hash; here its structure is checked: a known ``kind``
+    for every entry, file names that stay in the directory and are listed in the manifest, and
+    the step number of the manifest.
+
+    Raises:
+        CorruptFileError: the document is unreadable or invalid.
+    """
+    source = path / STATE_NAME
+    state: dict[str, Any] = load_json_document(source, schema=STATE_SCHEMA, limits=STATE_LIMITS)
+    if state["step"] != manifest["step"]:
+        raise InvalidDocumentError(
+            f"{source} records step {state['step']}, its manifest {manifest['step']}; the step "
+            "is damaged, so it is skipped"
+        )
+    for name, entry in state["entries"].items():
+        if entry["file"] is not None and entry["file"] not in manifest["files"]:
+            raise InvalidDocumentError(
+                f"{source}: entry {name!r} names the file {entry['file']!r}, which "
+                f"{MANIFEST_NAME} does not list; the step is damaged, so it is skipped"
+            )
+    return state
+
+
 def read_step_info(path: Path) -> StepInfo | None:
-    """Describe the step at ``path``, or None if it is not a committed torchkeep step."""
+    """Describe the step at ``path``, or None if it is not a committed, valid torchkeep step."""
     step = parse_step(path.name)
     if step is None or not path.is_dir():
         return None
     try:
-        manifest = read_manifest(path, kind=KIND)
+        manifest = read_step_manifest(path)
     except (TorchkeepFileNotFoundError, CorruptFileError):
         return None
-    metrics = manifest.get("metrics")
-    files = manifest["files"].values()
     return StepInfo(
         step=step,
         path=path,
-        created=float(manifest.get("created", 0.0)),
-        metrics=dict(metrics) if isinstance(metrics, dict) else {},
-        size=sum(r.get("size", 0) for r in files if isinstance(r, dict)),
+        created=float(manifest["created"]),
+        metrics={name: float(value) for name, value in manifest.get("metrics", {}).items()},
+        size=sum(record["size"] for record in manifest["files"].values()),
         manifest=manifest,
     )
+
+
+def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
+    """Everything wrong with the step directory ``path`` (manifest, files, ``state.json``)."""
+    problems = find_problems(
+        path, check_hashes=check_hashes, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",)
+    )
+    if problems:
+        return problems
+    try:
+        manifest = read_step_manifest(path)
+        state = read_state(path, manifest)
+        if check_hashes and RNG_ENTRY in state["entries"]:
+            _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])
+    except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
+        return [str(exc)]
+    return []
+
+
+def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
+    """Raise unless the step's random generator states could be restored (as ``restore``
+    checks them), reading only their own small tensor file."""
+    from . import rng
+    from .reader import read_tensors
+
+    file = entry["file"]
+    tensors = read_tensors(path / file, manifest["files"][file]["hash"]) if file else {}
+    source = f"{path / STATE_NAME} ({RNG_ENTRY})"
+    rng.check(tree.unflatten(entry["value"], tensors, source=source), source=source)
 
 
 def list_steps(directory: Path) -> list[StepInfo]:
@@ -83,7 +228,10 @@ def list_steps(directory: Path) -> list[StepInfo]:
 def uncommitted_steps(directory: Path) -> list[Path]:
     """Step-named directories without a valid checkpoint manifest (damaged or foreign)."""
     return sorted(
-        child
-        for child in directory.iterdir()
-        if parse_step(child.name) is not None and read_step_info(child) is None
+        (
+            child
+            for child in directory.iterdir()
+            if parse_step(child.name) is not None and read_step_info(child) is None
+        ),
+        key=lambda child: parse_step(child.name) or 0,
     )

@@ -19,17 +19,25 @@ from ..errors import (
     StateDictMismatchError,
     StepExistsError,
     TorchkeepFileNotFoundError,
+    UnsupportedValueError,
 )
-from ..manifest import read_manifest
 from ..storage.local import remove_stale_temps, temp_sibling
 from . import retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
 from .entries import Entry, prepare
-from .layout import KIND, StepInfo, list_steps, parse_step, step_path, uncommitted_steps
+from .layout import (
+    MAX_STEP,
+    RNG_ENTRY,
+    StepInfo,
+    list_steps,
+    parse_step,
+    read_step_manifest,
+    step_path,
+    uncommitted_steps,
+)
 from .reader import LoadedStep, read_step
 
-RNG_ENTRY = "rng"
 STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
 
 
@@ -51,8 +59,8 @@ class Restored:
 
 
 def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, not {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be a non-negative int (at most {MAX_STEP}), not {step!r}")
     return step
 
 
@@ -189,6 +197,24 @@ class CheckpointManager:
         Example:
             >>> mgr.save(500, model=model, optimizer=opt, metrics={"loss": 0.2}, epoch=4)
         """
+        slots = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        return self._save_entries(step, slots, extra, metrics=metrics, overwrite=overwrite)
+
+    def _save_entries(
+        self,
+        step: int,
+        slots: Mapping[str, Any],
+        values: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """:meth:`save` with the entries given as dicts, so any name can be used (``"step"``,
+        ``"metrics"``; importers use this); ``slots`` are the ``model=``... arguments.
+
+        Raises:
+            UnsupportedValueError: a name is used twice or is not a valid entry name.
+        """
         self.wait()
         step = _check_step(step)
         final = step_path(self.directory, step)
@@ -197,9 +223,7 @@ class CheckpointManager:
                 f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
                 "replace it, or save under another step"
             )
-        entries = self._prepare(
-            dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler), extra
-        )
+        entries = self._prepare(dict(slots), dict(values))
         fields = {"metrics": _clean_metrics(metrics)}
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.directory)
@@ -214,9 +238,10 @@ class CheckpointManager:
         return final
 
     def _prepare(self, slots: dict[str, Any], extra: dict[str, Any]) -> list[Entry]:
-        if RNG_ENTRY in extra and self.save_rng:
-            raise ValueError(
-                f"{RNG_ENTRY!r} is reserved for the random generator states; rename the keyword"
+        taken = sorted(set(extra) & {name for name, value in slots.items() if value is not None})
+        if taken:
+            raise UnsupportedValueError(
+                f"{taken[0]!r} is given both as a state object and as a plain value; rename one"
             )
         entries = [
             prepare(name, value, state_slot=True)
@@ -225,7 +250,7 @@ class CheckpointManager:
         ]
         entries += [prepare(name, value) for name, value in extra.items()]
         if self.save_rng:
-            entries.append(prepare(RNG_ENTRY, rng.capture()))
+            entries.append(prepare(RNG_ENTRY, rng.capture(), internal=True))
         return entries
 
     def _commit(
@@ -421,7 +446,7 @@ def _warn_damaged_newer(directory: Path, step: int) -> None:
     for path in uncommitted_steps(directory):
         if (parse_step(path.name) or 0) > step:
             try:
-                read_manifest(path, kind=KIND)
+                read_step_manifest(path)
                 problem = "it is not a readable checkpoint step"
             except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
                 problem = str(exc)

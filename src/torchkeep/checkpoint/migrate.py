@@ -20,6 +20,7 @@ from ..errors import FileFormatError
 from ..formats import torch_zip
 from ..storage.local import atomic_file
 from ..weights import MODEL_KEYS
+from .layout import RNG_ENTRY
 from .reader import LoadedStep
 
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim")
@@ -68,7 +69,10 @@ def import_torch_checkpoint(
     beyond tensors and containers is refused, and nothing in it is run. ``model_state_dict``
     (or ``state_dict``, ``model``, ...) becomes the ``model`` entry, ``optimizer_state_dict``
     the ``optimizer`` entry (its parameter ids follow the model's parameter order, exactly as
-    ``torch.optim`` expects on load), ``loss`` a metric, and every other key a plain value.
+    ``torch.optim`` expects on load), ``loss`` a metric, and every other key a plain value of
+    the same name (any name: ``step``, ``metrics``, ``overwrite``); a key that names a state
+    part already taken (``"model": "resnet50"`` beside ``model_state_dict``) is stored as
+    ``model_value``.
 
     Args:
         src: the ``.pt``/``.pth``/``.tar`` file.
@@ -81,6 +85,7 @@ def import_torch_checkpoint(
 
     Raises:
         UnsafeCheckpointError: the file refers to code.
+        UnsupportedValueError: a value cannot be stored without pickle (named by its path).
         FileFormatError: the file holds no checkpoint dict with a model state dict.
 
     Example:
@@ -113,10 +118,20 @@ def import_torch_checkpoint(
     if step is None:
         counter = data.get("epoch", data.get("step", 0))
         step = counter if isinstance(counter, int) and not isinstance(counter, bool) else 0
-    extra = {str(key): value for key, value in data.items()}
-    manager = CheckpointManager(directory, keep_last=None, save_rng=False)
     wrapped = {name: _StateDict(state) for name, state in states.items() if state is not None}
-    return manager.save(step, metrics=metrics, overwrite=overwrite, **wrapped, **extra)
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        extra[_free_name(str(key), taken=set(wrapped) | set(extra))] = value
+    manager = CheckpointManager(directory, keep_last=None, save_rng=False)
+    return manager._save_entries(step, wrapped, extra, metrics=metrics, overwrite=overwrite)
+
+
+def _free_name(key: str, *, taken: set[str]) -> str:
+    """``key``, or ``key_value`` (``key_value_value``...) when a state part already uses it."""
+    name = key
+    while name in taken:
+        name = f"{name}_value"
+    return name
 
 
 def export_torch_checkpoint(loaded: LoadedStep, path: Path) -> Path:
@@ -129,7 +144,7 @@ def export_torch_checkpoint(loaded: LoadedStep, path: Path) -> Path:
     """
     values = {name: value for name, (kind, value) in loaded.entries.items() if kind == "value"}
     states = {name: value for name, (kind, value) in loaded.entries.items() if kind == "stateful"}
-    values.pop("rng", None)
+    values.pop(RNG_ENTRY, None)
     result: dict[str, Any] = {"epoch": values.pop("epoch", loaded.step)}
     for name in ("model", "optimizer", "scheduler", "scaler"):
         if name in states:

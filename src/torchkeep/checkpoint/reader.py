@@ -10,7 +10,6 @@ half-loads and no restored tensor keeps a file mapped.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +20,13 @@ from typing import Any
 import torch
 
 from .. import tree
-from ..errors import ChecksumMismatchError, CorruptFileError
+from ..errors import ChecksumMismatchError, CorruptFileError, TorchkeepError, UnreadableFileError
 from ..formats import safetensors as st
 from ..hashing import HASH_ALGORITHM, hash_file, new_hasher
-from ..manifest import MANIFEST_NAME, read_manifest
+from ..manifest import MANIFEST_NAME
+from . import rng
 from .entries import Kind
-from .layout import KIND, STATE_NAME
+from .layout import RNG_ENTRY, STATE_NAME, read_state, read_step_manifest
 
 
 @dataclass
@@ -100,9 +100,9 @@ def _record(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, A
     if not path.is_file():
         raise CorruptFileError(f"{path} is missing; the step is damaged")
     size = path.stat().st_size
-    if size != record.get("size"):
+    if size != record["size"]:
         raise CorruptFileError(
-            f"{path} has {size} bytes, the manifest says {record.get('size')} (truncated or "
+            f"{path} has {size} bytes, the manifest says {record['size']} (truncated or "
             "replaced); the step is damaged"
         )
     return record
@@ -137,17 +137,11 @@ def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
 
 
 def _read_state(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    record = _record(directory, manifest, STATE_NAME)
+    _record(directory, manifest, STATE_NAME)
     path = directory / STATE_NAME
-    if hash_file(path)[1] != record.get("hash"):
+    if hash_file(path)[1] != manifest["files"][STATE_NAME]["hash"]:
         raise _mismatch(path)
-    try:
-        state = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("entries"), dict):
-        raise CorruptFileError(f"{path} lacks an 'entries' table; the step is damaged")
-    return state
+    return read_state(directory, manifest)
 
 
 def read_step(directory: Path) -> LoadedStep:
@@ -162,27 +156,36 @@ def read_step(directory: Path) -> LoadedStep:
     Raises:
         TorchkeepFileNotFoundError: there is no manifest (never committed).
         CorruptFileError: a file is missing, truncated, fails its hash or is malformed
-            (:class:`ChecksumMismatchError` for a hash).
+            (:class:`ChecksumMismatchError` for a hash, :class:`UnreadableFileError` for a file
+            that cannot be read, :class:`InvalidDocumentError` for a document that breaks its
+            schema).
 
     Example:
         >>> read_step(Path("ckpt/step-00000010")).entries["epoch"]
         ('value', 3)
     """
-    manifest = read_manifest(directory, kind=KIND)
+    try:
+        return _read_step(directory)
+    except OSError as exc:
+        if isinstance(exc, TorchkeepError):
+            raise
+        raise UnreadableFileError(
+            f"{exc.filename or directory} cannot be read ({exc.strerror or exc}); the step is "
+            "unusable"
+        ) from None
+
+
+def _read_step(directory: Path) -> LoadedStep:
+    manifest = read_step_manifest(directory)
     state = _read_state(directory, manifest)
     files: dict[str, Path] = {}
     for name, raw in state["entries"].items():
-        if not isinstance(raw, dict) or raw.get("kind") not in ("stateful", "value"):
-            raise CorruptFileError(f"{directory / STATE_NAME}: entry {name!r} is malformed")
-        file_name = raw.get("file")
-        if file_name is not None:
-            if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
-                raise CorruptFileError(f"{directory / STATE_NAME}: bad file name {file_name!r}")
-            _record(directory, manifest, file_name)
-            files[name] = directory / file_name
+        if raw["file"] is not None:
+            _record(directory, manifest, raw["file"])
+            files[name] = directory / raw["file"]
     tensors = _verify_files(files, manifest)
     loaded = LoadedStep(
-        manifest["step"] if isinstance(manifest.get("step"), int) else -1,
+        manifest["step"],
         directory,
         manifest,
         {},
@@ -193,6 +196,8 @@ def read_step(directory: Path) -> LoadedStep:
         source = f"{directory / STATE_NAME} (entry {name!r})"
         value = tree.unflatten(loaded.skeletons[name], tensors.get(name, {}), source=source)
         loaded.entries[name] = (raw["kind"], value)
+    if RNG_ENTRY in loaded.entries:
+        rng.check(loaded.entries[RNG_ENTRY][1], source=f"{directory / STATE_NAME} ({RNG_ENTRY})")
     return loaded
 
 
@@ -202,7 +207,7 @@ def _verify_files(
     """Map and hash the tensor files, largest first, on up to two threads (xxh3 and page
     faults release the GIL); raise the first problem found."""
     order = sorted(files.items(), key=lambda item: -item[1].stat().st_size)
-    expected = {name: manifest["files"][path.name].get("hash") for name, path in order}
+    expected = {name: manifest["files"][path.name]["hash"] for name, path in order}
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(read_tensors, path, expected[name]) for name, path in order}
         return {name: future.result() for name, future in futures.items()}

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidDocumentError
+
 try:
     import numpy as np
 except ImportError:  # NumPy is optional
@@ -40,6 +42,87 @@ def capture() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+_MT_WORDS = 624  # the Mersenne Twister's state, in 32-bit words
+_CUDA_STATE_BYTES = 16  # a CUDA (Philox) generator: seed and offset
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _words(tensor: object) -> bool:
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype == torch.int64
+        and tuple(tensor.shape) == (_MT_WORDS,)
+        and bool(((tensor >= 0) & (tensor < 2**32)).all())
+    )
+
+
+def _byte_state(tensor: object, size: int) -> bool:
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.dtype == torch.uint8
+        and (tuple(tensor.shape) == (size,))
+    )
+
+
+def _problem(state: object) -> str | None:
+    """What makes ``state`` something :func:`restore` cannot put back, or None."""
+    if not isinstance(state, dict) or not {"python", "torch"} <= set(state):
+        return "it is not a table with 'python' and 'torch' generator states"
+    if set(state) - {"python", "torch", "numpy", "cuda"}:
+        return (
+            f"it has unknown generators {sorted(set(state) - {'python', 'torch', 'numpy', 'cuda'})}"
+        )
+    python = state["python"]
+    if not (
+        isinstance(python, tuple)
+        and len(python) == 3
+        and python[0] == 3
+        and isinstance(python[1], tuple)
+        and len(python[1]) == _MT_WORDS + 1
+        and all(_is_int(word, 0, 2**32 - 1) for word in python[1][:-1])
+        and _is_int(python[1][-1], 0, _MT_WORDS)
+        and (python[2] is None or type(python[2]) is float)
+    ):
+        return "the 'python' state is not a random.getstate() tuple"
+    if not _byte_state(state["torch"], torch.get_rng_state().numel()):
+        return "the 'torch' state is not a CPU generator state (uint8 tensor of its size)"
+    numpy = state.get("numpy")
+    if numpy is not None and not (
+        isinstance(numpy, tuple)
+        and len(numpy) == 5
+        and numpy[0] == "MT19937"
+        and _words(numpy[1])
+        and _is_int(numpy[2], 0, _MT_WORDS)
+        and _is_int(numpy[3], 0, 1)
+        and type(numpy[4]) is float
+    ):
+        return "the 'numpy' state is not a legacy numpy.random.get_state() tuple"
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, list) or not all(_byte_state(t, _CUDA_STATE_BYTES) for t in cuda):
+        return "the 'cuda' state is not a list of CUDA generator states"
+    return None
+
+
+def check(state: object, *, source: str) -> None:
+    """Raise unless ``state`` is a generator state :func:`restore` can put back unchanged.
+
+    Checked before anything is restored, so a malformed entry makes its step unusable (a
+    resume falls back to the previous step) instead of failing half-way through a restore.
+
+    Raises:
+        InvalidDocumentError: naming ``source`` and what is wrong.
+    """
+    problem = _problem(state)
+    if problem is not None:
+        raise InvalidDocumentError(
+            f"{source}: the random generator states are malformed ({problem}); the step is "
+            "damaged or was not written by torchkeep, so it is skipped"
+        )
 
 
 def restore(state: dict[str, Any]) -> None:

@@ -7,10 +7,11 @@ import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from ..checkpoint import retention
-from ..checkpoint.layout import list_steps, uncommitted_steps
+from ..checkpoint.layout import list_steps, step_problems, uncommitted_steps
 from ..errors import TorchkeepFileNotFoundError
-from ..manifest import find_problems
 from ._output import EXIT_OK, console, human_bytes, print_json, print_table
 
 
@@ -32,7 +33,7 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
             "time": datetime.datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S"),
             "size": info.size,
             "metrics": info.metrics,
-            "problems": find_problems(info.path, check_hashes=check_hashes),
+            "problems": step_problems(info.path, check_hashes=check_hashes),
             "kept_by": kept_by.get(info.step, []),
             "path": info.path,
         }
@@ -61,9 +62,12 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
     )
     for row in rows:
         for problem in row["problems"]:
-            console.print(f"[red]step {row['step']}:[/] {problem}", soft_wrap=True)
+            console.print(f"[red]step {row['step']}:[/] {escape(problem)}", soft_wrap=True)
     for path in uncommitted_steps(directory):
-        console.print(f"[yellow]{path.name}[/] has no valid manifest: not a step", soft_wrap=True)
+        reason = "; ".join(step_problems(path, check_hashes=False))
+        console.print(
+            f"[yellow]{path.name}[/] is not a usable step: {escape(reason)}", soft_wrap=True
+        )
 
 
 def run(args: argparse.Namespace) -> int:
