@@ -31,9 +31,14 @@ def plain(value: object) -> Text:
     return Text(text)
 
 
+def labelled(label: str, message: object, *, style: str) -> Text:
+    """``label`` in ``style`` followed by ``message`` shown literally (it may come from a file)."""
+    return Text(label, style=style) + plain(message)
+
+
 def print_error(message: str) -> None:
     """Print an error for a person, on stderr."""
-    error_console.print(Text("error: ", style="bold red") + plain(message), soft_wrap=True)
+    error_console.print(labelled("error: ", message, style="bold red"), soft_wrap=True)
 
 
 def print_json(value: Any) -> None:

@@ -11,7 +11,7 @@ from ..checkpoint import retention
 from ..checkpoint.layout import list_steps, uncommitted_steps
 from ..errors import TorchkeepFileNotFoundError
 from ..manifest import find_problems
-from ._output import EXIT_OK, console, human_bytes, print_json, print_table
+from ._output import EXIT_OK, console, human_bytes, labelled, print_json, print_table
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +61,12 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
     )
     for row in rows:
         for problem in row["problems"]:
-            console.print(f"[red]step {row['step']}:[/] {problem}", soft_wrap=True)
+            console.print(labelled(f"step {row['step']}: ", problem, style="red"), soft_wrap=True)
     for path in uncommitted_steps(directory):
-        console.print(f"[yellow]{path.name}[/] has no valid manifest: not a step", soft_wrap=True)
+        console.print(
+            labelled(path.name, " has no valid manifest: not a step", style="yellow"),
+            soft_wrap=True,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
