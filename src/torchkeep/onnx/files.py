@@ -218,6 +218,15 @@ def load_model(path: Path, *, with_data: bool = False) -> onnx.ModelProto:
             f"{path} is not a readable ONNX file ({first_line(exc)}): it is truncated, damaged "
             "or not ONNX. Export it again"
         ) from exc
+    for field, present in (
+        ("ir_version", model.ir_version > 0),
+        ("graph", model.HasField("graph")),
+    ):
+        if not present:  # protobuf parses most short byte strings: these make it a model
+            raise CorruptFileError(
+                f"{path}: field {field!r} is missing (or stored with the wrong protobuf type): "
+                "not an ONNX model, or a damaged one. Export it again"
+            )
     check_external_data(path, model)
     if with_data:
         onnx.load_external_data_for_model(model, str(path.parent))
