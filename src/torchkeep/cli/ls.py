@@ -22,6 +22,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _local_time(created: float) -> str:
+    """A manifest's creation time as local time; a value no clock can show says so."""
+    try:
+        return datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"invalid ({created!r})"
+
+
+def _metric(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else repr(value)
+
+
 def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
     infos = list_steps(directory)
     policy = retention.from_config(infos[-1].manifest.get("retention")) if infos else None
@@ -29,7 +41,7 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
     return [
         {
             "step": info.step,
-            "time": datetime.datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S"),
+            "time": _local_time(info.created),
             "size": info.size,
             "metrics": info.metrics,
             "problems": find_problems(info.path, check_hashes=check_hashes),
@@ -51,7 +63,7 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
                 row["step"],
                 row["time"],
                 human_bytes(row["size"]),
-                " ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-",
+                " ".join(f"{k}={_metric(v)}" for k, v in row["metrics"].items()) or "-",
                 "yes" if not row["problems"] else "NO",
                 ", ".join(row["kept_by"]) or "-",
             )
