@@ -15,8 +15,17 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_ERROR = 2
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    """A rich console that leaves a closed pipe to the CLI's guard (rich would exit 1 itself)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError("the reader of torchkeep's output closed the pipe")
+
+
+console = _Console(highlight=False)
+error_console = _Console(stderr=True, highlight=False)
 
 
 def plain(value: object) -> Text:
