@@ -37,9 +37,13 @@ def _dtype_name(data_type: int, *, path: Path, where: str) -> str:
         ) from None
 
 
+def _check_rank(rank: int, *, path: Path, where: str) -> None:
+    if rank > MAX_RANK:
+        raise CorruptFileError(f"{path}: {where} declares {rank:,} dimensions (> {MAX_RANK})")
+
+
 def _dims(dims: Sequence[int], *, path: Path, where: str) -> tuple[int, ...]:
-    if len(dims) > MAX_RANK:
-        raise CorruptFileError(f"{path}: {where} declares {len(dims):,} dimensions (> {MAX_RANK})")
+    _check_rank(len(dims), path=path, where=where)
     if any(d < 0 for d in dims):
         raise CorruptFileError(f"{path}: {where} has a negative dimension {list(dims)}")
     return tuple(dims)
@@ -63,9 +67,7 @@ def _signature(values: Any, path: Path, kind: str) -> list[tuple[str, str]]:
     for value in values:
         where = f"graph {kind} {value.name!r}"
         dtype = _dtype_name(value.type.tensor_type.elem_type, path=path, where=where)
-        shape = value.type.tensor_type.shape.dim
-        if len(shape) > MAX_RANK:
-            raise CorruptFileError(f"{path}: {where} declares {len(shape):,} dimensions")
+        _check_rank(len(value.type.tensor_type.shape.dim), path=path, where=where)
         rows.append((value.name, f"{dtype}[{', '.join(map(str, value_dims(value)))}]"))
     return rows
 
