@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 import zipfile
@@ -25,11 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchkeep as tk
-from tests._fuzz import hostile_path, make_bundle, make_checkpoint
+from tests._fuzz import document_edit, hostile_path, make_bundle, make_checkpoint
 from torchkeep.compare import diff_files
 from torchkeep.convert import convert
 from torchkeep.describe import describe
 from torchkeep.models import Net
+from torchkeep.onnx.describe import _report_rows
+from torchkeep.onnx.stored_report import SCHEMA, parse_stored_report
 
 pytest.importorskip("onnx")
 
@@ -205,3 +208,38 @@ def test_unreadable_file_is_an_os_error_with_its_name(tmp_path: Path, reader: st
     path.chmod(0)
     with pytest.raises((tk.TorchkeepError, PermissionError)):
         READERS[reader](path)
+
+
+VALID_REPORT = {
+    "producer": "torchkeep 0.1.0",
+    "torch_version": "2.5.0",
+    "exporter": "dynamo",
+    "fallback_reason": None,
+    "opset": 18,
+    "inputs": ["input"],
+    "outputs": ["output"],
+    "dynamic_batch": True,
+    "export_batch_size": 2,
+    "verified_batch_sizes": [1, 2, 7],
+    "rtol": 1e-3,
+    "atol": 1e-5,
+    "max_diffs": {"output": {"max_abs_diff": 1e-6, "max_rel_diff": 2e-6}},
+}
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.one_of(document_edit(VALID_REPORT).map(json.dumps), st.text(max_size=64)))
+def test_stored_onnx_report_is_valid_or_a_typed_error(text: str) -> None:
+    """The export report in an ``.onnx`` file: every field checked, or the report refused."""
+    path = Path("net.onnx")
+    try:
+        stored = parse_stored_report(text, path=path)
+    except tk.CorruptFileError as exc:
+        refusal = str(exc)
+    else:
+        for field, value in stored.items():
+            check, _ = SCHEMA[field]
+            assert check(value), field
+        _report_rows(text, path)  # what inspect shows: formats every validated field
+        return
+    assert "net.onnx: the stored export report" in refusal
