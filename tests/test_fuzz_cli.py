@@ -26,8 +26,6 @@ from tests._fuzz import hostile_path, make_bundle, make_checkpoint, write_file
 from torchkeep.cli import inspect as inspect_command
 from torchkeep.cli import main
 
-pytest.importorskip("onnx")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # command -> its arguments for a hostile input and an output folder.
@@ -203,6 +201,7 @@ def _torchkeep(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]
 
 
 def test_entry_point_refuses_garbage_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
     path = write_file(tmp_path, ".onnx", b"\x08\x07" + os.urandom(64))
     result = _torchkeep("inspect", str(path))
     assert result.returncode == 2
@@ -238,6 +237,7 @@ def test_entry_point_closed_pipe_is_quiet(tmp_path: Path, output: str) -> None:
 
 
 def test_entry_point_debug_flag_after_the_command(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
     path = write_file(tmp_path, ".onnx", b"\xff" * 8)
     result = _torchkeep("inspect", "--debug", str(path))
     assert result.returncode == 2

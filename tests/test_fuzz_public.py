@@ -34,8 +34,6 @@ from torchkeep.models import Net
 from torchkeep.onnx.describe import _report_rows
 from torchkeep.onnx.stored_report import SCHEMA, parse_stored_report
 
-pytest.importorskip("onnx")
-
 
 def _output(path: object) -> Path:
     """Where a converting reader writes: next to its input (a fresh folder per example)."""
