@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError, UnsafeCheckpointError
+from .errors import FileFormatError, TorchkeepFileNotFoundError, UnsafeCheckpointError
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 
@@ -184,7 +184,13 @@ def describe(path: str | os.PathLike[str]) -> Description:
         >>> describe("net.safetensors").parameter_count
     """
     path = Path(path)
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a name too long for the file system, ...
+        raise TorchkeepFileNotFoundError(
+            f"{path} cannot be looked up ({exc.strerror}); check the path"
+        ) from exc
+    if is_file:
         require_file(path)  # an empty file gets its own message
     fmt = detect_format(path)
     describer = DESCRIBERS.get(fmt)

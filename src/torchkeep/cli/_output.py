@@ -15,8 +15,17 @@ EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_ERROR = 2
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    """A rich console that leaves a closed pipe to the CLI's guard (rich would exit 1 itself)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError("the reader of torchkeep's output closed the pipe")
+
+
+console = _Console(highlight=False)
+error_console = _Console(stderr=True, highlight=False)
 
 
 def plain(value: object) -> Text:
@@ -31,9 +40,14 @@ def plain(value: object) -> Text:
     return Text(text)
 
 
+def labelled(label: str, message: object, *, style: str) -> Text:
+    """``label`` in ``style`` followed by ``message`` shown literally (it may come from a file)."""
+    return Text(label, style=style) + plain(message)
+
+
 def print_error(message: str) -> None:
     """Print an error for a person, on stderr."""
-    error_console.print(Text("error: ", style="bold red") + plain(message), soft_wrap=True)
+    error_console.print(labelled("error: ", message, style="bold red"), soft_wrap=True)
 
 
 def print_json(value: Any) -> None:

@@ -7,12 +7,10 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from ..checkpoint import retention
 from ..checkpoint.layout import list_steps, step_problems, uncommitted_steps
 from ..errors import TorchkeepFileNotFoundError
-from ._output import EXIT_OK, console, human_bytes, print_json, print_table
+from ._output import EXIT_OK, console, human_bytes, labelled, print_json, print_table
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +21,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _local_time(created: float) -> str:
+    """A manifest's creation time as local time; a value no clock can show says so."""
+    try:
+        return datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"invalid ({created!r})"
+
+
+def _metric(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else repr(value)
+
+
 def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
     infos = list_steps(directory)
     policy = retention.from_config(infos[-1].manifest.get("retention")) if infos else None
@@ -30,7 +40,7 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
     return [
         {
             "step": info.step,
-            "time": datetime.datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S"),
+            "time": _local_time(info.created),
             "size": info.size,
             "metrics": info.metrics,
             "problems": step_problems(info.path, check_hashes=check_hashes),
@@ -52,7 +62,7 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
                 row["step"],
                 row["time"],
                 human_bytes(row["size"]),
-                " ".join(f"{k}={v:.4g}" for k, v in row["metrics"].items()) or "-",
+                " ".join(f"{k}={_metric(v)}" for k, v in row["metrics"].items()) or "-",
                 "yes" if not row["problems"] else "NO",
                 ", ".join(row["kept_by"]) or "-",
             )
@@ -62,11 +72,12 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
     )
     for row in rows:
         for problem in row["problems"]:
-            console.print(f"[red]step {row['step']}:[/] {escape(problem)}", soft_wrap=True)
+            console.print(labelled(f"step {row['step']}: ", problem, style="red"), soft_wrap=True)
     for path in uncommitted_steps(directory):
         reason = "; ".join(step_problems(path, check_hashes=False))
         console.print(
-            f"[yellow]{path.name}[/] is not a usable step: {escape(reason)}", soft_wrap=True
+            labelled(path.name, f" is not a usable step: {reason}", style="yellow"),
+            soft_wrap=True,
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.text import Text
+
 from ..errors import TorchkeepError
 from ..security import scan
 from ._output import (
@@ -12,6 +14,7 @@ from ._output import (
     EXIT_OK,
     EXIT_PROBLEM,
     console,
+    plain,
     print_error,
     print_json,
     print_table,
@@ -48,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             continue
         verdict = (
-            "[bold red]UNSAFE[/]" if report.dangerous
-            else "[yellow]needs --allow[/]" if offending
-            else "[green]clean[/]"
+            Text("UNSAFE", style="bold red") if report.dangerous
+            else Text("needs --allow", style="yellow") if offending
+            else Text("clean", style="green")
         )  # fmt: skip
-        console.print(f"{report.path} ({report.format.value}): {verdict}")
+        console.print(plain(f"{report.path} ({report.format.value}): ") + verdict)
         if report.findings:
             print_table(
                 None,
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                 right_align=["count"],
             )
         for note in report.notes:
-            console.print(f"note: {note}")
+            console.print(plain(f"note: {note}"))
     if args.json:
         print_json(reports)
     return code

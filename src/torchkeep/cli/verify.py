@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..verify import verify
-from ._output import EXIT_OK, EXIT_PROBLEM, console, print_json, print_table
+from ._output import EXIT_OK, EXIT_PROBLEM, console, labelled, print_json, print_table
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             right_align=["problems"],
         )
         for problem in report.problems:
-            console.print(f"[red]problem:[/] {problem}", soft_wrap=True)
+            console.print(labelled("problem: ", problem, style="red"), soft_wrap=True)
         if report.ok:
             console.print("[green]all files match their manifests[/]")
     return EXIT_OK if report.ok else EXIT_PROBLEM

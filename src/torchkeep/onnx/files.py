@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundError
+from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
 from ..storage.local import atomic_file, fsync_dir, fsync_file, temp_sibling
 from ._deps import require
 from .graph import all_graphs
@@ -51,8 +53,47 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 yield from attribute.tensors
 
 
+_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+_NUMBER = re.compile(r"[0-9]{1,19}")
+_MAX_OFFSET = 2**63 - 1  # int64: what onnx and onnxruntime store offsets in
+_MAX_LOCATION_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class ExternalData:
+    """Where one tensor's external bytes are: a file inside the model's folder and a span."""
+
+    tensor: str
+    location: str
+    target: Path
+    offset: int
+    length: int | None
+
+
+def _refuse(onnx_path: Path, tensor: str, field: str, problem: str) -> CorruptFileError:
+    return CorruptFileError(
+        f"{onnx_path}: tensor {tensor!r}, external data field {field!r}: {problem}. The file "
+        "is damaged or hostile; re-export it (torchkeep refuses to guess which bytes it meant)"
+    )
+
+
+def _number(onnx_path: Path, tensor: str, field: str, text: str) -> int:
+    """A decimal offset or length in ``[0, 2**63)``; anything else is refused."""
+    if not _NUMBER.fullmatch(text) or int(text) > _MAX_OFFSET:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise _refuse(onnx_path, tensor, field, f"{shown!r} is not a byte count in [0, 2**63)")
+    return int(text)
+
+
 def _location_inside(folder: Path, location: str, *, onnx_path: Path, tensor: str) -> Path:
     """Resolve an external data ``location`` against ``folder``; refuse anything outside it."""
+    shown = location[:80] + ("..." if len(location) > 80 else "")
+    if len(location) > _MAX_LOCATION_CHARS:
+        raise _refuse(onnx_path, tensor, "location", f"longer than {_MAX_LOCATION_CHARS} chars")
+    if not location.isprintable():
+        raise _refuse(
+            onnx_path, tensor, "location", f"{shown!r} has control characters (a NUL cuts it short)"
+        )
     posix, windows = PurePosixPath(location), PureWindowsPath(location)
     escapes = (
         not location
@@ -62,7 +103,12 @@ def _location_inside(folder: Path, location: str, *, onnx_path: Path, tensor: st
         or ".." in posix.parts
         or ".." in windows.parts
     )
-    target = (folder / location).resolve()
+    try:
+        target = (folder / location).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise _refuse(
+            onnx_path, tensor, "location", f"{shown!r} cannot be resolved: {exc}"
+        ) from exc
     if escapes or not target.is_relative_to(folder.resolve()):
         raise CorruptFileError(
             f"{onnx_path}: tensor {tensor!r} keeps its data at {location!r}, outside the "
@@ -72,8 +118,41 @@ def _location_inside(folder: Path, location: str, *, onnx_path: Path, tensor: st
     return target
 
 
+def _external_data(path: Path, tensor: onnx.TensorProto) -> ExternalData:
+    """Validate one tensor's ``external_data`` entries: known keys, each once, sane values."""
+    info: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key not in _EXTERNAL_KEYS:
+            raise _refuse(path, tensor.name, entry.key[:80], "not a key ONNX defines")
+        if entry.key in info:
+            raise _refuse(path, tensor.name, entry.key, "given twice; readers disagree on which")
+        info[entry.key] = entry.value
+    location = info.get("location", "")
+    target = _location_inside(path.parent, location, onnx_path=path, tensor=tensor.name)
+    offset = _number(path, tensor.name, "offset", info.get("offset", "0"))
+    length = info.get("length")
+    return ExternalData(
+        tensor.name,
+        location,
+        target,
+        offset,
+        None if length is None else _number(path, tensor.name, "length", length),
+    )
+
+
+def _is_file(target: Path, *, onnx_path: Path, entry: ExternalData) -> bool:
+    try:
+        return target.is_file()
+    except OSError as exc:  # a name too long for the file system, ...
+        raise _refuse(onnx_path, entry.tensor, "location", f"cannot be read: {exc}") from exc
+
+
 def check_external_data(path: Path, model: onnx.ModelProto) -> list[Path]:
     """Check every external data reference of ``model`` (loaded from ``path``).
+
+    Every entry is validated before any file is looked at: only the keys ONNX defines, each
+    once; a location without control characters that stays inside the file's folder (symlinks
+    resolved); offsets and lengths that are decimal numbers in ``[0, 2**63)``.
 
     Args:
         path: the ``.onnx`` file the model was read from.
@@ -83,7 +162,8 @@ def check_external_data(path: Path, model: onnx.ModelProto) -> list[Path]:
         The external data files it uses, sorted (empty when all tensors are inline).
 
     Raises:
-        CorruptFileError: a location points outside the folder, or a file is too short.
+        CorruptFileError: an entry is malformed, a location points outside the folder, or a
+            file is too short.
         TorchkeepFileNotFoundError: a data file is missing.
 
     Example:
@@ -91,22 +171,19 @@ def check_external_data(path: Path, model: onnx.ModelProto) -> list[Path]:
     """
     import onnx
 
-    folder = path.parent
     files: dict[Path, int] = {}
     for tensor in _tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        target = _location_inside(folder, location, onnx_path=path, tensor=tensor.name)
-        if not target.is_file():
+        entry = _external_data(path, tensor)
+        if not _is_file(entry.target, onnx_path=path, entry=entry):
             raise TorchkeepFileNotFoundError(
-                f"{path}: the external data file {location!r} (tensor {tensor.name!r}) is "
-                f"missing from {folder}. An .onnx with external data needs its data file next "
-                "to it: copy both files together"
+                f"{path}: the external data file {entry.location!r} (tensor {entry.tensor!r}) "
+                f"is missing from {path.parent}. An .onnx with external data needs its data "
+                "file next to it: copy both files together"
             )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        files[target] = max(files.get(target, 0), end)
+        end = entry.offset + (entry.length or 0)
+        files[entry.target] = max(files.get(entry.target, 0), end)
     for target, end in files.items():
         if target.stat().st_size < end:
             raise CorruptFileError(
@@ -137,7 +214,19 @@ def load_model(path: Path, *, with_data: bool = False) -> onnx.ModelProto:
     try:
         model: onnx.ModelProto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and onnx's errors share no useful base
-        raise FileFormatError(f"{path} is not a readable ONNX file: {exc}") from exc
+        raise CorruptFileError(
+            f"{path} is not a readable ONNX file ({first_line(exc)}): it is truncated, damaged "
+            "or not ONNX. Export it again"
+        ) from exc
+    for field, present in (
+        ("ir_version", model.ir_version > 0),
+        ("graph", model.HasField("graph")),
+    ):
+        if not present:  # protobuf parses most short byte strings: these make it a model
+            raise CorruptFileError(
+                f"{path}: field {field!r} is missing (or stored with the wrong protobuf type): "
+                "not an ONNX model, or a damaged one. Export it again"
+            )
     check_external_data(path, model)
     if with_data:
         onnx.load_external_data_for_model(model, str(path.parent))
