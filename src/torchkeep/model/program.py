@@ -1,11 +1,12 @@
 """``program.pt2``: the model as a ``torch.export`` program, runnable without its Python class.
 
-Security: ``torch.export.load`` is not a safe loader. On torch 2.4-2.13 it unpickles parts of
-the archive with ``weights_only=False`` (payloads marked ``use_pickle``, opaque constants via
+Security: ``torch.export.load`` is not a safe loader. On torch 2.13 it unpickles parts of the
+archive with ``weights_only=False`` (payloads marked ``use_pickle``, opaque constants via
 ``pickle.loads``, and, after a failed weights-only attempt, the sample inputs), evaluates shape
-expressions with ``sympy.sympify`` (which runs Python) and loads AOTInductor shared libraries.
-So a program is loaded only with ``trust_program=True``, and only after :func:`scan` finds
-nothing beyond torch's weights-only allowlist in it.
+expressions with ``sympy.sympify``, loads AOTInductor shared libraries, and ``.module()`` execs
+``guards_code`` and Python source that FX generates from the program's names. So a program is
+loaded only with ``trust_program=True``, and only after :func:`scan` walked every member as a
+pickle and proved every such field plain data (:mod:`torchkeep.security.programs`).
 """
 
 from __future__ import annotations
