@@ -119,6 +119,19 @@ def _guards_code(clean: Path, target: Path, canary: Path) -> Path:
     return _rebuild(clean, target, _edit_json("models/model.json", change))
 
 
+def _padded_program(clean: Path, target: Path, canary: Path) -> Path:
+    """The hostile program behind 1 MiB of JSON whitespace (json.loads skips it)."""
+    hostile = _guards_code(clean, target.with_suffix(".plain.pt2"), canary)
+    padding = b" \n\t\r" * (1 << 18)
+    return _rebuild(
+        hostile,
+        target,
+        lambda members: [
+            (n, padding + d if n.endswith("models/model.json") else d) for n, d in members
+        ],
+    )
+
+
 def _sympy_expression(clean: Path, target: Path, canary: Path) -> Path:
     def change(program: dict) -> None:
         size = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]
@@ -258,6 +271,7 @@ _GUARD = _reason("a guard .module() execs")
 # id: (builder, plain loader, findings that must all be reported)
 VARIANTS: dict[str, tuple[Callable[[Path, Path, Path], Path], str, list[Callable[..., bool]]]] = {
     "guards_code": (_guards_code, EXPORT_CALL, [_GUARD]),
+    "padded_program": (_padded_program, EXPORT_CALL, [_GUARD]),
     "sympy_expression": (_sympy_expression, EXPORT_LOAD, [_reason("sympify evaluates it")]),
     "placeholder_name": (_placeholder_name, EXPORT_LOAD, [_NAME]),
     "parameter_name": (_parameter_name, EXPORT_CALL, [_NAME]),

@@ -36,6 +36,8 @@ from typing import IO
 # Program JSON larger than this is not parsed (torch would read it whole) and is a hazard.
 MAX_PROGRAM_BYTES = 256 * 1024 * 1024
 _MAX_TEXT = 100_000  # one expression or guard
+_CHUNK = 1 << 16
+_JSON_SPACE = b" \t\r\n"
 _MAX_INT = 2**64
 _MAX_POW_EXPONENT = 64
 
@@ -128,27 +130,31 @@ def archive_hazards(infos: Iterable[zipfile.ZipInfo], label: str) -> Iterator[Ha
             yield Hazard(label + name, label + name, "AOTInductor native code is loaded")
 
 
-def looks_like_json(head: bytes) -> bool:
-    """True when a member's first bytes open a JSON object (what torch parses as a program)."""
-    return head.lstrip(b" \t\r\n")[:1] == b"{"
-
-
 def member_hazards(stream: IO[bytes], member: str) -> Iterator[Hazard]:
-    """Hazards of one member that opens a JSON object (a program, payload config or other).
+    """Hazards of one member, if it holds a JSON object (a program, a payload config or other).
 
-    The member is decoded the way torch does (strict UTF-8, then ``json.loads``). A member
-    under ``models/`` (or a legacy ``serialized_exported_program.json``) that cannot be parsed
-    is a hazard; any other unparseable member is not a program torch could load.
+    Any member may: torch parses a program by name, so the check goes by content. Leading JSON
+    whitespace is skipped however long; a member whose first other byte is not ``{`` is no JSON
+    object and no program torch could load. The rest is decoded the way torch does (strict
+    UTF-8, then ``json.loads``). A member under ``models/`` (or a legacy
+    ``serialized_exported_program.json``) that cannot be parsed is a hazard.
     """
-    data = stream.read(MAX_PROGRAM_BYTES + 1)
-    is_program = bool(_PROGRAM_PATH.search(member))
-    if len(data) > MAX_PROGRAM_BYTES:
+    skipped = 0
+    chunk = stream.read(_CHUNK)
+    while chunk and not chunk.lstrip(_JSON_SPACE):
+        skipped += len(chunk)
+        chunk = stream.read(_CHUNK)
+    chunk = chunk.lstrip(_JSON_SPACE)
+    if chunk[:1] != b"{":
+        return
+    data = chunk + stream.read(max(0, MAX_PROGRAM_BYTES + 1 - skipped - len(chunk)))
+    if skipped + len(data) > MAX_PROGRAM_BYTES:
         yield Hazard(member, member, f"a JSON member over {MAX_PROGRAM_BYTES} bytes is not checked")
         return
     try:
         document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):
-        if is_program:
+        if _PROGRAM_PATH.search(member):
             yield Hazard(member, member, "unreadable program JSON")
         return
     yield from _document_hazards(document, member)

@@ -217,12 +217,9 @@ def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth
         if head.startswith(b"PK\x03\x04"):
             _scan_nested_zip(collector, archive.read(info), member, depth)
             continue
-        if programs.looks_like_json(head):
-            with archive.open(info) as f:
-                for hazard in programs.member_hazards(f, member):
-                    collector.add(
-                        hazard.name, "code", Severity.DANGEROUS, hazard.where, hazard.reason
-                    )
+        with archive.open(info) as f:
+            for hazard in programs.member_hazards(f, member):
+                collector.add(hazard.name, "code", Severity.DANGEROUS, hazard.where, hazard.reason)
         # Every member is a potential pickle, whatever its name, first byte or any config says.
         strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
         with archive.open(info) as f:
