@@ -377,6 +377,10 @@ def test_plain_expressions_pass(text: str) -> None:
         "(lambda: 1)()",
         "Pow(Integer(10), Integer(10**18))",
         "Integer(10) ** Integer(99999999)",
+        "Pow(Symbol('s0', integer=True), Integer(10**6))",
+        "2 ** s0",
+        "LShift(1, s0)",
+        "Pow(Pow(s0, 64), 64)",
         "Function('f')(s0)",
         "S.Half",
         "s0 ^ 2",
@@ -397,6 +401,7 @@ def test_guard_whitelist() -> None:
         "L['x'].size(0) == getattr(L, 'y')",
         "L['x\"'].size()[0] == 1",
         "math.system(1)",
+        "L['x'].size()[0] ** 10 ** 10",
     ]:
         assert not is_plain_guard(hostile), hostile
 

@@ -67,7 +67,7 @@ _SYMPY_CALLS = frozenset(
     }
 )  # fmt: skip
 _SYMPY_CONSTANTS = frozenset({"oo", "zoo", "nan", "true", "false", "True", "False", "int_oo"})
-_POW_CALLS = frozenset({"Pow", "PowByNatural", "FloatPow"})
+_POW_CALLS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
 _SYMBOL_ASSUMPTIONS = frozenset(
     {
         "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
@@ -282,8 +282,9 @@ def is_plain_expression(text: str) -> bool:
 
     Accepted: integer and float literals, symbol names like ``s0``/``u3``, ``Symbol('s0',
     positive=True, integer=True)``, calls of sympy/torch shape functions from a fixed set,
-    ``+ - * / // % **``, unary minus and comparisons. Powers of two literals need an exponent
-    of at most 64, so no expression can make sympy compute a huge number.
+    ``+ - * / // % **``, unary minus and comparisons. A power or left shift needs an integer
+    literal exponent of at most 64 and no power in its base, so no expression (with any hint
+    substituted for its symbols) makes sympy or torch compute a huge number.
     """
     node = _parse(text)
     return node is not None and _plain_expression(node)
@@ -345,18 +346,21 @@ def _plain_call(node: ast.Call, name: str) -> bool:
 
 
 def _bounded_power(base: ast.expr, exponent: ast.expr) -> bool:
-    """A power is evaluated eagerly only when both sides are numbers: keep those small."""
-    if _mentions_symbol(base) or _mentions_symbol(exponent):
-        return True
+    """A power (or shift) whose exponent is an integer literal of at most 64, with no power in
+    its base: torch substitutes hints (any size) for symbols, so nothing else stays small."""
     literal = _integer_literal(exponent)
-    return literal is not None and abs(literal) <= _MAX_POW_EXPONENT and _is_literal(base)
+    return (
+        literal is not None
+        and abs(literal) <= _MAX_POW_EXPONENT
+        and not any(_is_power(n) for n in ast.walk(base))
+    )
 
 
-def _mentions_symbol(node: ast.expr) -> bool:
-    return any(
-        (isinstance(n, ast.Name) and _SYMBOL_NAME.match(n.id))
-        or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "Symbol")
-        for n in ast.walk(node)
+def _is_power(node: ast.AST) -> bool:
+    return (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow)) or (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _POW_CALLS
     )
 
 
@@ -374,12 +378,6 @@ def _integer_literal(node: ast.expr) -> int | None:
     if isinstance(node, ast.Constant) and type(node.value) is int:
         return sign * node.value
     return None
-
-
-def _is_literal(node: ast.expr) -> bool:
-    return _integer_literal(node) is not None or (
-        isinstance(node, ast.Constant) and type(node.value) is float
-    )
 
 
 def is_plain_guard(text: str) -> bool:
@@ -403,6 +401,8 @@ def _plain_guard(node: ast.expr) -> bool:
     if isinstance(node, ast.UnaryOp):
         return isinstance(node.op, _UNARY) and _plain_guard(node.operand)
     if isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.Pow) and not _bounded_power(node.left, node.right):
+            return False
         return isinstance(node.op, _BINARY) and _plain_guard(node.left) and _plain_guard(node.right)
     if isinstance(node, ast.Compare):
         return all(isinstance(op, _COMPARE) for op in node.ops) and all(
