@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._export.serde.schema import SCHEMA_VERSION
 
 import torchkeep as tk
 from torchkeep.models import Net
@@ -304,6 +305,25 @@ def test_config_declaring_a_pickle_raw_hides_nothing(
 
     expected = [_PICKLE, _DUPLICATE] if declare is _duplicate_config else [_PICKLE]
     _assert_refused(hostile, canary, expected)
+
+
+def test_legacy_program_format_is_scanned(clean: Path, tmp_path: Path) -> None:
+    """torch.export.load falls back to the torch 2.7 zip layout when the archive is no PT2
+    package; that path unpickles ``serialized_state_dict.pt`` after a failed weights-only try."""
+    canary = tmp_path / "canary"
+    hostile = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(hostile, "w") as archive:
+        archive.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        archive.writestr("serialized_exported_program.json", _member(clean, "models/model.json"))
+        archive.writestr("serialized_state_dict.pt", _protocol0(canary))
+        archive.writestr("serialized_constants.pt", b"")
+        archive.writestr("serialized_example_inputs.pt", b"")
+    prove_live(EXPORT_LOAD, canary, path=hostile)
+
+    assert any(_PICKLE(f) for f in tk.scan(hostile).dangerous)
+    with pytest.raises(tk.TorchkeepError):
+        tk.load_model(hostile, trust_program=True)
+    assert not canary.exists()
 
 
 def _assert_refused(hostile: Path, canary: Path, expected: list[Callable[..., bool]]) -> None:
