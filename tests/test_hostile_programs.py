@@ -236,6 +236,24 @@ def _duplicate_config(tensor_constant: Path, target: Path, canary: Path) -> Path
         return _rebuild(tensor_constant, target, edit)
 
 
+def _case_duplicate_config(clean: Path, target: Path, canary: Path) -> Path:
+    """The real constants config is clean; ``MODEL_constants_config.json`` before it adds a
+    pickled constant, and torch's reader (which looks names up ignoring case) reads that one."""
+    hostile = _constant("tensor_")(clean, target.with_suffix(".plain.pt2"), canary)
+    clean_config = _member(clean, "model_constants_config.json")
+
+    def edit(members: Members) -> Members:
+        out: Members = []
+        for name, data in members:
+            if name.endswith("model_constants_config.json"):
+                out.append((name.replace("/model_", "/MODEL_"), data))
+                data = clean_config
+            out.append((name, data))
+        return out
+
+    return _rebuild(hostile, target, edit)
+
+
 def _duplicate_program(clean: Path, target: Path, canary: Path) -> Path:
     """Two ``models/model.json``; which copy torch reads depends on miniz's lookup (here the
     hostile second one, while for the constants config above it is the first)."""
@@ -280,6 +298,7 @@ VARIANTS: dict[str, tuple[Callable[[Path, Path, Path], Path], str, list[Callable
     "tensor_constant": (_constant("tensor_"), EXPORT_LOAD, [_PICKLE]),
     "opaque_constant": (_constant("opaque_obj_"), EXPORT_LOAD, [_PICKLE]),
     "sample_inputs": (_sample_inputs, EXPORT_LOAD, [_PICKLE]),
+    "case_duplicate_config": (_case_duplicate_config, EXPORT_LOAD, [_PICKLE, _DUPLICATE]),
     "duplicate_program": (_duplicate_program, EXPORT_CALL, [_DUPLICATE, _GUARD]),
 }
 

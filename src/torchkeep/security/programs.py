@@ -15,7 +15,8 @@ archive into code; each is checked here, and whatever is not proven plain is a h
 - node targets are resolved by ``getattr`` on ``torch``/``operator``/``math``: each must name
   an operator (``torch.ops.*``) or one of the few functions torch's verifier accepts.
 - ``data/aotinductor/`` holds shared libraries that are loaded: always a hazard.
-- a zip with two entries of one name: torch and Python's ``zipfile`` may read different copies.
+- a zip with two entries of one name (ignoring case, as torch's reader does): torch and
+  Python's ``zipfile`` may read different copies.
 
 Which members are programs is never decided by name: every member whose bytes start a JSON
 object is checked as one. Pickled payloads (weights, constants, opaque objects, sample inputs)
@@ -44,7 +45,7 @@ _MAX_POW_EXPONENT = 64
 _IDENTIFIER_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)?$")
 _SYMBOL_NAME = re.compile(r"^[a-z]{1,4}[0-9]+$")
 _FLOAT_TEXT = re.compile(r"^-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?$")
-_NATIVE = re.compile(r"(?:^|/)data/aotinductor/")
+_NATIVE = re.compile(r"(?:^|/)data/aotinductor/", re.IGNORECASE)
 _PROGRAM_PATH = re.compile(r"(?:^|/)(?:models/|serialized_exported_program\.json$)")
 
 # Keys whose string values torch only stores, splits, repr()s or json-parses (never code).
@@ -116,15 +117,20 @@ class Hazard:
 
 
 def archive_hazards(infos: Iterable[zipfile.ZipInfo], label: str) -> Iterator[Hazard]:
-    """Hazards of a zip's directory: duplicate entry names and AOTInductor native code."""
-    counts = Counter(info.filename for info in infos)
-    for name, count in counts.items():
-        if count > 1:
+    """Hazards of a zip's directory: duplicate entry names and AOTInductor native code.
+
+    Names are compared ignoring case: torch's reader (miniz) looks names up case-insensitively
+    by binary search, so which of two such entries it reads is arbitrary.
+    """
+    counts = Counter(info.filename.lower() for info in infos)
+    for info in infos:
+        name = info.filename
+        if counts[name.lower()] > 1:
             yield Hazard(
                 label + name,
                 label + name,
-                f"the zip holds {count} entries named {name!r}: torch and the scanner may "
-                "read different copies",
+                f"the zip holds {counts[name.lower()]} entries named {name!r} (ignoring case): "
+                "torch and the scanner may read different copies",
             )
         if _NATIVE.search(name):
             yield Hazard(label + name, label + name, "AOTInductor native code is loaded")
