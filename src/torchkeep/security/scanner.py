@@ -163,7 +163,7 @@ class _Collector:
             if not stream.read(1):
                 return
             stream.seek(start)
-            result = walk(stream)
+            result = walk(stream, precise=not top_level)
             if top_level and index == 0 and not result.complete and not result.events:
                 raise FileFormatError(
                     f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
