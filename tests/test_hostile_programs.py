@@ -8,7 +8,10 @@ trust_program=True)`` must refuse with torchkeep's own error, and the canary mus
 
 from __future__ import annotations
 
+import copyreg
+import io
 import json
+import pickle
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,7 @@ from torch._export.serde.schema import SCHEMA_VERSION
 import torchkeep as tk
 from torchkeep.models import Net
 from torchkeep.security.programs import is_plain_expression, is_plain_guard, is_plain_treespec
+from torchkeep.security.walker import walk
 
 from ._live import EXPORT_LOAD, prove_live
 
@@ -450,3 +454,51 @@ def test_treespec_whitelist() -> None:
     assert is_plain_treespec(plain)
     hostile = plain.replace("scale", "scale':__import__('os').system('id'),'z")
     assert not is_plain_treespec(hostile)
+
+
+class _Shell:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
+    """Every member is walked as a pickle, raw weights too: random floats and ints must end
+    where the unpickler would fail, not as invented imports (which would refuse clean programs).
+    """
+    generator = torch.Generator().manual_seed(0)
+    for index in range(3000):
+        scale = (0.02, 1.0, 10.0)[index % 3]
+        values = torch.randn(64, generator=generator) * scale
+        if index % 4 == 0:
+            values = torch.randint(-5, 5, (64,), generator=generator)
+        result = walk(io.BytesIO(values.numpy().tobytes()), precise=True)
+        assert not result.events, (index, result.events)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        *[pickle.dumps(_Shell(), protocol=p) for p in range(6)],
+        b"(0cos\nsystem\n(S'true'\ntR.",  # MARK, POP (drops the MARK), then the payload
+        pickle.dumps(_Shell(), protocol=2) + bytes(range(256)),  # payload, then garbage
+        b"cos\nsystem\n(S'true'\ntR" + b"\xff",  # runs, then fails
+    ],
+)
+def test_precise_walk_still_reports_every_payload(payload: bytes) -> None:
+    result = walk(io.BytesIO(payload), precise=True)
+    assert {e.target.full_name for e in result.events if e.target} & {"os.system", "posix.system"}
+
+
+def test_precise_walk_resolves_registered_extension_codes() -> None:
+    payload = b"\x80\x02\x83\xff\x7fX\x04\x00\x00\x00true\x85R."  # EXT2 0x7fff, call
+    copyreg.add_extension("os", "system", 0x7FFF)
+    try:
+        result = walk(io.BytesIO(payload), precise=True)
+    finally:
+        copyreg.remove_extension("os", "system", 0x7FFF)
+    assert [e.target.full_name for e in result.events if e.target] == ["os.system", "os.system"]
+    unregistered = walk(io.BytesIO(payload), precise=True)  # the unpickler raises at EXT2
+    assert not unregistered.events
+    assert not unregistered.complete
