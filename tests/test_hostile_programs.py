@@ -484,6 +484,10 @@ def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
         b"(0cos\nsystem\n(S'true'\ntR.",  # MARK, POP (drops the MARK), then the payload
         pickle.dumps(_Shell(), protocol=2) + bytes(range(256)),  # payload, then garbage
         b"cos\nsystem\n(S'true'\ntR" + b"\xff",  # runs, then fails
+        # text numbers pickletools rejects but the C unpickler reads (strtol base 0), then POP
+        b"L0x10L\n0cos\nsystem\n(S'true'\ntR.",
+        b"I0x10\n0cos\nsystem\n(S'true'\ntR.",
+        b"S'\\q'\n0cos\nsystem\n(S'true'\ntR.",
     ],
 )
 def test_precise_walk_still_reports_every_payload(payload: bytes) -> None:

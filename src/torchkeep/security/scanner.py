@@ -169,8 +169,8 @@ class _Collector:
                     f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
                     f"format torchkeep knows to be pickle-free ({result.error}); nothing to scan"
                 )
-            if index == 0 and not result.complete and not result.events:
-                return  # not a pickle: unpickling it fails before importing or calling anything
+            if index == 0 and not result.complete and not result.events and result.unpickler_fails:
+                return  # no pickle: an unpickler raises before it imports or calls anything
             if index >= strict and not result.complete:
                 stream.seek(0, os.SEEK_END)
                 self.report.notes.append(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import _compat_pickle
 import copyreg
 import pickletools
+import re
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -39,6 +40,22 @@ _STRING_OPS = frozenset(
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
+# pickletools errors where the C unpickler fails at the same byte: an unknown opcode, the data
+# running out. Their texts hold no pickle data except the one opcode byte.
+_DATA_ENDS = re.compile(
+    r"^(?:at position \d+, opcode b.{3,6} unknown"
+    r"|pickle exhausted before seeing STOP"
+    r"|not enough data in stream to read \w+"
+    r"|expected \d+ bytes in a \w+, but only \d+ remain"
+    r"|no newline found when trying to read \w+"
+    r"|\w+ byte count (?:< 0: -\d+|> sys\.maxsize: \d+))$"
+)
+# Text arguments pickletools parses more strictly than the C unpickler (which reads INT and
+# LONG in any base strtol accepts): a precise walk goes on past them with what they push.
+_TEXT_OPS = {"INT": "data", "LONG": "data", "FLOAT": "data", "STRING": "unknown"}
+# Text arguments both parse alike (base 10, the same parser): a failure is the unpickler's too.
+_BASE10_OPS = frozenset({"GET", "PUT"})
+_OPCODES = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
 UNRESOLVED = "<unresolved>"
 
 
@@ -72,6 +89,10 @@ class WalkResult:
     complete: bool = False
     protocol: int = 0
     error: str = ""
+    # The walk ended where the C unpickler certainly raises too (an unknown opcode, the data
+    # running out, an invalid UTF-8 string, or a precise-mode failure), not merely where
+    # pickletools parses more strictly than the unpickler (a text number, a quoted string).
+    unpickler_fails: bool = False
 
 
 class _Fails(Exception):
@@ -241,18 +262,47 @@ def walk(stream: IO[bytes], *, precise: bool = False) -> WalkResult:
 
     The stream is left just after ``STOP`` (or wherever parsing failed). Parsing errors do not
     raise: they are recorded in :attr:`WalkResult.error` with the events seen before them.
-    With ``precise``, the walk also ends where the unpickler would raise (see module doc).
+    With ``precise``, the walk also ends where the unpickler would raise (see module doc), and
+    goes on past text arguments the unpickler may accept though pickletools does not.
     """
     result = WalkResult()
     machine = _Machine(result, precise)
-    try:
-        for op, arg, offset in pickletools.genops(stream):
-            if op.name == "STOP":
-                result.complete = True
-                break
-            machine.step(op, arg, offset if offset is not None else -1)
-    except _Fails as exc:
-        result.error = f"the unpickler fails here: {exc}"
-    except Exception as exc:  # genops raises ValueError, UnicodeDecodeError, struct.error, ...
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result
+    while True:
+        start = stream.tell()
+        try:
+            for op, arg, offset in pickletools.genops(stream):
+                if op.name == "STOP":
+                    result.complete = True
+                    return result
+                machine.step(op, arg, offset if offset is not None else -1)
+                start = stream.tell()
+        except _Fails as exc:
+            result.error = f"the unpickler fails here: {exc}"
+            result.unpickler_fails = True
+            return result
+        except Exception as exc:  # genops raises ValueError, UnicodeDecodeError, struct.error, ...
+            if precise and _skip_text_argument(stream, start, machine):
+                continue
+            result.error = f"{type(exc).__name__}: {exc}"
+            failing = _failing_op(stream, start)
+            result.unpickler_fails = (
+                isinstance(exc, UnicodeDecodeError)
+                or bool(_DATA_ENDS.match(str(exc)))
+                or (precise and failing is not None and failing.name in _BASE10_OPS)
+            )
+            return result
+
+
+def _failing_op(stream: IO[bytes], start: int) -> pickletools.OpcodeInfo | None:
+    stream.seek(start)
+    return _OPCODES.get(stream.read(1))
+
+
+def _skip_text_argument(stream: IO[bytes], start: int, machine: _Machine) -> bool:
+    """After a text argument pickletools rejected at ``start``, go on as if it was accepted."""
+    op = _failing_op(stream, start)
+    if op is None or op.name not in _TEXT_OPS or not stream.readline().endswith(b"\n"):
+        stream.seek(start)
+        return False
+    machine.stack.append(_DATA if _TEXT_OPS[op.name] == "data" else _UNKNOWN)
+    return True
