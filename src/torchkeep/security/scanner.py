@@ -263,9 +263,11 @@ def _scan_file(collector: _Collector, path: Path) -> None:
 def scan(path: str | os.PathLike[str]) -> ScanReport:
     """Statically list what loading a file's pickles would import and call; never executes it.
 
-    Handles ``torch.save`` zips (every pickle member, whatever its name, and zips inside zips),
-    legacy torch files (pickles in sequence), raw pickles of any protocol, ``.pt2`` programs
-    (their pickled payloads, shape expressions and native code) and TorchScript archives. The
+    Handles ``torch.save`` zips (every member walked as a potential pickle, whatever its name,
+    first byte or any config says, and zips inside zips), legacy torch files (pickles in
+    sequence), raw pickles of any protocol, ``.pt2`` programs (every field torch turns into
+    code must be proven plain data: see :mod:`torchkeep.security.programs`; duplicate entries
+    and native code are dangerous) and TorchScript archives. The
     format is recognised by content, so a wrong suffix changes nothing. Safetensors, ONNX and
     torchkeep bundles without a program hold no pickles. Names that cannot be resolved
     statically are reported as dangerous.
