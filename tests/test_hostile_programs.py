@@ -372,6 +372,12 @@ def test_clean_programs_scan_clean_and_load(tmp_path: Path) -> None:
     cases = [
         (Tiny(), (torch.randn(2, 4),), ({0: dim("batch", min=1, max=64)},), {}),
         (Net(), (torch.randn(2, 3, 32, 32),), ({0: dim("batch", min=1)},), {}),
+        (
+            nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),  # names like "0.weight"
+            (torch.randn(3, 4),),
+            ({0: dim("rows")},),
+            {},
+        ),
         (Derived(), (torch.randn(4, 3, 9, 9),), ({0: 2 * half, 2: dim("h", min=5)},), {}),
         (
             Keywords(),
@@ -387,7 +393,7 @@ def test_clean_programs_scan_clean_and_load(tmp_path: Path) -> None:
         assert report.is_safe, (type(model).__name__, report.to_json()["findings"])
         loaded = tk.load_model(path, trust_program=True)
         assert torch.equal(loaded(*args, **kwargs), expected(*args, **kwargs))
-    guards = json.loads(_member(tmp_path / "clean2.pt2", "models/model.json"))["guards_code"]
+    guards = json.loads(_member(tmp_path / "clean3.pt2", "models/model.json"))["guards_code"]
     assert guards, "the derived-dimension program should carry guards for the whitelist to pass"
 
 

@@ -42,7 +42,9 @@ _JSON_SPACE = b" \t\r\n"
 _MAX_INT = 2**64
 _MAX_POW_EXPONENT = 64
 
-_IDENTIFIER_PATH = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)?$")
+# Dotted names of word characters (``conv1.weight``, ``0.bias``): no quote, bracket, space or
+# operator can reach the code FX generates from them.
+_IDENTIFIER_PATH = re.compile(r"^(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?$", re.ASCII)
 _SYMBOL_NAME = re.compile(r"^[a-z]{1,4}[0-9]+$")
 _FLOAT_TEXT = re.compile(r"^-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?$")
 _NATIVE = re.compile(r"(?:^|/)data/aotinductor/", re.IGNORECASE)
