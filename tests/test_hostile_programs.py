@@ -397,6 +397,16 @@ def test_clean_programs_scan_clean_and_load(tmp_path: Path) -> None:
     assert guards, "the derived-dimension program should carry guards for the whitelist to pass"
 
 
+def test_program_torch_cannot_load_is_a_typed_error(clean: Path, tmp_path: Path) -> None:
+    def change(program: dict) -> None:
+        program["verifiers"] = ["NO_SUCH_DIALECT"]  # plain data, but torch raises KeyError
+
+    broken = _rebuild(clean, tmp_path / "broken.pt2", _edit_json("models/model.json", change))
+    assert tk.scan(broken).is_safe
+    with pytest.raises(tk.CorruptFileError, match=r"broken\.pt2 passed the scan but"):
+        tk.load_model(broken, trust_program=True)
+
+
 def _member(path: Path, suffix: str) -> bytes:
     with zipfile.ZipFile(path) as archive:
         return archive.read(next(n for n in archive.namelist() if n.endswith(suffix)))

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError, UnsafeCheckpointError, first_line
+from ..errors import (
+    CorruptFileError,
+    ExportError,
+    ExportVerificationError,
+    UnsafeCheckpointError,
+    first_line,
+)
 from ..security import scan
 
 # An example with batch 1 makes torch.export specialise the batch to the constant 1
@@ -112,5 +118,12 @@ def load_program(path: Path, *, map_location: torch.device | str = "cpu") -> nn.
             f"{path} was refused even with trust_program=True: loading it would import or run "
             f"{listed}. Run `torchkeep scan {path}` for details; do not load it"
         )
-    module: nn.Module = torch.export.load(str(path)).module()
+    try:
+        module: nn.Module = torch.export.load(str(path)).module()
+    except Exception as exc:  # torch raises anything from KeyError to SerializeError
+        raise CorruptFileError(
+            f"{path} passed the scan but torch.export.load could not load it "
+            f"({type(exc).__name__}: {first_line(exc)}); re-export the model with "
+            "torch.export.save, or load the bundle with its class installed"
+        ) from exc
     return module.to(map_location)
