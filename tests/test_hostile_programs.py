@@ -145,6 +145,23 @@ def _sympy_expression(clean: Path, target: Path, canary: Path) -> Path:
     return _rebuild(clean, target, _edit_json("models/model.json", change))
 
 
+def _named_metadata(clean: Path, target: Path, canary: Path) -> Path:
+    """The input renamed ``metadata`` (a key whose strings are free text), a payload below it."""
+
+    def edit(members: Members) -> Members:
+        def change(program: dict) -> None:
+            size = program["graph_module"]["graph"]["tensor_values"]["metadata"]["sizes"][0]
+            size["as_expr"]["expr_str"] += f" + {_shell(canary)}"
+
+        renamed = [
+            (n, d.replace(b'"x"', b'"metadata"') if n.endswith("models/model.json") else d)
+            for n, d in members
+        ]
+        return _edit_json("models/model.json", change)(renamed)
+
+    return _rebuild(clean, target, edit)
+
+
 def _placeholder_name(clean: Path, target: Path, canary: Path) -> Path:
     """The input's name lands in ``def forward(self, <name>)`` that FX generates and execs."""
     name = json.dumps(f"x={_shell(canary)}")
@@ -294,6 +311,7 @@ _GUARD = _reason("a guard .module() execs")
 # id: (builder, plain loader, findings that must all be reported)
 VARIANTS: dict[str, tuple[Callable[[Path, Path, Path], Path], str, list[Callable[..., bool]]]] = {
     "guards_code": (_guards_code, EXPORT_CALL, [_GUARD]),
+    "named_metadata": (_named_metadata, EXPORT_LOAD, [_reason("sympify evaluates it")]),
     "padded_program": (_padded_program, EXPORT_CALL, [_GUARD]),
     "sympy_expression": (_sympy_expression, EXPORT_LOAD, [_reason("sympify evaluates it")]),
     "placeholder_name": (_placeholder_name, EXPORT_LOAD, [_NAME]),

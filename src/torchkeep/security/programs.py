@@ -50,8 +50,9 @@ _FLOAT_TEXT = re.compile(r"^-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?$")
 _NATIVE = re.compile(r"(?:^|/)data/aotinductor/", re.IGNORECASE)
 _PROGRAM_PATH = re.compile(r"(?:^|/)(?:models/|serialized_exported_program\.json$)")
 
-# Keys whose string values torch only stores, splits, repr()s or json-parses (never code).
-_FREE_TEXT_KEYS = frozenset({"metadata", "as_string", "as_strings", "torch_version"})
+# Keys whose string values torch only stores, splits, repr()s or json-parses (never code); the
+# string values of a ``metadata`` dict (stack traces, module stacks) are free text too.
+_FREE_TEXT_KEYS = frozenset({"as_string", "as_strings", "torch_version"})
 # Pytree specs (JSON in a string): FX pastes their dict keys into generated code.
 _TREESPEC_KEYS = frozenset({"in_spec", "out_spec"})
 _TREESPEC_FIELDS = frozenset({"type", "context", "children_spec"})
@@ -169,12 +170,14 @@ def member_hazards(stream: IO[bytes], member: str) -> Iterator[Hazard]:
 
 
 def _document_hazards(document: object, member: str) -> Iterator[Hazard]:
-    """Walk a JSON document (iteratively) and check every value torch could turn into code."""
-    stack: list[tuple[str, object, str]] = [("", document, member)]
+    """Walk a JSON document (iteratively) and check every value torch could turn into code.
+
+    Nothing is skipped: a key decides how a string directly under it is checked, never whether
+    what lies below is looked at (a node may be *named* ``metadata``).
+    """
+    stack: list[tuple[str, object, str, bool]] = [("", document, member, False)]
     while stack:
-        key, value, where = stack.pop()
-        if key in _FREE_TEXT_KEYS:
-            continue
+        key, value, where, free = stack.pop()
         if key == "guards_code":
             yield from _text_hazards(value, where, is_plain_guard, "a guard .module() execs")
         elif key == "expr_str":
@@ -191,10 +194,13 @@ def _document_hazards(document: object, member: str) -> Iterator[Hazard]:
                         yield _hazard(name, where, "a range constraint on a non-symbol")
                 elif not _IDENTIFIER_PATH.match(name):
                     yield _hazard(name, where, "a name FX pastes into generated code")
-                stack.append((name if key != _RANGE_KEYS else "", item, f"{where}:{name}"))
+                inner = name if key != _RANGE_KEYS else ""
+                stack.append((inner, item, f"{where}:{name}", key == "metadata"))
         elif isinstance(value, list):
-            stack.extend((key, item, where) for item in value)
-        elif isinstance(value, str) and not _IDENTIFIER_PATH.match(value):
+            stack.extend((key, item, where, free) for item in value)
+        elif isinstance(value, str) and not (
+            free or key in _FREE_TEXT_KEYS or _IDENTIFIER_PATH.match(value)
+        ):
             yield _hazard(value, f"{where}:{key}", "a name FX pastes into generated code")
 
 
