@@ -50,9 +50,14 @@ _FLOAT_TEXT = re.compile(r"^-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?$")
 _NATIVE = re.compile(r"(?:^|/)data/aotinductor/", re.IGNORECASE)
 _PROGRAM_PATH = re.compile(r"(?:^|/)(?:models/|serialized_exported_program\.json$)")
 
-# Keys whose string values torch only stores, splits, repr()s or json-parses (never code); the
-# string values of a ``metadata`` dict (stack traces, module stacks) are free text too.
-_FREE_TEXT_KEYS = frozenset({"as_string", "as_strings", "torch_version"})
+# Keys whose string values torch only stores, splits, repr()s or json-parses (never code): string
+# constants, and what ``deserialize_metadata`` reads from a node's metadata.
+_FREE_TEXT_KEYS = frozenset(
+    {
+        "as_string", "as_strings", "torch_version", "stack_trace", "nn_module_stack",
+        "source_fn_stack", "torch_fn", "custom", "from_node",
+    }
+)  # fmt: skip
 # Pytree specs (JSON in a string): FX pastes their dict keys into generated code.
 _TREESPEC_KEYS = frozenset({"in_spec", "out_spec"})
 _TREESPEC_FIELDS = frozenset({"type", "context", "children_spec"})
@@ -175,9 +180,9 @@ def _document_hazards(document: object, member: str) -> Iterator[Hazard]:
     Nothing is skipped: a key decides how a string directly under it is checked, never whether
     what lies below is looked at (a node may be *named* ``metadata``).
     """
-    stack: list[tuple[str, object, str, bool]] = [("", document, member, False)]
+    stack: list[tuple[str, object, str]] = [("", document, member)]
     while stack:
-        key, value, where, free = stack.pop()
+        key, value, where = stack.pop()
         if key == "guards_code":
             yield from _text_hazards(value, where, is_plain_guard, "a guard .module() execs")
         elif key == "expr_str":
@@ -194,12 +199,11 @@ def _document_hazards(document: object, member: str) -> Iterator[Hazard]:
                         yield _hazard(name, where, "a range constraint on a non-symbol")
                 elif not _IDENTIFIER_PATH.match(name):
                     yield _hazard(name, where, "a name FX pastes into generated code")
-                inner = name if key != _RANGE_KEYS else ""
-                stack.append((inner, item, f"{where}:{name}", key == "metadata"))
+                stack.append((name if key != _RANGE_KEYS else "", item, f"{where}:{name}"))
         elif isinstance(value, list):
-            stack.extend((key, item, where, free) for item in value)
+            stack.extend((key, item, where) for item in value)
         elif isinstance(value, str) and not (
-            free or key in _FREE_TEXT_KEYS or _IDENTIFIER_PATH.match(value)
+            key in _FREE_TEXT_KEYS or _IDENTIFIER_PATH.match(value)
         ):
             yield _hazard(value, f"{where}:{key}", "a name FX pastes into generated code")
 
