@@ -1,11 +1,12 @@
 """``program.pt2``: the model as a ``torch.export`` program, runnable without its Python class.
 
-Security: ``torch.export.load`` is not a safe loader. On torch 2.4-2.13 it unpickles parts of
-the archive with ``weights_only=False`` (payloads marked ``use_pickle``, opaque constants via
+Security: ``torch.export.load`` is not a safe loader. On torch 2.13 it unpickles parts of the
+archive with ``weights_only=False`` (payloads marked ``use_pickle``, opaque constants via
 ``pickle.loads``, and, after a failed weights-only attempt, the sample inputs), evaluates shape
-expressions with ``sympy.sympify`` (which runs Python) and loads AOTInductor shared libraries.
-So a program is loaded only with ``trust_program=True``, and only after :func:`scan` finds
-nothing beyond torch's weights-only allowlist in it.
+expressions with ``sympy.sympify``, loads AOTInductor shared libraries, and ``.module()`` execs
+``guards_code`` and Python source that FX generates from the program's names. So a program is
+loaded only with ``trust_program=True``, and only after :func:`scan` walked every member as a
+pickle and proved every such field plain data (:mod:`torchkeep.security.programs`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError, UnsafeCheckpointError, first_line
+from ..errors import (
+    CorruptFileError,
+    ExportError,
+    ExportVerificationError,
+    UnsafeCheckpointError,
+    first_line,
+)
 from ..security import scan
 
 # An example with batch 1 makes torch.export specialise the batch to the constant 1
@@ -111,5 +118,12 @@ def load_program(path: Path, *, map_location: torch.device | str = "cpu") -> nn.
             f"{path} was refused even with trust_program=True: loading it would import or run "
             f"{listed}. Run `torchkeep scan {path}` for details; do not load it"
         )
-    module: nn.Module = torch.export.load(str(path)).module()
+    try:
+        module: nn.Module = torch.export.load(str(path)).module()
+    except Exception as exc:  # torch raises anything from KeyError to SerializeError
+        raise CorruptFileError(
+            f"{path} passed the scan but torch.export.load could not load it "
+            f"({type(exc).__name__}: {first_line(exc)}); re-export the model with "
+            "torch.export.save, or load the bundle with its class installed"
+        ) from exc
     return module.to(map_location)

@@ -4,17 +4,17 @@ and report what loading it would import and call, without executing anything."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import FileFormatError, TorchkeepFileNotFoundError
 from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
+from . import programs
 from .policy import Severity, classify
 from .walker import UNRESOLVED, Event, walk
 
@@ -23,34 +23,6 @@ from .walker import UNRESOLVED, Event, walk
 _LEGACY_PICKLES = 5
 _MAX_ZIP_DEPTH = 3
 _STORAGE_RECORD = re.compile(r"^(?P<prefix>[^/]+/)?data/\d+$")
-_PT2_PAYLOAD_CONFIG = re.compile(
-    r"^(?P<dir>(?:[^/]+/)?data/(?:weights|constants)/)[^/]+config\.json$"
-)
-_PT2_PROGRAM = re.compile(r"^(?:[^/]+/)?models/[^/]+\.json$")
-_PT2_NATIVE = re.compile(r"^(?:[^/]+/)?data/aotinductor/")
-# Shape expressions in a .pt2 program (``srepr`` text) go through sympy.sympify, which
-# evaluates them as Python: only sympy constructors, symbols, numbers and operators may appear.
-_EXPR_TOKEN = re.compile(
-    r"\s+|\d+(?:\.\d+)?(?:e[+-]?\d+)?|'[\w.+-]*'|\"[\w.+-]*\"|[A-Za-z_]\w*|\*\*|//|[<>=!]=|[-+*/%(),<>&|~^=]"
-)
-_SYMBOL = re.compile(r"^[a-z]{1,4}\d+$")
-_KEYWORD = re.compile(r"^[a-z][a-z_]*$")
-_SYMPY_NAMES = frozenset(
-    {
-        "Symbol", "Dummy", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max",
-        "Min", "Abs", "floor", "ceiling", "sign", "sqrt", "Equality", "Unequality",
-        "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Eq", "Ne", "Lt",
-        "Le", "Gt", "Ge", "And", "Or", "Not", "Xor", "BooleanTrue", "BooleanFalse", "true",
-        "false", "True", "False", "None", "Piecewise", "ExprCondPair", "Infinity",
-        "NegativeInfinity", "ComplexInfinity", "NaN", "oo", "zoo", "nan", "Half", "One", "Zero",
-        "NegativeOne", "IntInfinity", "NegativeIntInfinity", "int_oo", "ITE", "Tuple",
-        "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt",
-        "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow",
-        "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
-        "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
-        "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt",
-    }
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -191,12 +163,14 @@ class _Collector:
             if not stream.read(1):
                 return
             stream.seek(start)
-            result = walk(stream)
+            result = walk(stream, precise=not top_level)
             if top_level and index == 0 and not result.complete and not result.events:
                 raise FileFormatError(
                     f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
                     f"format torchkeep knows to be pickle-free ({result.error}); nothing to scan"
                 )
+            if index == 0 and not result.complete and not result.events and result.unpickler_fails:
+                return  # no pickle: an unpickler raises before it imports or calls anything
             if index >= strict and not result.complete:
                 stream.seek(0, os.SEEK_END)
                 self.report.notes.append(
@@ -219,25 +193,6 @@ class _Collector:
             index += 1
 
 
-def _pt2_raw_records(archive: zipfile.ZipFile) -> set[str]:
-    """Members of a .pt2 that its payload configs declare as raw tensor bytes (never unpickled)."""
-    raw = set()
-    for name in archive.namelist():
-        match = _PT2_PAYLOAD_CONFIG.match(name)
-        if not match:
-            continue
-        try:
-            config = json.loads(archive.read(name)).get("config", {})
-        except (ValueError, AttributeError, zipfile.BadZipFile):
-            continue
-        for entry in config.values() if isinstance(config, dict) else ():
-            if isinstance(entry, dict) and entry.get("use_pickle") is False:
-                path_name = str(entry.get("path_name", ""))
-                if path_name.startswith(("weight_", "tensor_")):
-                    raw.add(match["dir"] + path_name)
-    return raw
-
-
 def _torch_storage_records(names: list[str]) -> set[str]:
     """``<prefix>/data/<n>`` records of a torch zip: raw storage bytes, read but not unpickled."""
     pickles = {n.rsplit("/", 1)[0] + "/" for n in names if n.endswith("data.pkl")}
@@ -248,81 +203,28 @@ def _torch_storage_records(names: list[str]) -> set[str]:
     }
 
 
-def _unsafe_expressions(value: object) -> Iterator[str]:
-    """Shape expressions in a serialized program that are more than arithmetic on symbols."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "expr_str" and isinstance(item, str) and not _is_arithmetic(item):
-                yield item
-            else:
-                yield from _unsafe_expressions(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _unsafe_expressions(item)
-
-
-def _is_arithmetic(expression: str) -> bool:
-    """True when ``expression`` only builds sympy objects (no other names, no attributes)."""
-    tokens = []
-    position = 0
-    while position < len(expression):
-        match = _EXPR_TOKEN.match(expression, position)
-        if not match:
-            return False
-        if not match.group().isspace():
-            tokens.append(match.group())
-        position = match.end()
-    for index, token in enumerate(tokens):
-        if not (token[0].isalpha() or token[0] == "_"):
-            continue
-        keyword = index + 1 < len(tokens) and tokens[index + 1] == "="
-        if keyword and not _KEYWORD.match(token):
-            return False
-        if not keyword and not (_SYMBOL.match(token) or token in _SYMPY_NAMES):
-            return False
-    return True
-
-
-def _scan_program_json(collector: _Collector, data: bytes, member: str) -> None:
-    try:
-        program = json.loads(data)
-    except ValueError:
-        collector.add(member, "code", Severity.DANGEROUS, member, "unreadable program JSON")
-        return
-    for expression in _unsafe_expressions(program):
-        shown = expression if len(expression) < 80 else expression[:77] + "..."
-        collector.add(
-            shown,
-            "code",
-            Severity.DANGEROUS,
-            member,
-            "a shape expression torch.export.load evaluates with sympy (runs Python)",
-        )
-
-
 def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth: int) -> None:
-    names = archive.namelist()
-    skip = _torch_storage_records(names) | _pt2_raw_records(archive)
-    for info in archive.infolist():
+    infos = archive.infolist()
+    for hazard in programs.archive_hazards(infos, label):
+        collector.add(hazard.name, "code", Severity.DANGEROUS, hazard.where, hazard.reason)
+    skip = _torch_storage_records([info.filename for info in infos])
+    for info in infos:
         member = f"{label}{info.filename}"
         if info.is_dir() or info.filename in skip:
-            continue
-        if _PT2_NATIVE.match(info.filename):
-            collector.add(
-                member, "code", Severity.DANGEROUS, member, "AOTInductor native code is loaded"
-            )
             continue
         with archive.open(info) as f:
             head = f.read(16)
         if head.startswith(b"PK\x03\x04"):
             _scan_nested_zip(collector, archive.read(info), member, depth)
-        elif _PT2_PROGRAM.match(info.filename):
-            _scan_program_json(collector, archive.read(info), member)
-        elif info.filename.endswith(".pkl") or head[:1] == b"\x80":
-            strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
-            with archive.open(info) as f:
-                collector.walk_pickles(f, member, strict=strict)
-        elif "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
+            continue
+        with archive.open(info) as f:
+            for hazard in programs.member_hazards(f, member):
+                collector.add(hazard.name, "code", Severity.DANGEROUS, hazard.where, hazard.reason)
+        # Every member is a potential pickle, whatever its name, first byte or any config says.
+        strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
+        with archive.open(info) as f:
+            collector.walk_pickles(f, member, strict=strict)
+        if "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
             collector.add(
                 member,
                 "code",
@@ -361,9 +263,11 @@ def _scan_file(collector: _Collector, path: Path) -> None:
 def scan(path: str | os.PathLike[str]) -> ScanReport:
     """Statically list what loading a file's pickles would import and call; never executes it.
 
-    Handles ``torch.save`` zips (every pickle member, whatever its name, and zips inside zips),
-    legacy torch files (pickles in sequence), raw pickles of any protocol, ``.pt2`` programs
-    (their pickled payloads, shape expressions and native code) and TorchScript archives. The
+    Handles ``torch.save`` zips (every member walked as a potential pickle, whatever its name,
+    first byte or any config says, and zips inside zips), legacy torch files (pickles in
+    sequence), raw pickles of any protocol, ``.pt2`` programs (every field torch turns into
+    code must be proven plain data: see :mod:`torchkeep.security.programs`; duplicate entries
+    and native code are dangerous) and TorchScript archives. The
     format is recognised by content, so a wrong suffix changes nothing. Safetensors, ONNX and
     torchkeep bundles without a program hold no pickles. Names that cannot be resolved
     statically are reported as dangerous.
