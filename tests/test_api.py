@@ -20,7 +20,7 @@ PUBLIC = {
     # errors
     "TorchkeepError", "FileFormatError", "CorruptFileError", "TorchkeepFileNotFoundError",
     "StateDictMismatchError", "ChecksumMismatchError", "StepExistsError", "DestinationExistsError",
-    "CheckpointNotFoundError", "UnsafeCheckpointError", "StorageFullError",
+    "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError", "StorageFullError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError",
     "__version__",
