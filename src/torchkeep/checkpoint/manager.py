@@ -312,35 +312,45 @@ class CheckpointManager:
         With ``check_rng``, a malformed random-generator entry makes the step unusable too.
         """
         skipped: set[int] = set()
+        settled: list[int] | None = None
         for _ in range(RACE_ROUNDS):
+            before = _stamp(self.directory)
             candidates, fallback = self._candidates(step)
+            raced = False
             for info in candidates:
+                if info.step in skipped:
+                    continue
                 try:
                     loaded = read_step(info.path)
                     if check_rng and RNG_ENTRY in loaded.entries:
                         precheck.check_rng(loaded.entries[RNG_ENTRY][1], loaded.path)
                 except StepVanishedError:
-                    break  # a writer moved on meanwhile: list the steps again
+                    raced = True  # a writer moved on meanwhile: list the steps again
+                    break
                 except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
                     if not fallback:
                         raise
-                    if info.step not in skipped:
-                        skipped.add(info.step)
-                        warnings.warn(
-                            f"checkpoint step {info.step} is unusable and was skipped: {exc}",
-                            stacklevel=3,
-                        )
+                    skipped.add(info.step)
+                    warnings.warn(
+                        f"checkpoint step {info.step} is unusable and was skipped: {exc}",
+                        stacklevel=3,
+                    )
                 else:
                     if step is None:
                         _warn_damaged_newer(self.directory, loaded.step)
                     return loaded
-            else:
+            # No step worked. Trust that only when the folder did not change meanwhile and two
+            # listings in a row agree: a listing taken while a writer commits and retires can
+            # miss both the old step and the new one.
+            listing = [info.step for info in candidates]
+            if not raced and before == _stamp(self.directory) and listing == settled:
                 what = "a valid step" if step is None else f"a valid step {step!r}"
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no {what} (committed steps: "
                     f"{self.steps or 'none'}); check the directory, or start training from "
                     "scratch"
                 )
+            settled = None if raced else listing
         raise CheckpointBusyError(
             f"every step of {self.directory} was retired by a concurrent writer while it was "
             f"being read, {RACE_ROUNDS} times in a row; keep more steps in the writer "
@@ -457,6 +467,16 @@ def _load_into(
             f"restored before it: {done}. Pass an object that matches the save, or leave it out "
             f"({name}=None)"
         ) from exc
+
+
+def _stamp(directory: Path) -> tuple[int, int] | None:
+    """The identity and modification time of ``directory``: it changes with every commit and
+    every retirement of a step in it."""
+    try:
+        stat = directory.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _list_committed(directory: Path) -> list[StepInfo]:

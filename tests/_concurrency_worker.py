@@ -1,0 +1,79 @@
+"""Writers for the concurrency tests, run as separate processes.
+
+    python tests/_concurrency_worker.py train DIRECTORY STEPS ASYNC
+    python tests/_concurrency_worker.py race DIRECTORY STEP GO_FILE
+
+``train`` saves steps 0..STEPS-1 with ``keep_last=1`` (ASYNC ``1``: ``async_save=True``); the
+state of step ``s`` is :func:`expected_state` of ``s``, so a reader can check any restore bit for
+bit. It creates ``DIRECTORY/ready`` once step 0 is committed. ``race`` waits (bounded) for
+GO_FILE (after creating ``GO_FILE.<pid>.ready``), then saves STEP and prints ``committed`` or ``exists``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import torchkeep as tk
+
+WIDTH = 256  # 256 KiB of weights per step: reads take long enough to overlap retention
+
+
+def build() -> tuple[nn.Linear, torch.optim.SGD]:
+    """The model and optimizer both sides use (momentum buffers exist from the start)."""
+    model = nn.Linear(WIDTH, WIDTH)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    opt.step()
+    return model, opt
+
+
+def expected_state(step: int, model: nn.Linear, opt: torch.optim.SGD) -> None:
+    """Put the state of ``step`` into ``model`` and ``opt`` (a function of the step only)."""
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+        model.bias.fill_(-float(step))
+        for param in model.parameters():
+            opt.state[param]["momentum_buffer"].fill_(step + 0.5)
+
+
+def train(directory: Path, steps: int, async_save: bool) -> None:
+    model, opt = build()
+    with tk.CheckpointManager(directory, keep_last=1, async_save=async_save) as mgr:
+        for step in range(steps):
+            expected_state(step, model, opt)
+            mgr.save(step, model=model, optimizer=opt, metrics={"step": step})
+            if step == 0:
+                mgr.wait()
+                (directory / "ready").touch()
+
+
+def race(directory: Path, step: int, go: Path) -> None:
+    model, opt = build()
+    expected_state(step, model, opt)
+    mgr = tk.CheckpointManager(directory, keep_last=None)
+    Path(f"{go}.{os.getpid()}.ready").touch()
+    for _ in range(20_000):  # bounded wait for the starting signal
+        if go.exists():
+            break
+        time.sleep(0.001)
+    try:
+        mgr.save(step, model=model, optimizer=opt)
+    except tk.StepExistsError:
+        print("exists")
+    else:
+        print("committed")
+
+
+if __name__ == "__main__":
+    mode, where = sys.argv[1], Path(sys.argv[2])
+    if mode == "train":
+        train(where, int(sys.argv[3]), sys.argv[4] == "1")
+    else:
+        race(where, int(sys.argv[3]), Path(sys.argv[4]))

@@ -1,0 +1,144 @@
+"""Concurrent readers and writers of one checkpoint folder.
+
+A training process saves with ``keep_last=1`` (each commit retires the step before it) while
+this process restores in a loop: every restore must succeed with a step's exact state, with no
+raw error and no "unusable step" warning. Two processes saving the same step: exactly one
+commits, the other gets StepExistsError. Loops are bounded by iteration counts and processes
+by deadlines; nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchkeep as tk
+from tests._concurrency_worker import build, expected_state
+from torchkeep.checkpoint.commit import write_step
+from torchkeep.checkpoint.entries import Entry, prepare
+
+WORKER = Path(__file__).with_name("_concurrency_worker.py")
+ROOT = WORKER.parent.parent
+DEADLINE_S = 300  # stragglers are killed; no assertion depends on it
+
+
+def _spawn(*args: object) -> subprocess.Popen[str]:
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    try:
+        out, err = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    for _ in range(DEADLINE_S * 100):
+        if path.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert path.exists(), _finish(proc)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_save: bool) -> None:
+    directory = tmp_path / "ckpt"
+    writer = _spawn("train", directory, 400, int(async_save))
+    try:
+        _wait_for(directory / "ready", writer)
+        model, opt = build()
+        want_model, want_opt = build()
+        mgr = tk.CheckpointManager(directory, keep_last=1)
+        restored: list[int] = []
+        problems: list[str] = []
+        for _ in range(20_000):  # bounded; normally ends when the writer is done
+            running = writer.poll() is None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    step = mgr.restore(model=model, optimizer=opt, restore_rng=False).step
+                except Exception as exc:  # every kind counts: none is allowed
+                    problems.append(f"{type(exc).__name__}: {exc}")
+                    continue
+            problems += [str(w.message) for w in caught]
+            expected_state(step, want_model, want_opt)
+            if not (
+                torch.equal(model.weight, want_model.weight)
+                and torch.equal(model.bias, want_model.bias)
+                and all(
+                    torch.equal(
+                        opt.state[p]["momentum_buffer"], want_opt.state[q]["momentum_buffer"]
+                    )
+                    for p, q in zip(model.parameters(), want_model.parameters(), strict=True)
+                )
+            ):
+                problems.append(f"step {step} restored with the state of another step")
+            restored.append(step)
+            if not running:
+                break
+    finally:
+        _finish(writer)
+    assert problems == []
+    assert restored == sorted(restored)  # never an older step than one already seen
+    assert len(set(restored)) > 1  # the reads really overlapped the saves
+    assert tk.CheckpointManager(directory).steps == [399]
+
+
+def _entries(step: int) -> list[Entry]:
+    model, opt = build()
+    expected_state(step, model, opt)
+    return [prepare("model", model, state_slot=True), prepare("optimizer", opt, state_slot=True)]
+
+
+def test_the_second_writer_of_a_step_gets_step_exists_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "ckpt"
+    model, opt = build()
+    expected_state(5, model, opt)
+    tk.CheckpointManager(directory).save(5, model=model, optimizer=opt)
+    # the loser passed save()'s own check before the winner committed: only the rename tells
+    with pytest.raises(tk.StepExistsError, match="another writer"):
+        write_step(directory / "step-00000005", 5, _entries(6), overwrite=False, manifest_fields={})
+    assert [p.name for p in directory.iterdir()] == ["step-00000005"]
+    assert tk.verify(directory / "step-00000005").ok
+    fresh, fresh_opt = build()
+    tk.CheckpointManager(directory).restore(model=fresh, optimizer=fresh_opt)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_two_processes_saving_the_same_step_one_commits_one_gets_step_exists(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "ckpt"
+    for step in range(3):
+        go = tmp_path / f"go-{step}"
+        racers = [_spawn("race", directory, step, go) for _ in range(2)]
+        for _ in range(DEADLINE_S * 100):  # both started and ready: then let them go at once
+            if len(list(tmp_path.glob(f"go-{step}.*.ready"))) == 2:
+                break
+            time.sleep(0.01)
+        go.touch()
+        outcomes = sorted(_finish(proc).strip() for proc in racers)
+        assert outcomes == ["committed", "exists"]
+        assert tk.verify(directory / f"step-{step:08d}").ok
+    assert tk.CheckpointManager(directory).steps == [0, 1, 2]
+    assert sorted(p.name for p in directory.iterdir()) == [f"step-{s:08d}" for s in range(3)]
