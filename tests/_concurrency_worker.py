@@ -1,12 +1,12 @@
 """Writers for the concurrency tests, run as separate processes.
 
     python tests/_concurrency_worker.py train DIRECTORY STEPS ASYNC
-    python tests/_concurrency_worker.py race DIRECTORY STEP GO_FILE
+    python tests/_concurrency_worker.py race DIRECTORY STEPS GO
 
 ``train`` saves steps 0..STEPS-1 with ``keep_last=1`` (ASYNC ``1``: ``async_save=True``); the
 state of step ``s`` is :func:`expected_state` of ``s``, so a reader can check any restore bit for
-bit. It creates ``DIRECTORY/ready`` once step 0 is committed. ``race`` waits (bounded) for
-GO_FILE (after creating ``GO_FILE.<pid>.ready``), then saves STEP and prints ``committed`` or ``exists``.
+bit. It creates ``DIRECTORY/ready`` once step 0 is committed. ``race`` saves steps 0..STEPS-1,
+each when the test creates ``GO-<step>``, and prints ``committed`` or ``exists`` for each.
 """
 
 from __future__ import annotations
@@ -54,21 +54,23 @@ def train(directory: Path, steps: int, async_save: bool) -> None:
                 (directory / "ready").touch()
 
 
-def race(directory: Path, step: int, go: Path) -> None:
+def race(directory: Path, steps: int, go: Path) -> None:
+    """For each step: announce ``<go>-<step>.<pid>.ready``, wait for ``<go>-<step>``, save."""
     model, opt = build()
-    expected_state(step, model, opt)
     mgr = tk.CheckpointManager(directory, keep_last=None)
-    Path(f"{go}.{os.getpid()}.ready").touch()
-    for _ in range(20_000):  # bounded wait for the starting signal
-        if go.exists():
-            break
-        time.sleep(0.001)
-    try:
-        mgr.save(step, model=model, optimizer=opt)
-    except tk.StepExistsError:
-        print("exists")
-    else:
-        print("committed")
+    for step in range(steps):
+        expected_state(step, model, opt)
+        Path(f"{go}-{step}.{os.getpid()}.ready").touch()
+        for _ in range(100_000):  # bounded wait for the starting signal
+            if Path(f"{go}-{step}").exists():
+                break
+            time.sleep(0.001)
+        try:
+            mgr.save(step, model=model, optimizer=opt)
+        except tk.StepExistsError:
+            print("exists", flush=True)
+        else:
+            print("committed", flush=True)
 
 
 if __name__ == "__main__":

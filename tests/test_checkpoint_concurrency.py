@@ -26,6 +26,7 @@ from torchkeep.checkpoint.entries import Entry, prepare
 WORKER = Path(__file__).with_name("_concurrency_worker.py")
 ROOT = WORKER.parent.parent
 DEADLINE_S = 300  # stragglers are killed; no assertion depends on it
+STEPS = 60  # saves by the training process; each retires the one before
 
 
 def _spawn(*args: object) -> subprocess.Popen[str]:
@@ -61,7 +62,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_save: bool) -> None:
     directory = tmp_path / "ckpt"
-    writer = _spawn("train", directory, 400, int(async_save))
+    writer = _spawn("train", directory, STEPS, int(async_save))
     try:
         _wait_for(directory / "ready", writer)
         model, opt = build()
@@ -99,7 +100,7 @@ def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_sav
     assert problems == []
     assert restored == sorted(restored)  # never an older step than one already seen
     assert len(set(restored)) > 1  # the reads really overlapped the saves
-    assert tk.CheckpointManager(directory).steps == [399]
+    assert tk.CheckpointManager(directory).steps == [STEPS - 1]
 
 
 def _entries(step: int) -> list[Entry]:
@@ -128,17 +129,19 @@ def test_the_second_writer_of_a_step_gets_step_exists_and_leaves_no_temporary(
 def test_two_processes_saving_the_same_step_one_commits_one_gets_step_exists(
     tmp_path: Path,
 ) -> None:
-    directory = tmp_path / "ckpt"
-    for step in range(3):
-        go = tmp_path / f"go-{step}"
-        racers = [_spawn("race", directory, step, go) for _ in range(2)]
-        for _ in range(DEADLINE_S * 100):  # both started and ready: then let them go at once
-            if len(list(tmp_path.glob(f"go-{step}.*.ready"))) == 2:
-                break
-            time.sleep(0.01)
-        go.touch()
-        outcomes = sorted(_finish(proc).strip() for proc in racers)
-        assert outcomes == ["committed", "exists"]
+    directory, go, rounds = tmp_path / "ckpt", tmp_path / "go", 4
+    racers = [_spawn("race", directory, rounds, go) for _ in range(2)]
+    try:
+        for step in range(rounds):
+            for _ in range(DEADLINE_S * 100):  # both ready: then let them go at once
+                if len(list(tmp_path.glob(f"go-{step}.*.ready"))) == 2:
+                    break
+                time.sleep(0.01)
+            Path(f"{go}-{step}").touch()
+    finally:
+        outputs = [_finish(proc).split() for proc in racers]
+    for step, outcomes in enumerate(zip(*outputs, strict=True)):
+        assert sorted(outcomes) == ["committed", "exists"], step
         assert tk.verify(directory / f"step-{step:08d}").ok
-    assert tk.CheckpointManager(directory).steps == [0, 1, 2]
-    assert sorted(p.name for p in directory.iterdir()) == [f"step-{s:08d}" for s in range(3)]
+    assert tk.CheckpointManager(directory).steps == list(range(rounds))
+    assert sorted(p.name for p in directory.iterdir()) == [f"step-{s:08d}" for s in range(rounds)]

@@ -329,3 +329,55 @@ def test_a_malformed_rng_entry_changes_nothing_and_the_step_is_skipped(
         assert mgr.restore(model=live).step == 1  # the latest: skipped like a damaged step
     assert torch.equal(live[0].weight, older["0.weight"])
     assert mgr.restore(2, model=live, restore_rng=False).step == 2
+
+
+# --------------------------------------------------------------------------------------------
+# load_weights: strict or not, a failure leaves the model as it was
+
+
+class Picky(nn.Linear):
+    """A layer whose own loading code refuses, after the layers before it were loaded."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("picky layer refuses")
+
+
+def test_load_weights_strict_refuses_a_layer_of_another_shape_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    tk.save_weights(_mlp(out=3), tmp_path / "w.safetensors")
+    live = _mlp(out=5)
+    before = _live(model=live)
+    with pytest.raises(tk.StateDictMismatchError, match=r"2\.weight"):
+        tk.load_weights(live, tmp_path / "w.safetensors")
+    assert _live(model=live) == before
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("failure", ["post hook", "layer"])
+def test_load_weights_rolls_back_when_the_models_own_loading_code_raises(
+    tmp_path: Path, strict: bool, failure: str
+) -> None:
+    torch.manual_seed(0)
+    tk.save_weights(_mlp(), tmp_path / "w.safetensors")
+    live = _mlp()
+    if failure == "layer":
+        picky = Picky(8, 3)
+        live[2] = picky
+    else:
+
+        def refuse(module: nn.Module, keys: Any) -> None:
+            raise RuntimeError("post hook refuses")
+
+        live.register_load_state_dict_post_hook(refuse)
+    before = _live(model=live)
+    # torch alone leaves the model half loaded
+    naive = copy.deepcopy(live)
+    with pytest.raises(RuntimeError, match="refuses"):
+        naive.load_state_dict(tk.load_state_dict(tmp_path / "w.safetensors"))
+    assert _live(model=naive) != before
+    with pytest.raises(tk.StateDictMismatchError, match="put back as it was") as info:
+        tk.load_weights(live, tmp_path / "w.safetensors", strict=strict)
+    assert "refuses" in str(info.value)
+    assert _live(model=live) == before

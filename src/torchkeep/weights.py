@@ -15,7 +15,12 @@ from torch import nn
 
 from ._gc import gc_paused
 from ._version import __version__
-from .errors import FileFormatError, StateDictMismatchError, TorchkeepFileNotFoundError
+from .errors import (
+    FileFormatError,
+    StateDictMismatchError,
+    TorchkeepFileNotFoundError,
+    first_line,
+)
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .storage.local import atomic_file
@@ -423,6 +428,24 @@ def _raise_mismatch(report: LoadReport) -> None:
     )
 
 
+def _load_or_roll_back(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state, strict=False)``; if the model's own loading code raises
+    part way, every parameter and buffer gets its previous value back before the error."""
+    live = {k: v for k, v in model.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
+    backup = {key: tensor.detach().clone() for key, tensor in live.items()}
+    try:
+        model.load_state_dict(state, strict=False)
+    except Exception as exc:
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.detach().copy_(backup[key])
+        raise StateDictMismatchError(
+            f"the weights in {path} were refused by the model's own loading code "
+            f"({type(exc).__name__}: {first_line(exc)}); every parameter and buffer was put "
+            "back as it was. Check the model's load_state_dict hooks or set_extra_state"
+        ) from exc
+
+
 @gc_paused()
 def load_weights(
     model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
@@ -438,7 +461,10 @@ def load_weights(
         model: the module to fill.
         path: the weights file or directory.
         strict: raise :class:`StateDictMismatchError` (before changing anything) if any key is
-            missing, unexpected or of another shape.
+            missing, unexpected or of another shape. With ``strict=False`` only the keys that
+            fit are loaded; either way every check runs before the first byte changes, and a
+            model whose own loading code (hooks, ``set_extra_state``) raises gets every
+            parameter and buffer back as it was.
         map_location: where intermediate tensors of ``torch.save`` files are placed.
 
     Returns:
@@ -456,7 +482,7 @@ def load_weights(
         _raise_mismatch(report)
     if _has_custom_loading(model):
         stored = source.load(device)
-        model.load_state_dict({usable[k]: stored[k] for k in usable}, strict=False)
+        _load_or_roll_back(model, {usable[k]: stored[k] for k in usable}, source.path)
         report.notes.append("used the model's own load_state_dict (it customises loading)")
         return report
     targets: dict[str, torch.Tensor] = {}
