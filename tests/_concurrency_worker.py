@@ -1,11 +1,14 @@
 """Writers for the concurrency tests, run as separate processes.
 
     python tests/_concurrency_worker.py train DIRECTORY STEPS ASYNC
+    python tests/_concurrency_worker.py overwrite DIRECTORY STEPS ASYNC
     python tests/_concurrency_worker.py race DIRECTORY STEPS GO
 
 ``train`` saves steps 0..STEPS-1 with ``keep_last=1`` (ASYNC ``1``: ``async_save=True``); the
 state of step ``s`` is :func:`expected_state` of ``s``, so a reader can check any restore bit for
-bit. It creates ``DIRECTORY/ready`` once step 0 is committed. ``race`` saves steps 0..STEPS-1,
+bit (the manifest's metric ``version`` says which state a step holds). ``overwrite`` saves
+the same states all as step 0 with ``overwrite=True``. Both create ``DIRECTORY/ready`` once
+the first save is committed. ``race`` saves steps 0..STEPS-1,
 each when the test creates ``GO-<step>``, and prints ``committed`` or ``exists`` for each.
 """
 
@@ -43,13 +46,17 @@ def expected_state(step: int, model: nn.Linear, opt: torch.optim.SGD) -> None:
             opt.state[param]["momentum_buffer"].fill_(step + 0.5)
 
 
-def train(directory: Path, steps: int, async_save: bool) -> None:
+def train(directory: Path, steps: int, async_save: bool, *, overwrite: bool = False) -> None:
+    """Save ``steps`` versions: as steps 0, 1, ... or, with ``overwrite``, all as step 0."""
     model, opt = build()
     with tk.CheckpointManager(directory, keep_last=1, async_save=async_save) as mgr:
-        for step in range(steps):
-            expected_state(step, model, opt)
-            mgr.save(step, model=model, optimizer=opt, metrics={"step": step})
-            if step == 0:
+        for version in range(steps):
+            expected_state(version, model, opt)
+            step = 0 if overwrite else version
+            mgr.save(
+                step, model=model, optimizer=opt, metrics={"version": version}, overwrite=overwrite
+            )
+            if version == 0:
                 mgr.wait()
                 (directory / "ready").touch()
 
@@ -75,7 +82,7 @@ def race(directory: Path, steps: int, go: Path) -> None:
 
 if __name__ == "__main__":
     mode, where = sys.argv[1], Path(sys.argv[2])
-    if mode == "train":
-        train(where, int(sys.argv[3]), sys.argv[4] == "1")
+    if mode in ("train", "overwrite"):
+        train(where, int(sys.argv[3]), sys.argv[4] == "1", overwrite=mode == "overwrite")
     else:
         race(where, int(sys.argv[3]), Path(sys.argv[4]))

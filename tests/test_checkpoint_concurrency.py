@@ -1,8 +1,9 @@
 """Concurrent readers and writers of one checkpoint folder.
 
-A training process saves with ``keep_last=1`` (each commit retires the step before it) while
-this process restores in a loop: every restore must succeed with a step's exact state, with no
-raw error and no "unusable step" warning. Two processes saving the same step: exactly one
+A training process saves with ``keep_last=1`` (each commit retires the step before it), or
+saves one step again and again with ``overwrite=True``, while this process restores in a loop:
+every restore must succeed with the exact state of one committed save, with no raw error and
+no "unusable step" warning. Two processes saving the same step: exactly one
 commits, the other gets StepExistsError. Loops are bounded by iteration counts and processes
 by deadlines; nothing asserts on time.
 """
@@ -59,10 +60,14 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
     assert path.exists(), _finish(proc)
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_save: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "async_save"),
+    [("train", False), ("train", True), ("overwrite", False)],
+    ids=["keep_last_1", "keep_last_1_async", "overwrite_one_step"],
+)
+def test_restore_while_another_process_saves(tmp_path: Path, mode: str, async_save: bool) -> None:
     directory = tmp_path / "ckpt"
-    writer = _spawn("train", directory, STEPS, int(async_save))
+    writer = _spawn(mode, directory, STEPS, int(async_save))
     try:
         _wait_for(directory / "ready", writer)
         model, opt = build()
@@ -75,12 +80,13 @@ def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_sav
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    step = mgr.restore(model=model, optimizer=opt, restore_rng=False).step
+                    result = mgr.restore(model=model, optimizer=opt, restore_rng=False)
                 except Exception as exc:  # every kind counts: none is allowed
                     problems.append(f"{type(exc).__name__}: {exc}")
                     continue
             problems += [str(w.message) for w in caught]
-            expected_state(step, want_model, want_opt)
+            version = int(result.metrics["version"])
+            expected_state(version, want_model, want_opt)
             if not (
                 torch.equal(model.weight, want_model.weight)
                 and torch.equal(model.bias, want_model.bias)
@@ -91,16 +97,16 @@ def test_restore_while_training_saves_with_keep_last_1(tmp_path: Path, async_sav
                     for p, q in zip(model.parameters(), want_model.parameters(), strict=True)
                 )
             ):
-                problems.append(f"step {step} restored with the state of another step")
-            restored.append(step)
+                problems.append(f"version {version} restored with the state of another one")
+            restored.append(version)
             if not running:
                 break
     finally:
         _finish(writer)
     assert problems == []
-    assert restored == sorted(restored)  # never an older step than one already seen
+    assert restored == sorted(restored)  # never an older state than one already seen
     assert len(set(restored)) > 1  # the reads really overlapped the saves
-    assert tk.CheckpointManager(directory).steps == [STEPS - 1]
+    assert tk.CheckpointManager(directory).steps == [0 if mode == "overwrite" else STEPS - 1]
 
 
 def _entries(step: int) -> list[Entry]:
@@ -134,7 +140,8 @@ def test_two_processes_saving_the_same_step_one_commits_one_gets_step_exists(
     try:
         for step in range(rounds):
             for _ in range(DEADLINE_S * 100):  # both ready: then let them go at once
-                if len(list(tmp_path.glob(f"go-{step}.*.ready"))) == 2:
+                ready = len(list(tmp_path.glob(f"go-{step}.*.ready")))
+                if ready == 2 or any(proc.poll() is not None for proc in racers):
                     break
                 time.sleep(0.01)
             Path(f"{go}-{step}").touch()
