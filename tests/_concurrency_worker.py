@@ -8,8 +8,9 @@
 state of step ``s`` is :func:`expected_state` of ``s``, so a reader can check any restore bit for
 bit (the manifest's metric ``version`` says which state a step holds). ``overwrite`` saves
 the same states all as step 0 with ``overwrite=True``. Both create ``DIRECTORY/ready`` once
-the first save is committed. ``race`` saves steps 0..STEPS-1,
-each when the test creates ``GO-<step>``, and prints ``committed`` or ``exists`` for each.
+the first save is committed, then wait for ``DIRECTORY/../reading`` before saving on.
+``race`` saves steps 0..STEPS-1, each when the test creates ``GO-<step>``, and prints
+``committed`` or ``exists`` for each.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def train(directory: Path, steps: int, async_save: bool, *, overwrite: bool = Fa
             if version == 0:
                 mgr.wait()
                 (directory / "ready").touch()
+                for _ in range(100_000):  # bounded wait until the reader has restored once
+                    if (directory.parent / "reading").exists():
+                        break
+                    time.sleep(0.001)
 
 
 def race(directory: Path, steps: int, go: Path) -> None:

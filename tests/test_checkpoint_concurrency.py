@@ -99,6 +99,7 @@ def test_restore_while_another_process_saves(tmp_path: Path, mode: str, async_sa
             ):
                 problems.append(f"version {version} restored with the state of another one")
             restored.append(version)
+            (tmp_path / "reading").touch()  # the writer saves on once a restore succeeded
             if not running:
                 break
     finally:
