@@ -21,8 +21,11 @@ import torch
 
 import torchkeep as tk
 from tests._concurrency_worker import build, expected_state
+from torchkeep.checkpoint import manager
 from torchkeep.checkpoint.commit import write_step
 from torchkeep.checkpoint.entries import Entry, prepare
+from torchkeep.checkpoint.layout import StepInfo
+from torchkeep.checkpoint.reader import StepVanishedError
 
 WORKER = Path(__file__).with_name("_concurrency_worker.py")
 ROOT = WORKER.parent.parent
@@ -153,3 +156,43 @@ def test_two_processes_saving_the_same_step_one_commits_one_gets_step_exists(
         assert tk.verify(directory / f"step-{step:08d}").ok
     assert tk.CheckpointManager(directory).steps == list(range(rounds))
     assert sorted(p.name for p in directory.iterdir()) == [f"step-{s:08d}" for s in range(rounds)]
+
+
+def test_a_listing_that_missed_every_step_is_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing taken while a writer commits one step and retires the other can come back
+    empty; restore must look again rather than report that no step exists."""
+    model, opt = build()
+    expected_state(3, model, opt)
+    mgr = tk.CheckpointManager(tmp_path / "ckpt")
+    mgr.save(3, model=model, optimizer=opt)
+    real = manager.list_steps
+    calls: list[int] = []
+
+    def first_listing_empty(directory: Path) -> list[StepInfo]:
+        calls.append(1)
+        return [] if len(calls) == 1 else real(directory)
+
+    monkeypatch.setattr(manager, "list_steps", first_listing_empty)
+    fresh, fresh_opt = build()
+    assert mgr.restore(model=fresh, optimizer=fresh_opt).step == 3
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_reader_that_always_loses_the_race_gets_checkpoint_busy_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, opt = build()
+    mgr = tk.CheckpointManager(tmp_path / "ckpt")
+    mgr.save(1, model=model, optimizer=opt)
+
+    def always_retired(path: Path) -> None:
+        raise StepVanishedError(f"{path} was retired")
+
+    monkeypatch.setattr(manager, "read_step", always_retired)
+    fresh, fresh_opt = build()
+    expected_state(7, fresh, fresh_opt)
+    with pytest.raises(tk.CheckpointBusyError, match="keep_last >= 2"):
+        mgr.restore(model=fresh, optimizer=fresh_opt)
+    assert torch.equal(fresh.weight, torch.full_like(fresh.weight, 7.0))

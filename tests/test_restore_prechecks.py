@@ -381,3 +381,15 @@ def test_load_weights_rolls_back_when_the_models_own_loading_code_raises(
         tk.load_weights(live, tmp_path / "w.safetensors", strict=strict)
     assert "refuses" in str(info.value)
     assert _live(model=live) == before
+
+
+def test_an_optimizer_of_another_type_changes_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt)
+    mgr = _saved(tmp_path, optimizer=opt)
+    live = _mlp()
+    live_opt = torch.optim.Adam(live.parameters(), lr=0.3)
+    _train(live, live_opt, 1)
+    _refused(mgr, tk.StateDictMismatchError, "another optimizer type than Adam", optimizer=live_opt)

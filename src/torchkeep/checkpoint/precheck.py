@@ -191,7 +191,7 @@ def _check_optimizer(name: str, path: Path, stored: Any, opt: torch.optim.Optimi
         for saved_id, param in zip(saved["params"], group["params"], strict=True):
             params[saved_id] = param
             live_state[saved_id] = opt.state.get(param, {})
-    problems = list(_state_problems(stored["state"], params, live_state, type(opt).__name__, opt))
+    problems = list(_state_problems(stored["state"], params, live_state, opt))
     if problems:
         raise _fail(name, path, problems, fix)
 
@@ -200,11 +200,11 @@ def _state_problems(
     state: Mapping[Any, Any],
     params: Mapping[Any, torch.Tensor],
     live_state: Mapping[Any, Mapping[str, Any]],
-    kind: str,
     opt: torch.optim.Optimizer,
 ) -> Iterator[str]:
     """Per-parameter state that would not fit its parameter."""
     param_shaped = isinstance(opt, _PARAM_SHAPED_OPTIMIZERS)
+    kind = type(opt).__name__
     for param_id, values in state.items():
         if param_id not in params:
             yield f"state of parameter {param_id!r}, which no parameter group lists"
