@@ -393,3 +393,19 @@ def test_an_optimizer_of_another_type_changes_nothing(tmp_path: Path) -> None:
     live_opt = torch.optim.Adam(live.parameters(), lr=0.3)
     _train(live, live_opt, 1)
     _refused(mgr, tk.StateDictMismatchError, "another optimizer type than Adam", optimizer=live_opt)
+
+
+def test_a_model_whose_own_loading_code_raises_is_put_back_by_restore(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt)
+    mgr = _saved(tmp_path, model=model, optimizer=opt)
+    live = _mlp()
+    live[2] = Picky(8, 3)  # same keys and shapes: only its own code can refuse
+    live_opt = torch.optim.SGD(live.parameters(), lr=0.2, momentum=0.3)
+    _train(live, live_opt, 1)
+    error = _refused(
+        mgr, tk.StateDictMismatchError, "picky layer refuses", model=live, optimizer=live_opt
+    )
+    assert isinstance(error.__cause__, RuntimeError)

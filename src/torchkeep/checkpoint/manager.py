@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from ..errors import (
 )
 from ..manifest import read_manifest
 from ..storage.local import remove_stale_temps, temp_sibling
+from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
@@ -456,9 +458,12 @@ def _load_into(
     loaded: LoadedStep, name: str, obj: Any, *, strict: bool, restored: list[str]
 ) -> None:
     """Load entry ``name`` into ``obj``; its tensors are copied in place where they fit."""
-    options = {"strict": False} if isinstance(obj, nn.Module) and not strict else {}
+    module = isinstance(obj, nn.Module)
+    options = {"strict": False} if module and not strict else {}
+    guard = undo_on_error(obj) if module and has_custom_loading(obj) else contextlib.nullcontext()
     try:
-        obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)), **options)
+        with guard:  # a module whose own loading code raises gets its tensors back
+            obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)), **options)
     except Exception as exc:
         done = ", ".join(restored) or "none"
         raise StateDictMismatchError(
