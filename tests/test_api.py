@@ -20,7 +20,8 @@ PUBLIC = {
     # errors
     "TorchkeepError", "FileFormatError", "CorruptFileError", "TorchkeepFileNotFoundError",
     "StateDictMismatchError", "ChecksumMismatchError", "StepExistsError", "DestinationExistsError",
-    "CheckpointNotFoundError", "UnsafeCheckpointError", "UnsafeBundleError", "StorageFullError",
+    "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError",
+    "UnsafeBundleError", "StorageFullError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError",
     "__version__",

@@ -57,6 +57,11 @@ class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """No committed, valid checkpoint step matches the request."""
 
 
+class CheckpointBusyError(TorchkeepError, TimeoutError):
+    """Every committed step was retired by a concurrent writer while it was being read, round
+    after round; valid steps exist, but none could be read before it disappeared."""
+
+
 class UnsafeCheckpointError(TorchkeepError, ValueError):
     """Loading a file would require executing code that was not explicitly allowed."""
 

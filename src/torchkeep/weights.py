@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -15,7 +16,12 @@ from torch import nn
 
 from ._gc import gc_paused
 from ._version import __version__
-from .errors import FileFormatError, StateDictMismatchError, TorchkeepFileNotFoundError
+from .errors import (
+    FileFormatError,
+    StateDictMismatchError,
+    TorchkeepFileNotFoundError,
+    first_line,
+)
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .storage.local import atomic_file
@@ -365,7 +371,7 @@ def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], l
     return mapping, notes
 
 
-def _has_custom_loading(model: nn.Module) -> bool:
+def has_custom_loading(model: nn.Module) -> bool:
     """True if some submodule customises state-dict loading (hooks, extra state, overrides)."""
     base = nn.Module._load_from_state_dict
     for module in model.modules():
@@ -415,6 +421,37 @@ def _raise_mismatch(report: LoadReport) -> None:
     )
 
 
+@contextlib.contextmanager
+def undo_on_error(model: nn.Module) -> Iterator[None]:
+    """Put every parameter and buffer of ``model`` back as it was if the block raises.
+
+    For models that customise loading (see :func:`has_custom_loading`), whose own code may
+    raise after torch copied part of a state; costs one copy of the model's tensors.
+    """
+    live = {k: v for k, v in model.state_dict(keep_vars=True).items() if torch.is_tensor(v)}
+    backup = {key: tensor.detach().clone() for key, tensor in live.items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.detach().copy_(backup[key])
+        raise
+
+
+def _load_or_roll_back(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``model.load_state_dict(state, strict=False)``, undone if the model's own code raises."""
+    try:
+        with undo_on_error(model):
+            model.load_state_dict(state, strict=False)
+    except Exception as exc:
+        raise StateDictMismatchError(
+            f"the weights in {path} were refused by the model's own loading code "
+            f"({type(exc).__name__}: {first_line(exc)}); every parameter and buffer was put "
+            "back as it was. Check the model's load_state_dict hooks or set_extra_state"
+        ) from exc
+
+
 @gc_paused()
 def load_weights(
     model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
@@ -430,7 +467,10 @@ def load_weights(
         model: the module to fill.
         path: the weights file or directory.
         strict: raise :class:`StateDictMismatchError` (before changing anything) if any key is
-            missing, unexpected or of another shape.
+            missing, unexpected or of another shape. With ``strict=False`` only the keys that
+            fit are loaded; either way every check runs before the first byte changes, and a
+            model whose own loading code (hooks, ``set_extra_state``) raises gets every
+            parameter and buffer back as it was.
         map_location: where intermediate tensors of ``torch.save`` files are placed.
 
     Returns:
@@ -446,9 +486,9 @@ def load_weights(
     report, usable = _build_report(source, expected)
     if strict and not report.ok:
         _raise_mismatch(report)
-    if _has_custom_loading(model):
+    if has_custom_loading(model):
         stored = source.load(device)
-        model.load_state_dict({usable[k]: stored[k] for k in usable}, strict=False)
+        _load_or_roll_back(model, {usable[k]: stored[k] for k in usable}, source.path)
         report.notes.append("used the model's own load_state_dict (it customises loading)")
         return report
     targets: dict[str, torch.Tensor] = {}

@@ -8,12 +8,14 @@ Readers see the step only once it is complete.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..errors import StepExistsError
 from ..formats import safetensors as st
 from ..manifest import FileRecord, write_json, write_manifest, write_tensors
 from ..storage.local import staged_directory
@@ -46,8 +48,30 @@ def write_step(
         manifest_fields: extra manifest fields (metrics, retention settings).
 
     Raises:
+        StepExistsError: without ``overwrite``, another writer committed ``final`` first (two
+            processes saving the same step: exactly one wins); its step is left as it is.
         StorageFullError: the disk filled up; the temporary directory was removed.
     """
+    try:
+        _stage(final, step, entries, overwrite=overwrite, manifest_fields=manifest_fields)
+    except OSError as exc:
+        if overwrite or exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
+            raise
+        raise StepExistsError(
+            f"checkpoint step {step} was committed at {final} by another writer while this one "
+            "was saving it; this save was discarded. Save under another step, or pass "
+            "overwrite=True to replace it"
+        ) from None
+
+
+def _stage(
+    final: Path,
+    step: int,
+    entries: Sequence[Entry],
+    *,
+    overwrite: bool,
+    manifest_fields: Mapping[str, Any],
+) -> None:
     with staged_directory(final, overwrite=overwrite) as temp:
         files: dict[str, FileRecord] = {}
         state: dict[str, Any] = {"step": step, "entries": {}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -11,18 +12,22 @@ from types import TracebackType
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from .. import tree
 from ..errors import (
+    CheckpointBusyError,
     CheckpointNotFoundError,
     CorruptFileError,
     StateDictMismatchError,
     StepExistsError,
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
+    first_line,
 )
 from ..storage.local import remove_stale_temps, temp_sibling
-from . import retention, rng
+from ..weights import has_custom_loading, undo_on_error
+from . import precheck, retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
 from .entries import Entry, prepare
@@ -36,9 +41,12 @@ from .layout import (
     step_path,
     uncommitted_steps,
 )
-from .reader import LoadedStep, read_step
+from .reader import LoadedStep, StepVanishedError, read_step
 
 STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
+# How often a reader looks for the newest step again after a concurrent writer retired the
+# one it was reading, before giving up with CheckpointBusyError.
+RACE_ROUNDS = 100
 
 
 @dataclass
@@ -142,7 +150,7 @@ class CheckpointManager:
     @property
     def steps(self) -> list[int]:
         """Committed steps, oldest first (contents are verified by ``restore``/``verify``)."""
-        return [info.step for info in list_steps(self.directory)]
+        return [info.step for info in _list_committed(self.directory)]
 
     @property
     def latest_step(self) -> int | None:
@@ -155,7 +163,7 @@ class CheckpointManager:
         """The committed step with the best ``monitor`` metric, or None."""
         if self.monitor is None:
             return None
-        return retention.best_step(list_steps(self.directory), self.monitor, self.mode)
+        return retention.best_step(_list_committed(self.directory), self.monitor, self.mode)
 
     # ----------------------------------------------------------------------------------------
     # saving
@@ -267,7 +275,7 @@ class CheckpointManager:
 
     def _apply_retention(self) -> None:
         """Retire the steps no policy keeps: renamed out of sight now, deleted in the background."""
-        infos = list_steps(self.directory)
+        infos = _list_committed(self.directory)
         kept = self.policy.keep(infos)
         retired = [_retire(info) for info in infos if info.step not in kept]
         self._remover.remove([path for path in retired if path is not None])
@@ -309,7 +317,7 @@ class CheckpointManager:
 
     def _candidates(self, step: int | Literal["best"] | None) -> tuple[list[StepInfo], bool]:
         """Steps to try in order, and whether falling back past the first is allowed."""
-        infos = list_steps(self.directory)
+        infos = _list_committed(self.directory)
         if step is None:
             return infos[::-1], True
         if step == "best":
@@ -320,26 +328,60 @@ class CheckpointManager:
         wanted = _check_step(step)
         return [info for info in infos if info.step == wanted], False
 
-    def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
-        candidates, fallback = self._candidates(step)
-        for info in candidates:
-            try:
-                loaded = read_step(info.path)
-            except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
-                if not fallback:
-                    raise
-                warnings.warn(
-                    f"checkpoint step {info.step} is unusable and was skipped: {exc}",
-                    stacklevel=3,
+    def _load_first_valid(
+        self, step: int | Literal["best"] | None, *, check_rng: bool = False
+    ) -> LoadedStep:
+        """The first candidate step that reads and verifies whole.
+
+        A step retired or replaced by a concurrent writer while it is read is no failure: the
+        steps are listed again and the newest candidate is tried (up to ``RACE_ROUNDS`` times).
+        A damaged step is skipped with one warning (raised for an explicitly requested step).
+        With ``check_rng``, a malformed random-generator entry makes the step unusable too.
+        """
+        skipped: set[int] = set()
+        settled: list[int] | None = None
+        for _ in range(RACE_ROUNDS):
+            before = _stamp(self.directory)
+            candidates, fallback = self._candidates(step)
+            raced = False
+            for info in candidates:
+                if info.step in skipped:
+                    continue
+                try:
+                    loaded = read_step(info.path)
+                    if check_rng and RNG_ENTRY in loaded.entries:
+                        precheck.check_rng(loaded.entries[RNG_ENTRY][1], loaded.path)
+                except StepVanishedError:
+                    raced = True  # a writer moved on meanwhile: list the steps again
+                    break
+                except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+                    if not fallback:
+                        raise
+                    skipped.add(info.step)
+                    warnings.warn(
+                        f"checkpoint step {info.step} is unusable and was skipped: {exc}",
+                        stacklevel=3,
+                    )
+                else:
+                    if step is None:
+                        _warn_damaged_newer(self.directory, loaded.step)
+                    return loaded
+            # No step worked. Trust that only when the folder did not change meanwhile and two
+            # listings in a row agree: a listing taken while a writer commits and retires can
+            # miss both the old step and the new one.
+            listing = [info.step for info in candidates]
+            if not raced and before == _stamp(self.directory) and listing == settled:
+                what = "a valid step" if step is None else f"a valid step {step!r}"
+                raise CheckpointNotFoundError(
+                    f"{self.directory} holds no {what} (committed steps: "
+                    f"{self.steps or 'none'}); check the directory, or start training from "
+                    "scratch"
                 )
-            else:
-                if step is None:
-                    _warn_damaged_newer(self.directory, loaded.step)
-                return loaded
-        what = "a valid step" if step is None else f"a valid step {step!r}"
-        raise CheckpointNotFoundError(
-            f"{self.directory} holds no {what} (committed steps: {self.steps or 'none'}); "
-            "check the directory, or start training from scratch"
+            settled = None if raced else listing
+        raise CheckpointBusyError(
+            f"every step of {self.directory} was retired by a concurrent writer while it was "
+            f"being read, {RACE_ROUNDS} times in a row; keep more steps in the writer "
+            "(keep_last >= 2) or restore again later"
         )
 
     def restore(
@@ -351,33 +393,42 @@ class CheckpointManager:
         scheduler: Any = None,
         scaler: Any = None,
         restore_rng: bool = True,
+        strict: bool = True,
         **objects: Any,
     ) -> Restored:
         """Load a step into the given objects, after verifying every file's hash.
 
         With ``step=None`` (the latest) or ``"best"``, a corrupt step gives a warning naming
         the problem and the next candidate is tried; an explicitly requested step that is
-        corrupt raises. Nothing is changed before the step has been fully verified.
+        corrupt raises. Nothing is changed before the step has been fully verified and
+        checked against every object passed (keys, shapes and dtypes of a model; parameter
+        groups and per-parameter state of an optimizer; the type of a scheduler or scaler; the
+        structure of the random generator states). A step retired by a concurrent writer
+        while it is read is no error: the newest step is looked for again.
 
         Args:
             step: None for the latest valid step, ``"best"`` by ``monitor``, or a step number.
             model, optimizer, scheduler, scaler, **objects: objects with
                 ``load_state_dict()`` to fill from the entries of the same name.
             restore_rng: put the random generators back as they were at the save.
+            strict: a model must have exactly the saved keys and dtypes; ``False`` restores
+                the keys both have and converts dtypes (shapes must always match).
 
         Returns:
             A :class:`Restored` with the step, its metrics and the plain values saved with it.
 
         Raises:
             CheckpointNotFoundError: no (valid) step matches.
-            StateDictMismatchError: an object was passed for an entry the step does not have.
+            CheckpointBusyError: a concurrent writer retired every step before it was read,
+                again and again.
+            StateDictMismatchError: an object does not fit its entry (or the step has none);
+                raised before any object or generator is changed.
 
         Example:
             >>> restored = mgr.restore(model=model, optimizer=opt)
             >>> start_epoch = restored.extra["epoch"] + 1
         """
         self.wait()
-        loaded = self._load_first_valid(step)
         targets = {
             name: obj
             for name, obj in dict(
@@ -385,16 +436,23 @@ class CheckpointManager:
             ).items()
             if obj is not None
         }
+        loaded = self._load_first_valid(step, check_rng=restore_rng)
         _check_targets(loaded, targets)
         for name, obj in targets.items():
-            obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)))
-        if restore_rng and RNG_ENTRY in loaded.entries:
-            rng.restore(loaded.value(RNG_ENTRY))
+            precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
         extra = {
             name: loaded.value(name)
             for name, (kind, _) in loaded.entries.items()
             if kind == "value" and name != RNG_ENTRY
         }
+        # Objects whose state cannot be checked go first: if one refuses its state, everything
+        # that was checked is still untouched.
+        restored: list[str] = []
+        for name in sorted(targets, key=lambda n: precheck.checkable(targets[n])):
+            _load_into(loaded, name, targets[name], strict=strict, restored=restored)
+            restored.append(name)
+        if restore_rng and RNG_ENTRY in loaded.entries:
+            rng.restore(loaded.value(RNG_ENTRY))
         return Restored(loaded.step, loaded.metrics, extra, loaded.path)
 
     def export_torch(
@@ -421,6 +479,48 @@ def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:
         return {}
 
 
+def _load_into(
+    loaded: LoadedStep, name: str, obj: Any, *, strict: bool, restored: list[str]
+) -> None:
+    """Load entry ``name`` into ``obj``; its tensors are copied in place where they fit."""
+    module = isinstance(obj, nn.Module)
+    options = {"strict": False} if module and not strict else {}
+    guard = undo_on_error(obj) if module and has_custom_loading(obj) else contextlib.nullcontext()
+    try:
+        with guard:  # a module whose own loading code raises gets its tensors back
+            obj.load_state_dict(loaded.value(name, into=_current_tensors(obj, name)), **options)
+    except Exception as exc:
+        done = ", ".join(restored) or "none"
+        raise StateDictMismatchError(
+            f"cannot restore entry {name!r} of {loaded.path}: {type(obj).__name__}."
+            f"load_state_dict refused it ({type(exc).__name__}: {first_line(exc)}); entries "
+            f"restored before it: {done}. Pass an object that matches the save, or leave it out "
+            f"({name}=None)"
+        ) from exc
+
+
+def _stamp(directory: Path) -> tuple[int, int] | None:
+    """The identity and modification time of ``directory``: it changes with every commit and
+    every retirement of a step in it."""
+    try:
+        stat = directory.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _list_committed(directory: Path) -> list[StepInfo]:
+    """:func:`list_steps`, listed again when a step vanishes under a concurrent writer."""
+    for _ in range(RACE_ROUNDS):
+        try:
+            return list_steps(directory)
+        except FileNotFoundError:
+            continue
+    raise CheckpointBusyError(
+        f"the steps of {directory} kept disappearing while they were listed; restore again later"
+    )
+
+
 def _check_targets(loaded: LoadedStep, targets: Mapping[str, Any]) -> None:
     """Every object passed to ``restore`` must have a stateful entry; checked before loading."""
     for name, obj in targets.items():
@@ -441,15 +541,24 @@ def _warn_damaged_newer(directory: Path, step: int) -> None:
     """Warn about step directories newer than ``step`` whose manifest is missing or bad.
 
     Steps are renamed into place only after their manifest is written, so such a directory is
-    a damaged step (or something that is not ours); either way it cannot be restored.
+    a damaged step (or something that is not ours); either way it cannot be restored. The
+    check is advisory: a directory a concurrent writer moves meanwhile is left out.
     """
-    for path in uncommitted_steps(directory):
+    try:
+        suspects = uncommitted_steps(directory)
+    except OSError:
+        return
+    for path in suspects:
         if (parse_step(path.name) or 0) > step:
             try:
                 read_step_manifest(path)
                 problem = "it is not a readable checkpoint step"
             except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
                 problem = str(exc)
+            except OSError:
+                continue
+            if not path.exists():
+                continue
             warnings.warn(
                 f"checkpoint step directory {path.name} is unusable and was skipped: {problem}",
                 stacklevel=4,

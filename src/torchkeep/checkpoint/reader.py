@@ -6,6 +6,13 @@ hashed are exactly the bytes that are used. Only once every file of the step is 
 :meth:`LoadedStep.value` copy the tensors into the memory of the objects being restored (their
 parameters, their optimizer state) or into memory of their own, so a corrupt step never
 half-loads and no restored tensor keeps a file mapped.
+
+A step is read through a descriptor of its directory opened first (``/proc/self/fd/<n>`` on
+Linux), so every file comes from the same directory even if a concurrent writer renames it
+away (retention) or swaps in a replacement (``overwrite=True``): a mapped file stays readable
+after it is unlinked, and the bytes hashed are the bytes mapped. When the directory has left
+its name by the time a read fails, :class:`StepVanishedError` says so, and the caller looks
+for the newest step again instead of taking the step for damaged.
 """
 
 from __future__ import annotations
@@ -20,13 +27,26 @@ from typing import Any
 import torch
 
 from .. import tree
-from ..errors import ChecksumMismatchError, CorruptFileError, TorchkeepError, UnreadableFileError
+from ..errors import (
+    ChecksumMismatchError,
+    CorruptFileError,
+    TorchkeepError,
+    TorchkeepFileNotFoundError,
+    UnreadableFileError,
+    first_line,
+)
 from ..formats import safetensors as st
 from ..hashing import HASH_ALGORITHM, hash_file, new_hasher
 from ..manifest import MANIFEST_NAME
 from . import rng
 from .entries import Kind
 from .layout import RNG_ENTRY, STATE_NAME, read_state, read_step_manifest
+
+_FD_DIR = Path("/proc/self/fd")
+
+
+class StepVanishedError(TorchkeepFileNotFoundError):
+    """A step was renamed away or replaced by a concurrent writer while it was being read."""
 
 
 @dataclass
@@ -154,6 +174,8 @@ def read_step(directory: Path) -> LoadedStep:
         The :class:`LoadedStep`; tensors are on the CPU.
 
     Raises:
+        StepVanishedError: the directory left its name (retired or replaced by a concurrent
+            writer) before it could be read whole; look for the newest step again.
         TorchkeepFileNotFoundError: there is no manifest (never committed).
         CorruptFileError: a file is missing, truncated, fails its hash or is malformed
             (:class:`ChecksumMismatchError` for a hash, :class:`UnreadableFileError` for a file
@@ -165,17 +187,52 @@ def read_step(directory: Path) -> LoadedStep:
         ('value', 3)
     """
     try:
-        return _read_step(directory)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        raise StepVanishedError(f"{directory} was removed before it could be read") from None
     except OSError as exc:
+        raise UnreadableFileError(f"{directory} cannot be read ({first_line(exc)})") from None
+    pinned = _FD_DIR / str(fd) if (_FD_DIR / str(fd)).is_dir() else directory
+    try:
+        loaded = _read_pinned(pinned)
+    except (TorchkeepError, OSError, RuntimeError) as exc:
+        if _vanished(directory, fd):
+            raise StepVanishedError(
+                f"{directory} was retired or replaced by another process while it was read"
+            ) from exc
+        message = str(exc).replace(str(pinned), str(directory))
         if isinstance(exc, TorchkeepError):
-            raise
-        raise UnreadableFileError(
-            f"{exc.filename or directory} cannot be read ({exc.strerror or exc}); the step is "
-            "unusable"
+            raise _relabelled(exc, message) from None
+        error = UnreadableFileError if isinstance(exc, OSError) else CorruptFileError
+        raise error(
+            f"{directory} cannot be read ({type(exc).__name__}: {message.splitlines()[0]}); "
+            "restore another step"
         ) from None
+    finally:
+        os.close(fd)
+    loaded.path = directory
+    return loaded
 
 
-def _read_step(directory: Path) -> LoadedStep:
+def _relabelled(exc: TorchkeepError, message: str) -> TorchkeepError:
+    """``exc`` with the pinned path in its message replaced by the step's own path."""
+    try:
+        return type(exc)(message)
+    except TypeError:  # an error class with another constructor: keep it as it is
+        return exc
+
+
+def _vanished(directory: Path, fd: int) -> bool:
+    """True when ``directory`` no longer names the directory open as ``fd``."""
+    held = os.fstat(fd)
+    try:
+        now = os.stat(directory)
+    except OSError:
+        return True
+    return held.st_nlink == 0 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+
+def _read_pinned(directory: Path) -> LoadedStep:
     manifest = read_step_manifest(directory)
     state = _read_state(directory, manifest)
     files: dict[str, Path] = {}
