@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -417,7 +418,8 @@ def test_unreadable_latest_step_is_a_fallback(
     real_open = open
 
     def guarded(file: Any, *args: Any, **kwargs: Any) -> Any:
-        if str(file).startswith(str(locked)) and not str(file).endswith("manifest.json"):
+        real = os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if real.startswith(str(locked)) and not real.endswith("manifest.json"):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 

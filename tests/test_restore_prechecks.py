@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from torchkeep.checkpoint.layout import RNG_ENTRY
 from torchkeep.hashing import hash_file
 
 
@@ -272,7 +273,7 @@ def _rewrite_rng(step: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """Change the rng entry of state.json and re-record its hash (a well-formed, hostile step)."""
     state_path, manifest_path = step / "state.json", step / "manifest.json"
     state = json.loads(state_path.read_text())
-    edit(state["entries"]["rng"]["value"])
+    edit(state["entries"][RNG_ENTRY]["value"])
     state_path.write_text(json.dumps(state))
     manifest = json.loads(manifest_path.read_text())
     size, digest = hash_file(state_path)
@@ -323,12 +324,16 @@ def test_a_malformed_rng_entry_changes_nothing_and_the_step_is_skipped(
     mgr.save(2, model=model)
     _rewrite_rng(mgr.directory / "step-00000002", edit)
     live = _mlp()
-    error = _refused(mgr, tk.CorruptFileError, "entry 'rng'.*malformed", step=2, model=live)
-    assert "restore_rng=False" in str(error)
-    with pytest.warns(UserWarning, match="step 2 is unusable.*'rng'"):
+    error = _refused(
+        mgr, tk.CorruptFileError, "random generator states are malformed", step=2, model=live
+    )
+    assert "skipped" in str(error)
+    with pytest.warns(UserWarning, match="step 2 is unusable.*random generator states"):
         assert mgr.restore(model=live).step == 1  # the latest: skipped like a damaged step
     assert torch.equal(live[0].weight, older["0.weight"])
-    assert mgr.restore(2, model=live, restore_rng=False).step == 2
+    with pytest.raises(tk.CorruptFileError, match="malformed"):  # damaged: never half-used
+        mgr.restore(2, model=live, restore_rng=False)
+    assert torch.equal(live[0].weight, older["0.weight"])
 
 
 # --------------------------------------------------------------------------------------------

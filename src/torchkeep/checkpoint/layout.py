@@ -123,22 +123,23 @@ class StepInfo:
         return float(value)
 
 
-def read_step_manifest(path: Path) -> dict[str, Any]:
+def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]:
     """The manifest of the step directory ``path``, checked against the checkpoint schema.
 
     Besides the common checks of :func:`~torchkeep.manifest.read_manifest`, the manifest must
-    record the step its directory is named after.
+    record the step its directory is named after: ``name``, when ``path`` is another way to
+    reach the directory (a pinned ``/proc/self/fd`` entry), else ``path.name``.
 
     Raises:
         TorchkeepFileNotFoundError: there is no manifest (never committed).
         CorruptFileError: the manifest is unreadable or invalid.
     """
     manifest = read_manifest(path, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",))
-    expected = parse_step(path.name)
-    if manifest["step"] != expected:
+    name = path.name if name is None else name
+    if manifest["step"] != parse_step(name):
         raise InvalidDocumentError(
             f"{path / MANIFEST_NAME} records step {manifest['step']} but its directory is "
-            f"{path.name}; the step was renamed or damaged, so it is skipped"
+            f"{name}; the step was renamed or damaged, so it is skipped"
         )
     return manifest
 

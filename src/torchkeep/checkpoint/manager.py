@@ -328,15 +328,12 @@ class CheckpointManager:
         wanted = _check_step(step)
         return [info for info in infos if info.step == wanted], False
 
-    def _load_first_valid(
-        self, step: int | Literal["best"] | None, *, check_rng: bool = False
-    ) -> LoadedStep:
+    def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
         """The first candidate step that reads and verifies whole.
 
         A step retired or replaced by a concurrent writer while it is read is no failure: the
         steps are listed again and the newest candidate is tried (up to ``RACE_ROUNDS`` times).
         A damaged step is skipped with one warning (raised for an explicitly requested step).
-        With ``check_rng``, a malformed random-generator entry makes the step unusable too.
         """
         skipped: set[int] = set()
         settled: list[int] | None = None
@@ -349,8 +346,6 @@ class CheckpointManager:
                     continue
                 try:
                     loaded = read_step(info.path)
-                    if check_rng and RNG_ENTRY in loaded.entries:
-                        precheck.check_rng(loaded.entries[RNG_ENTRY][1], loaded.path)
                 except StepVanishedError:
                     raced = True  # a writer moved on meanwhile: list the steps again
                     break
@@ -436,7 +431,7 @@ class CheckpointManager:
             ).items()
             if obj is not None
         }
-        loaded = self._load_first_valid(step, check_rng=restore_rng)
+        loaded = self._load_first_valid(step)
         _check_targets(loaded, targets)
         for name, obj in targets.items():
             precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
@@ -504,7 +499,7 @@ def _stamp(directory: Path) -> tuple[int, int] | None:
     every retirement of a step in it."""
     try:
         stat = directory.stat()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
     return stat.st_ino, stat.st_mtime_ns
 

@@ -9,7 +9,9 @@ whether a load can succeed is therefore checked here first, against the objects 
   names (another optimizer type), the per-parameter state (ids, tensor shapes and dtypes);
 - an LR scheduler or a gradient scaler: the public state keys (another scheduler type) and
   the per-group list lengths;
-- the random generator states: loaded into scratch generators, never the global ones.
+
+The random generator entry is checked when the step is read (``rng.check``): a malformed one
+makes the whole step unusable, like any other damage.
 
 Objects of other types (a user's sampler) cannot be checked beyond having an entry; the
 manager loads them first, so that if one of them refuses its state, the model, optimizer,
@@ -18,7 +20,6 @@ scheduler and generators are still untouched.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CorruptFileError, StateDictMismatchError
-
-try:
-    import numpy as np
-except ImportError:  # NumPy is optional
-    np = None  # type: ignore[assignment]
+from ..errors import StateDictMismatchError
 
 # Optimizers of torch whose every per-parameter state tensor (other than 0-d counters) has
 # the shape of its parameter.
@@ -260,76 +256,3 @@ def _check_keys(name: str, path: Path, stored: Any, obj: Any) -> None:
             problems.append(f"{key}: {len(saved)} values saved, {len(current)} expected")
     if problems:
         raise _fail(name, path, problems, fix)
-
-
-def check_rng(state: object, path: Path) -> None:
-    """Raise :class:`CorruptFileError` unless ``state`` restores every generator it names.
-
-    Each state is set on a scratch generator (the global generators are not touched), so
-    whatever Python, NumPy and torch would reject is rejected here, before anything changes.
-    """
-    problem = _rng_problem(state)
-    if problem is not None:
-        raise CorruptFileError(
-            f"{path}: the saved random generator state (entry 'rng') is malformed: {problem}. "
-            "Restore with restore_rng=False to keep the current generators, or restore "
-            "another step"
-        )
-
-
-def _rng_problem(state: object) -> str | None:
-    if not isinstance(state, Mapping) or "python" not in state or "torch" not in state:
-        return "it must hold the 'python' and 'torch' states"
-    unknown = set(state) - {"python", "torch", "numpy", "cuda"}
-    if unknown:
-        return f"unknown generators {sorted(map(str, unknown))}"
-    try:
-        random.Random().setstate(state["python"])
-    except (TypeError, ValueError, OverflowError) as exc:
-        return f"Python's state is refused ({exc})"
-    torch_problem = _torch_state_problem(state["torch"], torch.Generator())
-    if torch_problem:
-        return f"torch's CPU state {torch_problem}"
-    if "numpy" in state and np is not None:
-        numpy_problem = _numpy_problem(state["numpy"])
-        if numpy_problem:
-            return f"NumPy's state {numpy_problem}"
-    cuda = state.get("cuda", [])
-    if not isinstance(cuda, (list, tuple)):
-        return "the CUDA states are not a list"
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for device, device_state in enumerate(cuda):
-        if device < available:
-            scratch = torch.Generator(device=f"cuda:{device}")
-            cuda_problem = _torch_state_problem(device_state, scratch)
-        else:
-            cuda_problem = _torch_state_problem(device_state, None)
-        if cuda_problem:
-            return f"the state of CUDA device {device} {cuda_problem}"
-    return None
-
-
-def _torch_state_problem(value: object, scratch: torch.Generator | None) -> str | None:
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        return f"is a {_describe(value)}, not a 1-d uint8 tensor"
-    if scratch is not None:
-        try:  # a copy: torch reads a view of the mapped file from its storage's start
-            scratch.set_state(value.clone())
-        except (RuntimeError, ValueError, TypeError) as exc:
-            return f"is refused ({str(exc).splitlines()[0] if str(exc) else exc})"
-    return None
-
-
-def _numpy_problem(value: object) -> str | None:
-    if not isinstance(value, (list, tuple)) or len(value) != 5:
-        return "is not a 5-tuple"
-    kind, keys, pos, has_gauss, cached = value
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 1 or keys.dtype != torch.int64:
-        return f"keys are a {_describe(keys)}, not a 1-d int64 tensor"
-    try:
-        np.random.RandomState().set_state(
-            (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
-        )
-    except (TypeError, ValueError, OverflowError) as exc:
-        return f"is refused ({exc})"
-    return None

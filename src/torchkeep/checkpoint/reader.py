@@ -194,7 +194,7 @@ def read_step(directory: Path) -> LoadedStep:
         raise UnreadableFileError(f"{directory} cannot be read ({first_line(exc)})") from None
     pinned = _FD_DIR / str(fd) if (_FD_DIR / str(fd)).is_dir() else directory
     try:
-        loaded = _read_pinned(pinned)
+        loaded = _read_pinned(pinned, directory.name)
     except (TorchkeepError, OSError, RuntimeError) as exc:
         if _vanished(directory, fd):
             raise StepVanishedError(
@@ -232,8 +232,8 @@ def _vanished(directory: Path, fd: int) -> bool:
     return held.st_nlink == 0 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
 
-def _read_pinned(directory: Path) -> LoadedStep:
-    manifest = read_step_manifest(directory)
+def _read_pinned(directory: Path, name: str) -> LoadedStep:
+    manifest = read_step_manifest(directory, name=name)
     state = _read_state(directory, manifest)
     files: dict[str, Path] = {}
     for name, raw in state["entries"].items():
