@@ -169,6 +169,24 @@ def read_manifest(
     return manifest
 
 
+_DECLARATION = Object({"format": Str(max_len=64)}, required=("format",))
+
+
+def declared_format(directory: Path) -> str | None:
+    """The ``format`` ``directory``'s manifest declares, read through the same bounded reader
+    and limits as :func:`read_manifest` but checking only that field (format detection must
+    still recognise a bundle or step whose manifest is damaged elsewhere, so its readers can
+    name the damage); None when there is no readable manifest declaring one."""
+    try:
+        manifest = load_json_document(
+            directory / MANIFEST_NAME, schema=_DECLARATION, limits=MANIFEST_LIMITS
+        )
+    except (TorchkeepFileNotFoundError, CorruptFileError):
+        return None
+    declared: str = manifest["format"]
+    return declared
+
+
 def file_problem(
     directory: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
 ) -> str | None:
