@@ -144,3 +144,12 @@ def test_a_dtype_name_that_is_not_a_dtype_is_refused(name: object) -> None:
     """``getattr(torch, "save")`` is a function: such names never reach torch."""
     with pytest.raises(InvalidDocumentError, match=r"example_inputs\[0\]\.dtype"):
         validate_config(_config(name), Path("config.json"))
+
+
+def test_verify_names_a_fifo_in_place_of_a_listed_file(tmp_path: Path) -> None:
+    bundle = tk.save_model(Net(), tmp_path / "net")
+    (bundle / "config.json").unlink()
+    os.mkfifo(bundle / "config.json")
+    report = tk.verify(bundle)
+    assert not report.ok
+    assert any("config.json is not a regular file" in p for p in report.problems), report.problems

@@ -8,6 +8,7 @@ exist for any reader, and one whose files disagree with their manifest is corrup
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -196,9 +197,15 @@ def file_problem(
     if record is None:
         return f"{directory / MANIFEST_NAME} does not list {name!r}"
     try:
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
+        info = path.stat()
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as exc:
+        return f"{path} cannot be looked up ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file (a folder, pipe or device stands in its place)"
+    try:
+        size = info.st_size
         if size != record["size"]:
             return (
                 f"{path} has {size} bytes, the manifest says {record['size']} "
