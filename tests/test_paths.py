@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import torchkeep as tk
+from torchkeep.convert import convert
 from torchkeep.errors import InvalidDocumentError, UnreadableFileError
 from torchkeep.formats import Format, detect_format
 from torchkeep.manifest import MANIFEST_NAME, declared_format
@@ -45,18 +47,34 @@ def _plain_lookup_raises(path: str) -> None:
         assert lookup_info.value.errno == errno.ENAMETOOLONG
 
 
+WRITERS: dict[str, Callable[[str], object]] = {
+    "save_weights": lambda path: tk.save_weights(Net(), path),
+    "save_model": lambda path: tk.save_model(Net(), path),
+    "CheckpointManager.save": lambda path: tk.CheckpointManager(path).save(1, model=Net()),
+    "export_onnx": lambda path: tk.export_onnx(Net(), torch.randn(1, 3, 32, 32), path),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
 @pytest.mark.parametrize("case", ["name too long", "folder name too long", "NUL"])
-def test_writers_refuse_a_path_no_file_can_have(case: str, tmp_path: Path) -> None:
+def test_writers_refuse_a_path_no_file_can_have(case: str, writer: str, tmp_path: Path) -> None:
     path = _impossible(tmp_path)[case]
     _plain_lookup_raises(path)
-    with pytest.raises(tk.TorchkeepFileNotFoundError) as saved:
-        tk.save_weights(Net(), path)
-    with pytest.raises(tk.TorchkeepFileNotFoundError) as bundled:
-        tk.save_model(Net(), path)
-    for info in (saved, bundled):
+    with pytest.raises(tk.TorchkeepError) as info:
+        WRITERS[writer](path)
+    if not isinstance(info.value, tk.MissingDependencyError):  # export_onnx without onnx
+        assert isinstance(info.value, tk.TorchkeepFileNotFoundError)
         assert str(tmp_path) in str(info.value)
-        assert "check the path" in str(info.value) or "is missing" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # nothing staged, nothing left behind
+
+
+@pytest.mark.parametrize("case", ["name too long", "folder name too long", "NUL"])
+def test_convert_refuses_a_destination_no_file_can_have(case: str, tmp_path: Path) -> None:
+    source = tk.save_weights(Net(), tmp_path / "net.safetensors")
+    path = _impossible(tmp_path / "out")[case]
+    with pytest.raises(tk.TorchkeepFileNotFoundError, match="check the path"):
+        convert(source, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["net.safetensors"]
 
 
 @pytest.mark.parametrize("case", ["name too long", "folder name too long", "NUL"])

@@ -21,6 +21,7 @@ from ..errors import (
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
 )
+from ..paths import lookup
 from ..storage.local import remove_stale_temps, temp_sibling
 from . import retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
@@ -218,7 +219,7 @@ class CheckpointManager:
         self.wait()
         step = _check_step(step)
         final = step_path(self.directory, step)
-        if final.exists() and not overwrite:
+        if lookup(final) is not None and not overwrite:  # a path no file can have: typed
             raise StepExistsError(
                 f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
                 "replace it, or save under another step"
