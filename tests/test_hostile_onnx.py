@@ -227,21 +227,25 @@ CONTENT = {
 
 REPORTS = {
     "100k-deep": Payload(
-        _write(_model(report="[" * 100_000 + "]" * 100_000)), REPORT_CRASHES, "nests deeper"
+        _write(_model(report="[" * 100_000 + "]" * 100_000)), REPORT_CRASHES, "deeper than 8 levels"
     ),
     "wrong-type": Payload(
         _write(_model(report=json.dumps({"max_diffs": {"y": {"max_abs_diff": "x"}}}))),
         REPORT_CRASHES,
-        "field 'max_diffs'",
+        "max_diffs['y']",
     ),
     "5000-digit-int": Payload(
         _write(_model(report='{"opset": ' + "9" * 5000 + "}")),
         REPORT_CRASHES,
-        "not valid JSON",
+        "5000 digits",
     ),
-    "a-list": Payload(_write(_model(report="[1, 2]")), REPORT_CRASHES, "JSON list, not an object"),
+    "a-list": Payload(
+        _write(_model(report="[1, 2]")), REPORT_CRASHES, "must be an object, not an array"
+    ),
     "nan-tolerance": Payload(
-        _write(_model(report='{"rtol": NaN, "max_diffs": []}')), REPORT_CRASHES, "field 'rtol'"
+        _write(_model(report='{"rtol": NaN, "max_diffs": []}')),
+        REPORT_CRASHES,
+        "rtol must be a finite number",
     ),
 }
 

@@ -19,6 +19,7 @@ from .errors import DestinationExistsError, FileFormatError
 from .formats import Format, detect_format
 from .formats import safetensors as st
 from .model import migrate_pickled_model
+from .paths import lookup
 from .security import scan
 from .weights import RESERVED_METADATA, TORCH_SUFFIXES, open_source, save_weights
 
@@ -179,6 +180,7 @@ def convert(
         ["converted the 'model_state_dict' entry of the checkpoint dict; ..."]
     """
     source, destination = Path(source), Path(destination)
+    lookup(destination)  # a name no file can have is a typed error before any work
     route_key = (_kind_of_source(source), _kind_of_destination(destination))
     route = ROUTES.get(route_key)
     if route is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .errors import FileFormatError, TorchkeepFileNotFoundError, UnsafeCheckpointError
+from .errors import FileFormatError, UnsafeCheckpointError
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
+from .paths import require_exists
 
 
 @dataclass(frozen=True)
@@ -184,13 +186,7 @@ def describe(path: str | os.PathLike[str]) -> Description:
         >>> describe("net.safetensors").parameter_count
     """
     path = Path(path)
-    try:
-        is_file = path.is_file()
-    except OSError as exc:  # a name too long for the file system, ...
-        raise TorchkeepFileNotFoundError(
-            f"{path} cannot be looked up ({exc.strerror}); check the path"
-        ) from exc
-    if is_file:
+    if stat.S_ISREG(require_exists(path).st_mode):
         require_file(path)  # an empty file gets its own message
     fmt = detect_format(path)
     describer = DESCRIBERS.get(fmt)

@@ -8,6 +8,7 @@ exist for any reader, and one whose files disagree with their manifest is corrup
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -169,6 +170,24 @@ def read_manifest(
     return manifest
 
 
+_DECLARATION = Object({"format": Str(max_len=64)}, required=("format",))
+
+
+def declared_format(directory: Path) -> str | None:
+    """The ``format`` ``directory``'s manifest declares, read through the same bounded reader
+    and limits as :func:`read_manifest` but checking only that field (format detection must
+    still recognise a bundle or step whose manifest is damaged elsewhere, so its readers can
+    name the damage); None when there is no readable manifest declaring one."""
+    try:
+        manifest = load_json_document(
+            directory / MANIFEST_NAME, schema=_DECLARATION, limits=MANIFEST_LIMITS
+        )
+    except (TorchkeepFileNotFoundError, CorruptFileError):
+        return None
+    declared: str = manifest["format"]
+    return declared
+
+
 def file_problem(
     directory: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
 ) -> str | None:
@@ -178,9 +197,15 @@ def file_problem(
     if record is None:
         return f"{directory / MANIFEST_NAME} does not list {name!r}"
     try:
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
+        info = path.stat()
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as exc:
+        return f"{path} cannot be looked up ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file (a folder, pipe or device stands in its place)"
+    try:
+        size = info.st_size
         if size != record["size"]:
             return (
                 f"{path} has {size} bytes, the manifest says {record['size']} "

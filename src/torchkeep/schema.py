@@ -20,7 +20,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 from .errors import InvalidDocumentError, TorchkeepFileNotFoundError, UnreadableFileError
 
 MAX_INT64 = 2**63 - 1
+DEFAULT_FIX = "use another copy (a checkpoint resume falls back to the previous step)"
+"""The advice ending an :class:`InvalidDocumentError` when the caller gives none."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class Int:
 
 @dataclass(frozen=True)
 class Number:
-    """An integer or float within ``[min, max]``; non-finite only with ``allow_nonfinite``."""
+    """An integer or float within ``[min, max]``; non-finite only with ``allow_nonfinite``
+    (``NaN`` is then accepted, an infinity only where the range includes it)."""
 
     min: float = -math.inf
     max: float = math.inf
@@ -122,9 +126,9 @@ class Number:
     def check(self, value: object, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _refuse(where, f"must be a number, not {_type_name(value)}")
-        if not math.isfinite(value):
-            if not self.allow_nonfinite:
-                raise _refuse(where, f"must be a finite number, not {value}")
+        if not math.isfinite(value) and not self.allow_nonfinite:
+            raise _refuse(where, f"must be a finite number, not {value}")
+        if math.isnan(value):
             return
         if not self.min <= value <= self.max:
             raise _refuse(where, f"must be between {self.min:g} and {self.max:g}, not {value:g}")
@@ -232,6 +236,24 @@ class Object:
                 schema.check(value[name], f"{where}.{name}" if where else name)
 
 
+@dataclass(frozen=True)
+class Satisfies:
+    """A value ``base`` accepts and for which ``problem(value)`` finds nothing wrong.
+
+    For rules the other schemas cannot say (a class path's syntax, a product of sizes):
+    ``problem`` returns None for a good value, else what is wrong ("is not a torch dtype").
+    """
+
+    base: Schema
+    problem: Callable[[Any], str | None]
+
+    def check(self, value: object, where: str) -> None:
+        self.base.check(value, where)
+        found = self.problem(value)
+        if found is not None:
+            raise _refuse(where, found)
+
+
 def _max_depth_exceeded(text: str, limit: int) -> bool:
     """Whether arrays/objects in ``text`` nest deeper than ``limit`` (or do not balance).
 
@@ -288,7 +310,12 @@ def _parse(text: str, limits: Limits) -> Any:
 
 
 def parse_json_document(
-    data: bytes, *, source: str, schema: Schema | None = None, limits: Limits = Limits()
+    data: bytes,
+    *,
+    source: str,
+    schema: Schema | None = None,
+    limits: Limits = Limits(),
+    fix: str = DEFAULT_FIX,
 ) -> Any:
     """Parse ``data`` (UTF-8 JSON) within ``limits`` and check it against ``schema``.
 
@@ -297,6 +324,7 @@ def parse_json_document(
         source: what the document is (a path), named in every error.
         schema: the expected shape; None accepts any value within the limits.
         limits: size, depth, integer and non-finite bounds.
+        fix: what the user should do about an invalid document, ending every error message.
 
     Returns:
         The parsed value.
@@ -310,10 +338,7 @@ def parse_json_document(
     """
 
     def invalid(problem: str) -> InvalidDocumentError:
-        return InvalidDocumentError(
-            f"{source} is not a valid document: {problem}. It is damaged or was not written by "
-            "torchkeep; use another copy (a checkpoint resume falls back to the previous step)"
-        )
+        return _invalid(source, problem, fix)
 
     if len(data) > limits.max_bytes:
         raise invalid(f"it has {len(data)} bytes (limit {limits.max_bytes})")
@@ -332,64 +357,106 @@ def parse_json_document(
     except (ValueError, RecursionError) as exc:  # belt and braces: the pre-checks should catch it
         raise invalid(f"it cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
     if schema is not None:
-        try:
-            schema.check(value, "")
-        except _Refused as exc:
-            raise invalid(str(exc)) from None
+        validate(value, schema, source=source, fix=fix)
     return value
 
 
-def read_bounded(path: Path, max_bytes: int) -> bytes:
-    """The bytes of the file at ``path``, refusing more than ``max_bytes`` before reading them.
+def _invalid(source: str, problem: str, fix: str) -> InvalidDocumentError:
+    return InvalidDocumentError(
+        f"{source} is not a valid document: {problem}. It is damaged or was not written by "
+        f"torchkeep; {fix}"
+    )
+
+
+def validate(value: object, schema: Schema, *, source: str, fix: str = DEFAULT_FIX) -> Any:
+    """Check an already parsed ``value`` against ``schema`` and return it.
+
+    Raises:
+        InvalidDocumentError: naming ``source``, the key and the problem, ending with ``fix``.
+
+    Example:
+        >>> validate({"n": -1}, Object({"n": Int()}), source="x.json")
+        Traceback (most recent call last):
+        InvalidDocumentError: x.json is not a valid document: n must be between 0 and ...
+    """
+    try:
+        schema.check(value, "")
+    except _Refused as exc:
+        raise _invalid(source, str(exc), fix) from None
+    return value
+
+
+def read_bounded(path: Path, max_bytes: int, *, fix: str = DEFAULT_FIX) -> bytes:
+    """The bytes of the regular file at ``path``, refusing more than ``max_bytes`` before
+    reading them.
+
+    The file is opened without blocking and checked to be a regular file before anything is
+    read, so a FIFO or a device put in a document's place cannot hang or flood the reader.
 
     Raises:
         TorchkeepFileNotFoundError: the file does not exist.
-        UnreadableFileError: it cannot be read (permission denied, an I/O error, not a file).
+        UnreadableFileError: it cannot be read (permission denied, an I/O error, not a regular
+            file, a name the file system cannot look up).
         InvalidDocumentError: it is larger than ``max_bytes``.
     """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_bytes:
-                raise InvalidDocumentError(
-                    f"{path} has {size} bytes, more than the {max_bytes} a document of its kind "
-                    "may have; it is damaged or was not written by torchkeep"
-                )
-            data = f.read(max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise TorchkeepFileNotFoundError(f"{path} does not exist") from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise UnreadableFileError(
-            f"{path} cannot be read ({exc.strerror or exc}); check its permissions and the disk"
+            f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}); check its "
+            "permissions and the disk"
         ) from None
+    with open(fd, "rb", closefd=True) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFileError(f"{path} is not a regular file (a folder, pipe or device)")
+        if info.st_size > max_bytes:
+            raise InvalidDocumentError(
+                f"{path} has {info.st_size} bytes, more than the {max_bytes} allowed for a "
+                f"document of its kind: it is damaged or was not written by torchkeep; {fix}"
+            )
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UnreadableFileError(
+                f"{path} cannot be read ({exc.strerror or exc}); check the disk"
+            ) from None
     return data
 
 
 def load_json_document(
-    path: str | os.PathLike[str], *, schema: Schema | None = None, limits: Limits = Limits()
+    path: str | os.PathLike[str],
+    *,
+    schema: Schema | None = None,
+    limits: Limits = Limits(),
+    fix: str = DEFAULT_FIX,
 ) -> Any:
     """Read the JSON document at ``path`` within ``limits`` and check it against ``schema``.
 
     The one entry point for every JSON file torchkeep reads (manifests, ``state.json``, bundle
-    configs, reports): nothing from the file reaches other code before it passed both.
+    configs): nothing from the file reaches other code before it passed both. Documents held
+    elsewhere (an ONNX file's stored report) go through :func:`parse_json_document`.
 
     Args:
         path: the file.
         schema: the expected shape (see :class:`Object`, :class:`Map`, :class:`Int`, ...); None
             accepts any value within the limits.
         limits: size, depth, integer and non-finite bounds.
+        fix: what the user should do about an invalid document, ending every error message.
 
     Returns:
         The parsed, checked value.
 
     Raises:
         TorchkeepFileNotFoundError: the file does not exist.
-        UnreadableFileError: it cannot be read.
+        UnreadableFileError: it cannot be read, or is not a regular file.
         InvalidDocumentError: it is too large, not UTF-8 JSON, breaks a limit or the schema.
 
     Example:
         >>> load_json_document("bundle/config.json", schema=Object({"class": Str()}, ("class",)))
     """
     path = Path(path)
-    data = read_bounded(path, limits.max_bytes)
-    return parse_json_document(data, source=str(path), schema=schema, limits=limits)
+    data = read_bounded(path, limits.max_bytes, fix=fix)
+    return parse_json_document(data, source=str(path), schema=schema, limits=limits, fix=fix)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint.layout import parse_step, step_problems
-from .errors import FileFormatError, TorchkeepError, TorchkeepFileNotFoundError
+from .errors import FileFormatError, TorchkeepError
 from .formats import Format, detect_format
 from .manifest import find_problems, read_manifest
 from .model.config import read_config
@@ -87,9 +87,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         (True, [])
     """
     path = Path(path)
-    if not path.exists():
-        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
-    fmt = detect_format(path)
+    fmt = detect_format(path)  # a missing or impossible path is a typed error here
     if fmt == Format.BUNDLE:
         return VerifyReport(path, fmt, {path: _bundle_problems(path)})
     if fmt == Format.CHECKPOINT_STEP:

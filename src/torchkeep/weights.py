@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,14 +17,10 @@ from torch import nn
 
 from ._gc import gc_paused
 from ._version import __version__
-from .errors import (
-    FileFormatError,
-    StateDictMismatchError,
-    TorchkeepFileNotFoundError,
-    first_line,
-)
+from .errors import FileFormatError, StateDictMismatchError, first_line
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
+from .paths import write_target
 from .storage.local import atomic_file
 
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
@@ -178,9 +175,8 @@ def save_weights(
     tensors = _state_of(model_or_state_dict)
     st.validate_for_save(tensors)
     user_metadata = _check_metadata(metadata)
-    if not path.parent.is_dir():
-        raise TorchkeepFileNotFoundError(f"cannot write {path}: folder {path.parent} is missing")
-    if path.is_dir():
+    existing = write_target(path)
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
         raise FileFormatError(f"cannot write weights to {path}: it is a directory")
     if path.suffix in TORCH_SUFFIXES:
         if user_metadata:
@@ -288,9 +284,7 @@ def open_source(path: Path, device: torch.device) -> StoredTensors:
     which is hashed against its manifest first (in a checkpoint folder: of the newest step
     whose weights are intact, with a warning for each newer one that is not).
     """
-    if not path.exists():
-        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
-    fmt = detect_format(path)
+    fmt = detect_format(path)  # a missing or impossible path is a typed error here
     if path.is_dir():
         return _directory_source(path, fmt, device)
     require_file(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from .. import tree
 from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
 from ..manifest import FILE_NAME_PATTERN, MANIFEST_NAME, find_problems, read_manifest
+from ..paths import lookup
 from ..schema import (
     MAX_INT64,
     AnyValue,
@@ -220,7 +222,8 @@ def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str
 
 def list_steps(directory: Path) -> list[StepInfo]:
     """Every committed step in ``directory``, oldest first; an absent directory has none."""
-    if not directory.is_dir():
+    info = lookup(directory)
+    if info is None or not stat.S_ISDIR(info.st_mode):
         return []
     infos = [read_step_info(child) for child in directory.iterdir()]
     return sorted((info for info in infos if info is not None), key=lambda info: info.step)

@@ -25,6 +25,7 @@ from ..errors import (
     UnsupportedValueError,
     first_line,
 )
+from ..paths import lookup
 from ..storage.local import remove_stale_temps, temp_sibling
 from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
@@ -226,7 +227,7 @@ class CheckpointManager:
         self.wait()
         step = _check_step(step)
         final = step_path(self.directory, step)
-        if final.exists() and not overwrite:
+        if lookup(final) is not None and not overwrite:  # a path no file can have: typed
             raise StepExistsError(
                 f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
                 "replace it, or save under another step"

@@ -160,7 +160,7 @@ def _example_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     if Path(args.source).is_dir():
         specs = example_input_specs(args.source)
         if specs:
-            return tuple(example_tensor(shape, getattr(torch, dtype)) for shape, dtype in specs)
+            return tuple(example_tensor(shape, dtype) for shape, dtype in specs)
     raise ExportError(
         f"{args.source}: no example input shapes are known; give --input-shape (e.g. 1,3,32,32)"
     )

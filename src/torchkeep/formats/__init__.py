@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 import zipfile
 from pathlib import Path
 
-from ..errors import CorruptFileError, FileFormatError, TorchkeepFileNotFoundError
+from ..errors import CorruptFileError, FileFormatError, UnreadableFileError
+from ..paths import require_exists
 from . import safetensors as st
-from .jsondoc import read_json_document
 
 # Every legacy (pre-zip) torch.save file starts with this magic number, pickled with protocol 2.
 LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -50,56 +51,46 @@ def _zip_kind(path: Path) -> Format:
 
 
 # Kinds recorded in the "format" field of a manifest.json, and what each directory is.
-_MANIFEST_KINDS = {"torchkeep.bundle": "bundle", "torchkeep.checkpoint": "checkpoint-step"}
-MAX_MANIFEST_BYTES = 64 * 2**20
-MAX_MANIFEST_DEPTH = 32
-
-
-def _manifest_kind(manifest: Path) -> Format:
-    """The kind a manifest declares in its ``format`` field (parsed, never substring-matched);
-    UNKNOWN for a manifest that cannot be parsed or declares nothing torchkeep writes."""
-    try:
-        document = read_json_document(
-            manifest,
-            max_bytes=MAX_MANIFEST_BYTES,
-            max_depth=MAX_MANIFEST_DEPTH,
-            what="a torchkeep manifest",
-        )
-    except (CorruptFileError, TorchkeepFileNotFoundError):
-        return Format.UNKNOWN
-    kind = document.get("format") if isinstance(document, dict) else None
-    return (
-        Format(_MANIFEST_KINDS[kind])
-        if isinstance(kind, str) and kind in _MANIFEST_KINDS
-        else Format.UNKNOWN
-    )
+_MANIFEST_KINDS = {
+    "torchkeep.bundle": Format.BUNDLE,
+    "torchkeep.checkpoint": Format.CHECKPOINT_STEP,
+}
 
 
 def _directory_kind(path: Path) -> Format:
-    from ..manifest import MANIFEST_NAME
+    """What a directory is: the kind its manifest declares (parsed by the bounded reader, never
+    substring-matched), else a checkpoint folder if it holds step folders."""
+    from ..manifest import declared_format
 
-    manifest = path / MANIFEST_NAME
-    if manifest.is_file():
-        kind = _manifest_kind(manifest)
-        if kind != Format.UNKNOWN:
-            return kind
-    if any(child.name.startswith("step-") for child in path.iterdir()):
-        return Format.CHECKPOINT_DIR
+    kind = _MANIFEST_KINDS.get(declared_format(path) or "")
+    if kind is not None:
+        return kind
+    try:
+        if any(child.name.startswith("step-") for child in path.iterdir()):
+            return Format.CHECKPOINT_DIR
+    except OSError as exc:
+        raise UnreadableFileError(
+            f"{path} cannot be listed ({exc.strerror or exc}); check its permissions"
+        ) from None
     return Format.UNKNOWN
 
 
 def detect_format(path: str | os.PathLike[str]) -> Format:
     """Recognise what ``path`` holds by reading its first bytes (or its manifest)."""
     path = Path(path)
-    if not path.exists():
-        raise TorchkeepFileNotFoundError(f"{path} does not exist")
-    if path.is_dir():
+    mode = require_exists(path).st_mode
+    if stat.S_ISDIR(mode):
         return _directory_kind(path)
-    if not path.is_file():
+    if not stat.S_ISREG(mode):
         # Reading a FIFO or a device could block forever or never end.
         raise FileFormatError(f"{path} is not a regular file (a pipe, socket or device?)")
-    with open(path, "rb") as f:
-        prefix = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    except OSError as exc:
+        raise UnreadableFileError(
+            f"{path} cannot be read ({exc.strerror or exc}); check its permissions and the disk"
+        ) from None
     if st.is_safetensors(prefix):
         return Format.SAFETENSORS
     if prefix.startswith(b"PK\x03\x04"):
@@ -115,9 +106,8 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
 
 def require_file(path: Path) -> None:
     """Raise the typed error for a missing path, a directory or an empty file."""
-    if not path.exists():
-        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
-    if path.is_dir():
+    info = require_exists(path)
+    if stat.S_ISDIR(info.st_mode):
         raise FileFormatError(f"{path} is a directory, not a weights file")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise FileFormatError(f"{path} is empty (0 bytes): an interrupted write? Re-create it")

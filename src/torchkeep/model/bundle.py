@@ -17,7 +17,6 @@ from ..errors import (
     FileFormatError,
     InitArgsError,
     ModelClassNotFoundError,
-    TorchkeepFileNotFoundError,
     UnsafeBundleError,
     UnsafeCheckpointError,
 )
@@ -32,6 +31,7 @@ from ..manifest import (
     write_manifest,
     write_tensors,
 )
+from ..paths import write_target
 from ..storage.local import staged_directory
 from ..weights import load_weights, safetensors_payload
 from .capture import captured_init_args, decode, encode, required_parameters
@@ -111,9 +111,7 @@ def _check_rebuilds(model: nn.Module, init: Mapping[str, Any]) -> None:
 
 
 def _check_target(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise TorchkeepFileNotFoundError(f"cannot write {path}: folder {path.parent} is missing")
-    if path.exists() and (not path.is_dir() or detect_format(path) != Format.BUNDLE):
+    if write_target(path) is not None and detect_format(path) != Format.BUNDLE:
         raise FileFormatError(
             f"{path} exists and is not a torchkeep bundle; choose another path (only a bundle "
             "is replaced)"
@@ -185,11 +183,12 @@ def _input_specs(example_inputs: torch.Tensor | Sequence[Any]) -> list[dict[str,
     ]
 
 
-def example_input_specs(path: PathLike) -> list[tuple[list[int], str]]:
-    """``(shape, dtype name)`` of the example inputs a bundle was saved with (empty if none).
+def example_input_specs(path: PathLike) -> list[tuple[list[int], torch.dtype]]:
+    """``(shape, dtype)`` of the example inputs a bundle was saved with (empty if none).
 
     Raises:
-        CorruptFileError: ``config.json`` breaks its schema (the message names the key).
+        CorruptFileError: ``config.json`` breaks its schema (the message names the key; a dtype
+            must be one of torch's dtype names).
     """
     return read_config(Path(path)).example_inputs
 
@@ -314,11 +313,9 @@ def load_model(
     """
     path = Path(path)
     device = torch.device(map_location)
-    if path.is_file() and detect_format(path) == Format.PT2:
+    if detect_format(path) == Format.PT2:  # a missing or impossible path is a typed error here
         return _program_or_refuse(path, device, trust_program, "")
     if not path.is_dir():
-        if not path.exists():
-            raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
         raise FileFormatError(
             f"{path} is a file, not a model bundle. A torch.save(model) pickle loads with "
             "tk.load_pickled_model(path, allow=...); weights load with tk.load_weights"

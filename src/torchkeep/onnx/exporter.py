@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError, TorchkeepFileNotFoundError
+from ..errors import ExportError, ExportVerificationError
+from ..paths import write_target
 from ._deps import EXPORT_PACKAGES, require
 from .failures import explain, is_data_dependent
 from .files import EXTERNAL_DATA_THRESHOLD, commit, save_staged, staging_folder
@@ -251,8 +252,7 @@ def export_onnx(
     """
     require(*EXPORT_PACKAGES, feature="ONNX export")
     final = Path(path)
-    if not final.parent.is_dir():
-        raise TorchkeepFileNotFoundError(f"cannot write {final}: folder {final.parent} is missing")
+    write_target(final)  # the folder exists and the name can exist, before any export work
     inputs = _as_inputs(example_inputs)
     if dynamic_shapes is None:
         traced, shapes, export_batch = _batch_plan(inputs, dynamic_batch)
