@@ -21,6 +21,7 @@ from ..errors import (
     CorruptFileError,
     StateDictMismatchError,
     StepExistsError,
+    TorchkeepError,
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
     first_line,
@@ -510,6 +511,8 @@ def _list_committed(directory: Path) -> list[StepInfo]:
     for _ in range(RACE_ROUNDS):
         try:
             return list_steps(directory)
+        except TorchkeepError:
+            raise  # a path no folder can have, a damaged folder: not a race
         except FileNotFoundError:
             continue
     raise CheckpointBusyError(
