@@ -34,7 +34,9 @@ def run_plain(code: str, *, cwd: Path | None = None, timeout: float = 120.0) -> 
     )
 
 
-def prove_live(code: str, canary: Path, *, path: Path | None = None, cwd: Path | None = None) -> None:
+def prove_live(
+    code: str, canary: Path, *, path: Path | None = None, cwd: Path | None = None
+) -> None:
     """Assert that running ``code`` (a plain loader) creates ``canary``; then remove the canary.
 
     ``code`` may contain ``{path}``, replaced by ``repr(str(path))``.
