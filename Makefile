@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit mutants bench clean
 
 $(STAMP): pyproject.toml requirements/dev.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ unit: $(STAMP)
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# Each promise broken on purpose in a copy of src/ must fail its tests (tests/mutations.toml).
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -41,16 +41,41 @@ def test_every_public_callable_is_documented() -> None:
             assert (member.__doc__ or "").strip(), f"{name} has no docstring"
 
 
+# The builtin exception each error also is, so ``except ValueError`` etc. keep working.
+BUILTIN_BASE = {
+    "FileFormatError": ValueError,
+    "CorruptFileError": ValueError,
+    "TorchkeepFileNotFoundError": FileNotFoundError,
+    "StateDictMismatchError": ValueError,
+    "ChecksumMismatchError": ValueError,
+    "StepExistsError": FileExistsError,
+    "DestinationExistsError": FileExistsError,
+    "CheckpointNotFoundError": FileNotFoundError,
+    "UnsafeCheckpointError": ValueError,
+    "StorageFullError": OSError,
+    "MissingDependencyError": ImportError,
+    "ModelClassNotFoundError": ImportError,
+    "InitArgsError": TypeError,
+    "ExportError": RuntimeError,
+    "ExportVerificationError": RuntimeError,
+    "UnsupportedValueError": TypeError,
+}
+
+
 @pytest.mark.parametrize(
     "name", [n for n in PUBLIC if n.endswith("Error") and n != "TorchkeepError"]
 )
-def test_every_error_is_a_torchkeep_error_and_a_builtin(name: str) -> None:
+def test_every_error_is_a_torchkeep_error_and_its_builtin(name: str) -> None:
     error = getattr(tk, name)
     assert issubclass(error, tk.TorchkeepError)
-    builtin_bases = [
-        base for base in error.__mro__ if base.__module__ == "builtins" and base is not Exception
+    assert name in BUILTIN_BASE, f"{name} is new: add its builtin base to BUILTIN_BASE"
+    expected = BUILTIN_BASE[name]
+    assert issubclass(error, expected), f"{name} is not a {expected.__name__}"
+    builtins = {b for b in error.__mro__ if b.__module__ == "builtins"}
+    most_derived = [
+        b for b in builtins if not any(o is not b and issubclass(o, b) for o in builtins)
     ]
-    assert builtin_bases, f"{name} inherits no builtin besides Exception"
+    assert most_derived == [expected], f"{name}: builtin bases {most_derived}"
     assert not issubclass(error, (KeyboardInterrupt, SystemExit))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import torchkeep as tk
 from tests.conftest import assert_state_equal
-from torchkeep.describe import describe
+from torchkeep.describe import Description, describe
 from torchkeep.formats import safetensors as stf
 
 Reader = Callable[[Path], object]
@@ -213,14 +213,23 @@ def read(request: pytest.FixtureRequest) -> Reader:
     return READERS[request.param]
 
 
-def test_the_valid_base_file_loads(tmp_path: Path, read: Reader) -> None:
+def test_the_valid_base_file_loads(tmp_path: Path) -> None:
+    """Each of the three readers sees the two tensors of the base file (checked per reader)."""
     path = tmp_path / "good.safetensors"
     path.write_bytes(GOOD)
-    read(path)
-    state = tk.load_state_dict(path)
+    state = READERS["load_state_dict"](path)
+    assert isinstance(state, dict)
     assert state["a"].shape == (2, 3)
     assert state["b"].dtype == torch.int64
     assert state["b"].view(torch.uint8).tolist() == list(range(24, 40))
+    report = READERS["load_weights"](path)
+    assert isinstance(report, tk.LoadReport)
+    assert sorted(report.unexpected) == ["a", "b"]
+    assert sorted(report.missing) == ["bias", "weight"]
+    description = READERS["describe"](path)
+    assert isinstance(description, Description)
+    seen = {t.name: (t.dtype, t.shape, t.nbytes) for t in description.tensors}
+    assert seen == {"a": ("F32", (2, 3), 24), "b": ("I64", (2,), 16)}
 
 
 @pytest.mark.parametrize("case", list(CORRUPT_SAFETENSORS))
@@ -403,12 +412,19 @@ BASE = _base_file()
 BASE_HEADER_END = 8 + struct.unpack("<Q", BASE[:8])[0]
 
 
-def _check_damaged(path: Path, content: bytes) -> None:
+def _check_damaged(path: Path, content: bytes, *, header_intact: bool) -> None:
+    """Ours loads what the reference loads, the same; it may refuse more, but only for a
+    damaged header: any bytes in the data section are valid values and must load."""
     path.write_bytes(content)
+    refusal: tk.TorchkeepError | None = None
     try:
         ours = tk.load_state_dict(path)
         describe(path)
-    except tk.TorchkeepError:
+    except tk.TorchkeepError as exc:
+        refusal = exc
+    if refusal is not None:
+        assert not header_intact, f"refused a file whose header is intact: {refusal}"
+        assert str(path) in str(refusal)
         return
     reference = safetensors.torch.load(content)  # must accept what we accept ...
     assert set(reference) <= set(ours)
@@ -431,7 +447,15 @@ def test_mutated_file_loads_like_the_reference_or_raises_ours(
     content = bytearray(BASE)
     for position, value in changes:
         content[position] = value
-    _check_damaged(tmp_path / "mutated.safetensors", bytes(content))
+    intact = content[:BASE_HEADER_END] == BASE[:BASE_HEADER_END]
+    _check_damaged(tmp_path / "mutated.safetensors", bytes(content), header_intact=intact)
+
+
+@pytest.mark.parametrize("value", [0x00, 0x7F, 0xFF])
+def test_any_bytes_in_the_data_section_load(tmp_path: Path, value: int) -> None:
+    """A reader that refuses every damaged file would pass the property above vacuously."""
+    content = BASE[:BASE_HEADER_END] + bytes([value]) * (len(BASE) - BASE_HEADER_END)
+    _check_damaged(tmp_path / "data.safetensors", content, header_intact=True)
 
 
 @settings(

@@ -157,6 +157,51 @@ def test_model_modes_are_restored(exported: Exported) -> None:
     assert exported.model.training == exported.was_training
 
 
+class Mixed(nn.Module):
+    """Batch norm and dropout: layers whose output differs between train and eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.inner = nn.Sequential(nn.Linear(8, 4), nn.Dropout(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.drop(self.norm(self.fc(x))))
+
+
+MODE_SETUPS: dict[str, Callable[[nn.Module], None]] = {
+    "all_eval": lambda m: m.eval(),
+    "all_train": lambda m: m.train(),
+    "top_eval_submodules_train": lambda m: (m.eval(), m.norm.train(), m.inner.train()),
+    "top_train_one_eval": lambda m: (m.train(), m.drop.eval()),
+}
+
+
+@pytest.mark.parametrize("setup", list(MODE_SETUPS))
+def test_every_submodule_is_in_eval_during_export_and_each_mode_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setup: str
+) -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    MODE_SETUPS[setup](model)
+    before = {name: m.training for name, m in model.named_modules()}
+    during: list[dict[str, bool]] = []
+    real_export = torch.onnx.export
+
+    def spy(module: nn.Module, *args: object, **kwargs: object) -> object:
+        during.append({name: m.training for name, m in module.named_modules()})
+        return real_export(module, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    tk.export_onnx(model, (torch.randn(2, 8),), tmp_path / "mixed.onnx", verify=False)
+    assert during, "torch.onnx.export was not called"
+    for modes in during:
+        assert not any(modes.values()), f"in train mode during export: {modes}"
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def test_report_is_stored_in_the_file_metadata(exported: Exported) -> None:
     props = {p.key: p.value for p in onnx.load(str(exported.report.path)).metadata_props}
     stored = json.loads(props["torchkeep.report"])

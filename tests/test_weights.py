@@ -79,7 +79,7 @@ def test_every_dtype_round_trips_bit_for_bit(tmp_path: Path, dtype: torch.dtype)
     raw = torch.randint(
         0, 256, (7 * 5 * 16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
     )
-    values = raw.view(dtype) if dtype.itemsize <= 16 else raw
+    values = raw.view(dtype)  # 560 bytes: a whole number of elements of every dtype
     state = {
         "matrix": values.reshape(7, 5, -1),
         "scalar": values[0].clone().reshape(()),
@@ -263,10 +263,18 @@ def test_exception_mid_write_leaves_previous_file(
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
-def test_map_location_accepts_devices_and_strings(tmp_path: Path, net: Net) -> None:
-    path = tk.save_weights(net, tmp_path / "n.safetensors")
-    for location in ("cpu", torch.device("cpu")):
-        assert tk.load_state_dict(path, map_location=location)["fc1.weight"].device.type == "cpu"
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_map_location_accepts_devices_and_strings(tmp_path: Path, net: Net, suffix: str) -> None:
+    """A target other than the default ("meta") must take effect, as a string or a device."""
+    path = tk.save_weights(net, tmp_path / f"n{suffix}")
+    expected = net.state_dict()
+    for location in ("meta", torch.device("meta")):
+        state = tk.load_state_dict(path, map_location=location)
+        assert state.keys() == expected.keys()
+        for name, tensor in state.items():
+            assert tensor.device.type == "meta", name
+            assert (tensor.dtype, tensor.shape) == (expected[name].dtype, expected[name].shape)
+    assert_state_equal(tk.load_state_dict(path, map_location=torch.device("cpu")), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
