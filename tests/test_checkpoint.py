@@ -334,8 +334,11 @@ def small_fs(tmp_path: Path):
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:  # lazily if a background deletion still holds a file: never leave a mount behind
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_real_full_disk(small_fs: Path) -> None:
