@@ -233,7 +233,9 @@ def export_onnx(
         rtol: relative tolerance of the comparison.
         atol: absolute tolerance of the comparison.
         external_data_threshold: initializer bytes above which the weights are saved to an
-            external data file ``<name>.data`` next to ``path`` (protobuf stops at 2 GiB).
+            external data file ``<name>.<16 hex digits of its hash>.data`` next to ``path``
+            (protobuf stops at 2 GiB); an overwrite deletes the previous export's data file
+            only once the new ``.onnx`` is in place.
         custom_translation_table: ``{torch op: onnxscript function}`` for ops without a
             built-in ONNX translation (passed to ``torch.onnx.export``).
 

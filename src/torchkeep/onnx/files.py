@@ -3,14 +3,17 @@
 An ONNX file may keep its tensors in *external data* files named by a ``location`` string. A
 hostile file can point that at ``../../etc/passwd`` or an absolute path; every torchkeep reader
 goes through :func:`load_model`, which refuses such locations and names a missing data file
-before any other library touches it. Writes are staged in a temporary sibling folder and moved
-into place with renames, data files first and the ``.onnx`` last, so a reader never sees a
-``.onnx`` whose data is not there yet.
+before any other library touches it. Writes are staged in a temporary sibling folder. The
+weights of each export get a file name of their own, ``model.onnx.<16 hex digits of their
+hash>.data``, moved into place before the ``.onnx`` is atomically replaced, and the data files
+of the previous export are deleted only after that: a crash at any point leaves the old or the
+new model loadable (plus, at worst, an unused data file the next export removes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
+from ..errors import CorruptFileError, TorchkeepError, TorchkeepFileNotFoundError, first_line
+from ..hashing import hash_file
 from ..storage.local import atomic_file, fsync_dir, fsync_file, temp_sibling
 from ._deps import require
 from .graph import all_graphs
@@ -35,9 +39,23 @@ and the graph itself needs room too)."""
 _INLINE_TENSOR_BYTES = 1024
 
 
-def data_file_name(path: Path) -> str:
-    """The external data file name torchkeep uses for ``path``: ``model.onnx.data``."""
-    return f"{path.name}.data"
+_DIGEST_CHARS = 16
+
+
+def data_file_name(path: Path, digest: str) -> str:
+    """The external data file name for ``path`` and weights of hash ``digest``.
+
+    Example:
+        >>> data_file_name(Path("model.onnx"), "3f9a0c1d2e4b5a6978c0ffee12345678")
+        'model.onnx.3f9a0c1d2e4b5a69.data'
+    """
+    return f"{path.name}.{digest[:_DIGEST_CHARS]}.data"
+
+
+def is_data_file_name(path: Path, name: str) -> bool:
+    """True when ``name`` has the form :func:`data_file_name` gives ``path``'s weights."""
+    own = re.escape(path.name) + rf"\.[0-9a-f]{{{_DIGEST_CHARS}}}\.data"
+    return re.fullmatch(own, name) is not None
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -245,7 +263,10 @@ def staging_folder(final: Path) -> Iterator[Path]:
 
 
 def save_staged(model: onnx.ModelProto, path: Path, *, external_data: bool) -> None:
-    """Write ``model`` to ``path`` (in a staging folder), its weights inline or in one data file."""
+    """Write ``model`` to ``path`` (in a staging folder), its weights inline or in one data file.
+
+    The data file is ``<name>.data`` while staged; :func:`commit` gives it its final name.
+    """
     import onnx
 
     onnx.save_model(
@@ -253,16 +274,82 @@ def save_staged(model: onnx.ModelProto, path: Path, *, external_data: bool) -> N
         str(path),
         save_as_external_data=external_data,
         all_tensors_to_one_file=True,
-        location=data_file_name(path),
+        location=f"{path.name}.data",
         size_threshold=_INLINE_TENSOR_BYTES,
     )
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` so exports into it commit one at a time.
+
+    Best effort: where the folder cannot be opened or locked (some network file systems), the
+    block runs unlocked.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _relocate(model: onnx.ModelProto, folder: Path, names: Mapping[Path, str]) -> None:
+    """Point every external ``location`` of ``model`` (read from ``folder``) at its new name."""
+    import onnx
+
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = names[(folder / entry.value).resolve()]
+
+
+def _used_names(final: Path) -> set[str]:
+    """Names of the data files in ``final``'s folder that the model now at ``final`` uses.
+
+    Read with :func:`load_model`, so only validated locations count; an unreadable or missing
+    model uses none.
+    """
+    try:
+        used = check_external_data(final, load_model(final))
+    except (TorchkeepError, OSError):
+        return set()
+    folder = final.parent.resolve()
+    return {p.name for p in used if p.parent == folder}
+
+
+def _remove_unused(final: Path, keep: set[str], previous: set[str]) -> None:
+    """Delete data files of earlier exports to ``final`` that the model there no longer uses.
+
+    A file goes only when it is a plain file (not a link), not in ``keep``, and either has
+    torchkeep's name for ``final``'s data (an earlier export's, or one a crash left unused) or
+    was used by the model ``final`` replaced (``previous``) under the name ``<name>.data`` that
+    ``torch.onnx.export`` and earlier torchkeep versions write. Nothing else is touched.
+    """
+    legacy = f"{final.name}.data"
+    with os.scandir(final.parent) as entries:
+        for entry in entries:
+            name = entry.name
+            ours = is_data_file_name(final, name) or (name == legacy and name in previous)
+            if ours and name not in keep and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):  # the new model is committed: at worst, a
+                    os.unlink(entry.path)  # leftover the next export removes
 
 
 def commit(staged: Path, final: Path, metadata: Mapping[str, str]) -> list[str]:
     """Move a staged, verified model to ``final`` with ``metadata`` added to its properties.
 
-    Data files are renamed into place first; the ``.onnx`` goes last, through an atomic write.
-    A data file of an earlier export at ``final`` that the new model does not use is removed.
+    Each data file is named after its contents (:func:`data_file_name`), fsynced and renamed
+    into ``final``'s folder first; then the ``.onnx`` replaces ``final`` atomically; only then
+    are the data files the previous model there used deleted. A crash at any point leaves the
+    old or the new model complete. Exports into one folder commit one at a time (a folder lock).
 
     Returns:
         The names of the external data files now next to ``final``.
@@ -273,17 +360,23 @@ def commit(staged: Path, final: Path, metadata: Mapping[str, str]) -> list[str]:
     model.metadata_props.extend(kept)
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
-    names = []
-    for data in check_external_data(staged, model):
-        relative = data.relative_to(staged.parent.resolve())
-        fsync_file(data)
-        os.replace(data, final.parent / relative)
-        names.append(str(relative))
-    if names:
-        fsync_dir(final.parent)
-    with atomic_file(final) as f:
-        f.write(model.SerializeToString())
-    stale = final.parent / data_file_name(final)
-    if data_file_name(final) not in names and stale.is_file():
-        stale.unlink()
-    return names
+    names = {
+        data: data_file_name(final, hash_file(data)[1])
+        for data in check_external_data(staged, model)
+    }
+    _relocate(model, staged.parent, names)
+    with _folder_lock(final.parent):
+        # What the old model uses matters only for the legacy name: torchkeep's own names are
+        # recognised by their form, so the old model (maybe a large inline one) is read only
+        # when a legacy-named file is there to decide about.
+        legacy = final.parent / f"{final.name}.data"
+        previous = _used_names(final) if legacy.is_file() else set()
+        for data, name in names.items():
+            fsync_file(data)
+            os.replace(data, final.parent / name)
+        if names:
+            fsync_dir(final.parent)
+        with atomic_file(final) as f:
+            f.write(model.SerializeToString())
+        _remove_unused(final, set(names.values()), previous)
+    return sorted(names.values())
