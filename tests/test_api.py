@@ -22,7 +22,7 @@ PUBLIC = {
     "StateDictMismatchError", "ChecksumMismatchError", "StepExistsError", "DestinationExistsError",
     "CheckpointNotFoundError", "UnsafeCheckpointError", "StorageFullError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
-    "ExportError", "ExportVerificationError",
+    "ExportError", "ExportVerificationError", "ResourceLimitError",
     "__version__",
 }  # fmt: skip
 

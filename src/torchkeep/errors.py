@@ -23,6 +23,11 @@ class CorruptFileError(FileFormatError):
     """A file claims a known format but its contents are damaged or hostile."""
 
 
+class ResourceLimitError(CorruptFileError):
+    """Reading a file would take more memory or time than its size justifies (a zip bomb, a
+    pickle far larger than any ``torch.save`` structure); nothing was expanded or loaded."""
+
+
 class TorchkeepFileNotFoundError(TorchkeepError, FileNotFoundError):
     """A path torchkeep was asked to read does not exist."""
 

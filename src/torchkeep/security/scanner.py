@@ -3,29 +3,31 @@ and report what loading it would import and call, without executing anything."""
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import os
 import re
+import shutil
+import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import FileFormatError, TorchkeepFileNotFoundError
+import torch
+
+from ..errors import FileFormatError, ResourceLimitError, TorchkeepFileNotFoundError
 from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
-from .policy import Severity, classify
-from .walker import UNRESOLVED, Event, walk
+from .policy import LIMITS, Severity, classify, resolve_loaded
+from .walker import UNRESOLVED, Event, Global, PersistentId, Source, walk_source
 
 # A legacy torch.save file is five pickles (magic, protocol, sys info, object, storage keys),
 # then raw tensor bytes; torch unpickles exactly those five.
 _LEGACY_PICKLES = 5
-_MAX_ZIP_DEPTH = 3
-_STORAGE_RECORD = re.compile(r"^(?P<prefix>[^/]+/)?data/\d+$")
-_PT2_PAYLOAD_CONFIG = re.compile(
-    r"^(?P<dir>(?:[^/]+/)?data/(?:weights|constants)/)[^/]+config\.json$"
-)
+# torch.save names storages by decimal keys; only such records can be exempt from the walk.
+_RECORD_KEY = re.compile(r"^[0-9]{1,19}$")
 _PT2_PROGRAM = re.compile(r"^(?:[^/]+/)?models/[^/]+\.json$")
 _PT2_NATIVE = re.compile(r"^(?:[^/]+/)?data/aotinductor/")
 # Shape expressions in a .pt2 program (``srepr`` text) go through sympy.sympify, which
@@ -96,6 +98,8 @@ class ScanReport:
         findings: every distinct global and call (most severe first).
         pickles: the pickles walked (``member@offset``).
         notes: other things worth knowing (trailing data, no pickles at all, ...).
+        problems: damage that would make a load fail or return wrong data (a tensor record
+            shorter or longer than its storage, a compressed or missing record).
     """
 
     path: Path
@@ -103,6 +107,7 @@ class ScanReport:
     findings: list[Finding] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def dangerous(self) -> list[Finding]:
@@ -139,6 +144,7 @@ class ScanReport:
             "findings": [f.to_json() for f in self.findings],
             "pickles": self.pickles,
             "notes": self.notes,
+            "problems": self.problems,
         }
 
 
@@ -146,64 +152,102 @@ def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+@dataclass
+class _Walked:
+    """What a walk over a stream of pickles found beyond findings."""
+
+    storages: list[list[PersistentId]] = field(default_factory=list)
+    end: int = 0  # stream offset just after the last complete pickle
+
+
 class _Collector:
     """Accumulates findings (deduplicated) into a report."""
 
     def __init__(self, report: ScanReport) -> None:
         self.report = report
+        self.limits = LIMITS
         self._index: dict[tuple[str, str], int] = {}
 
     def add(
-        self, name: str, kind: str, severity: Severity, where: str, reason: str, module: str = ""
+        self,
+        name: str,
+        kind: str,
+        severity: Severity,
+        where: str,
+        reason: str,
+        module: str = "",
+        count: int = 1,
     ) -> None:
         key = (name, kind)
         if key in self._index:
             i = self._index[key]
             self.report.findings[i] = replace(
-                self.report.findings[i], count=self.report.findings[i].count + 1
+                self.report.findings[i], count=self.report.findings[i].count + count
             )
             return
         self._index[key] = len(self.report.findings)
-        self.report.findings.append(Finding(name, kind, severity, where, reason, 1, module))
+        self.report.findings.append(Finding(name, kind, severity, where, reason, count, module))
 
     def add_events(self, events: list[Event], member: str) -> None:
         for event in events:
             where = f"{member}@{event.offset}"
             if event.target is None:
                 detail = event.detail or "a name that cannot be resolved statically"
-                self.add(UNRESOLVED, event.kind, Severity.DANGEROUS, where, detail)
+                self.add(
+                    UNRESOLVED, event.kind, Severity.DANGEROUS, where, detail, count=event.count
+                )
             else:
                 severity, reason = classify(event.target)
                 target = event.target
-                self.add(target.full_name, event.kind, severity, where, reason, target.module)
+                self.add(
+                    target.full_name,
+                    event.kind,
+                    severity,
+                    where,
+                    reason,
+                    target.module,
+                    event.count,
+                )
 
     def walk_pickles(
         self, stream: IO[bytes], member: str, *, strict: int, top_level: bool = False
-    ) -> None:
-        """Walk pickles in sequence; the first ``strict`` must parse, later ones are optional.
+    ) -> _Walked:
+        """Walk pickles in sequence; the first ``strict`` are what a loader unpickles.
 
-        With ``top_level``, a stream whose first opcode is already invalid is not a pickle at
-        all and raises :class:`FileFormatError` instead of being reported.
+        A walk that stops (where a real unpickler would raise) before importing or calling
+        anything is harmless and only noted; one that stops after doing so is reported as
+        dangerous. Past the first ``strict`` pickles, bytes that are not a complete pickle are
+        never unpickled by anyone and are only noted. With ``top_level``, a stream whose very
+        first opcode is invalid is not a pickle at all and raises :class:`FileFormatError`.
+
+        Returns:
+            The storages each complete pickle references, and where the last one ends.
         """
+        source = Source(stream, name=member)
+        walked = _Walked()
         index = 0
-        while True:
-            start = stream.tell()
-            if not stream.read(1):
-                return
-            stream.seek(start)
-            result = walk(stream)
-            if top_level and index == 0 and not result.complete and not result.events:
-                raise FileFormatError(
-                    f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
-                    f"format torchkeep knows to be pickle-free ({result.error}); nothing to scan"
-                )
+        while not source.at_end():
+            start = source.offset
+            result = walk_source(source, self.limits.walk)
             if index >= strict and not result.complete:
-                stream.seek(0, os.SEEK_END)
                 self.report.notes.append(
-                    f"{member}: {stream.tell() - start} bytes after the last pickle (from "
-                    f"offset {start}) are not a pickle and are never unpickled"
+                    f"{member}: the bytes from offset {start} are not a complete pickle and "
+                    "are never unpickled"
                 )
-                return
+                return walked
+            if not result.complete and not result.events:
+                if top_level and index == 0 and result.error_offset == start:
+                    raise FileFormatError(
+                        f"{member} is neither a pickle, a torch.save file, a .pt2 archive nor a "
+                        f"format torchkeep knows to be pickle-free ({result.error}); nothing to "
+                        "scan"
+                    )
+                self.report.notes.append(
+                    f"{member}: not a pickle from offset {start} ({result.error} at offset "
+                    f"{result.error_offset}); an unpickler stops there before importing or "
+                    "calling anything"
+                )
+                return walked
             self.report.pickles.append(f"{member}@{start} (protocol {result.protocol})")
             self.add_events(result.events, member)
             if not result.complete:
@@ -212,40 +256,71 @@ class _Collector:
                     "unparseable",
                     Severity.DANGEROUS,
                     f"{member}@{start}",
-                    f"a malformed pickle ({result.error}); a loader may still run what "
-                    "precedes the damage",
+                    f"a malformed pickle ({result.error} at offset {result.error_offset}); a "
+                    "loader still runs what precedes the damage",
                 )
-                return
+                return walked
+            walked.storages.append(result.storages)
+            walked.end = source.offset
             index += 1
+        return walked
 
 
-def _pt2_raw_records(archive: zipfile.ZipFile) -> set[str]:
-    """Members of a .pt2 that its payload configs declare as raw tensor bytes (never unpickled)."""
-    raw = set()
-    for name in archive.namelist():
-        match = _PT2_PAYLOAD_CONFIG.match(name)
-        if not match:
-            continue
+def _storage_nbytes(storage: PersistentId) -> int | None:
+    """Bytes a storage holds, as torch computes them (None for a type torch would refuse)."""
+    itemsize = _itemsize(storage.storage_type)
+    return None if itemsize is None or storage.numel < 0 else storage.numel * itemsize
+
+
+@functools.lru_cache(maxsize=64)
+def _itemsize(storage_type: Global) -> int | None:
+    cls = resolve_loaded(storage_type)
+    if cls is torch.UntypedStorage:
+        return 1
+    with warnings.catch_warnings():  # legacy typed storages warn on every attribute access
+        warnings.simplefilter("ignore")
+        dtype = getattr(cls, "dtype", None) if isinstance(cls, type) else None
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
+
+
+def _check_records(
+    collector: _Collector,
+    archive: zipfile.ZipFile,
+    storages: list[PersistentId],
+    directory: str,
+    label: str,
+) -> set[str]:
+    """Compare each storage a pickle declares with the record that holds it.
+
+    ``directory`` is where the pickle's records live (``archive/data/``). Returns the names of
+    the records that hold storages: raw tensor bytes that no loader unpickles.
+    """
+    records: set[str] = set()
+    for storage in storages:
+        if not _RECORD_KEY.match(storage.key):
+            continue  # torch writes decimal keys; anything else exempts no member
+        name = directory + storage.key
+        records.add(name)
+        nbytes = _storage_nbytes(storage)
         try:
-            config = json.loads(archive.read(name)).get("config", {})
-        except (ValueError, AttributeError, zipfile.BadZipFile):
+            info = archive.getinfo(name)
+        except KeyError:
+            collector.report.problems.append(
+                f"record {label}{name} is missing; the pickle declares storage {storage.key!r}"
+            )
             continue
-        for entry in config.values() if isinstance(config, dict) else ():
-            if isinstance(entry, dict) and entry.get("use_pickle") is False:
-                path_name = str(entry.get("path_name", ""))
-                if path_name.startswith(("weight_", "tensor_")):
-                    raw.add(match["dir"] + path_name)
-    return raw
-
-
-def _torch_storage_records(names: list[str]) -> set[str]:
-    """``<prefix>/data/<n>`` records of a torch zip: raw storage bytes, read but not unpickled."""
-    pickles = {n.rsplit("/", 1)[0] + "/" for n in names if n.endswith("data.pkl")}
-    return {
-        n
-        for n in names
-        if (m := _STORAGE_RECORD.match(n)) and (m["prefix"] or "") in pickles | {""}
-    }
+        if info.compress_type != zipfile.ZIP_STORED:
+            collector.report.problems.append(
+                f"record {label}{name} is compressed; torch.save stores tensor data as is and a "
+                "memory-mapped read would return the compressed bytes"
+            )
+        elif nbytes is not None and info.file_size != nbytes:
+            collector.report.problems.append(
+                f"record {label}{name} holds {info.file_size} bytes but the pickle declares "
+                f"{nbytes} bytes ({storage.numel} x {storage.storage_type.name}) for storage "
+                f"{storage.key!r}"
+            )
+    return records
 
 
 def _unsafe_expressions(value: object) -> Iterator[str]:
@@ -300,28 +375,67 @@ def _scan_program_json(collector: _Collector, data: bytes, member: str) -> None:
         )
 
 
+def _open_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, cap: int
+) -> IO[bytes]:
+    """Open a member for streaming after checking its size and expansion against the limits."""
+    limits = LIMITS
+    expanded, packed = info.file_size, info.compress_size
+    if (
+        info.compress_type != zipfile.ZIP_STORED
+        and expanded > limits.ratio_floor
+        and (expanded > packed * limits.max_ratio)
+    ):
+        raise ResourceLimitError(
+            f"{label}{info.filename} expands from {packed:,} to {expanded:,} bytes (more than "
+            f"{limits.max_ratio}x): a zip bomb, or a file torchkeep will not expand. Re-create "
+            "it with torch.save, which stores members uncompressed"
+        )
+    if expanded > cap:
+        raise ResourceLimitError(
+            f"{label}{info.filename} holds {expanded:,} bytes, more than the {cap:,} torchkeep "
+            "reads from one member of an untrusted archive"
+        )
+    return archive.open(info)
+
+
 def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth: int) -> None:
-    names = archive.namelist()
-    skip = _torch_storage_records(names) | _pt2_raw_records(archive)
-    for info in archive.infolist():
+    """Scan every member of an archive: pickles, nested zips, program JSON, code.
+
+    Every member is walked as a potential pickle whatever its name or first byte; the only
+    exemption is a record that one of the archive's own pickles (walked first) references as
+    a storage under its own directory, since loaders read those as raw bytes, never unpickle.
+    """
+    infos = [info for info in archive.infolist() if not info.is_dir()]
+    pickles = [info for info in infos if info.filename.endswith(".pkl")]
+    raw: set[str] = set()
+    for info in pickles:
         member = f"{label}{info.filename}"
-        if info.is_dir() or info.filename in skip:
+        with _open_member(archive, info, label, LIMITS.max_member) as f:
+            walked = collector.walk_pickles(f, member, strict=1)
+        if walked.storages:
+            directory = info.filename[: -len(".pkl")] + "/"
+            raw |= _check_records(collector, archive, walked.storages[0], directory, label)
+    for info in infos:
+        member = f"{label}{info.filename}"
+        if info in pickles or info.filename in raw:
             continue
         if _PT2_NATIVE.match(info.filename):
             collector.add(
                 member, "code", Severity.DANGEROUS, member, "AOTInductor native code is loaded"
             )
             continue
-        with archive.open(info) as f:
+        with _open_member(archive, info, label, LIMITS.max_member) as f:
             head = f.read(16)
         if head.startswith(b"PK\x03\x04"):
-            _scan_nested_zip(collector, archive.read(info), member, depth)
-        elif _PT2_PROGRAM.match(info.filename):
-            _scan_program_json(collector, archive.read(info), member)
-        elif info.filename.endswith(".pkl") or head[:1] == b"\x80":
+            _scan_nested_zip(collector, archive, info, label, depth)
+            continue
+        with _open_member(archive, info, label, LIMITS.max_member) as f:
             strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
-            with archive.open(info) as f:
-                collector.walk_pickles(f, member, strict=strict)
+            collector.walk_pickles(f, member, strict=strict)
+        if _PT2_PROGRAM.match(info.filename):
+            with _open_member(archive, info, label, LIMITS.max_document) as f:
+                _scan_program_json(collector, f.read(), member)
         elif "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
             collector.add(
                 member,
@@ -332,15 +446,39 @@ def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth
             )
 
 
-def _scan_nested_zip(collector: _Collector, data: bytes, member: str, depth: int) -> None:
-    if depth >= _MAX_ZIP_DEPTH:
+def _scan_nested_zip(
+    collector: _Collector, archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, depth: int
+) -> None:
+    """Scan a zip stored inside a zip, spooled to a temporary file past a few MiB."""
+    member = f"{label}{info.filename}"
+    if depth >= LIMITS.max_depth:
         collector.add(member, "unresolved", Severity.DANGEROUS, member, "zips nested too deep")
         return
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as inner:
-            _scan_zip(collector, inner, f"{member}!", depth + 1)
-    except zipfile.BadZipFile as exc:
-        collector.add(member, "unparseable", Severity.DANGEROUS, member, f"a damaged zip ({exc})")
+    with tempfile.SpooledTemporaryFile(max_size=LIMITS.spool) as copy:
+        with _open_member(archive, info, label, LIMITS.max_member) as f:
+            shutil.copyfileobj(f, copy, 1 << 20)
+        copy.seek(0)
+        try:
+            with zipfile.ZipFile(copy) as inner:
+                _scan_zip(collector, inner, f"{member}!", depth + 1)
+        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+            collector.add(
+                member, "unparseable", Severity.DANGEROUS, member, f"a damaged zip ({exc})"
+            )
+
+
+def _check_legacy(collector: _Collector, path: Path, walked: _Walked) -> None:
+    """A legacy torch file's storages follow its five pickles: each an 8-byte count, then data."""
+    if len(walked.storages) < _LEGACY_PICKLES:
+        return
+    sizes = [_storage_nbytes(s) for s in {s.key: s for s in walked.storages[3]}.values()]
+    declared = sum(8 + size for size in sizes if size is not None)
+    available = path.stat().st_size - walked.end
+    if declared > available:
+        collector.report.problems.append(
+            f"{path} declares {declared} bytes of tensor data after its pickles but holds "
+            f"{available}"
+        )
 
 
 def _scan_file(collector: _Collector, path: Path) -> None:
@@ -351,11 +489,14 @@ def _scan_file(collector: _Collector, path: Path) -> None:
             try:
                 with zipfile.ZipFile(f) as archive:
                     _scan_zip(collector, archive, "", 0)
-            except zipfile.BadZipFile as exc:
+            except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
                 raise FileFormatError(f"{path} starts like a zip but is damaged ({exc})") from None
             return
-        strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
-        collector.walk_pickles(f, str(path), strict=strict, top_level=True)
+        legacy = head.startswith(LEGACY_TORCH_PREFIX)
+        strict = _LEGACY_PICKLES if legacy else 1
+        walked = collector.walk_pickles(f, str(path), strict=strict, top_level=True)
+    if legacy:
+        _check_legacy(collector, path, walked)
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:
