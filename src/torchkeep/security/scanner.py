@@ -166,6 +166,7 @@ class _Collector:
     def __init__(self, report: ScanReport) -> None:
         self.report = report
         self.limits = LIMITS
+        self.budget = 0  # bytes that may still be expanded from the file's archive members
         self._index: dict[tuple[str, str], int] = {}
 
     def add(
@@ -187,6 +188,23 @@ class _Collector:
             return
         self._index[key] = len(self.report.findings)
         self.report.findings.append(Finding(name, kind, severity, where, reason, count, module))
+
+    def charge(self, nbytes: int, member: str) -> None:
+        """Count ``nbytes`` read from an archive member against the whole file's budget.
+
+        Everything read from a file's members (zips inside zips included) may expand to at
+        most ``max_ratio`` times the file's size (at least ``ratio_floor``): members that
+        overlap each other (a non-recursive zip bomb) or nest (a recursive one) are refused
+        even when each one looks modest.
+        """
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise ResourceLimitError(
+                f"{self.report.path}: its archive members expand to more than "
+                f"{LIMITS.max_ratio}x its size (reached at {member}): overlapping or nested "
+                "members (a zip bomb), or an archive torchkeep will not expand. Re-create it "
+                "with torch.save, which stores its members uncompressed"
+            )
 
     def add_events(self, events: list[Event], member: str) -> None:
         for event in events:
@@ -375,66 +393,77 @@ def _scan_program_json(collector: _Collector, data: bytes, member: str) -> None:
         )
 
 
-def _open_member(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, cap: int
-) -> IO[bytes]:
-    """Open a member for streaming after checking its size and expansion against the limits."""
-    limits = LIMITS
-    expanded, packed = info.file_size, info.compress_size
-    if (
-        info.compress_type != zipfile.ZIP_STORED
-        and expanded > limits.ratio_floor
-        and (expanded > packed * limits.max_ratio)
-    ):
-        raise ResourceLimitError(
-            f"{label}{info.filename} expands from {packed:,} to {expanded:,} bytes (more than "
-            f"{limits.max_ratio}x): a zip bomb, or a file torchkeep will not expand. Re-create "
-            "it with torch.save, which stores members uncompressed"
-        )
-    if expanded > cap:
-        raise ResourceLimitError(
-            f"{label}{info.filename} holds {expanded:,} bytes, more than the {cap:,} torchkeep "
-            "reads from one member of an untrusted archive"
-        )
-    return archive.open(info)
+class _Archive:
+    """One archive being scanned (the file itself, or a zip inside it)."""
 
+    def __init__(
+        self, collector: _Collector, archive: zipfile.ZipFile, label: str, depth: int
+    ) -> None:
+        self.collector = collector
+        self.archive = archive
+        self.label = label
+        self.depth = depth
 
-def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth: int) -> None:
-    """Scan every member of an archive: pickles, nested zips, program JSON, code.
+    def open(self, info: zipfile.ZipInfo, cap: int) -> IO[bytes]:
+        """Open a member for streaming after checking its size and expansion."""
+        name = f"{self.label}{info.filename}"
+        expanded, packed = info.file_size, info.compress_size
+        compressed = info.compress_type != zipfile.ZIP_STORED
+        if compressed and expanded > LIMITS.ratio_floor and expanded > packed * LIMITS.max_ratio:
+            raise ResourceLimitError(
+                f"{name} expands from {packed:,} to {expanded:,} bytes (more than "
+                f"{LIMITS.max_ratio}x): a zip bomb, or an archive torchkeep will not expand. "
+                "Re-create it with torch.save, which stores its members uncompressed"
+            )
+        if expanded > cap:
+            raise ResourceLimitError(
+                f"{name} holds {expanded:,} bytes, more than the {cap:,} torchkeep reads from "
+                "one member of an untrusted archive"
+            )
+        self.collector.charge(expanded, name)
+        return self.archive.open(info)
 
-    Every member is walked as a potential pickle whatever its name or first byte; the only
-    exemption is a record that one of the archive's own pickles (walked first) references as
-    a storage under its own directory, since loaders read those as raw bytes, never unpickle.
-    """
-    infos = [info for info in archive.infolist() if not info.is_dir()]
-    pickles = [info for info in infos if info.filename.endswith(".pkl")]
-    raw: set[str] = set()
-    for info in pickles:
-        member = f"{label}{info.filename}"
-        with _open_member(archive, info, label, LIMITS.max_member) as f:
-            walked = collector.walk_pickles(f, member, strict=1)
-        if walked.storages:
-            directory = info.filename[: -len(".pkl")] + "/"
-            raw |= _check_records(collector, archive, walked.storages[0], directory, label)
-    for info in infos:
-        member = f"{label}{info.filename}"
-        if info in pickles or info.filename in raw:
-            continue
+    def scan(self) -> None:
+        """Scan every member: pickles, nested zips, program JSON, code.
+
+        Every member is walked as a potential pickle whatever its name or first byte; the only
+        exemption is a record that one of the archive's own pickles (walked first) references
+        as a storage under its own directory: loaders read those as raw bytes, never unpickle.
+        """
+        collector, label = self.collector, self.label
+        infos = [info for info in self.archive.infolist() if not info.is_dir()]
+        pickles = [info for info in infos if info.filename.endswith(".pkl")]
+        raw: set[str] = set()
+        for info in pickles:
+            with self.open(info, LIMITS.max_member) as f:
+                walked = collector.walk_pickles(f, f"{label}{info.filename}", strict=1)
+            if walked.storages:
+                directory = info.filename[: -len(".pkl")] + "/"
+                raw |= _check_records(collector, self.archive, walked.storages[0], directory, label)
+        for info in infos:
+            if info in pickles or info.filename in raw:
+                continue
+            self.scan_member(info)
+
+    def scan_member(self, info: zipfile.ZipInfo) -> None:
+        """Walk one member as pickles (or as a zip), plus what its name says torch does."""
+        member = f"{self.label}{info.filename}"
+        collector = self.collector
         if _PT2_NATIVE.match(info.filename):
             collector.add(
                 member, "code", Severity.DANGEROUS, member, "AOTInductor native code is loaded"
             )
-            continue
-        with _open_member(archive, info, label, LIMITS.max_member) as f:
+            return
+        with self.open(info, LIMITS.max_member) as f:
             head = f.read(16)
-        if head.startswith(b"PK\x03\x04"):
-            _scan_nested_zip(collector, archive, info, label, depth)
-            continue
-        with _open_member(archive, info, label, LIMITS.max_member) as f:
+            f.seek(0)
+            if head.startswith(b"PK\x03\x04"):
+                self.scan_nested(info, f)
+                return
             strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
             collector.walk_pickles(f, member, strict=strict)
         if _PT2_PROGRAM.match(info.filename):
-            with _open_member(archive, info, label, LIMITS.max_document) as f:
+            with self.open(info, LIMITS.max_document) as f:
                 _scan_program_json(collector, f.read(), member)
         elif "/code/" in f"/{info.filename}" and info.filename.endswith(".py"):
             collector.add(
@@ -445,26 +474,26 @@ def _scan_zip(collector: _Collector, archive: zipfile.ZipFile, label: str, depth
                 "TorchScript code, run by torch.jit.load",
             )
 
-
-def _scan_nested_zip(
-    collector: _Collector, archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, depth: int
-) -> None:
-    """Scan a zip stored inside a zip, spooled to a temporary file past a few MiB."""
-    member = f"{label}{info.filename}"
-    if depth >= LIMITS.max_depth:
-        collector.add(member, "unresolved", Severity.DANGEROUS, member, "zips nested too deep")
-        return
-    with tempfile.SpooledTemporaryFile(max_size=LIMITS.spool) as copy:
-        with _open_member(archive, info, label, LIMITS.max_member) as f:
-            shutil.copyfileobj(f, copy, 1 << 20)
-        copy.seek(0)
-        try:
-            with zipfile.ZipFile(copy) as inner:
-                _scan_zip(collector, inner, f"{member}!", depth + 1)
-        except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
-            collector.add(
-                member, "unparseable", Severity.DANGEROUS, member, f"a damaged zip ({exc})"
+    def scan_nested(self, info: zipfile.ZipInfo, stream: IO[bytes]) -> None:
+        """Scan a zip inside this one, copied to a temporary file past a few MiB."""
+        member = f"{self.label}{info.filename}"
+        if self.depth >= LIMITS.max_depth:
+            self.collector.add(
+                member, "unresolved", Severity.DANGEROUS, member, "zips nested too deep"
             )
+            return
+        with tempfile.SpooledTemporaryFile(max_size=LIMITS.spool) as copy:
+            shutil.copyfileobj(stream, copy, 1 << 20)
+            copy.seek(0)
+            try:
+                with zipfile.ZipFile(copy) as inner:
+                    _Archive(self.collector, inner, f"{member}!", self.depth + 1).scan()
+            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+                if isinstance(exc, ResourceLimitError):
+                    raise
+                self.collector.add(
+                    member, "unparseable", Severity.DANGEROUS, member, f"a damaged zip ({exc})"
+                )
 
 
 def _check_legacy(collector: _Collector, path: Path, walked: _Walked) -> None:
@@ -488,7 +517,10 @@ def _scan_file(collector: _Collector, path: Path) -> None:
         if head.startswith(b"PK\x03\x04"):
             try:
                 with zipfile.ZipFile(f) as archive:
-                    _scan_zip(collector, archive, "", 0)
+                    collector.budget = max(
+                        LIMITS.ratio_floor, LIMITS.max_ratio * path.stat().st_size
+                    )
+                    _Archive(collector, archive, "", 0).scan()
             except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
                 raise FileFormatError(f"{path} starts like a zip but is damaged ({exc})") from None
             return
