@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from tests._live import EXPORT_LOAD, TORCH_LOAD, prove_live
+from tests._live import EXPORT_LOAD, PICKLE_LOAD, TORCH_LOAD, prove_live
 from torchkeep.security import Severity
 from torchkeep.security.policy import LIMITS
 
@@ -450,3 +450,50 @@ def test_every_member_of_a_clean_program_is_walked_without_findings(net_bundle: 
     walked = " ".join(report.pickles + report.notes)
     assert all(name in walked for name in names if "sample_inputs" not in name)
     assert Severity.DANGEROUS not in {f.severity for f in report.findings}
+
+
+# --- the walk stops only where every unpickler stops ----------------------------------------
+
+
+def _system(canary: Path) -> bytes:
+    return f"cos\nsystem\n(S'touch {canary}'\ntR.".encode()
+
+
+WALK_EVASIONS = {
+    # a string longer than any kept string, then the payload
+    "long_string": lambda c: b"S'" + b"x" * 10_000 + b"'\n0" + _system(c),
+    # an INT in a base torch's own parsers would not take
+    "hex_int": lambda c: b"I0x10\n0" + _system(c),
+    # a run of plain values popped by POP_MARK (the walk's fast path), then the payload
+    "data_run": lambda c: b"\x80\x02(" + b"N" * 5000 + b"K\x01G" + bytes(8) + b"1" + _system(c),
+    # a run the fast path must not skip: not followed by an opcode that pops to the MARK
+    "data_run_tuple": lambda c: b"\x80\x02(" + b"N" * 5000 + b"t0" + _system(c),
+    # a dotted name longer than the walk keeps, which protocol 4 still resolves
+    "long_dotted_name": lambda c: (
+        b"\x80\x04cos\n" + b"path.os." * 700 + b"system\n(S'touch " + str(c).encode() + b"'\ntR."
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WALK_EVASIONS))
+def test_payload_after_unusual_opcodes_is_still_found(tmp_path: Path, case: str) -> None:
+    canary = tmp_path / "canary"
+    raw = tmp_path / f"{case}.pkl"
+    raw.write_bytes(WALK_EVASIONS[case](canary))
+    prove_live(PICKLE_LOAD, canary, path=raw)
+    assert tk.scan(raw).dangerous
+    path = _torch_zip_with(tmp_path, {"good/data.pkl": raw.read_bytes()})
+    prove_live(TORCH_LOAD, canary, path=path)
+    assert tk.scan(path).dangerous
+    with pytest.raises(tk.UnsafeCheckpointError):
+        tk.load_state_dict(path)
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_raw_bytes_in_a_member_are_not_taken_for_a_pickle(tmp_path: Path, seed: int) -> None:
+    noise = torch.randn(4096, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    path = _torch_zip_with(tmp_path, {"good/extra/weights.bin": noise})
+    report = tk.scan(path)
+    assert report.is_safe, report.findings
+    assert any("good/extra/weights.bin: not a pickle" in note for note in report.notes)

@@ -209,8 +209,9 @@ class Source:
             n -= len(chunk)
             self.base += len(chunk)
 
-    def line(self) -> bytes:
-        """The next newline-terminated line, without its newline (at most 4 KiB)."""
+    def line(self) -> bytes | None:
+        """The next newline-terminated line without its newline; None when it is longer than
+        4 KiB (then skipped, never held: the caller decides what such a line means)."""
         while True:
             stop = self.buf.find(b"\n", self.pos, min(self.end, self.pos + _LINE_LIMIT + 1))
             if stop >= 0:
@@ -218,9 +219,21 @@ class Source:
                 self.pos = stop + 1
                 return data
             if self.end - self.pos > _LINE_LIMIT:
-                raise _Stop(f"a protocol-0 line longer than {_LINE_LIMIT} bytes")
+                self.skip_line()
+                return None
             if not self.fill(self.end - self.pos + 1):
-                raise _Stop("the pickle is truncated")
+                raise _Stop(_TRUNCATED)
+
+    def skip_line(self) -> None:
+        """Consume bytes up to and including the next newline, a chunk at a time."""
+        while True:
+            stop = self.buf.find(b"\n", self.pos, self.end)
+            if stop >= 0:
+                self.pos = stop + 1
+                return
+            self.pos = self.end
+            if not self.fill(1):
+                raise _Stop(_TRUNCATED)
 
     def rewind(self) -> None:
         """Leave the underlying stream just after the bytes consumed so far."""
@@ -249,8 +262,10 @@ def _ascii(data: bytes) -> str | _Symbol:
         return _STR  # pickle would fail or return bytes; never a name either way
 
 
-def _quoted(line: bytes) -> str | _Symbol:
+def _quoted(line: bytes | None) -> str | _Symbol:
     """The value of a protocol-0 ``STRING`` argument (``'os'``)."""
+    if line is None:
+        return _STR
     if len(line) >= 2 and line[:1] == line[-1:] and line[:1] in (b"'", b'"'):
         try:
             return _ascii(codecs.escape_decode(line[1:-1])[0])
@@ -259,12 +274,18 @@ def _quoted(line: bytes) -> str | _Symbol:
     raise _Stop("a protocol-0 string without quotes")
 
 
-def _int_line(line: bytes) -> int | _Symbol:
-    text = line.rstrip(b"L")
+def _number(line: bytes | None) -> int | _Symbol:
+    """A protocol-0 ``INT``/``LONG`` value; anything unusual is plain data, never a stop.
+
+    Where the walk cannot be sure that every unpickler rejects an argument, it goes on: going
+    on can only report more, stopping could miss what a real unpickler runs next.
+    """
+    if line is None:
+        return _DATA
     try:
-        return int(text) if len(text) <= 40 else _DATA
+        return int(line.rstrip(b"L"), 0) if len(line) <= 40 else _DATA
     except ValueError:
-        raise _Stop("an invalid protocol-0 number") from None
+        return _DATA
 
 
 _FIXED_DATA = {  # opcode -> argument length, for opcodes that push one plain value
@@ -361,7 +382,7 @@ class _Machine:
     def put(self, key: int) -> None:
         value = self.top()
         memo = self.memo
-        if key < len(memo):
+        if 0 <= key < len(memo):
             memo[key] = value
         elif key == len(memo) and not self.sparse:
             memo.append(value)
@@ -369,7 +390,7 @@ class _Machine:
             self.sparse[key] = value
 
     def get(self, key: int) -> object:
-        if key < len(self.memo):
+        if 0 <= key < len(self.memo):
             return self.memo[key]
         if key in self.sparse:
             return self.sparse[key]
@@ -390,9 +411,13 @@ class _Machine:
             raise _Stop("STACK_GLOBAL of values that are not strings")
 
     def line_global(self, offset: int, inst: bool) -> None:
+        module_line, attr_line = self.src.line(), self.src.line()
+        if module_line is None or attr_line is None:
+            # A long dotted name can still resolve (``path.os.path.os...system``).
+            self.emit("unresolved", None, offset, f"a global name longer than {_LINE_LIMIT} bytes")
+            raise _Stop("a global name too long to resolve")
         try:
-            module = self.src.line().decode("utf-8")
-            attr = self.src.line().decode("utf-8")
+            module, attr = module_line.decode("utf-8"), attr_line.decode("utf-8")
         except UnicodeDecodeError:
             raise _Stop("a global name that is not UTF-8 (a loader raises here)") from None
         target = normalise(module, attr)
@@ -619,7 +644,8 @@ class _Machine:
             ext = int.from_bytes(src.take({0x82: 1, 0x83: 2, 0x84: 4}[code]), "little")
             self.extension(ext, offset)
         elif code == 0x50:  # P PERSID
-            self.persistent(_ascii(src.line()), offset)
+            line = src.line()
+            self.persistent(_STR if line is None else _ascii(line), offset)
         elif code == 0x30:  # 0 POP (pops a MARK when one is on top)
             if self.marks and self.marks[-1] == len(self.stack):
                 self.marks.pop()
@@ -663,22 +689,21 @@ class _Machine:
         elif code == 0x53:  # S STRING
             push(_quoted(src.line()))
         elif code == 0x56:  # V UNICODE
+            line = src.line()
             try:
-                text = src.line().decode("raw-unicode-escape")
+                text = _STR if line is None else line.decode("raw-unicode-escape")
             except UnicodeDecodeError:
                 raise _Stop("an invalid protocol-0 unicode string") from None
-            push(text if len(text) <= _KEPT_STRING else _STR)
+            push(text if isinstance(text, _Symbol) or len(text) <= _KEPT_STRING else _STR)
         elif code in (0x49, 0x4C):  # I INT, L LONG
-            push(_int_line(src.line()))
-        elif code == 0x46:  # F FLOAT
-            try:
-                float(src.line())
-            except ValueError:
-                raise _Stop("an invalid protocol-0 float") from None
+            push(_number(src.line()))
+        elif code == 0x46:  # F FLOAT (an invalid one is plain data too, see _number)
+            src.line()
             push(_DATA)
         elif code in (0x67, 0x70):  # g GET, p PUT
             line = src.line()
-            if not line.isdigit():
+            if line is None or not line.strip().lstrip(b"+-").isdigit():
+                self.emit("unresolved", None, offset, "a protocol-0 memo key that is not a number")
                 raise _Stop("an invalid protocol-0 memo key")
             if code == 0x67:
                 push(self.get(int(line)))
