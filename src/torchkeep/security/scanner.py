@@ -167,6 +167,7 @@ class _Collector:
         self.report = report
         self.limits = LIMITS
         self.budget = 0  # bytes that may still be expanded from the file's archive members
+        self.opcodes = 0  # opcodes walked in the file so far, all pickles together
         self._index: dict[tuple[str, str], int] = {}
 
     def add(
@@ -241,7 +242,13 @@ class _Collector:
         Returns:
             The storages each complete pickle references, and where the last one ends.
         """
-        source = Source(stream, name=member)
+        source = Source(stream, name=member, opcodes=self.opcodes)
+        try:
+            return self._walk_source(source, member, strict, top_level)
+        finally:
+            self.opcodes = source.opcodes
+
+    def _walk_source(self, source: Source, member: str, strict: int, top_level: bool) -> _Walked:
         walked = _Walked()
         index = 0
         while not source.at_end():

@@ -122,12 +122,13 @@ class WalkLimits:
     Attributes:
         symbols: entries on the symbolic stack plus memo entries at any time (8 bytes each,
             plus kept strings of at most 256 characters). A ``torch.save`` pickle needs about
-            ten per tensor.
-        opcodes: opcodes in one stream (all its pickles together); bounds the time per stream.
+            five per tensor.
+        opcodes: opcodes walked for one file (every pickle of every member together); this
+            bounds the time of a scan. A ``torch.save`` pickle has about 30 per tensor.
     """
 
     symbols: int = 8_000_000
-    opcodes: int = 256_000_000
+    opcodes: int = 32_000_000
 
 
 def normalise(module: str, name: str) -> Global:
@@ -150,14 +151,14 @@ class Source:
     that the walk can read a short fixed-size argument first and check ``end`` after.
     """
 
-    def __init__(self, stream: IO[bytes], *, name: str = "") -> None:
+    def __init__(self, stream: IO[bytes], *, name: str = "", opcodes: int = 0) -> None:
         self.stream = stream
         self.name = name
         self.buf = _PAD
         self.pos = 0
         self.end = 0
         self.base = stream.tell() if stream.seekable() else 0  # stream offset of buf[0]
-        self.opcodes = 0
+        self.opcodes = opcodes  # walked so far, counted against WalkLimits.opcodes
 
     @property
     def offset(self) -> int:
@@ -369,9 +370,9 @@ class _Machine:
             )
         if opcodes > limits.opcodes:
             raise ResourceLimitError(
-                f"{self.src.name}: more than {limits.opcodes:,} pickle opcodes; torch.save "
-                "pickles hold structure only, so this is not one torchkeep reads. Convert it "
-                "where it was made, to safetensors"
+                f"{self.src.name}: more than {limits.opcodes:,} pickle opcodes in one file; "
+                "torch.save pickles hold structure only (about 30 opcodes per tensor), so this "
+                "is not one torchkeep reads. Convert it where it was made, to safetensors"
             )
 
     def top(self) -> object:
@@ -476,125 +477,173 @@ class _Machine:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Walk to ``STOP`` or to where a real unpickler would raise (the common opcodes)."""
+    def run(self) -> None:  # one loop, state in locals: the walk's speed is this loop's
+        """Walk to ``STOP`` or to where a real unpickler would raise (the common opcodes).
+
+        The read position lives in locals (``pos``, ``buf``, ``end``, ``base``) and is written
+        back to the source before any call that reads from it (``sync``) and reloaded after.
+        """
         src = self.src
-        result = self.result
         stack = self.stack
         push = stack.append
-        pop = self.pop
-        put = self.put
+        marks = self.marks
+        memo = self.memo
+        sparse = self.sparse
         fixed = _FIXED_DATA
         run_after_mark = _DATA_RUN.match
         run_start = _RUN_START
+        pops_to_mark = _POPS_TO_MARK
+        kept_string = _KEPT_STRING * 4
         count = 0
-        offset = src.offset
+        pos, buf, end, base = src.pos, src.buf, src.end, src.base
+        fence = marks[-1] if marks else 0  # the stack may not be popped below this
+        offset = base + pos
         try:
             while True:
-                pos = src.pos
-                if pos + 9 > src.end:
+                if pos + 9 > end:
+                    src.pos = pos
                     src.fill(9)  # near the end of the stream it holds fewer; reads check end
-                    pos = src.pos
-                    if pos >= src.end:
+                    pos, buf, end, base = src.pos, src.buf, src.end, src.base
+                    if pos >= end:
                         raise _Stop("the pickle ends before STOP")
-                buf = src.buf
-                end = src.end
-                offset = src.base + pos
                 code = buf[pos]
                 count += 1
                 if not count & 0xFFFF:
                     self.check_size(src.opcodes + count)
                 if code == 0x71:  # q BINPUT
-                    src.pos = pos + 2
-                    if pos + 2 > end:
+                    if len(stack) <= fence:
+                        raise _Stop("memoizing from an empty stack")
+                    key = buf[pos + 1]
+                    pos += 2
+                    if pos > end:
                         raise _Stop(_TRUNCATED)
-                    put(buf[pos + 1])
-                elif code == 0x58:  # X BINUNICODE
-                    length = int.from_bytes(buf[pos + 1 : pos + 5], "little")
-                    src.pos = pos + 5
-                    if pos + 5 > end:
-                        raise _Stop(_TRUNCATED)
-                    if length > _KEPT_STRING * 4:
-                        src.skip(length)
-                        push(_STR)
+                    if key < len(memo):
+                        memo[key] = stack[-1]
+                    elif key == len(memo) and not sparse:
+                        memo.append(stack[-1])
                     else:
-                        push(_text(src.take(length)))
+                        sparse[key] = stack[-1]
+                elif code == 0x58 or code == 0x8C:  # X BINUNICODE, SHORT_BINUNICODE
+                    if code == 0x58:
+                        length = int.from_bytes(buf[pos + 1 : pos + 5], "little")
+                        pos += 5
+                    else:
+                        length = buf[pos + 1]
+                        pos += 2
+                    if pos + length <= end and length <= kept_string:
+                        push(_text(buf[pos : pos + length]))
+                        pos += length
+                    else:
+                        if pos > end:
+                            raise _Stop(_TRUNCATED)
+                        src.pos = pos
+                        if length > kept_string:
+                            src.skip(length)
+                            push(_STR)
+                        else:
+                            push(_text(src.take(length)))
+                        pos, buf, end, base = src.pos, src.buf, src.end, src.base
                 elif code == 0x68:  # h BINGET
-                    src.pos = pos + 2
-                    if pos + 2 > end:
+                    key = buf[pos + 1]
+                    pos += 2
+                    if pos > end:
                         raise _Stop(_TRUNCATED)
-                    push(self.get(buf[pos + 1]))
+                    push(memo[key] if key < len(memo) else self.get(key))
                 elif code == 0x28:  # ( MARK
-                    self.marks.append(len(stack))
-                    src.pos = pos + 1
-                    if buf[pos + 1] in run_start:  # a run of plain values popped back to this MARK?
-                        match = run_after_mark(buf, pos + 1, end)
-                        if match and match.end() < end and buf[match.end()] in _POPS_TO_MARK:
-                            src.pos = match.end()
+                    fence = len(stack)
+                    marks.append(fence)
+                    pos += 1
+                    if buf[pos] in run_start:  # a run of plain values popped back to this MARK?
+                        match = run_after_mark(buf, pos, end)
+                        if match and match.end() < end and buf[match.end()] in pops_to_mark:
                             count += (match.end() - pos) // 9
+                            pos = match.end()
                 elif code in fixed:
-                    src.pos = pos + 1 + fixed[code]
-                    if src.pos > end:
+                    pos += 1 + fixed[code]
+                    if pos > end:
                         raise _Stop(_TRUNCATED)
                     push(_DATA)
                 elif code == 0x4B:  # K BININT1
-                    src.pos = pos + 2
-                    if pos + 2 > end:
-                        raise _Stop(_TRUNCATED)
                     push(buf[pos + 1])
-                elif code == 0x8C:  # SHORT_BINUNICODE
-                    length = buf[pos + 1]
-                    src.pos = pos + 2 + length
-                    if src.pos > end:
-                        src.pos = pos + 1
-                        push(_text(src.take(src.take(1)[0])))
-                    else:
-                        push(_text(buf[pos + 2 : pos + 2 + length]))
+                    pos += 2
+                    if pos > end:
+                        raise _Stop(_TRUNCATED)
                 elif code == 0x74:  # t TUPLE
-                    src.pos = pos + 1
-                    items = self.pop_mark()
+                    if not marks:
+                        raise _Stop("no MARK to pop to")
+                    items = stack[fence:]
+                    del stack[fence:]
+                    marks.pop()
+                    fence = marks[-1] if marks else 0
                     push(tuple(items) if len(items) <= _KEPT_TUPLE else _DATA)
+                    pos += 1
                 elif code == 0x52:  # R REDUCE
-                    src.pos = pos + 1
-                    pop()
-                    self.call(pop(), offset, "REDUCE")
-                elif code == 0x86 or code == 0x85 or code == 0x87:  # TUPLE2, TUPLE1, TUPLE3
-                    src.pos = pos + 1
-                    items = [pop() for _ in range(code - 0x84)]
-                    items.reverse()
+                    if len(stack) - fence < 2:
+                        raise _Stop("stack underflow")
+                    stack.pop()
+                    callee = stack.pop()
+                    if isinstance(callee, Global):
+                        self.emit("call", callee, base + pos, "REDUCE")
+                        push(_ANY)
+                    else:
+                        offset = base + pos
+                        self.call(callee, offset, "REDUCE")
+                    pos += 1
+                elif 0x85 <= code <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
+                    n = code - 0x84
+                    if len(stack) - fence < n:
+                        raise _Stop("stack underflow")
+                    items = stack[-n:]
+                    del stack[-n:]
                     push(tuple(items))
+                    pos += 1
                 elif code == 0x4D or code == 0x4A:  # M BININT2, J BININT
                     size = 3 if code == 0x4D else 5
-                    src.pos = pos + size
                     if pos + size > end:
                         raise _Stop(_TRUNCATED)
                     push(int.from_bytes(buf[pos + 1 : pos + size], "little", signed=size == 5))
+                    pos += size
                 elif code == 0x75 or code == 0x65 or code == 0x90:  # SETITEMS APPENDS ADDITEMS
-                    src.pos = pos + 1
-                    self.pop_mark()
-                    self.top()  # the container stays
+                    if not marks:
+                        raise _Stop("no MARK to pop to")
+                    del stack[fence:]
+                    marks.pop()
+                    fence = marks[-1] if marks else 0
+                    if len(stack) <= fence:  # the container
+                        raise _Stop("stack underflow")
+                    pos += 1
                 elif code == 0x61 or code == 0x73:  # APPEND SETITEM
-                    src.pos = pos + 1
-                    pop()
-                    if code == 0x73:
-                        pop()
-                    self.top()
+                    n = 2 if code == 0x61 else 3  # the container stays
+                    if len(stack) - fence < n:
+                        raise _Stop("stack underflow")
+                    del stack[1 - n :]
+                    pos += 1
                 elif code == 0x94:  # MEMOIZE
-                    src.pos = pos + 1
-                    put(len(self.memo) + len(self.sparse))
+                    if len(stack) <= fence:
+                        raise _Stop("memoizing from an empty stack")
+                    if sparse:
+                        self.put(len(memo) + len(sparse))
+                    else:
+                        memo.append(stack[-1])
+                    pos += 1
                 else:
+                    offset = base + pos
                     src.pos = pos + 1
-                    if self.rare(code, offset):
+                    done = self.rare(code, offset)
+                    pos, buf, end, base = src.pos, src.buf, src.end, src.base
+                    fence = marks[-1] if marks else 0
+                    if done:
                         return
         except _Stop as stop:
-            result.error = str(stop)
-            result.error_offset = offset
+            self.result.error = str(stop)
+            self.result.error_offset = base + pos
         finally:
-            result.opcodes = count
+            src.pos = pos
             src.opcodes += count
-            result.events = [
+            self.result.opcodes = count
+            self.result.events = [
                 replace(event, count=n) if n > 1 else event
-                for event, n in zip(result.events, self.counts, strict=True)
+                for event, n in zip(self.result.events, self.counts, strict=True)
             ]
 
     def rare(self, code: int, offset: int) -> bool:
@@ -726,7 +775,9 @@ def walk_source(source: Source, limits: WalkLimits | None = None) -> WalkResult:
     raises (:class:`~torchkeep.errors.ResourceLimitError`).
     """
     result = WalkResult()
-    _Machine(source, limits or WalkLimits(), result).run()
+    machine = _Machine(source, limits or WalkLimits(), result)
+    machine.run()
+    machine.check_size(source.opcodes)  # the loop checks every 65,536 opcodes; this, the rest
     return result
 
 
