@@ -168,7 +168,18 @@ class _Collector:
         self.limits = LIMITS
         self.budget = 0  # bytes that may still be expanded from the file's archive members
         self.opcodes = 0  # opcodes walked in the file so far, all pickles together
+        self.not_pickles: list[str] = []  # members whose bytes stop an unpickler at once
         self._index: dict[tuple[str, str], int] = {}
+
+    def summarise(self) -> None:
+        """Add one note for every stream that turned out not to be a pickle."""
+        if self.not_pickles:
+            shown = ", ".join(self.not_pickles[:10])
+            more = f" and {len(self.not_pickles) - 10} more" if len(self.not_pickles) > 10 else ""
+            self.report.notes.append(
+                f"not pickles, each stops an unpickler before it imports or calls anything "
+                f"({len(self.not_pickles)}): {shown}{more}"
+            )
 
     def add(
         self,
@@ -267,11 +278,8 @@ class _Collector:
                         f"format torchkeep knows to be pickle-free ({result.error}); nothing to "
                         "scan"
                     )
-                self.report.notes.append(
-                    f"{member}: not a pickle from offset {start} ({result.error} at offset "
-                    f"{result.error_offset}); an unpickler stops there before importing or "
-                    "calling anything"
-                )
+                where = f"{member}@{start}" if start else member
+                self.not_pickles.append(f"{where} ({result.error} at {result.error_offset})")
                 return walked
             self.report.pickles.append(f"{member}@{start} (protocol {result.protocol})")
             self.add_events(result.events, member)
@@ -576,6 +584,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         report.notes.append(f"{fmt.value} files hold no pickles")
     else:
         _scan_file(collector, path)
+    collector.summarise()
     report.findings.sort(key=lambda f: (-list(Severity).index(f.severity), f.name))
     if not report.findings:
         report.notes.append("no globals, no calls: loadable with weights_only=True")
