@@ -132,6 +132,31 @@ def test_missing_record_is_refused(tmp_path: Path) -> None:
         tk.load_state_dict(path)
 
 
+def test_repeated_record_is_refused(tmp_path: Path) -> None:
+    good, _ = _view_file(tmp_path)
+    members = _members(good)
+    record = _record(members)
+    path = tmp_path / "repeated.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(record, bytes(4000))  # a second copy: which one a reader takes varies
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(tk.CorruptFileError, match=rf"{record} appears 2 times"):
+        tk.load_state_dict(path)
+
+
+def test_negative_storage_size_is_refused(tmp_path: Path) -> None:
+    good, _ = _view_file(tmp_path)
+    members = _members(good)
+    pickled = next(n for n in members if n.endswith("data.pkl"))
+    data = members[pickled]
+    numel = data.index(b"M\xe8\x03", data.index(b"cpu"))  # BININT2 1000, the storage's numel
+    members[pickled] = data[:numel] + b"J\xff\xff\xff\xff" + data[numel + 3 :]
+    path = _write_zip(tmp_path / "negative.pt", members)
+    with pytest.raises(tk.CorruptFileError, match=r"-1 x torch\.FloatStorage, which torch cannot"):
+        tk.load_state_dict(path)
+
+
 def test_every_storage_of_a_real_model_checks_clean(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     model.half()

@@ -318,38 +318,45 @@ def _itemsize(storage_type: Global) -> int | None:
 
 def _check_records(
     collector: _Collector,
-    archive: zipfile.ZipFile,
+    entries: dict[str, list[zipfile.ZipInfo]],
     storages: list[PersistentId],
     directory: str,
     label: str,
 ) -> set[str]:
     """Compare each storage a pickle declares with the record that holds it.
 
-    ``directory`` is where the pickle's records live (``archive/data/``). Returns the names of
-    the records that hold storages: raw tensor bytes that no loader unpickles.
+    ``entries`` maps each member name to its entries (a zip may repeat a name, and readers
+    disagree on which copy they read, so a repeated record is damage). ``directory`` is where
+    the pickle's records live (``archive/data/``). Returns the names of the records that hold
+    storages: raw tensor bytes that no loader unpickles.
     """
     records: set[str] = set()
+    problems = collector.report.problems
     for storage in storages:
         if not _RECORD_KEY.match(storage.key):
             continue  # torch writes decimal keys; anything else exempts no member
         name = directory + storage.key
         records.add(name)
+        shown = f"record {label}{name}"
         nbytes = _storage_nbytes(storage)
-        try:
-            info = archive.getinfo(name)
-        except KeyError:
-            collector.report.problems.append(
-                f"record {label}{name} is missing; the pickle declares storage {storage.key!r}"
-            )
-            continue
-        if info.compress_type != zipfile.ZIP_STORED:
-            collector.report.problems.append(
-                f"record {label}{name} is compressed; torch.save stores tensor data as is and a "
+        found = entries.get(name, [])
+        if not found:
+            problems.append(f"{shown} is missing; the pickle declares storage {storage.key!r}")
+        elif len(found) > 1:
+            problems.append(f"{shown} appears {len(found)} times; readers may pick any copy")
+        elif found[0].compress_type != zipfile.ZIP_STORED:
+            problems.append(
+                f"{shown} is compressed; torch.save stores tensor data as is and a "
                 "memory-mapped read would return the compressed bytes"
             )
-        elif nbytes is not None and info.file_size != nbytes:
-            collector.report.problems.append(
-                f"record {label}{name} holds {info.file_size} bytes but the pickle declares "
+        elif nbytes is None:
+            problems.append(
+                f"{shown}: the pickle declares storage {storage.key!r} as "
+                f"{storage.numel} x {storage.storage_type.full_name}, which torch cannot hold"
+            )
+        elif found[0].file_size != nbytes:
+            problems.append(
+                f"{shown} holds {found[0].file_size} bytes but the pickle declares "
                 f"{nbytes} bytes ({storage.numel} x {storage.storage_type.name}) for storage "
                 f"{storage.key!r}"
             )
@@ -448,13 +455,16 @@ class _Archive:
         collector, label = self.collector, self.label
         infos = [info for info in self.archive.infolist() if not info.is_dir()]
         pickles = [info for info in infos if info.filename.endswith(".pkl")]
+        entries: dict[str, list[zipfile.ZipInfo]] = {}
+        for info in infos:
+            entries.setdefault(info.filename, []).append(info)
         raw: set[str] = set()
         for info in pickles:
             with self.open(info, LIMITS.max_member) as f:
                 walked = collector.walk_pickles(f, f"{label}{info.filename}", strict=1)
             if walked.storages:
                 directory = info.filename[: -len(".pkl")] + "/"
-                raw |= _check_records(collector, self.archive, walked.storages[0], directory, label)
+                raw |= _check_records(collector, entries, walked.storages[0], directory, label)
         for info in infos:
             if info in pickles or info.filename in raw:
                 continue
