@@ -566,6 +566,12 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     torchkeep bundles without a program hold no pickles. Names that cannot be resolved
     statically are reported as dangerous.
 
+    Every archive member is walked as a potential pickle whatever its name or first byte,
+    except the tensor records the archive's own pickles reference as storages; those are
+    checked against the declared storage sizes instead (``report.problems``). Reading is
+    bounded: members are streamed, and a file that would expand or walk past
+    :data:`~torchkeep.security.policy.LIMITS` raises :class:`~torchkeep.errors.ResourceLimitError`.
+
     Args:
         path: a file, or a torchkeep bundle directory (its ``program.pt2`` is scanned).
 

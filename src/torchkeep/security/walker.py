@@ -318,14 +318,14 @@ class _Machine:
         self.marks: list[int] = []
         self.memo: list[object] = []  # contiguous keys 0..n-1 (what pickle itself writes)
         self.sparse: dict[int, object] = {}  # any other keys
-        self.seen: dict[tuple[str, Global | None, str], int] = {}
+        self.seen: dict[tuple[str, str, str, str], int] = {}  # event key -> index
         self.counts: list[int] = []  # occurrences of each event, applied when the walk ends
         self.pending: list[tuple[int, str]] = []  # unregistered EXT codes (offset, detail)
 
     # --- events --------------------------------------------------------------------------
 
     def emit(self, kind: str, target: Global | None, offset: int, detail: str = "") -> None:
-        key = (kind, target, detail)
+        key = (kind, target.module, target.name, detail) if target else (kind, "", "", detail)
         index = self.seen.get(key)
         if index is None:
             self.seen[key] = len(self.result.events)
@@ -510,11 +510,15 @@ class _Machine:
                 count += 1
                 if not count & 0xFFFF:
                     self.check_size(src.opcodes + count)
-                if code == 0x71:  # q BINPUT
+                if code == 0x71 or code == 0x72:  # q BINPUT, r LONG_BINPUT
                     if len(stack) <= fence:
                         raise _Stop("memoizing from an empty stack")
-                    key = buf[pos + 1]
-                    pos += 2
+                    if code == 0x71:
+                        key = buf[pos + 1]
+                        pos += 2
+                    else:
+                        key = int.from_bytes(buf[pos + 1 : pos + 5], "little")
+                        pos += 5
                     if pos > end:
                         raise _Stop(_TRUNCATED)
                     if key < len(memo):
@@ -543,9 +547,13 @@ class _Machine:
                         else:
                             push(_text(src.take(length)))
                         pos, buf, end, base = src.pos, src.buf, src.end, src.base
-                elif code == 0x68:  # h BINGET
-                    key = buf[pos + 1]
-                    pos += 2
+                elif code == 0x68 or code == 0x6A:  # h BINGET, j LONG_BINGET
+                    if code == 0x68:
+                        key = buf[pos + 1]
+                        pos += 2
+                    else:
+                        key = int.from_bytes(buf[pos + 1 : pos + 5], "little")
+                        pos += 5
                     if pos > end:
                         raise _Stop(_TRUNCATED)
                     push(memo[key] if key < len(memo) else self.get(key))
@@ -653,10 +661,6 @@ class _Machine:
         pop = self.pop
         if code == 0x51:  # Q BINPERSID
             self.persistent(pop(), offset)
-        elif code == 0x72:  # r LONG_BINPUT
-            self.put(_U32(src.take(4))[0])
-        elif code == 0x6A:  # j LONG_BINGET
-            push(self.get(_U32(src.take(4))[0]))
         elif code == 0x63:  # c GLOBAL
             self.line_global(offset, inst=False)
         elif code == 0x93:  # STACK_GLOBAL
