@@ -181,6 +181,25 @@ def test_legacy_file_with_short_tensor_data_is_refused(tmp_path: Path) -> None:
         tk.load_state_dict(cut)
 
 
+def test_legacy_tensor_bytes_are_never_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensor bytes after a legacy file's five pickles are data, even when they read as opcodes."""
+    from torchkeep.security import scanner
+    from torchkeep.security.walker import WalkLimits
+
+    monkeypatch.setattr(
+        scanner, "LIMITS", dataclasses.replace(LIMITS, walk=WalkLimits(opcodes=100_000))
+    )
+    path = tmp_path / "legacy.pt"
+    nones = torch.full((1_000_000,), ord("N"), dtype=torch.uint8)  # a million NONE opcodes
+    torch.save({"w": nones}, path, _use_new_zipfile_serialization=False)
+    report = tk.scan(path)
+    assert report.is_safe
+    assert any("tensor data, never unpickled" in note for note in report.notes)
+    assert torch.equal(tk.load_state_dict(path)["w"], nones)
+
+
 # --- class 7: bounded memory, whatever the expansion ---------------------------------------
 
 

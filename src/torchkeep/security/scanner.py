@@ -240,30 +240,37 @@ class _Collector:
                 )
 
     def walk_pickles(
-        self, stream: IO[bytes], member: str, *, strict: int, top_level: bool = False
+        self, stream: IO[bytes], member: str, *, legacy: bool, top_level: bool = False
     ) -> _Walked:
-        """Walk pickles in sequence; the first ``strict`` are what a loader unpickles.
+        """Walk pickles in sequence: the first is what a loader unpickles, or for a ``legacy``
+        torch file the first five, after which come tensor bytes that no loader unpickles.
 
         A walk that stops (where a real unpickler would raise) before importing or calling
         anything is harmless and only noted; one that stops after doing so is reported as
-        dangerous. Past the first ``strict`` pickles, bytes that are not a complete pickle are
-        never unpickled by anyone and are only noted. With ``top_level``, a stream whose very
-        first opcode is invalid is not a pickle at all and raises :class:`FileFormatError`.
+        dangerous. Past those first pickles, bytes that are not a complete pickle are never
+        unpickled by anyone and are only noted. With ``top_level``, a stream whose very first
+        opcode is invalid is not a pickle at all and raises :class:`FileFormatError`.
 
         Returns:
             The storages each complete pickle references, and where the last one ends.
         """
         source = Source(stream, name=member, opcodes=self.opcodes)
         try:
-            return self._walk_source(source, member, strict, top_level)
+            return self._walk_source(source, member, legacy, top_level)
         finally:
             self.opcodes = source.opcodes
 
-    def _walk_source(self, source: Source, member: str, strict: int, top_level: bool) -> _Walked:
+    def _walk_source(self, source: Source, member: str, legacy: bool, top_level: bool) -> _Walked:
         walked = _Walked()
+        strict = _LEGACY_PICKLES if legacy else 1
         index = 0
         while not source.at_end():
             start = source.offset
+            if legacy and index == _LEGACY_PICKLES:
+                self.report.notes.append(
+                    f"{member}: the bytes from offset {start} are tensor data, never unpickled"
+                )
+                return walked
             result = walk_source(source, self.limits.walk)
             if index >= strict and not result.complete:
                 self.report.notes.append(
@@ -461,7 +468,7 @@ class _Archive:
         raw: set[str] = set()
         for info in pickles:
             with self.open(info, LIMITS.max_member) as f:
-                walked = collector.walk_pickles(f, f"{label}{info.filename}", strict=1)
+                walked = collector.walk_pickles(f, f"{label}{info.filename}", legacy=False)
             if walked.storages:
                 directory = info.filename[: -len(".pkl")] + "/"
                 raw |= _check_records(collector, entries, walked.storages[0], directory, label)
@@ -485,8 +492,7 @@ class _Archive:
             if head.startswith(b"PK\x03\x04"):
                 self.scan_nested(info, f)
                 return
-            strict = _LEGACY_PICKLES if head.startswith(LEGACY_TORCH_PREFIX) else 1
-            collector.walk_pickles(f, member, strict=strict)
+            collector.walk_pickles(f, member, legacy=head.startswith(LEGACY_TORCH_PREFIX))
         if _PT2_PROGRAM.match(info.filename):
             with self.open(info, LIMITS.max_document) as f:
                 _scan_program_json(collector, f.read(), member)
@@ -550,8 +556,7 @@ def _scan_file(collector: _Collector, path: Path) -> None:
                 raise FileFormatError(f"{path} starts like a zip but is damaged ({exc})") from None
             return
         legacy = head.startswith(LEGACY_TORCH_PREFIX)
-        strict = _LEGACY_PICKLES if legacy else 1
-        walked = collector.walk_pickles(f, str(path), strict=strict, top_level=True)
+        walked = collector.walk_pickles(f, str(path), legacy=legacy, top_level=True)
     if legacy:
         _check_legacy(collector, path, walked)
 
