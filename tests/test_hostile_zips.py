@@ -211,6 +211,7 @@ class _Entry:
         self.data = data
         self.method = 8 if expanded else 0
         self.crc, self.size = expanded if expanded else (zlib.crc32(data), len(data))
+        self.flags = 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -233,7 +234,7 @@ def _zip_bytes(entries: list[_Entry]) -> bytes:
     central = []
     for entry in entries:
         offset = out.tell()
-        fields = (20, 0, entry.method, 0, 0x21, entry.crc, len(entry.data), entry.size)
+        fields = (20, entry.flags, entry.method, 0, 0x21, entry.crc, len(entry.data), entry.size)
         out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, len(entry.name), 0))
         out.write(entry.name + entry.data)
         central.append(
@@ -350,6 +351,19 @@ def test_overlapping_members_are_refused(tmp_path: Path, base: list[_Entry]) -> 
     with _peak() as peak, pytest.raises(tk.ResourceLimitError, match="expand to more than"):
         tk.scan(path)
     assert peak[0] < _BOUND
+
+
+def test_damaged_or_encrypted_member_is_a_typed_error(tmp_path: Path, base: list[_Entry]) -> None:
+    garbage = _Entry("archive/extra.pkl", b"\xff" * 64, expanded=(0, 1000))  # not deflate data
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(_zip_bytes([*base, garbage]))
+    with pytest.raises(tk.CorruptFileError, match="damaged"):
+        tk.scan(path)
+    secret = _Entry("archive/extra.pkl", b"\x80\x02N.")
+    secret.flags = 0x1
+    path.write_bytes(_zip_bytes([*base, secret]))
+    with pytest.raises(tk.CorruptFileError, match="encrypted"):
+        tk.scan(path)
 
 
 def test_large_member_under_the_caps_is_streamed(tmp_path: Path, base: list[_Entry]) -> None:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,12 @@ from typing import IO, Any
 
 import torch
 
-from ..errors import FileFormatError, ResourceLimitError, TorchkeepFileNotFoundError
+from ..errors import (
+    CorruptFileError,
+    FileFormatError,
+    ResourceLimitError,
+    TorchkeepFileNotFoundError,
+)
 from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
 from .policy import LIMITS, Severity, classify, resolve_loaded
 from .walker import UNRESOLVED, Event, Global, PersistentId, Source, walk_source
@@ -436,6 +442,11 @@ class _Archive:
     def open(self, info: zipfile.ZipInfo, cap: int) -> IO[bytes]:
         """Open a member for streaming after checking its size and expansion."""
         name = f"{self.label}{info.filename}"
+        if info.flag_bits & 0x1:
+            raise CorruptFileError(
+                f"{name} is encrypted; torch never writes encrypted members, so nothing in it "
+                "can be checked"
+            )
         expanded, packed = info.file_size, info.compress_size
         compressed = info.compress_type != zipfile.ZIP_STORED
         if compressed and expanded > LIMITS.ratio_floor and expanded > packed * LIMITS.max_ratio:
@@ -519,7 +530,13 @@ class _Archive:
             try:
                 with zipfile.ZipFile(copy) as inner:
                     _Archive(self.collector, inner, f"{member}!", self.depth + 1).scan()
-            except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as exc:
+            except (
+                zipfile.BadZipFile,
+                EOFError,
+                ValueError,
+                NotImplementedError,
+                zlib.error,
+            ) as exc:
                 if isinstance(exc, ResourceLimitError):
                     raise
                 self.collector.add(
@@ -552,8 +569,10 @@ def _scan_file(collector: _Collector, path: Path) -> None:
                         LIMITS.ratio_floor, LIMITS.max_ratio * path.stat().st_size
                     )
                     _Archive(collector, archive, "", 0).scan()
-            except (zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
-                raise FileFormatError(f"{path} starts like a zip but is damaged ({exc})") from None
+            except (zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as exc:
+                raise CorruptFileError(
+                    f"{path} starts like a zip but is damaged ({exc}); re-create it from its source"
+                ) from None
             return
         legacy = head.startswith(LEGACY_TORCH_PREFIX)
         walked = collector.walk_pickles(f, str(path), legacy=legacy, top_level=True)
