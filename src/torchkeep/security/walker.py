@@ -1,15 +1,18 @@
 """A static walk over pickles: which globals they import and which calls they would make.
 
 The pickle virtual machine is simulated symbolically on the raw bytes (never with :mod:`pickle`,
-and without :mod:`pickletools`, which is about 20x slower): string constants, globals, small
+and without :mod:`pickletools`, whose bare iteration is no faster than this whole walk; runs of
+plain values are skipped with one regex match): string constants, globals, small
 tuples and memo entries are tracked so that ``STACK_GLOBAL`` names assembled from the stack or
 fetched back from the memo are resolved, and so that the storages a ``torch.save`` pickle
 declares (its persistent ids) can be checked against the records that hold them.
 
 The walk stops exactly where a real unpickler would raise (an unknown opcode, a stack
 underflow, a memo entry never stored, a call of a value that is plain data such as a number or
-a string), so bytes that are not a pickle do not produce imaginary findings. Anything the walk
-cannot resolve is reported as unresolved, which the scanner treats as dangerous.
+a string), so bytes that are not a pickle do not produce imaginary findings; and only there:
+where some unpickler might go on (a very long line, a number in an unusual base), the walk goes
+on too, since stopping early could miss what runs next. Anything the walk cannot resolve is
+reported as unresolved, which the scanner treats as dangerous.
 
 Memory is bounded whatever the input: the stream is read in chunks, long arguments are skipped
 rather than kept, and the symbolic stack and memo are capped (:class:`WalkLimits`); exceeding a
@@ -235,13 +238,6 @@ class Source:
             self.pos = self.end
             if not self.fill(1):
                 raise _Stop(_TRUNCATED)
-
-    def rewind(self) -> None:
-        """Leave the underlying stream just after the bytes consumed so far."""
-        if self.stream.seekable():
-            self.stream.seek(self.offset)
-        self.base = self.offset
-        self.buf, self.pos, self.end = _PAD, 0, 0
 
 
 def _text(data: bytes) -> str | _Symbol:
@@ -782,12 +778,4 @@ def walk_source(source: Source, limits: WalkLimits | None = None) -> WalkResult:
     machine = _Machine(source, limits or WalkLimits(), result)
     machine.run()
     machine.check_size(source.opcodes)  # the loop checks every 65,536 opcodes; this, the rest
-    return result
-
-
-def walk(stream: IO[bytes], limits: WalkLimits | None = None) -> WalkResult:
-    """Walk one pickle from the stream's position; the stream is left just after it."""
-    source = Source(stream)
-    result = walk_source(source, limits)
-    source.rewind()
     return result
