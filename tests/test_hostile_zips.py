@@ -414,6 +414,15 @@ def test_pickles_with_too_many_opcodes_are_refused(
         tk.scan(path)
 
 
+def test_stream_of_many_tiny_pickles_is_refused(tmp_path: Path) -> None:
+    """Each pickle walked is listed in the report: 100,000 of them would cost 50x the file."""
+    path = tmp_path / "many.pkl"
+    path.write_bytes(b"N." * 100_000)
+    with _peak() as peak, pytest.raises(tk.ResourceLimitError, match="more than 10,000 pickles"):
+        tk.scan(path)
+    assert peak[0] < _BOUND
+
+
 # --- class 2 (generic part): every member is a potential pickle -----------------------------
 
 

@@ -121,6 +121,7 @@ class ScanLimits:
         max_member: bytes of any one member that is read (a pickle, a nested zip).
         max_document: bytes of a JSON document that is parsed whole (a ``.pt2`` program).
         max_depth: zips inside zips.
+        max_pickles: pickles walked in one file (members and pickles in sequence together).
         spool: nested zips larger than this are copied to a temporary file, not kept in memory.
         walk: the caps of one pickle walk (symbolic values, opcodes).
     """
@@ -130,6 +131,7 @@ class ScanLimits:
     max_member: int = 4 << 30
     max_document: int = 64 << 20
     max_depth: int = 3
+    max_pickles: int = 10_000
     spool: int = 16 << 20
     walk: WalkLimits = dataclasses.field(default_factory=WalkLimits)
 

@@ -294,6 +294,11 @@ class _Collector:
                 where = f"{member}@{start}" if start else member
                 self.not_pickles.append(f"{where} ({result.error} at {result.error_offset})")
                 return walked
+            if len(self.report.pickles) >= LIMITS.max_pickles:
+                raise ResourceLimitError(
+                    f"{member}: more than {LIMITS.max_pickles:,} pickles in one file; a "
+                    "torch.save file has one per archive (five in a legacy file)"
+                )
             self.report.pickles.append(f"{member}@{start} (protocol {result.protocol})")
             self.add_events(result.events, member)
             if not result.complete:
