@@ -24,7 +24,7 @@ from torch._export.serde.schema import SCHEMA_VERSION
 import torchkeep as tk
 from torchkeep.models import Net
 from torchkeep.security.programs import is_plain_expression, is_plain_guard, is_plain_treespec
-from torchkeep.security.walker import walk
+from torchkeep.security.walker import Source, WalkResult, walk_source
 
 from ._live import EXPORT_LOAD, prove_live
 
@@ -490,6 +490,11 @@ def test_treespec_whitelist() -> None:
     assert not is_plain_treespec(hostile)
 
 
+def _walk(data: bytes) -> WalkResult:
+    """One walk, as the scanner walks every archive member."""
+    return walk_source(Source(io.BytesIO(data)))
+
+
 class _Shell:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         import os
@@ -507,7 +512,7 @@ def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
         values = torch.randn(64, generator=generator) * scale
         if index % 4 == 0:
             values = torch.randint(-5, 5, (64,), generator=generator)
-        result = walk(io.BytesIO(values.numpy().tobytes()), precise=True)
+        result = _walk(values.numpy().tobytes())
         assert not result.events, (index, result.events)
 
 
@@ -525,7 +530,7 @@ def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
     ],
 )
 def test_precise_walk_still_reports_every_payload(payload: bytes) -> None:
-    result = walk(io.BytesIO(payload), precise=True)
+    result = _walk(payload)
     assert {e.target.full_name for e in result.events if e.target} & {"os.system", "posix.system"}
 
 
@@ -533,10 +538,15 @@ def test_precise_walk_resolves_registered_extension_codes() -> None:
     payload = b"\x80\x02\x83\xff\x7fX\x04\x00\x00\x00true\x85R."  # EXT2 0x7fff, call
     copyreg.add_extension("os", "system", 0x7FFF)
     try:
-        result = walk(io.BytesIO(payload), precise=True)
+        result = _walk(payload)
     finally:
         copyreg.remove_extension("os", "system", 0x7FFF)
     assert [e.target.full_name for e in result.events if e.target] == ["os.system", "os.system"]
-    unregistered = walk(io.BytesIO(payload), precise=True)  # the unpickler raises at EXT2
-    assert not unregistered.events
-    assert not unregistered.complete
+    # Unregistered here, a loader here raises at EXT2; another process may have registered it,
+    # so a complete pickle is reported, while raw bytes that stop before STOP report nothing.
+    unregistered = _walk(payload)
+    assert unregistered.complete
+    assert {e.kind for e in unregistered.events} == {"unresolved"}
+    truncated = _walk(payload[:-1])
+    assert not truncated.events
+    assert not truncated.complete
