@@ -22,9 +22,9 @@ from ..errors import (
     CorruptFileError,
     FileFormatError,
     ResourceLimitError,
-    TorchkeepFileNotFoundError,
 )
 from ..formats import LEGACY_TORCH_PREFIX, Format, detect_format
+from ..paths import require_exists
 from . import programs
 from .members import MemberReader
 from .policy import LIMITS, Severity, classify, resolve_loaded
@@ -476,6 +476,7 @@ def _scan_file(collector: _Collector, path: Path) -> None:
                 zipfile.BadZipFile,
                 EOFError,
                 NotImplementedError,
+                UnicodeDecodeError,  # a member name that is not UTF-8 though its flag says so
                 zlib.error,
             ) as exc:
                 raise CorruptFileError(
@@ -516,8 +517,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         ['os.system']
     """
     path = Path(path)
-    if not path.exists():
-        raise TorchkeepFileNotFoundError(f"{path} does not exist; check the path")
+    require_exists(path)
     fmt = detect_format(path)
     report = ScanReport(path, fmt)
     collector = _Collector(report)
