@@ -219,6 +219,34 @@ def _constant(prefix: str) -> Callable[[Path, Path, Path], Path]:
     return build
 
 
+def _storage_claimed_weight(clean: Path, target: Path, canary: Path) -> Path:
+    """A pickled weight ``data/weights/0`` that a decoy ``data/weights.pkl`` declares as its
+    storage record (of the right size): a storage exemption must not reach what torch unpickles.
+    """
+    payload = _protocol0(canary)
+
+    class Decoy(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.ByteStorage, "0", "cpu", len(payload)) if obj == 0 else None
+
+    decoy = io.BytesIO()
+    Decoy(decoy, protocol=2).dump(0)
+
+    def edit(members: Members) -> Members:
+        def change(config: dict) -> None:
+            config["config"]["l.weight"].update(use_pickle=True, path_name="0")
+
+        members = _edit_json("model_weights_config.json", change)(members)
+        root = members[0][0].split("/")[0]
+        extra = [
+            (f"{root}/data/weights.pkl", decoy.getvalue()),
+            (f"{root}/data/weights/0", payload),
+        ]
+        return [*members, *extra]
+
+    return _rebuild(clean, target, edit)
+
+
 def _sample_inputs(clean: Path, target: Path, canary: Path) -> Path:
     """torch retries the sample inputs with ``weights_only=False`` after a weights-only failure."""
     return _rebuild(
@@ -320,6 +348,7 @@ VARIANTS: dict[str, tuple[Callable[[Path, Path, Path], Path], str, list[Callable
     "tensor_constant": (_constant("tensor_"), EXPORT_LOAD, [_PICKLE]),
     "opaque_constant": (_constant("opaque_obj_"), EXPORT_LOAD, [_PICKLE]),
     "sample_inputs": (_sample_inputs, EXPORT_LOAD, [_PICKLE]),
+    "storage_claimed_weight": (_storage_claimed_weight, EXPORT_LOAD, [_PICKLE]),
     "case_duplicate_config": (_case_duplicate_config, EXPORT_LOAD, [_PICKLE, _DUPLICATE]),
     "duplicate_program": (_duplicate_program, EXPORT_CALL, [_DUPLICATE, _GUARD]),
 }

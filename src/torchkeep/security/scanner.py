@@ -373,14 +373,17 @@ class _Archive:
         zips, program JSON, code.
 
         Every member is walked as a potential pickle whatever its name or first byte; the only
-        exemption is a record that one of the archive's own pickles (walked first) references
-        as a storage under its own directory: loaders read those as raw bytes, never unpickle.
+        exemption is a record that the archive's own ``data.pkl`` (walked first: the one pickle
+        ``torch.save`` writes) references as a storage under its own directory, ``data/``:
+        ``torch.load`` reads those as raw bytes, never unpickles them. Other pickles exempt
+        nothing: a ``.pt2`` loader unpickles ``data/weights/<name>`` when its config says so,
+        so a decoy ``data/weights.pkl`` claiming such a record must not hide it.
         """
         collector, label = self.collector, self.label
         for hazard in programs.archive_hazards(self.archive.infolist(), label):
             collector.add(hazard.name, "code", Severity.DANGEROUS, hazard.where, hazard.reason)
         infos = [info for info in self.archive.infolist() if not info.is_dir()]
-        pickles = [info for info in infos if info.filename.endswith(".pkl")]
+        pickles = [info for info in infos if info.filename.rsplit("/", 1)[-1] == "data.pkl"]
         entries: dict[str, list[zipfile.ZipInfo]] = {}
         for info in infos:
             entries.setdefault(info.filename, []).append(info)
