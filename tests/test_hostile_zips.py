@@ -25,6 +25,7 @@ from torch import nn
 
 import torchkeep as tk
 from tests._live import EXPORT_LOAD, PICKLE_LOAD, TORCH_LOAD, prove_live
+from torchkeep.describe import describe
 from torchkeep.security.policy import LIMITS
 
 MiB = 1 << 20
@@ -328,6 +329,25 @@ def test_nested_zips_share_one_budget(tmp_path: Path, base: list[_Entry]) -> Non
     with _peak() as peak, pytest.raises(tk.ResourceLimitError, match="expand to more than"):
         tk.scan(path)
     assert peak[0] < _BOUND
+
+
+def test_inspect_of_a_program_with_a_bomb_config_is_refused(
+    net_bundle: Path, tmp_path: Path
+) -> None:
+    """``inspect`` reads a .pt2's weights configs: they go through the bounded member reader."""
+    program = net_bundle / "program.pt2"
+    members = _members(program)
+    config = next(n for n in members if n.endswith("_weights_config.json"))
+    kept = {n: d for n, d in members.items() if n != config and "/weights/weight_" not in n}
+    entries = [_Entry(name, data) for name, data in kept.items()]  # small: no raw weights
+    path = tmp_path / "bomb.pt2"
+    path.write_bytes(_zip_bytes([*entries, _bomb(config, b'{"config": {"', _BIG)]))
+    assert path.stat().st_size * LIMITS.max_ratio < _BIG
+    with _peak() as peak, pytest.raises(tk.ResourceLimitError, match="expands") as info:
+        describe(path)
+    assert peak[0] < _BOUND, f"{peak[0] / MiB:.0f} MiB"
+    assert config in str(info.value)
+    assert describe(program).tensors  # the clean program's configs are still read
 
 
 def _duplicate_central_entry(content: bytes, name: str, copies: int) -> bytes:
