@@ -25,6 +25,7 @@ from torch import nn
 
 import torchkeep as tk
 from tests._live import EXPORT_LOAD, PICKLE_LOAD, TORCH_LOAD, prove_live
+from torchkeep.cli import main
 from torchkeep.describe import describe
 from torchkeep.security.policy import LIMITS
 
@@ -131,6 +132,22 @@ def test_missing_record_is_refused(tmp_path: Path) -> None:
     path = _write_zip(tmp_path / "missing.pt", members)
     with pytest.raises(tk.CorruptFileError, match=rf"{record} is missing"):
         tk.load_state_dict(path)
+
+
+def test_cli_scan_prints_problems_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, _ = _view_file(tmp_path)
+    members = _members(good)
+    record = _record(members)
+    del members[record]
+    path = _write_zip(tmp_path / "missing.pt", members)
+    assert main(["scan", str(good)]) == 0
+    capsys.readouterr()
+    assert main(["scan", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out
+    assert f"problem: record {record} is missing" in out
 
 
 def test_repeated_record_is_refused(tmp_path: Path) -> None:
