@@ -495,16 +495,17 @@ def _scan_file(collector: _Collector, path: Path) -> None:
 def scan(path: str | os.PathLike[str]) -> ScanReport:
     """Statically list what loading a file's pickles would import and call; never executes it.
 
-    Handles ``torch.save`` zips (every pickle member, whatever its name, and zips inside zips),
-    legacy torch files (pickles in sequence), raw pickles of any protocol, ``.pt2`` programs
-    (their pickled payloads, shape expressions and native code) and TorchScript archives. The
-    format is recognised by content, so a wrong suffix changes nothing. Safetensors, ONNX and
-    torchkeep bundles without a program hold no pickles. Names that cannot be resolved
-    statically are reported as dangerous.
+    Handles ``torch.save`` zips (zips inside zips too), legacy torch files (pickles in
+    sequence), raw pickles of any protocol, ``.pt2`` programs (every field torch turns into
+    code must be proven plain data: see :mod:`torchkeep.security.programs`; duplicate entries
+    and native code are dangerous) and TorchScript archives. The format is recognised by
+    content, so a wrong suffix changes nothing. Safetensors, ONNX and torchkeep bundles without
+    a program hold no pickles. Names that cannot be resolved statically are reported as
+    dangerous.
 
-    Every archive member is walked as a potential pickle whatever its name or first byte,
-    except the tensor records the archive's own pickles reference as storages; those are
-    checked against the declared storage sizes instead (``report.problems``). Reading is
+    Every archive member is walked as a potential pickle whatever its name, first byte or any
+    config says, except the tensor records the archive's ``data.pkl`` references as storages;
+    those are checked against the declared storage sizes instead (``report.problems``). Reading is
     bounded: members are streamed, and a file that would expand or walk past
     :data:`~torchkeep.security.policy.LIMITS` raises :class:`~torchkeep.errors.ResourceLimitError`.
 
