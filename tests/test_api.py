@@ -23,7 +23,7 @@ PUBLIC = {
     "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError",
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
-    "ExportError", "ExportVerificationError",
+    "ExportError", "ExportVerificationError", "ResourceLimitError",
     "__version__",
 }  # fmt: skip
 

@@ -70,13 +70,6 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_bundle(folder), make_checkpoint(folder)
 
 
-ZIP_NAME_LEAK = (
-    "a zip member whose local-header name is not UTF-8 (its UTF-8 flag set) raises a raw "
-    "UnicodeDecodeError from zipfile in security/scanner.py _scan_zip (and torch_zip reads); "
-    "routed to the scanner's owner"
-)
-
-
 def _leaks(reason: str, *errors: type[BaseException]) -> pytest.MarkDecorator:
     """Known leaks in modules this branch does not own: only these raw errors are tolerated."""
     return pytest.mark.xfail(reason=reason, raises=errors, strict=False)
@@ -88,12 +81,7 @@ _NOT_RESTORE = tuple(name for name in sorted(READERS) if name != "restore")
 @pytest.mark.parametrize(
     ("kind", "readers"),
     [
-        pytest.param(
-            "file",
-            tuple(sorted(READERS)),
-            marks=_leaks(ZIP_NAME_LEAK, UnicodeDecodeError),
-            id="file",
-        ),
+        pytest.param("file", tuple(sorted(READERS)), id="file"),
         pytest.param("bundle", tuple(sorted(READERS)), id="bundle"),
         pytest.param("checkpoint", _NOT_RESTORE, id="checkpoint"),
         pytest.param(
@@ -152,25 +140,8 @@ SPECIAL_KINDS = [
 ]
 
 
-SCANNER_PATH_LEAK = (
-    "security/scanner.py scan() calls Path.exists() before torchkeep.paths looks the path up, "
-    "so a name too long for the file system leaks a raw OSError from scan, load_pickled_model "
-    "and migrate_pickled_model; routed to the scanner's owner (use paths.require_exists)"
-)
-_SCANNING_READERS = ("scan", "load_pickled_model", "migrate_pickled_model")
-
-
-def _special_cases() -> list[Any]:
-    return [
-        pytest.param(kind, reader, marks=_leaks(SCANNER_PATH_LEAK, OSError))
-        if kind == "name-too-long" and reader in _SCANNING_READERS
-        else (kind, reader)
-        for kind in SPECIAL_KINDS
-        for reader in sorted(READERS)
-    ]
-
-
-@pytest.mark.parametrize(("kind", "reader"), _special_cases())
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
 def test_special_paths_are_typed_errors(tmp_path: Path, kind: str, reader: str) -> None:
     """A result (``steps`` of a missing folder is ``[]``) or a typed error; a FIFO is refused,
     not opened (opening it would block this test forever)."""
@@ -179,7 +150,6 @@ def test_special_paths_are_typed_errors(tmp_path: Path, kind: str, reader: str) 
         READERS[reader](path)
 
 
-@_leaks(ZIP_NAME_LEAK, UnicodeDecodeError)
 @pytest.mark.parametrize("reader", ["scan", "load_state_dict", "describe"])
 def test_zip_member_name_that_is_not_utf8(tmp_path: Path, reader: str) -> None:
     """Found by the fuzzer: a ``torch.save`` zip with one byte of a member name overwritten."""

@@ -24,7 +24,7 @@ from torch._export.serde.schema import SCHEMA_VERSION
 import torchkeep as tk
 from torchkeep.models import Net
 from torchkeep.security.programs import is_plain_expression, is_plain_guard, is_plain_treespec
-from torchkeep.security.walker import walk
+from torchkeep.security.walker import Source, WalkResult, walk_source
 
 from ._live import EXPORT_LOAD, prove_live
 
@@ -219,6 +219,34 @@ def _constant(prefix: str) -> Callable[[Path, Path, Path], Path]:
     return build
 
 
+def _storage_claimed_weight(clean: Path, target: Path, canary: Path) -> Path:
+    """A pickled weight ``data/weights/0`` that a decoy ``data/weights.pkl`` declares as its
+    storage record (of the right size): a storage exemption must not reach what torch unpickles.
+    """
+    payload = _protocol0(canary)
+
+    class Decoy(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.ByteStorage, "0", "cpu", len(payload)) if obj == 0 else None
+
+    decoy = io.BytesIO()
+    Decoy(decoy, protocol=2).dump(0)
+
+    def edit(members: Members) -> Members:
+        def change(config: dict) -> None:
+            config["config"]["l.weight"].update(use_pickle=True, path_name="0")
+
+        members = _edit_json("model_weights_config.json", change)(members)
+        root = members[0][0].split("/")[0]
+        extra = [
+            (f"{root}/data/weights.pkl", decoy.getvalue()),
+            (f"{root}/data/weights/0", payload),
+        ]
+        return [*members, *extra]
+
+    return _rebuild(clean, target, edit)
+
+
 def _sample_inputs(clean: Path, target: Path, canary: Path) -> Path:
     """torch retries the sample inputs with ``weights_only=False`` after a weights-only failure."""
     return _rebuild(
@@ -320,6 +348,7 @@ VARIANTS: dict[str, tuple[Callable[[Path, Path, Path], Path], str, list[Callable
     "tensor_constant": (_constant("tensor_"), EXPORT_LOAD, [_PICKLE]),
     "opaque_constant": (_constant("opaque_obj_"), EXPORT_LOAD, [_PICKLE]),
     "sample_inputs": (_sample_inputs, EXPORT_LOAD, [_PICKLE]),
+    "storage_claimed_weight": (_storage_claimed_weight, EXPORT_LOAD, [_PICKLE]),
     "case_duplicate_config": (_case_duplicate_config, EXPORT_LOAD, [_PICKLE, _DUPLICATE]),
     "duplicate_program": (_duplicate_program, EXPORT_CALL, [_DUPLICATE, _GUARD]),
 }
@@ -490,6 +519,11 @@ def test_treespec_whitelist() -> None:
     assert not is_plain_treespec(hostile)
 
 
+def _walk(data: bytes) -> WalkResult:
+    """One walk, as the scanner walks every archive member."""
+    return walk_source(Source(io.BytesIO(data)))
+
+
 class _Shell:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         import os
@@ -507,7 +541,7 @@ def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
         values = torch.randn(64, generator=generator) * scale
         if index % 4 == 0:
             values = torch.randint(-5, 5, (64,), generator=generator)
-        result = walk(io.BytesIO(values.numpy().tobytes()), precise=True)
+        result = _walk(values.numpy().tobytes())
         assert not result.events, (index, result.events)
 
 
@@ -525,7 +559,7 @@ def test_raw_tensor_records_walked_as_pickles_give_no_events() -> None:
     ],
 )
 def test_precise_walk_still_reports_every_payload(payload: bytes) -> None:
-    result = walk(io.BytesIO(payload), precise=True)
+    result = _walk(payload)
     assert {e.target.full_name for e in result.events if e.target} & {"os.system", "posix.system"}
 
 
@@ -533,10 +567,15 @@ def test_precise_walk_resolves_registered_extension_codes() -> None:
     payload = b"\x80\x02\x83\xff\x7fX\x04\x00\x00\x00true\x85R."  # EXT2 0x7fff, call
     copyreg.add_extension("os", "system", 0x7FFF)
     try:
-        result = walk(io.BytesIO(payload), precise=True)
+        result = _walk(payload)
     finally:
         copyreg.remove_extension("os", "system", 0x7FFF)
     assert [e.target.full_name for e in result.events if e.target] == ["os.system", "os.system"]
-    unregistered = walk(io.BytesIO(payload), precise=True)  # the unpickler raises at EXT2
-    assert not unregistered.events
-    assert not unregistered.complete
+    # Unregistered here, a loader here raises at EXT2; another process may have registered it,
+    # so a complete pickle is reported, while raw bytes that stop before STOP report nothing.
+    unregistered = _walk(payload)
+    assert unregistered.complete
+    assert {e.kind for e in unregistered.events} == {"unresolved"}
+    truncated = _walk(payload[:-1])
+    assert not truncated.events
+    assert not truncated.complete

@@ -33,6 +33,11 @@ class UnreadableFileError(CorruptFileError, OSError):
     treat it like a damaged file (a checkpoint step is skipped and the previous one used)."""
 
 
+class ResourceLimitError(CorruptFileError):
+    """Reading a file would take more memory or time than its size justifies (a zip bomb, a
+    pickle far larger than any ``torch.save`` structure); nothing was expanded or loaded."""
+
+
 class TorchkeepFileNotFoundError(TorchkeepError, FileNotFoundError):
     """A path torchkeep was asked to read does not exist."""
 

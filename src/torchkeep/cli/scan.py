@@ -34,7 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when every file is loadable (with --allow), 1 when one is not, 2 on an error."""
+    """Exit 0 when every file is loadable (with --allow), 1 when one is not (unsafe, or damaged:
+    ``report.problems``), 2 on an error."""
     code = EXIT_OK
     reports = []
     for path in args.paths:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             code = EXIT_ERROR
             continue
         offending = report.offending(args.allow)
-        if offending and code == EXIT_OK:
+        if (offending or report.problems) and code == EXIT_OK:
             code = EXIT_PROBLEM
         reports.append(report.to_json() | {"offending": [f.name for f in offending]})
         if args.json:
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         verdict = (
             Text("UNSAFE", style="bold red") if report.dangerous
             else Text("needs --allow", style="yellow") if offending
+            else Text("DAMAGED", style="bold red") if report.problems
             else Text("clean", style="green")
         )  # fmt: skip
         console.print(plain(f"{report.path} ({report.format.value}): ") + verdict)
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 ],
                 right_align=["count"],
             )
+        for problem in report.problems:
+            console.print(plain(f"problem: {problem}"))
         for note in report.notes:
             console.print(plain(f"note: {note}"))
     if args.json:

@@ -31,7 +31,7 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
     file is scanned first, so one that hides dangerous pickles anywhere (in members torch
     would not read, or after the data it reads) is refused as a whole.
     """
-    _refuse_dangerous(path)
+    _check_before_loading(path)
     try:
         if path.suffix == ".safetensors":
             # torch.load routes paths with this suffix to safetensors; pass the open file.
@@ -58,13 +58,21 @@ def load(path: Path, *, map_location: torch.device | str | None = None) -> Any:
         ) from None
 
 
-def _refuse_dangerous(path: Path) -> None:
+def _check_before_loading(path: Path) -> None:
     from ..security.scanner import scan  # the scanner reads formats; import it lazily
 
-    dangerous = scan(path).dangerous
+    report = scan(path)
+    dangerous = report.dangerous
     if dangerous:
         listed = ", ".join(f"{f.name} at {f.where}" for f in dangerous[:5])
         raise UnsafeCheckpointError(
             f"{path} contains pickled code that could run on loading ({listed}) and was "
             f"refused. Run `torchkeep scan {path}` for the full list; do not load this file"
+        )
+    if report.problems:
+        listed = "; ".join(report.problems[:5])
+        more = f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
+        raise CorruptFileError(
+            f"{path} is damaged: {listed}{more}. Loading it would fail or return wrong tensors; "
+            "re-create it from its source"
         )

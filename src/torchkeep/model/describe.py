@@ -6,11 +6,13 @@ import json
 import math
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from ..describe import DESCRIBERS, Description, TensorInfo, describe
 from ..formats import Format
 from ..manifest import read_manifest
+from ..schema import Limits, parse_json_document
+from ..security.members import MemberReader
+from ..security.policy import LIMITS
 from .config import read_config
 from .layout import BUNDLE_KIND, PROGRAM_NAME, WEIGHTS_NAME, content_problems
 
@@ -56,15 +58,32 @@ def _dtype_name(code: object) -> str:
         return f"scalar type {code}"
 
 
-def _program_tensors(archive: zipfile.ZipFile) -> list[TensorInfo]:
+def _program_tensors(path: Path, archive: zipfile.ZipFile) -> list[TensorInfo]:
+    """Tensors the program's weights configs declare, read bounded (the archive is untrusted:
+    each config is streamed through the scanner's member reader, so a deflated config is no
+    zip bomb, and parsed within the JSON document limits; values of odd types are skipped)."""
+    reader = MemberReader(path)
     tensors = []
-    for name in archive.namelist():
-        if not name.endswith("_weights_config.json"):
+    for info in archive.infolist():
+        if not info.filename.endswith("_weights_config.json"):
             continue
-        config: dict[str, Any] = json.loads(archive.read(name)).get("config", {})
-        for fqn, entry in config.items():
-            meta = entry.get("tensor_meta") or {}
-            shape = tuple(int(s.get("as_int", 0)) for s in meta.get("sizes", []))
+        with reader.open(archive, info, f"{path}!{info.filename}", LIMITS.max_document) as f:
+            data = f.read(LIMITS.max_document + 1)
+        document = parse_json_document(
+            data,
+            source=f"{path}!{info.filename}",
+            limits=Limits(max_bytes=LIMITS.max_document),
+            fix="re-export the program with torch.export.save",
+        )
+        config = document.get("config") if isinstance(document, dict) else None
+        for fqn, entry in config.items() if isinstance(config, dict) else ():
+            meta = entry.get("tensor_meta") if isinstance(entry, dict) else None
+            meta = meta if isinstance(meta, dict) else {}
+            sizes = meta.get("sizes")
+            shape = tuple(
+                s["as_int"] if isinstance(s, dict) and type(s.get("as_int")) is int else 0
+                for s in (sizes if isinstance(sizes, list) else ())
+            )
             dtype = _dtype_name(meta.get("dtype"))
             size = {"double": 8, "long": 8, "half": 2, "bfloat16": 2, "bool": 1, "byte": 1}
             tensors.append(TensorInfo(fqn, dtype, shape, math.prod(shape) * size.get(dtype, 4)))
@@ -75,7 +94,7 @@ def _describe_program(path: Path) -> Description:
     description = Description(path, Format.PT2, path.stat().st_size)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-        description.tensors = _program_tensors(archive)
+        description.tensors = _program_tensors(path, archive)
     models = sorted(n.rsplit("/", 1)[1][:-5] for n in names if "/models/" in f"/{n}")
     description.sections["program"] = [
         ("programs", ", ".join(models) or "none"),

@@ -10,13 +10,14 @@ outside the allowlist, and every name that cannot be resolved statically.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import sys
 
 from torch import nn
 
-from .walker import Global
+from .walker import Global, WalkLimits
 
 
 class Severity(str, enum.Enum):
@@ -108,3 +109,31 @@ def classify(target: Global) -> tuple[Severity, str]:
             return Severity.USER, "a torch.nn object that is not a layer class"
         return Severity.DANGEROUS, "a torch internal outside the weights-only allowlist"
     return Severity.USER, "not torch's; needs allow= to load"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanLimits:
+    """Caps that bound the memory and time of reading an untrusted archive or pickle.
+
+    Attributes:
+        max_ratio: how many times its compressed size a compressed member may expand to...
+        ratio_floor: ...once it expands beyond this many bytes (small members never trip it).
+        max_member: bytes of any one member that is read (a pickle, a nested zip).
+        max_document: bytes of a JSON document that is parsed whole (a ``.pt2`` program).
+        max_depth: zips inside zips.
+        max_pickles: pickles walked in one file (members and pickles in sequence together).
+        spool: nested zips larger than this are copied to a temporary file, not kept in memory.
+        walk: the caps of one pickle walk (symbolic values, opcodes).
+    """
+
+    max_ratio: int = 200
+    ratio_floor: int = 16 << 20
+    max_member: int = 4 << 30
+    max_document: int = 64 << 20
+    max_depth: int = 3
+    max_pickles: int = 10_000
+    spool: int = 16 << 20
+    walk: WalkLimits = dataclasses.field(default_factory=WalkLimits)
+
+
+LIMITS = ScanLimits()

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-# Program JSON larger than this is not parsed (torch would read it whole) and is a hazard.
-MAX_PROGRAM_BYTES = 256 * 1024 * 1024
+from ..errors import ResourceLimitError
+
 _MAX_TEXT = 100_000  # one expression or guard
 _CHUNK = 1 << 16
 _JSON_SPACE = b" \t\r\n"
@@ -144,7 +144,7 @@ def archive_hazards(infos: Iterable[zipfile.ZipInfo], label: str) -> Iterator[Ha
             yield Hazard(label + name, label + name, "AOTInductor native code is loaded")
 
 
-def member_hazards(stream: IO[bytes], member: str) -> Iterator[Hazard]:
+def member_hazards(stream: IO[bytes], member: str, max_bytes: int) -> Iterator[Hazard]:
     """Hazards of one member, if it holds a JSON object (a program, a payload config or other).
 
     Any member may: torch parses a program by name, so the check goes by content. Leading JSON
@@ -152,6 +152,9 @@ def member_hazards(stream: IO[bytes], member: str) -> Iterator[Hazard]:
     object and no program torch could load. The rest is decoded the way torch does (strict
     UTF-8, then ``json.loads``). A member under ``models/`` (or a legacy
     ``serialized_exported_program.json``) that cannot be parsed is a hazard.
+
+    Raises:
+        ResourceLimitError: the JSON object (with its leading whitespace) exceeds ``max_bytes``.
     """
     skipped = 0
     chunk = stream.read(_CHUNK)
@@ -161,10 +164,12 @@ def member_hazards(stream: IO[bytes], member: str) -> Iterator[Hazard]:
     chunk = chunk.lstrip(_JSON_SPACE)
     if chunk[:1] != b"{":
         return
-    data = chunk + stream.read(max(0, MAX_PROGRAM_BYTES + 1 - skipped - len(chunk)))
-    if skipped + len(data) > MAX_PROGRAM_BYTES:
-        yield Hazard(member, member, f"a JSON member over {MAX_PROGRAM_BYTES} bytes is not checked")
-        return
+    data = chunk + stream.read(max(0, max_bytes + 1 - skipped - len(chunk)))
+    if skipped + len(data) > max_bytes:
+        raise ResourceLimitError(
+            f"{member} holds a JSON object of more than {max_bytes:,} bytes, more than "
+            "torchkeep parses from an untrusted archive; a program of that size is not checked"
+        )
     try:
         document = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):
@@ -240,8 +245,6 @@ def is_plain_treespec(text: str) -> bool:
     ``context`` (JSON text: null, or identifiers, integers and booleans, possibly in a list) and
     ``children_spec`` (nodes).
     """
-    if len(text) > MAX_PROGRAM_BYTES:
-        return False
     try:
         spec = json.loads(text)
     except (ValueError, RecursionError):
