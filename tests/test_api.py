@@ -62,6 +62,7 @@ BUILTIN_BASE = {
     "CheckpointBusyError": TimeoutError,
     "UnsafeBundleError": ValueError,
     "InvalidDocumentError": ValueError,
+    "ResourceLimitError": ValueError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
 }
 

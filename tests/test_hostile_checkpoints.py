@@ -309,22 +309,30 @@ def test_nothing_valid_leaves_the_model_untouched(tmp_path: Path) -> None:
     assert __import__("random").getstate() == python_rng
 
 
-def test_flipped_byte_in_latest_weights_falls_back(tmp_path: Path) -> None:
-    directory, states = _folder(tmp_path)
-    target = directory / "step-00000002" / "model.safetensors"
-    torch.save(states[2], tmp_path / "expected.pt")
+def _flip_proven_silent(
+    target: Path, expected: dict[str, torch.Tensor], work: Path, *, offset: int, bit: int
+) -> None:
+    """Flip one bit of the safetensors file ``target`` and prove (with files in ``work``) that
+    plain ``load_file`` then returns tensors that differ from ``expected`` without an error."""
+    torch.save(expected, work / "expected.pt")
     data = bytearray(target.read_bytes())
-    data[-3] ^= 0x10
+    data[offset] ^= bit
     target.write_bytes(bytes(data))
-    canary = tmp_path / "canary"
+    canary = work / "canary"
     prove_live(
         "import torch, pathlib\nfrom safetensors.torch import load_file\n"
-        f"got = load_file({{path}})\nwant = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        f"got = load_file({{path}})\nwant = torch.load({str(work / 'expected.pt')!r})\n"
         "if any(not torch.equal(got[k], want[k]) for k in want):\n"
         f"    pathlib.Path({str(canary)!r}).touch()\n",
         canary,
         path=target,
     )
+
+
+def test_flipped_byte_in_latest_weights_falls_back(tmp_path: Path) -> None:
+    directory, states = _folder(tmp_path)
+    target = directory / "step-00000002" / "model.safetensors"
+    _flip_proven_silent(target, states[2], tmp_path, offset=-3, bit=0x10)
 
     with pytest.warns(UserWarning, match="step 2 is unusable"):
         assert_state_equal(tk.load_state_dict(directory), states[1])
@@ -351,19 +359,7 @@ def test_flipped_byte_in_a_bundle_is_refused(tmp_path: Path) -> None:
     model = Net()
     bundle = tk.save_model(model, tmp_path / "net.bundle")
     target = bundle / "model.safetensors"
-    torch.save(model.state_dict(), tmp_path / "expected.pt")
-    data = bytearray(target.read_bytes())
-    data[-2] ^= 0x40
-    target.write_bytes(bytes(data))
-    canary = tmp_path / "canary"
-    prove_live(
-        "import torch, pathlib\nfrom safetensors.torch import load_file\n"
-        f"got = load_file({{path}})\nwant = torch.load({str(tmp_path / 'expected.pt')!r})\n"
-        "if any(not torch.equal(got[k], want[k]) for k in want):\n"
-        f"    pathlib.Path({str(canary)!r}).touch()\n",
-        canary,
-        path=target,
-    )
+    _flip_proven_silent(target, model.state_dict(), tmp_path, offset=-2, bit=0x40)
     with pytest.raises(tk.ChecksumMismatchError):
         tk.load_state_dict(bundle)
     before = {k: v.clone() for k, v in model.state_dict().items()}
