@@ -43,6 +43,8 @@ from .entries import Kind
 from .layout import RNG_ENTRY, STATE_NAME, read_state, read_step_manifest
 
 _FD_DIR = Path("/proc/self/fd")
+LEGACY_RNG_VERSION = "0.1.0"
+LEGACY_RNG_ENTRY = "rng"
 
 
 class StepVanishedError(TorchkeepFileNotFoundError):
@@ -235,6 +237,7 @@ def _vanished(directory: Path, fd: int) -> bool:
 def _read_pinned(directory: Path, name: str) -> LoadedStep:
     manifest = read_step_manifest(directory, name=name)
     state = _read_state(directory, manifest)
+    _adopt_legacy_rng(manifest, state["entries"])
     files: dict[str, Path] = {}
     for name, raw in state["entries"].items():
         if raw["file"] is not None:
@@ -256,6 +259,18 @@ def _read_pinned(directory: Path, name: str) -> LoadedStep:
     if RNG_ENTRY in loaded.entries:
         rng.check(loaded.entries[RNG_ENTRY][1], source=f"{directory / STATE_NAME} ({RNG_ENTRY})")
     return loaded
+
+
+def _adopt_legacy_rng(manifest: Mapping[str, Any], entries: dict[str, Any]) -> None:
+    """Steps written by torchkeep 0.1.0 hold the generator states as the entry ``rng`` (a name
+    users could not take then); read it as :data:`RNG_ENTRY`, so their resume stays exact."""
+    if (
+        manifest.get("torchkeep_version") == LEGACY_RNG_VERSION
+        and LEGACY_RNG_ENTRY in entries
+        and RNG_ENTRY not in entries
+        and entries[LEGACY_RNG_ENTRY]["kind"] == "value"
+    ):
+        entries[RNG_ENTRY] = entries.pop(LEGACY_RNG_ENTRY)
 
 
 def _verify_files(
