@@ -1,0 +1,55 @@
+"""Attacks from the adversarial review of the hardening (issue 8), beyond the per-class suites.
+
+Each test plants what an attacker (or an earlier run) could leave in a folder or file and checks
+the promise it targets; where a plain loader is the victim, the payload is proven live first.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep as tk
+
+
+def _step_folder(directory: Path, step: int, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    with tk.CheckpointManager(directory, keep_last=None) as mgr:
+        return mgr.save(step, model=nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("planted", ["symlink", "copy"])
+def test_a_newer_planted_step_does_not_make_save_delete_the_step_it_just_wrote(
+    tmp_path: Path, planted: str
+) -> None:
+    """keep_last=1 with step 50 already in the folder (an earlier run's, or planted as a link
+    to a valid step elsewhere): before the fix, save(3) retired step 3 at once, so every save
+    of the new run deleted itself and training kept nothing."""
+    outside = _step_folder(tmp_path / "elsewhere", 50)
+    directory = tmp_path / "ckpt"
+    _step_folder(directory, 1)
+    if planted == "symlink":
+        os.symlink(outside, directory / outside.name)
+    else:
+        _step_folder(directory, 50)
+    torch.manual_seed(7)
+    model = nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every deletion works
+        with tk.CheckpointManager(directory, keep_last=1) as mgr:
+            mgr.save(3, model=model)
+            assert 3 in mgr.steps
+            mgr.save(4, model=model)
+    assert mgr.steps == [4, 50]  # 3 retired by the next save, 1 by the first
+    restored = nn.Linear(3, 2)
+    mgr.restore(4, model=restored)
+    assert torch.equal(restored.weight, model.weight)
+    # whatever was linked in is never deleted through the link
+    assert sorted(p.name for p in outside.iterdir()) == sorted(
+        ["manifest.json", "state.json", "model.safetensors", "torchkeep.rng.safetensors"]
+    )
