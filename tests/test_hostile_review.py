@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from torchkeep.cli import main
 
 
 def _step_folder(directory: Path, step: int, seed: int = 0) -> Path:
@@ -53,3 +54,20 @@ def test_a_newer_planted_step_does_not_make_save_delete_the_step_it_just_wrote(
     assert sorted(p.name for p in outside.iterdir()) == sorted(
         ["manifest.json", "state.json", "model.safetensors", "torchkeep.rng.safetensors"]
     )
+
+
+def test_a_file_named_debug_after_double_dash_prints_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``torchkeep verify -- --debug`` names a file; before the fix the guard saw ``--debug``
+    among the arguments and printed the traceback of the (expected) refusal."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHKEEP_DEBUG", raising=False)
+    tk.save_weights({"a": torch.ones(2)}, tmp_path / "--debug.safetensors")
+    os.rename(tmp_path / "--debug.safetensors", tmp_path / "--debug")
+    assert main(["verify", "--", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "is not a torchkeep checkpoint step" in err
+    assert main(["verify", "--debug", "--", "--debug"]) == 2  # the option itself still works
+    assert "Traceback" in capsys.readouterr().err

@@ -26,8 +26,13 @@ _MAX_COMMAND_CHARS = 300
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
-    """True when ``--debug`` is among the arguments or ``TORCHKEEP_DEBUG`` is set (not 0)."""
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    """True when ``--debug`` is among the options or ``TORCHKEEP_DEBUG`` is set (not 0).
+
+    Arguments after ``--`` are paths, never options: a file named ``--debug`` does not ask for
+    tracebacks.
+    """
+    options = argv[: list(argv).index("--")] if "--" in argv else argv
+    return "--debug" in options or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
 def _silence_stdout() -> None:
