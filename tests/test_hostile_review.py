@@ -71,3 +71,40 @@ def test_a_file_named_debug_after_double_dash_prints_no_traceback(
     assert "is not a torchkeep checkpoint step" in err
     assert main(["verify", "--debug", "--", "--debug"]) == 2  # the option itself still works
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_retiring_a_linked_step_removes_the_link_never_its_target(tmp_path: Path) -> None:
+    """A step directory that is a symlink to a valid step elsewhere: retention used to rename
+    the link and fail to rmtree it (a misleading 'could not be deleted, free the space' warning,
+    and a hidden link left forever); now the link goes and the target is untouched."""
+    outside = _step_folder(tmp_path / "elsewhere", 1)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    os.symlink(outside, directory / outside.name)
+    stale = directory / ".step-00000009.tmp-999999999-deadbeef"  # a dead writer's temp name
+    os.symlink(outside, stale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with tk.CheckpointManager(directory, keep_last=1) as mgr:
+            mgr.save(2, model=nn.Linear(3, 2))
+            mgr.save(3, model=nn.Linear(3, 2))
+    assert sorted(p.name for p in directory.iterdir()) == ["step-00000003"]
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "pid",
+    ["99999999999999999999", "\u00b2", "0", "4294967296"],
+    ids=["overflow", "superscript-two", "zero", "past-pid_t"],
+)
+def test_a_temp_name_with_an_impossible_pid_does_not_block_saving(tmp_path: Path, pid: str) -> None:
+    """Every save first removes temporaries of dead writers, reading the writer's pid from the
+    name. A planted ``.x.tmp-<pid>-a`` with a pid past pid_t made os.kill raise OverflowError,
+    and one with '²' (a digit to str.isdigit, not to int) a ValueError: every save of the folder
+    failed with a raw error. Such a name is no live writer's: it is removed like a dead one's."""
+    directory = tmp_path / "ckpt"
+    (directory / f".x.tmp-{pid}-a").mkdir(parents=True)
+    mgr = tk.CheckpointManager(directory)
+    mgr.save(1, model=nn.Linear(3, 2))
+    assert sorted(p.name for p in directory.iterdir()) == ["step-00000001"]
