@@ -108,3 +108,33 @@ def test_a_temp_name_with_an_impossible_pid_does_not_block_saving(tmp_path: Path
     mgr = tk.CheckpointManager(directory)
     mgr.save(1, model=nn.Linear(3, 2))
     assert sorted(p.name for p in directory.iterdir()) == ["step-00000001"]
+
+
+def test_export_onnx_summary_never_sends_an_escape_sequence_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The export summary escaped rich markup only: the output path and torch's fallback
+    message (which can quote names from the model or a file) reached the terminal with their
+    ESC bytes, so an OSC/CSI sequence could retitle or clear it."""
+    from torchkeep.cli.export_onnx import print_report
+    from torchkeep.onnx import OnnxReport
+
+    hostile = "\x1b]0;PWNED\x07\x1b[2J[red]x[/]"
+    report = OnnxReport(
+        path=tmp_path / f"{hostile}.onnx",
+        exporter="torchscript",
+        opset=18,
+        inputs=["x"],
+        outputs=["y"],
+        dynamic_batch=True,
+        export_batch_size=2,
+        rtol=1e-4,
+        atol=1e-5,
+        fallback_reason=f"unsupported op in {hostile}",
+    )
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert "\\x1b]0;PWNED\\x07" in out  # shown literally
+    assert "[red]x[/]" in out

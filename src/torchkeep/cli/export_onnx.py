@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 from torch import nn
 
 from ..errors import (
@@ -28,6 +27,8 @@ from ._output import (
     EXIT_PROBLEM,
     console,
     human_bytes,
+    labelled,
+    plain,
     print_error,
     print_json,
     print_table,
@@ -142,13 +143,15 @@ def print_report(report: OnnxReport) -> None:
     batch = "dynamic batch" if report.dynamic_batch else "fixed batch"
     data = f", data in {', '.join(report.external_data)}" if report.external_data else ""
     console.print(
-        f"wrote {escape(str(report.path))} ({human_bytes(report.size)}{data}): "
-        f"opset {report.opset}, {report.exporter} exporter, {batch}; "
-        f"export {report.export_seconds:.1f}s, checks {report.verify_seconds:.1f}s"
+        plain(
+            f"wrote {report.path} ({human_bytes(report.size)}{data}): "
+            f"opset {report.opset}, {report.exporter} exporter, {batch}; "
+            f"export {report.export_seconds:.1f}s, checks {report.verify_seconds:.1f}s"
+        )
     )
-    if report.fallback_reason:
-        reason = escape(report.fallback_reason)
-        console.print(f"[yellow]dynamo export failed, used TorchScript:[/] {reason}")
+    if report.fallback_reason:  # torch's message may quote names from the model or the file
+        label = "dynamo export failed, used TorchScript: "
+        console.print(labelled(label, report.fallback_reason, style="yellow"))
     if not report.verified:
         console.print("[yellow]not verified[/] (--no-verify)")
 
