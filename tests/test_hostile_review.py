@@ -6,6 +6,7 @@ the promise it targets; where a plain loader is the victim, the payload is prove
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 
 import torchkeep as tk
 from torchkeep.cli import main
+from torchkeep.hashing import hash_file
 
 
 def _step_folder(directory: Path, step: int, seed: int = 0) -> Path:
@@ -138,3 +140,29 @@ def test_export_onnx_summary_never_sends_an_escape_sequence_to_the_terminal(
     assert "\x07" not in out
     assert "\\x1b]0;PWNED\\x07" in out  # shown literally
     assert "[red]x[/]" in out
+
+
+def test_load_state_dict_and_restore_read_the_same_model_file_of_a_step(tmp_path: Path) -> None:
+    """A rewritten step whose state.json points its 'model' entry at another listed file: the
+    hashes all match, so restore() loads that file, but load_state_dict read model.safetensors
+    regardless, so one valid step gave two readers two different models."""
+    directory = tmp_path / "ckpt"
+    step_dir = _step_folder(directory, 1, seed=1)
+    torch.manual_seed(2)
+    decoy = nn.Linear(3, 2)
+    tk.save_weights(decoy, step_dir / "decoy.safetensors")
+    state = json.loads((step_dir / "state.json").read_text())
+    state["entries"]["model"]["file"] = "decoy.safetensors"
+    (step_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    for name in ("state.json", "decoy.safetensors"):
+        size, digest = hash_file(step_dir / name)
+        manifest["files"][name] = {"size": size, "hash": digest}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    restored = nn.Linear(3, 2)
+    tk.CheckpointManager(directory).restore(model=restored, restore_rng=False)
+    assert torch.equal(restored.weight, decoy.weight)  # restore follows state.json
+    for source in (directory, step_dir):
+        loaded = tk.load_state_dict(source)
+        assert torch.equal(loaded["weight"], decoy.weight)
