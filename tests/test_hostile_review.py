@@ -166,3 +166,27 @@ def test_load_state_dict_and_restore_read_the_same_model_file_of_a_step(tmp_path
     for source in (directory, step_dir):
         loaded = tk.load_state_dict(source)
         assert torch.equal(loaded["weight"], decoy.weight)
+
+
+@pytest.mark.parametrize(
+    "name", ["\U0001f600" * 100, "\ud800"], ids=["over-255-bytes", "lone-surrogate"]
+)
+def test_an_entry_name_no_file_can_have_is_refused_before_anything_is_written(
+    tmp_path: Path, name: str
+) -> None:
+    """Entry names were limited in characters only: 100 emoji (400 bytes as the file name
+    ``<name>.safetensors``) raised a raw OSError (ENAMETOOLONG) mid-save, and a lone surrogate a
+    raw UnicodeEncodeError, instead of UnsupportedValueError before the first byte."""
+    directory = tmp_path / "ckpt"
+    mgr = tk.CheckpointManager(directory)
+    with pytest.raises(tk.UnsupportedValueError, match="rename it"):
+        mgr.save(1, **{name: torch.ones(2)})
+    assert mgr.steps == []
+    assert not directory.exists() or list(directory.iterdir()) == []
+
+
+def test_the_longest_entry_name_that_fits_a_file_name_still_round_trips(tmp_path: Path) -> None:
+    name = "\U0001f600" * 60  # 240 bytes: <name>.safetensors is 252
+    mgr = tk.CheckpointManager(tmp_path / "ckpt")
+    mgr.save(1, **{name: torch.arange(3)})
+    assert torch.equal(mgr.restore().extra[name], torch.arange(3))
