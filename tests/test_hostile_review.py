@@ -190,3 +190,26 @@ def test_the_longest_entry_name_that_fits_a_file_name_still_round_trips(tmp_path
     mgr = tk.CheckpointManager(tmp_path / "ckpt")
     mgr.save(1, **{name: torch.arange(3)})
     assert torch.equal(mgr.restore().extra[name], torch.arange(3))
+
+
+@pytest.mark.parametrize("where", ["tensor-name", "metadata-key", "metadata-value", "checkpoint"])
+def test_a_lone_surrogate_is_refused_before_a_safetensors_header_is_written(
+    tmp_path: Path, where: str
+) -> None:
+    """A lone surrogate in a tensor name or metadata string passed every check and then made
+    the UTF-8 header encoding raise a raw UnicodeEncodeError part way through the save."""
+    bad = "w\ud800"
+    path = tmp_path / "net.safetensors"
+    with pytest.raises(tk.UnsupportedValueError, match="lone surrogate"):
+        if where == "tensor-name":
+            tk.save_weights({bad: torch.ones(2)}, path)
+        elif where == "metadata-key":
+            tk.save_weights({"w": torch.ones(2)}, path, metadata={bad: "x"})
+        elif where == "metadata-value":
+            tk.save_weights({"w": torch.ones(2)}, path, metadata={"k": bad})
+        else:
+            tk.CheckpointManager(tmp_path / "ckpt").save(1, state={bad: torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+    # a torch.save file has no such header: the same name is stored and read back
+    tk.save_weights({bad: torch.ones(2)}, tmp_path / "net.pt")
+    assert list(tk.load_state_dict(tmp_path / "net.pt")) == [bad]
