@@ -213,3 +213,29 @@ def test_a_lone_surrogate_is_refused_before_a_safetensors_header_is_written(
     # a torch.save file has no such header: the same name is stored and read back
     tk.save_weights({bad: torch.ones(2)}, tmp_path / "net.pt")
     assert list(tk.load_state_dict(tmp_path / "net.pt")) == [bad]
+
+
+def test_cli_warnings_never_send_an_escape_sequence_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A skipped step's warning quotes the file name its state.json gives; Python printed CLI
+    warnings raw, so a name holding ESC/BEL reached the terminal as control sequences."""
+    directory = tmp_path / "ckpt"
+    first = _step_folder(directory, 1)
+    step_dir = _step_folder(directory, 2)
+    hostile = "\x1b]0;PWNED\x07\x1b[2J.safetensors"
+    state = json.loads((step_dir / "state.json").read_text())
+    state["entries"]["model"]["file"] = hostile
+    (step_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    size, digest = hash_file(step_dir / "state.json")
+    manifest["files"]["state.json"] = {"size": size, "hash": digest}
+    manifest["files"][hostile] = {"size": 1, "hash": "00"}  # listed, never written
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    assert main(["diff", str(directory), str(first)]) == 0  # step 2 skipped, step 1 == step 1
+    err = capsys.readouterr().err
+    assert "warning: checkpoint step 2 is unusable and was skipped" in err
+    assert "\\x1b]0;PWNED\\x07" in err  # shown literally
+    assert "\x1b" not in err
+    assert "\x07" not in err

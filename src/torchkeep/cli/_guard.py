@@ -13,10 +13,11 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import TorchkeepError, first_line
-from ._output import EXIT_ERROR, EXIT_OK, print_error
+from ._output import EXIT_ERROR, EXIT_OK, print_error, show_warning
 
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "TORCHKEEP_DEBUG"
@@ -70,7 +71,9 @@ def run_guarded(run: Callable[[], int], argv: Sequence[str]) -> int:
     """
     debug = debug_requested(argv)
     try:
-        code = run()
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            code = run()
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
     except KeyboardInterrupt:
         print_error("interrupted")

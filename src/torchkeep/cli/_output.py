@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console, JustifyMethod
 from rich.table import Table
@@ -43,6 +43,19 @@ def plain(value: object) -> Text:
 def labelled(label: str, message: object, *, style: str) -> Text:
     """``label`` in ``style`` followed by ``message`` shown literally (it may come from a file)."""
     return Text(label, style=style) + plain(message)
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the CLI: one line on stderr, shown literally (a warning can
+    quote a name from a hostile file, which must not reach the terminal as escape sequences)."""
+    error_console.print(labelled("warning: ", message, style="yellow"), soft_wrap=True)
 
 
 def print_error(message: str) -> None:
