@@ -239,3 +239,18 @@ def test_cli_warnings_never_send_an_escape_sequence_to_the_terminal(
     assert "\\x1b]0;PWNED\\x07" in err  # shown literally
     assert "\x1b" not in err
     assert "\x07" not in err
+
+
+@pytest.mark.parametrize("counter", [-1, 10**30], ids=["negative", "past-int64"])
+def test_convert_of_a_tutorial_dict_with_an_impossible_epoch_is_no_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], counter: int
+) -> None:
+    """The dict's ``epoch`` becomes the step number; -1 or 10**30 (the file's values) raised
+    the argument check's ValueError, which the CLI reported as 'unexpected ... a bug'."""
+    source = tmp_path / "tutorial.pt"
+    torch.save({"model_state_dict": nn.Linear(2, 2).state_dict(), "epoch": counter}, source)
+    assert main(["convert", str(source), str(tmp_path / "ckpt")]) == 0
+    assert "unexpected" not in capsys.readouterr().err
+    restored = tk.CheckpointManager(tmp_path / "ckpt").restore()
+    assert restored.step == 0
+    assert restored.extra["epoch"] == counter  # the value itself is kept
