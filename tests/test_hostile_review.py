@@ -18,6 +18,7 @@ from torch import nn
 import torchkeep as tk
 from torchkeep.cli import main
 from torchkeep.hashing import hash_file
+from torchkeep.models import Net
 
 
 def _step_folder(directory: Path, step: int, seed: int = 0) -> Path:
@@ -254,3 +255,40 @@ def test_convert_of_a_tutorial_dict_with_an_impossible_epoch_is_no_crash(
     restored = tk.CheckpointManager(tmp_path / "ckpt").restore()
     assert restored.step == 0
     assert restored.extra["epoch"] == counter  # the value itself is kept
+
+
+@pytest.mark.parametrize("shape", ["99999999999,99999999", "100000,100000"])
+def test_export_onnx_refuses_an_input_shape_no_example_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: str
+) -> None:
+    """--input-shape built the example tensor unbounded: 99999999999,99999999 made torch raise
+    (reported as 'unexpected RuntimeError ... a bug'), 100000,100000 asked for 40 GB. It is now
+    an argument error before anything is allocated, with the bound bundles' examples have."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export-onnx", "torchkeep.models:Net", "-o", str(tmp_path / "x.onnx"),
+              "--input-shape", shape])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "an example input holds at most 67,108,864" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_onnx_with_inputs_the_model_rejects_is_an_export_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commonest mistake, an input shape the model's layers reject, reached the CLI as
+    'unexpected RuntimeError ... This is a bug in torchkeep'; it is an ExportError naming the
+    shapes given."""
+    pytest.importorskip("onnxscript")
+    code = main(
+        ["export-onnx", "torchkeep.models:Net", "-o", str(tmp_path / "x.onnx"),
+         "--input-shape", "1,1,1"]  # Net wants 3 channels
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unexpected" not in err
+    assert "Net raised on the example inputs ([1, 1, 1]:float32)" in err
+    with pytest.raises(tk.ExportError, match="pass inputs its forward accepts"):
+        tk.export_onnx(Net(), torch.randn(1, 1, 1), tmp_path / "y.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+    assert not (tmp_path / "y.onnx").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..errors import (
 from ..model import load_model
 from ..model.bundle import example_input_specs
 from ..model.classpath import class_path_problem
+from ..model.config import MAX_NUMEL
 from ..onnx import OnnxReport, export_onnx
 from ..onnx.report import TABLE_COLUMNS
 from ..weights import load_weights
@@ -47,6 +49,11 @@ def input_spec(text: str) -> torch.Tensor:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give positive sizes separated by commas, optionally ':dtype' "
             "(e.g. 1,3,32,32 or 4,16:int64)"
+        )
+    if math.prod(shape) > MAX_NUMEL:  # the bound a bundle's recorded example inputs have
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {math.prod(shape):,} elements; an example input holds at most "
+            f"{MAX_NUMEL:,} (a small batch is enough to export)"
         )
     return example_tensor(shape, dtype)
 
