@@ -292,3 +292,33 @@ def test_export_onnx_with_inputs_the_model_rejects_is_an_export_error(
         tk.export_onnx(Net(), torch.randn(1, 1, 1), tmp_path / "y.onnx")
     assert not (tmp_path / "x.onnx").exists()
     assert not (tmp_path / "y.onnx").exists()
+
+
+def test_export_onnx_never_writes_another_opset_than_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--opset 1: onnxscript's converter failed, logged a Traceback to stderr, and the file was
+    written at opset 18 with exit 0, as if opset 1 had been honoured."""
+    pytest.importorskip("onnxscript")
+    target = tmp_path / "x.onnx"
+    code = main(
+        ["export-onnx", "torchkeep.models:Net", "-o", str(target), "--input-shape", "1,3,32,32",
+         "--opset", "1", "--no-verify"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "could not produce opset 1" in err
+    assert "Traceback" not in err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1"])
+def test_export_onnx_refuses_a_tolerance_no_output_can_meet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--rtol nan (or -1) was accepted, exported, and then failed verification for any model."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export-onnx", "torchkeep.models:Net", "-o", str(tmp_path / "x.onnx"),
+              "--input-shape", "1,3,32,32", "--rtol", value])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "is not a tolerance" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -88,6 +89,14 @@ def print_table(
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     console.print(table)
+
+
+def tolerance(text: str) -> float:
+    """An ``argparse`` type: a tolerance, a number >= 0 (NaN and negatives are refused)."""
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is not a tolerance: give a number >= 0")
+    return value
 
 
 def human_bytes(size: int) -> str:

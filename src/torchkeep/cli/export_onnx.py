@@ -34,6 +34,7 @@ from ._output import (
     print_error,
     print_json,
     print_table,
+    tolerance,
 )
 
 
@@ -91,8 +92,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     parser.add_argument("--static-batch", action="store_true", help="keep the batch size fixed")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance")
+    parser.add_argument("--rtol", type=tolerance, default=1e-3, help="relative tolerance")
+    parser.add_argument("--atol", type=tolerance, default=1e-5, help="absolute tolerance")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

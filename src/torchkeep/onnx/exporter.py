@@ -101,6 +101,11 @@ def _quiet_exporter() -> Iterator[None]:
     logger = logging.getLogger("torch")  # torch's loggers inherit its level
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # onnxscript logs a traceback when its opset converter fails; the export's opset is
+    # checked afterwards and a mismatch is an ExportError (see export_onnx)
+    converter = logging.getLogger("onnxscript")
+    converter_level = converter.level
+    converter.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -110,6 +115,7 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+        converter.setLevel(converter_level)
 
 
 def _export_dynamo(
@@ -310,6 +316,12 @@ def export_onnx(
             save_staged(proto, staged, external_data=external)
             report.exporter = "torchscript" if report.fallback_reason else "dynamo"
             report.opset = default_opset(proto)
+            if opset is not None and report.opset != opset:
+                raise ExportError(
+                    f"torch's ONNX exporter could not produce opset {opset} for "
+                    f"{type(model).__name__} (it gave opset {report.opset}); nothing was "
+                    f"written to {final}. Ask for an opset it supports, or leave the default"
+                )
             report.dynamic_batch = has_dynamic_batch(proto)
             report.export_seconds = time.perf_counter() - started
             started = time.perf_counter()
