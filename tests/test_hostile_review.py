@@ -322,3 +322,25 @@ def test_export_onnx_refuses_a_tolerance_no_output_can_meet(
               "--input-shape", "1,3,32,32", "--rtol", value])  # fmt: skip
     assert exit_info.value.code == 2
     assert "is not a tolerance" in capsys.readouterr().err
+
+
+def test_a_bundle_config_asking_for_a_huge_model_is_refused_before_allocation(
+    tmp_path: Path,
+) -> None:
+    """The config's init arguments are the attacker's: Linear(10**6, 10**6) asked for 4 TB.
+    The model is built on the meta device first, so its size is known before any memory is
+    taken; it raised a raw RuntimeError from the allocator (or, for a size that fits
+    overcommit, could take the machine's memory). A model larger than the weights file it must
+    load is refused with InitArgsError before it is allocated."""
+    bundle = tk.save_model(
+        nn.Linear(2, 2), tmp_path / "lin", init_args={"in_features": 2, "out_features": 2}
+    )
+    config = json.loads((bundle / "config.json").read_text())
+    config["init"]["kwargs"] = {"in_features": 10**6, "out_features": 10**6}
+    (bundle / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    size, digest = hash_file(bundle / "config.json")
+    manifest["files"]["config.json"] = {"size": size, "hash": digest}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(tk.InitArgsError, match="4,000,004,000,000 bytes"):
+        tk.load_model(bundle)
