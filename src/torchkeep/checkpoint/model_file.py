@@ -1,10 +1,12 @@
 """The model weights stored in a torchkeep directory, verified before anyone sees them.
 
 ``load_state_dict``/``load_weights`` on a checkpoint folder, a checkpoint step or a model bundle
-read ``model.safetensors``; here its every byte is hashed against the manifest first. In a
-checkpoint folder the newest step (by step number, not by name) whose manifest and
+read the model file (``model.safetensors``; in a step, the file its ``state.json`` names for the
+``model`` entry, as ``restore`` reads); here its every byte is hashed against the manifest first.
+In a checkpoint folder the newest step (by step number, not by name) whose manifest and
 ``state.json`` are valid and whose model file is intact is used, and every newer step that fails
-is named in a warning, as ``restore`` does.
+is named in a warning. ``restore`` also verifies the step's other files, so it can fall back
+further than this reader.
 """
 
 from __future__ import annotations
