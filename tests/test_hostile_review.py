@@ -344,3 +344,26 @@ def test_a_bundle_config_asking_for_a_huge_model_is_refused_before_allocation(
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(tk.InitArgsError, match="4,000,004,000,000 bytes"):
         tk.load_model(bundle)
+
+
+def test_a_step_whose_model_entry_names_no_file_is_skipped_by_load_state_dict(
+    tmp_path: Path,
+) -> None:
+    """Found by the document fuzzer once load_state_dict followed state.json: a model entry
+    with ``"file": null`` while the manifest lists model.safetensors is a damaged step, skipped
+    with a warning like any other, not a FileFormatError that stops the fallback."""
+    directory = tmp_path / "ckpt"
+    _step_folder(directory, 1, seed=1)
+    step_dir = _step_folder(directory, 2, seed=2)
+    state = json.loads((step_dir / "state.json").read_text())
+    state["entries"]["model"]["file"] = None
+    (step_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    size, digest = hash_file(step_dir / "state.json")
+    manifest["files"]["state.json"] = {"size": size, "hash": digest}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    torch.manual_seed(1)
+    expected = nn.Linear(3, 2).weight
+    with pytest.warns(UserWarning, match="step 2 is unusable.*names no tensor file"):
+        loaded = tk.load_state_dict(directory)
+    assert torch.equal(loaded["weight"], expected)

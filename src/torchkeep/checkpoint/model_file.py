@@ -20,6 +20,7 @@ import torch
 from ..errors import (
     CorruptFileError,
     FileFormatError,
+    InvalidDocumentError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnreadableFileError,
@@ -68,6 +69,11 @@ def _verified_step(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         raise CorruptFileError(f"{problem}; the step is damaged")
     entry = read_state(directory, manifest)["entries"].get("model")
     name = MODEL_FILE if entry is None else entry["file"]
+    if name is None and MODEL_FILE in manifest["files"]:
+        raise InvalidDocumentError(
+            f"{directory / STATE_NAME}: entry 'model' names no tensor file, but the manifest "
+            f"lists {MODEL_FILE}; the step is damaged, so it is skipped"
+        )
     return directory / (name or MODEL_FILE), _verified(directory, manifest, name)
 
 
