@@ -121,6 +121,8 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 f"metadata entry {key!r}: {value!r} is not str -> str; safetensors metadata "
                 "holds strings only (use json.dumps for structured values)"
             )
+        st.require_utf8(key, "metadata key")
+        st.require_utf8(value, f"the value of metadata key {key!r}")
         if key.startswith(RESERVED_METADATA):
             raise ValueError(f"metadata key {key!r} is reserved by torchkeep; choose another name")
         result[key] = value
@@ -173,7 +175,7 @@ def save_weights(
     """
     path = Path(path)
     tensors = _state_of(model_or_state_dict)
-    st.validate_for_save(tensors)
+    st.validate_for_save(tensors, header=path.suffix not in TORCH_SUFFIXES)
     user_metadata = _check_metadata(metadata)
     existing = write_target(path)
     if existing is not None and stat.S_ISDIR(existing.st_mode):

@@ -136,7 +136,10 @@ class Remover:
     def _run(self, paths: list[Path]) -> None:
         for path in paths:
             try:
-                shutil.rmtree(path)
+                if path.is_symlink():  # a step linked in from elsewhere: only the link goes
+                    path.unlink()
+                else:
+                    shutil.rmtree(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:

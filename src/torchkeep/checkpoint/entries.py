@@ -25,6 +25,9 @@ from .layout import ENTRY_NAME_PATTERN, RESERVED_PREFIX, STATE_LIMITS
 # Leaves room in state.json, whose reader refuses documents over STATE_LIMITS.max_bytes, for
 # the other entries of the step.
 _MAX_SKELETON_BYTES = STATE_LIMITS.max_bytes // 4
+# The longest entry name, in UTF-8 bytes, whose file ``<name>.safetensors`` fits in the 255
+# bytes of a file name.
+MAX_NAME_BYTES = 255 - len(".safetensors")
 
 Kind = Literal["stateful", "value"]
 
@@ -49,14 +52,26 @@ def check_name(name: object, *, internal: bool = False) -> str:
     """Return ``name`` if it can name an entry, else raise :class:`UnsupportedValueError`.
 
     Entry names become file names (``<name>.safetensors``): a non-empty string of at most 200
-    characters without path separators or NUL, not starting with a dot. Names starting with
-    ``torchkeep.`` are torchkeep's own (the random generator states) unless ``internal``.
+    characters without path separators or NUL, not starting with a dot, valid UTF-8 (no lone
+    surrogate) of at most ``MAX_NAME_BYTES`` bytes, so that the file name fits the 255 bytes
+    file systems allow. Names starting with ``torchkeep.`` are torchkeep's own (the random
+    generator states) unless ``internal``.
     """
     if not isinstance(name, str) or not re.fullmatch(ENTRY_NAME_PATTERN, name):
         raise UnsupportedValueError(
             f"cannot save an entry named {str(name)[:80]!r}: entry names are non-empty strings "
             "of at most 200 characters without '/', '\\' or NUL that do not start with '.'; "
             "rename it"
+        )
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = None
+    if size is None or size > MAX_NAME_BYTES:
+        raise UnsupportedValueError(
+            f"cannot save an entry named {name[:80]!r}: as the file name {name[:80]!r}.safetensors "
+            f"it is {'not valid UTF-8 (a lone surrogate)' if size is None else f'{size} bytes'}; "
+            f"names must be valid UTF-8 of at most {MAX_NAME_BYTES} bytes; rename it"
         )
     if name.startswith(RESERVED_PREFIX) and not internal:
         raise UnsupportedValueError(

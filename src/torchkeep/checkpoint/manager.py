@@ -273,12 +273,16 @@ class CheckpointManager:
             overwrite=overwrite,
             manifest_fields={**fields, "retention": self._retention_config},
         )
-        self._apply_retention()
+        self._apply_retention(step)
 
-    def _apply_retention(self) -> None:
-        """Retire the steps no policy keeps: renamed out of sight now, deleted in the background."""
+    def _apply_retention(self, committed: int) -> None:
+        """Retire the steps no policy keeps: renamed out of sight now, deleted in the background.
+
+        The step just ``committed`` is always kept: a folder holding newer steps (an earlier
+        run's, or planted ones) must not make every save delete itself at once.
+        """
         infos = _list_committed(self.directory)
-        kept = self.policy.keep(infos)
+        kept = self.policy.keep(infos) | {committed}
         retired = [_retire(info) for info in infos if info.step not in kept]
         self._remover.remove([path for path in retired if path is not None])
 

@@ -20,7 +20,7 @@ from ..errors import FileFormatError
 from ..formats import torch_zip
 from ..storage.local import atomic_file
 from ..weights import MODEL_KEYS
-from .layout import RNG_ENTRY
+from .layout import MAX_STEP, RNG_ENTRY
 from .reader import LoadedStep
 
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim")
@@ -54,6 +54,14 @@ def _number(value: object) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def _step_number(counter: object) -> int:
+    """The dict's ``epoch``/``step`` as a step number; 0 when it cannot be one (not an int,
+    negative, past :data:`MAX_STEP`): the file's values must not make the import fail."""
+    if isinstance(counter, int) and not isinstance(counter, bool) and 0 <= counter <= MAX_STEP:
+        return counter
+    return 0
 
 
 def import_torch_checkpoint(
@@ -117,7 +125,7 @@ def import_torch_checkpoint(
         metrics["loss"] = loss
     if step is None:
         counter = data.get("epoch", data.get("step", 0))
-        step = counter if isinstance(counter, int) and not isinstance(counter, bool) else 0
+        step = _step_number(counter)
     wrapped = {name: _StateDict(state) for name, state in states.items() if state is not None}
     extra: dict[str, Any] = {}
     for key, value in data.items():

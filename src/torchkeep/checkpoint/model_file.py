@@ -1,10 +1,12 @@
 """The model weights stored in a torchkeep directory, verified before anyone sees them.
 
 ``load_state_dict``/``load_weights`` on a checkpoint folder, a checkpoint step or a model bundle
-read ``model.safetensors``; here its every byte is hashed against the manifest first. In a
-checkpoint folder the newest step (by step number, not by name) whose manifest and
+read the model file (``model.safetensors``; in a step, the file its ``state.json`` names for the
+``model`` entry, as ``restore`` reads); here its every byte is hashed against the manifest first.
+In a checkpoint folder the newest step (by step number, not by name) whose manifest and
 ``state.json`` are valid and whose model file is intact is used, and every newer step that fails
-is named in a warning, as ``restore`` does.
+is named in a warning. ``restore`` also verifies the step's other files, so it can fall back
+further than this reader.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..errors import (
     CorruptFileError,
     FileFormatError,
+    InvalidDocumentError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnreadableFileError,
@@ -30,14 +33,16 @@ from .reader import read_tensors
 MODEL_FILE = "model.safetensors"
 
 
-def _verified(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    record = manifest["files"].get(MODEL_FILE)
-    if record is None:
+def _verified(
+    directory: Path, manifest: dict[str, Any], name: str | None = MODEL_FILE
+) -> dict[str, torch.Tensor]:
+    record = None if name is None else manifest["files"].get(name)
+    if name is None or record is None:
         raise FileFormatError(
-            f"{directory / MANIFEST_NAME} lists no {MODEL_FILE}: this {directory.name} holds no "
-            "model weights (save them with model=...)"
+            f"{directory / MANIFEST_NAME} lists no {name or MODEL_FILE}: this {directory.name} "
+            "holds no model weights (save them with model=...)"
         )
-    path = directory / MODEL_FILE
+    path = directory / name
     try:
         if not path.is_file() or path.stat().st_size != record["size"]:
             raise CorruptFileError(
@@ -51,17 +56,25 @@ def _verified(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tens
         raise UnreadableFileError(f"{path} cannot be read ({exc.strerror or exc})") from None
 
 
-def _verified_step(directory: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a step whose documents are valid (manifest, hashed ``state.json``),
-    so that the step used is the one ``restore`` would use; other tensor files are not read."""
+def _verified_step(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The model file and tensors of a step whose documents are valid (manifest, hashed
+    ``state.json``), so that the step used is the one ``restore`` would use; other tensor files
+    are not read. The file is the one ``state.json``'s ``model`` entry names, as for
+    ``restore``: a step cannot give ``restore`` one model and this reader another."""
     manifest = read_step_manifest(directory)
     problem = file_problem(
         directory, STATE_NAME, manifest["files"].get(STATE_NAME), check_hash=True
     )
     if problem is not None:
         raise CorruptFileError(f"{problem}; the step is damaged")
-    read_state(directory, manifest)
-    return _verified(directory, manifest)
+    entry = read_state(directory, manifest)["entries"].get("model")
+    name = MODEL_FILE if entry is None else entry["file"]
+    if name is None and MODEL_FILE in manifest["files"]:
+        raise InvalidDocumentError(
+            f"{directory / STATE_NAME}: entry 'model' names no tensor file, but the manifest "
+            f"lists {MODEL_FILE}; the step is damaged, so it is skipped"
+        )
+    return directory / (name or MODEL_FILE), _verified(directory, manifest, name)
 
 
 def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -71,14 +84,12 @@ def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     failures: list[tuple[int, CorruptFileError | TorchkeepFileNotFoundError]] = []
     for info in reversed(steps):
         try:
-            tensors = _verified_step(info.path)
+            return _verified_step(info.path)
         except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
             warnings.warn(
                 f"checkpoint step {info.step} is unusable and was skipped: {exc}", stacklevel=5
             )
             failures.append((info.step, exc))
-            continue
-        return info.path / MODEL_FILE, tensors
     newest, error = failures[0]
     tried = ", ".join(str(step) for step, _ in failures)
     raise type(error)(
@@ -107,7 +118,7 @@ def verified_model_tensors(path: Path, fmt: Format) -> tuple[Path, dict[str, tor
     if fmt == Format.CHECKPOINT_DIR:
         return _newest_valid_step(path)
     if fmt == Format.CHECKPOINT_STEP:
-        return path / MODEL_FILE, _verified_step(path)
+        return _verified_step(path)
     if fmt == Format.BUNDLE:
         return path / MODEL_FILE, _verified(path, read_manifest(path))
     raise FileFormatError(

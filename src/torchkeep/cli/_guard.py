@@ -13,10 +13,11 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import TorchkeepError, first_line
-from ._output import EXIT_ERROR, EXIT_OK, print_error
+from ._output import EXIT_ERROR, EXIT_OK, print_error, show_warning
 
 EXIT_INTERRUPTED = 130
 DEBUG_ENV = "TORCHKEEP_DEBUG"
@@ -26,8 +27,13 @@ _MAX_COMMAND_CHARS = 300
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
-    """True when ``--debug`` is among the arguments or ``TORCHKEEP_DEBUG`` is set (not 0)."""
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    """True when ``--debug`` is among the options or ``TORCHKEEP_DEBUG`` is set (not 0).
+
+    Arguments after ``--`` are paths, never options: a file named ``--debug`` does not ask for
+    tracebacks.
+    """
+    options = argv[: list(argv).index("--")] if "--" in argv else argv
+    return "--debug" in options or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
 def _silence_stdout() -> None:
@@ -65,7 +71,9 @@ def run_guarded(run: Callable[[], int], argv: Sequence[str]) -> int:
     """
     debug = debug_requested(argv)
     try:
-        code = run()
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            code = run()
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
     except KeyboardInterrupt:
         print_error("interrupted")

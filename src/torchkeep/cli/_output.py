@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console, JustifyMethod
 from rich.table import Table
@@ -45,6 +46,19 @@ def labelled(label: str, message: object, *, style: str) -> Text:
     return Text(label, style=style) + plain(message)
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the CLI: one line on stderr, shown literally (a warning can
+    quote a name from a hostile file, which must not reach the terminal as escape sequences)."""
+    error_console.print(labelled("warning: ", message, style="yellow"), soft_wrap=True)
+
+
 def print_error(message: str) -> None:
     """Print an error for a person, on stderr."""
     error_console.print(labelled("error: ", message, style="bold red"), soft_wrap=True)
@@ -75,6 +89,14 @@ def print_table(
     for row in rows:
         table.add_row(*(plain(cell) for cell in row))
     console.print(table)
+
+
+def tolerance(text: str) -> float:
+    """An ``argparse`` type: a tolerance, a number >= 0 (NaN and negatives are refused)."""
+    value = float(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is not a tolerance: give a number >= 0")
+    return value
 
 
 def human_bytes(size: int) -> str:

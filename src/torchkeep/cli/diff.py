@@ -6,14 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..compare import DiffReport, Status, diff_files
-from ._output import EXIT_OK, EXIT_PROBLEM, console, plain, print_json, print_table
-
-
-def _tolerance(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"{text} is not a tolerance: give a number >= 0")
-    return value
+from ._output import EXIT_OK, EXIT_PROBLEM, console, plain, print_json, print_table, tolerance
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +17,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", type=Path, help="first file")
     parser.add_argument("b", type=Path, help="second file")
     parser.add_argument(
-        "--rtol", type=_tolerance, default=0.0, help="relative tolerance (default 0)"
+        "--rtol", type=tolerance, default=0.0, help="relative tolerance (default 0)"
     )
     parser.add_argument(
-        "--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0)"
+        "--atol", type=tolerance, default=0.0, help="absolute tolerance (default 0)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 from torch import nn
 
 from ..errors import (
@@ -20,6 +20,7 @@ from ..errors import (
 from ..model import load_model
 from ..model.bundle import example_input_specs
 from ..model.classpath import class_path_problem
+from ..model.config import MAX_NUMEL
 from ..onnx import OnnxReport, export_onnx
 from ..onnx.report import TABLE_COLUMNS
 from ..weights import load_weights
@@ -28,9 +29,12 @@ from ._output import (
     EXIT_PROBLEM,
     console,
     human_bytes,
+    labelled,
+    plain,
     print_error,
     print_json,
     print_table,
+    tolerance,
 )
 
 
@@ -46,6 +50,11 @@ def input_spec(text: str) -> torch.Tensor:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give positive sizes separated by commas, optionally ':dtype' "
             "(e.g. 1,3,32,32 or 4,16:int64)"
+        )
+    if math.prod(shape) > MAX_NUMEL:  # the bound a bundle's recorded example inputs have
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {math.prod(shape):,} elements; an example input holds at most "
+            f"{MAX_NUMEL:,} (a small batch is enough to export)"
         )
     return example_tensor(shape, dtype)
 
@@ -83,8 +92,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     parser.add_argument("--static-batch", action="store_true", help="keep the batch size fixed")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance")
+    parser.add_argument("--rtol", type=tolerance, default=1e-3, help="relative tolerance")
+    parser.add_argument("--atol", type=tolerance, default=1e-5, help="absolute tolerance")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -142,13 +151,15 @@ def print_report(report: OnnxReport) -> None:
     batch = "dynamic batch" if report.dynamic_batch else "fixed batch"
     data = f", data in {', '.join(report.external_data)}" if report.external_data else ""
     console.print(
-        f"wrote {escape(str(report.path))} ({human_bytes(report.size)}{data}): "
-        f"opset {report.opset}, {report.exporter} exporter, {batch}; "
-        f"export {report.export_seconds:.1f}s, checks {report.verify_seconds:.1f}s"
+        plain(
+            f"wrote {report.path} ({human_bytes(report.size)}{data}): "
+            f"opset {report.opset}, {report.exporter} exporter, {batch}; "
+            f"export {report.export_seconds:.1f}s, checks {report.verify_seconds:.1f}s"
+        )
     )
-    if report.fallback_reason:
-        reason = escape(report.fallback_reason)
-        console.print(f"[yellow]dynamo export failed, used TorchScript:[/] {reason}")
+    if report.fallback_reason:  # torch's message may quote names from the model or the file
+        label = "dynamo export failed, used TorchScript: "
+        console.print(labelled(label, report.fallback_reason, style="yellow"))
     if not report.verified:
         console.print("[yellow]not verified[/] (--no-verify)")
 

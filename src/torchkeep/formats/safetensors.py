@@ -23,7 +23,7 @@ from typing import BinaryIO, NamedTuple
 
 import torch
 
-from ..errors import CorruptFileError
+from ..errors import CorruptFileError, UnsupportedValueError
 from ..hashing import Hasher
 from ..storage.stream import Span, enable_direct_io, write_stream
 
@@ -138,11 +138,27 @@ def dedupe_tied(
     return unique, aliases
 
 
-def validate_for_save(tensors: Mapping[str, object]) -> None:
-    """Raise before anything is written if some entry cannot be stored as a tensor."""
+def require_utf8(text: str, what: str) -> str:
+    """``text`` if it can be written into a (UTF-8) safetensors header, else
+    :class:`UnsupportedValueError` naming ``what`` (a lone surrogate, ``"\ud800"``, cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedValueError(
+            f"{what} {text[:80]!r} is not valid Unicode (it holds a lone surrogate), so it "
+            "cannot be written into a safetensors header; rename it"
+        ) from None
+    return text
+
+
+def validate_for_save(tensors: Mapping[str, object], *, header: bool = True) -> None:
+    """Raise before anything is written if some entry cannot be stored as a tensor (with its
+    name in a safetensors header, unless ``header`` is False: a ``torch.save`` file)."""
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"state dict key {name!r} is not a string; safetensors needs str keys")
+        if header:
+            require_utf8(name, "tensor name")
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"state dict entry {name!r} is a {type(value).__name__}, not a tensor; "

@@ -19,6 +19,7 @@ from ..errors import (
     ModelClassNotFoundError,
     UnsafeBundleError,
     UnsafeCheckpointError,
+    first_line,
 )
 from ..formats import Format, detect_format
 from ..formats import safetensors as st
@@ -212,8 +213,23 @@ def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [group for group in owners.values() if len(group) > 1]
 
 
-def _build(cls: type[nn.Module], config: BundleConfig, device: torch.device) -> nn.Module:
-    """Construct the model without initialising weights twice where possible (meta device)."""
+def _init_error(cls: type[nn.Module], problem: str) -> InitArgsError:
+    return InitArgsError(
+        f"{cls.__qualname__} cannot be built from the 'init' arguments in the bundle's "
+        f"{CONFIG_NAME} ({problem}). If the class changed since the bundle was saved, load its "
+        "weights with tk.load_weights into a model you build"
+    )
+
+
+def _build(
+    cls: type[nn.Module], config: BundleConfig, device: torch.device, weight_bytes: int
+) -> nn.Module:
+    """Construct the model without initialising weights twice where possible (meta device).
+
+    Built on the meta device first, the model's size is known before any memory is taken: a
+    model larger than the ``weight_bytes`` the bundle's weights file holds cannot be what was
+    saved (the config's arguments were changed), so it is refused before it is allocated.
+    """
     args, kwargs = config.args, config.kwargs
     try:
         with torch.device("meta"):
@@ -225,8 +241,19 @@ def _build(cls: type[nn.Module], config: BundleConfig, device: torch.device) -> 
         all_meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
         non_persistent = any(n not in persistent for n, _ in model.named_buffers())
         if all_meta and not non_persistent:
+            tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if size > weight_bytes:
+                raise _init_error(
+                    cls,
+                    f"they make a model of {size:,} bytes, but its weights file holds "
+                    f"{weight_bytes:,}",
+                )
             ties = _tie_groups(model)
-            model.to_empty(device=device)
+            try:
+                model.to_empty(device=device)
+            except Exception as exc:  # out of memory on the device
+                raise _init_error(cls, f"{type(exc).__name__}: {first_line(exc)}") from exc
             for (first, first_name), *others in ties:
                 for module, name in others:
                     module._parameters[name] = first._parameters[first_name]
@@ -235,11 +262,7 @@ def _build(cls: type[nn.Module], config: BundleConfig, device: torch.device) -> 
         with torch.device(device):
             return cls(*args, **kwargs)
     except Exception as exc:  # the recorded arguments do not fit the installed class
-        raise InitArgsError(
-            f"{cls.__qualname__} cannot be built from the 'init' arguments in the bundle's "
-            f"{CONFIG_NAME} ({type(exc).__name__}: {exc}). If the class changed since the "
-            "bundle was saved, load its weights with tk.load_weights into a model you build"
-        ) from exc
+        raise _init_error(cls, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _verify(path: Path) -> BundleConfig:
@@ -331,7 +354,8 @@ def load_model(
         cls = import_class(target, path)
     except ModelClassNotFoundError as exc:
         return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
-    model = _build(cls, config, device)
+    header = st.read_header(path / WEIGHTS_NAME)  # verified by _verify: bounded, hashed
+    model = _build(cls, config, device, sum(e.nbytes for e in header.entries.values()))
     load_weights(model, path / WEIGHTS_NAME, map_location=device)
     return model.eval()
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ExportError, ExportVerificationError
+from ..errors import ExportError, ExportVerificationError, first_line
 from ..paths import write_target
 from ._deps import EXPORT_PACKAGES, require
 from .failures import explain, is_data_dependent
@@ -42,6 +42,21 @@ def _as_inputs(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
             f"of forward), not {type(example_inputs).__name__}"
         )
     return tuple(x.detach().cpu() for x in inputs)
+
+
+def _reference_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The model's outputs on the example inputs; its own error (a shape its layers reject) is
+    an :class:`ExportError` that names the inputs, not a raw exception from deep in torch."""
+    try:
+        with torch.no_grad():
+            return flatten_tensors(model(*inputs))
+    except Exception as exc:
+        shapes = ", ".join(f"{list(x.shape)}:{str(x.dtype).removeprefix('torch.')}" for x in inputs)
+        raise ExportError(
+            f"{type(model).__name__} raised on the example inputs ({shapes}): "
+            f"{type(exc).__name__}: {first_line(exc)}; pass inputs its forward accepts "
+            "(--input-shape on the command line)"
+        ) from exc
 
 
 def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
@@ -86,6 +101,11 @@ def _quiet_exporter() -> Iterator[None]:
     logger = logging.getLogger("torch")  # torch's loggers inherit its level
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # onnxscript logs a traceback when its opset converter fails; the export's opset is
+    # checked afterwards and a mismatch is an ExportError (see export_onnx)
+    converter = logging.getLogger("onnxscript")
+    converter_level = converter.level
+    converter.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -95,6 +115,7 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+        converter.setLevel(converter_level)
 
 
 def _export_dynamo(
@@ -261,8 +282,7 @@ def export_onnx(
     else:
         traced, shapes, export_batch = inputs, dynamic_shapes, _batch_plan(inputs, False)[2]
     with eval_mode(model):
-        with torch.no_grad():
-            outputs = flatten_tensors(model(*inputs))
+        outputs = _reference_outputs(model, inputs)
         report = OnnxReport(
             path=final,
             exporter="dynamo",
@@ -296,6 +316,12 @@ def export_onnx(
             save_staged(proto, staged, external_data=external)
             report.exporter = "torchscript" if report.fallback_reason else "dynamo"
             report.opset = default_opset(proto)
+            if opset is not None and report.opset != opset:
+                raise ExportError(
+                    f"torch's ONNX exporter could not produce opset {opset} for "
+                    f"{type(model).__name__} (it gave opset {report.opset}); nothing was "
+                    f"written to {final}. Ask for an opset it supports, or leave the default"
+                )
             report.dynamic_batch = has_dynamic_batch(proto)
             report.export_seconds = time.perf_counter() - started
             started = time.perf_counter()

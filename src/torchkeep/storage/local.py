@@ -20,6 +20,7 @@ from typing import BinaryIO
 from ..errors import StorageFullError
 
 TEMP_MARKER = ".tmp-"
+_MAX_PID = 2**31  # pid_t is a signed 32-bit int on Linux and macOS
 
 
 def temp_sibling(final: Path) -> Path:
@@ -157,7 +158,10 @@ def fsync_file(path: Path) -> None:
 def _writer_is_alive(name: str) -> bool:
     """True when the process that made temporary ``name`` still runs (it may be mid-write)."""
     pid_text = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
-    if not pid_text.isdigit():
+    # Only a process id torchkeep could have written names a writer: ASCII digits (``²`` is a
+    # digit to str.isdigit but not to int) in the range of pid_t (os.kill overflows past it;
+    # 0 would signal this process group).
+    if not (pid_text.isascii() and pid_text.isdigit() and 0 < int(pid_text) < _MAX_PID):
         return False
     pid = int(pid_text)
     if pid == os.getpid():
@@ -179,7 +183,7 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     removed = []
     for child in directory.iterdir():
         if is_temp_name(child.name) and not _writer_is_alive(child.name):
-            if child.is_dir():
+            if child.is_dir() and not child.is_symlink():  # a link: remove it, not its target
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 with contextlib.suppress(FileNotFoundError):
