@@ -643,3 +643,20 @@ def test_fuzzed_documents_raise_only_typed_errors(
         assert main(["ls", str(directory)]) == 0
         assert main(["inspect", str(directory)]) in (0, 2)
     shutil.rmtree(directory.parent)
+
+
+def test_entries_a_step_does_not_list_are_reported_by_verify(tmp_path: Path) -> None:
+    directory, states = _folder(tmp_path)
+    step = directory / "step-00000002"
+    assert tk.verify(directory).ok
+    (step / "evil.py").write_text("open('pwned', 'w')\n")
+    (step / "extra").mkdir()
+    problems = tk.verify(directory).problems
+    assert len(problems) == 2
+    assert all("not listed in the manifest" in p for p in problems)
+    assert any("evil.py" in p for p in problems)
+    assert any("extra" in p for p in problems)
+    assert not tk.verify(directory / "step-00000001").problems
+    model = _model(9)  # never read, so a restore still uses the step's own files
+    assert tk.CheckpointManager(directory).restore(model=model).step == 2
+    assert_state_equal(model.state_dict(), states[2])

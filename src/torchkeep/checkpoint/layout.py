@@ -8,6 +8,7 @@ with a ``manifest.json`` of kind :data:`KIND` written last. Anything else in the
 from __future__ import annotations
 
 import math
+import os
 import re
 import stat
 from collections.abc import Mapping
@@ -205,7 +206,21 @@ def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
             _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
-    return []
+    return _unlisted_entries(path, manifest["files"])
+
+
+def _unlisted_entries(path: Path, listed: Mapping[str, Any]) -> list[str]:
+    """Entries of the step directory ``path`` that its manifest does not list: a step holds
+    nothing else, so anything more was put there after the commit (never used, but reported)."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        return [f"{path} cannot be listed ({exc.strerror or exc})"]
+    return [
+        f"{path / name} is not listed in the manifest; a step holds only the files it lists"
+        for name in names
+        if name != MANIFEST_NAME and name not in listed
+    ]
 
 
 def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
