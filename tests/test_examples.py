@@ -150,10 +150,10 @@ def test_killed_example_resumes_bit_identical(
     assert f"resumed from step {resume_step}" in output
     resumed = final_step(tmp_path)
     assert resumed.step == reference.step
-    assert resumed.metrics == reference.metrics
     assert reference.path is not None
     assert resumed.path is not None
     assert_same_step(reference.path, resumed.path)
+    assert resumed.metrics == reference.metrics
     final = load_file(resumed.path / "model.safetensors")
     assert any(not torch.equal(halfway[k], final[k]) for k in final)  # the second run trained on
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".step-")]  # cleaned up
