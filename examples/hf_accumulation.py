@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     mgr = tk.CheckpointManager(args.save_dir, keep_last=args.keep_last)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
-    step = 0  # optimizer steps done
+    step, loss = 0, float("nan")  # optimizer steps done, the loss of the last one
     if mgr.latest_step is not None:  # restore() raises CheckpointNotFoundError on an empty folder
-        step = mgr.restore(**state).step
+        restored = mgr.restore(**state)
+        step, loss = restored.step, restored.metrics["loss"]
         print(f"resumed from step {step} (epoch {step // steps_per_epoch})")
     first_step = step
     model.train()
-    loss = float("nan")
     while step < max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         loader = epoch_loader(

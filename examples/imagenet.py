@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         async_save=args.async_save,
     )
     if args.evaluate:
+        if mgr.best_step is None:
+            raise SystemExit(f"no validated checkpoint in {args.save_dir}: train first")
         best = mgr.restore("best", model=model, restore_rng=False)
         metrics = validate(model, val_set, args.batch_size)
         print(f"best step {best.step}: acc@1 {metrics['acc1']:.1f} acc@5 {metrics['acc5']:.1f}")
