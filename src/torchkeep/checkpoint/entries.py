@@ -19,6 +19,7 @@ import torch
 from .. import tree
 from ..errors import UnsupportedValueError
 from ..formats import safetensors as st
+from ..unwrap import unwrap
 from ..weights import Stateful
 from .layout import ENTRY_NAME_PATTERN, RESERVED_PREFIX, STATE_LIMITS
 
@@ -104,7 +105,8 @@ def prepare(name: str, value: Any, *, state_slot: bool = False, internal: bool =
     """
     check_name(name, internal=internal)
     stateful = isinstance(value, Stateful) or (state_slot and isinstance(value, Mapping))
-    state = value.state_dict() if isinstance(value, Stateful) else value
+    # A compiled or DDP-wrapped model is stored by the module inside, under its clean keys.
+    state = unwrap(value).state_dict() if isinstance(value, Stateful) else value
     flat = tree.flatten(state, root=name)
     unique, aliases = st.dedupe_tied(flat.tensors)
     try:

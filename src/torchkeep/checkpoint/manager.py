@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..paths import lookup
 from ..storage.local import remove_stale_temps, temp_sibling
+from ..unwrap import matching_view
 from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
@@ -372,7 +373,7 @@ class CheckpointManager:
             # miss both the old step and the new one.
             listing = [info.step for info in candidates]
             if not raced and before == _stamp(self.directory) and listing == settled:
-                what = "a valid step" if step is None else f"a valid step {step!r}"
+                what = "valid step" if step is None else f"valid step {step!r}"
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no {what} (committed steps: "
                     f"{self.steps or 'none'}); check the directory, or start training from "
@@ -439,6 +440,7 @@ class CheckpointManager:
         }
         loaded = self._load_first_valid(step)
         _check_targets(loaded, targets)
+        targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
         for name, obj in targets.items():
             precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
         extra = {
@@ -498,6 +500,15 @@ def _load_into(
             f"restored before it: {done}. Pass an object that matches the save, or leave it out "
             f"({name}=None)"
         ) from exc
+
+
+def _view(obj: Any, stored: Any) -> Any:
+    """A module (compiled, DDP-wrapped or plain) as the view whose keys match its stored
+    state's wrapper prefixes (see :func:`torchkeep.unwrap.matching_view`); other objects as
+    they are."""
+    if isinstance(obj, nn.Module) and isinstance(stored, Mapping):
+        return matching_view(obj, list(stored))
+    return obj
 
 
 def _stamp(directory: Path) -> tuple[int, int] | None:
