@@ -33,7 +33,7 @@ from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
-from .entries import Entry, prepare
+from .entries import Entry, as_stateful, prepare
 from .layout import (
     MAX_STEP,
     RNG_ENTRY,
@@ -194,7 +194,8 @@ class CheckpointManager:
                 state dicts); restored into the objects passed to :meth:`restore`.
             metrics: numbers stored in the manifest (``monitor`` ranks by one of them).
             overwrite: replace an existing step (atomically) instead of raising.
-            **extra: more stateful objects (a sampler) or plain values (``epoch=3``).
+            **extra: more stateful objects (a sampler, a ``torch.Generator`` such as a
+                DataLoader's) or plain values (``epoch=3``).
 
         Returns:
             The step directory (complete once ``wait()`` returns, with ``async_save``).
@@ -411,7 +412,10 @@ class CheckpointManager:
         Args:
             step: None for the latest valid step, ``"best"`` by ``monitor``, or a step number.
             model, optimizer, scheduler, scaler, **objects: objects with
-                ``load_state_dict()`` to fill from the entries of the same name.
+                ``load_state_dict()`` to fill from the entries of the same name; a
+                ``torch.Generator`` saved under a name gets its state set in place when
+                passed under that name. A wrapped model (``torch.compile``, DataParallel,
+                DDP) is filled through the module inside.
             restore_rng: put the random generators back as they were at the save.
             strict: a model must have exactly the saved keys and dtypes; ``False`` restores
                 the keys both have and converts dtypes (shapes must always match).
@@ -432,7 +436,7 @@ class CheckpointManager:
         """
         self.wait()
         targets = {
-            name: obj
+            name: as_stateful(obj)
             for name, obj in dict(
                 model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **objects
             ).items()
