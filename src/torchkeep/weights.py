@@ -327,8 +327,9 @@ def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str
     """Read a state dict from a weights file, checkpoint or bundle, never executing code.
 
     The format is recognised by content: safetensors (memory-mapped, read lazily), ``torch.save``
-    files (weights-only), the model part of a tutorial-style checkpoint dict, and torchkeep
-    checkpoint steps or model bundles. Tied tensors come back as one tensor under each name.
+    files (weights-only), the model part of a tutorial-style checkpoint dict, torchkeep
+    checkpoint steps or model bundles, ``save_pretrained`` folders and shard indexes (checked
+    against their shards first). Tied tensors come back as one tensor under each name.
 
     Args:
         path: the file or directory.
@@ -506,9 +507,13 @@ def load_weights(
     """Load stored weights into ``model`` in place and report what happened.
 
     Reads safetensors, ``torch.save`` files (weights-only), tutorial-style checkpoint dicts
-    (their model part), checkpoints and bundles. Keys with a ``module.`` or ``_orig_mod.``
-    prefix from DataParallel/DDP or ``torch.compile`` are matched automatically. Values are read
-    straight into the parameters' memory where dtype and layout allow.
+    (their model part), checkpoints, bundles, ``save_pretrained`` folders and shard indexes
+    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``). A wrapped ``model``
+    (``torch.compile``, DataParallel, DDP) is filled through the module inside; stored keys
+    with a ``module.`` or ``_orig_mod.`` prefix are matched automatically. A key the file lacks
+    that shares its memory in ``model`` with a loaded key (tied embeddings) is reported in
+    ``report.tied``, not as missing. Values are read straight into the parameters' memory
+    where dtype and layout allow.
 
     Args:
         model: the module to fill.
