@@ -29,7 +29,8 @@ GOLDEN_STEP_FOLDER = ROOT / "tests" / "golden" / "torchkeep-0.1.0" / "ckpt"
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``torchkeep ARGS`` in a subprocess whose stdout is a pipe (not a terminal)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    environment["PYTHONPATH"] = str(ROOT / "src")
+    # The torchkeep this test imported (the mutation check runs tests against a copy of src/).
+    environment["PYTHONPATH"] = str(Path(tk.__file__).resolve().parents[1])
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "torchkeep", *args],

@@ -224,9 +224,25 @@ def test_a_shard_outside_the_folder_is_refused(tmp_path: Path, escape: str) -> N
     prove_live(TORCH_LOAD, canary, path=path.parent / shard)  # what a naive join would load
     path.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": shard}}))
     expected = tk.UnsafeCheckpointError if escape == "link-out" else tk.InvalidDocumentError
-    with pytest.raises(expected, match="outside" if escape == "link-out" else "expected form"):
+    words = r"is a link to .*, outside" if escape == "link-out" else r"weight_map\['b'\]"
+    with pytest.raises(expected, match=words):
         tk.load_state_dict(path.parent)
     assert not canary.exists()
+
+
+def test_a_harmless_shard_linked_from_outside_is_refused_too(tmp_path: Path) -> None:
+    """The link check is its own gate: a link out to a valid safetensors shard is refused."""
+    _, path = _small_index(tmp_path / "m")
+    tk.save_weights({"b": torch.zeros(3)}, tmp_path / "elsewhere.safetensors")
+    (path.parent / "s2.safetensors").unlink()
+    (path.parent / "s2.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(tk.UnsafeCheckpointError, match=r"is a link to .*, outside"):
+        tk.load_state_dict(path.parent)
+    (path.parent / "s2.safetensors").unlink()
+    (path.parent / "s2.safetensors").symlink_to("s1.safetensors")  # a link inside is fine
+    tk.save_weights({"b": torch.zeros(3)}, path.parent / "s1.safetensors")
+    path.write_text(json.dumps({"weight_map": {"b": "s2.safetensors"}}))
+    assert torch.equal(tk.load_state_dict(path.parent)["b"], torch.zeros(3))
 
 
 def test_a_pickle_payload_in_a_bin_shard_is_refused_by_the_scan(tmp_path: Path) -> None:
