@@ -386,7 +386,12 @@ def has_custom_loading(model: nn.Module) -> bool:
 def _memory_of(value: Any) -> object:
     """What identifies the memory a state-dict value lives in: two keys with the same identity
     are tied (one parameter under two names, or two views of the same bytes)."""
-    if not isinstance(value, torch.Tensor) or value.is_meta or value.data_ptr() == 0:
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.layout != torch.strided
+        or value.is_meta
+        or value.data_ptr() == 0
+    ):
         return ("object", id(value))
     return (value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
 
