@@ -32,7 +32,11 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from safetensors import safe_open
 
 import torchkeep as tk
-from torchkeep.integrations.lightning import TorchkeepCheckpointIO, convert_ckpt
+from torchkeep.integrations.lightning import (
+    TorchkeepCheckpointIO,
+    convert_ckpt,
+    load_from_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +227,19 @@ def test_load_restores_the_random_generators_saved_with_the_checkpoint(tmp_path:
     assert torch.equal(torch.rand(3), expected[1])
     TorchkeepCheckpointIO(restore_rng=False).load_checkpoint(tmp_path / "a.ckpt")
     assert not torch.equal(torch.rand(3), expected[1])
+
+
+def test_load_from_checkpoint_rebuilds_the_module_with_its_hyper_parameters(
+    tmp_path: Path,
+) -> None:
+    trained = _fit(tmp_path, 1, TorchkeepCheckpointIO())
+    model = load_from_checkpoint(Net, tmp_path / "last.ckpt")
+    assert isinstance(model, Net)
+    assert model.hparams.extra["ns"] == argparse.Namespace(a=1)
+    assert type(model.hparams.extra["cfg"]) is OptimCfg
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert load_from_checkpoint(Net, tmp_path / "last.ckpt", hidden=16, lr=0.5).hparams.lr == 0.5
 
 
 def _resave_forever(path: str, checkpoint: dict[str, Any]) -> None:

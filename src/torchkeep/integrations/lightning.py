@@ -23,7 +23,12 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import rng
-from ..errors import FileFormatError, TorchkeepFileNotFoundError, UnsupportedValueError
+from ..errors import (
+    FileFormatError,
+    IntegrationError,
+    TorchkeepFileNotFoundError,
+    UnsupportedValueError,
+)
 from . import _hparams, _steps
 from ._require import require
 
@@ -31,7 +36,7 @@ require("lightning", extra="lightning", feature="torchkeep.integrations.lightnin
 
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 
-__all__ = ["TorchkeepCheckpointIO", "convert_ckpt"]
+__all__ = ["TorchkeepCheckpointIO", "convert_ckpt", "load_from_checkpoint"]
 
 # The keys of Lightning's checkpoint dict that hold the user's hyper-parameters.
 HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
@@ -179,3 +184,37 @@ def convert_ckpt(
         raise FileFormatError(f"{source} holds a {type(data).__name__}, not a checkpoint dict")
     TorchkeepCheckpointIO(hparams=hparams)._commit(data, destination, capture_rng=False)
     return Path(destination)
+
+
+def load_from_checkpoint(
+    cls: type[Any],
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any | None = None,
+    strict: bool | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``cls.load_from_checkpoint(path)`` for a checkpoint written by the plugin.
+
+    Lightning's own ``load_from_checkpoint`` reads files with ``torch.load``; this reads the
+    step (verified, no pickle), then builds the module from its hyper-parameters (``kwargs``
+    override them) and loads its weights with Lightning's own logic. The random generators are
+    left alone.
+
+    Raises:
+        IntegrationError: this Lightning version lacks the loader it builds on.
+        TorchkeepFileNotFoundError, CorruptFileError: as
+            :meth:`TorchkeepCheckpointIO.load_checkpoint`.
+
+    Example:
+        >>> model = load_from_checkpoint(LitNet, "ckpt/best.ckpt")
+    """
+    try:
+        from lightning.pytorch.core.saving import _load_state
+    except ImportError:
+        raise IntegrationError(
+            "this Lightning version has no lightning.pytorch.core.saving._load_state; build the "
+            "module yourself and load TorchkeepCheckpointIO().load_checkpoint(path)['state_dict']"
+        ) from None
+    checkpoint = TorchkeepCheckpointIO(restore_rng=False).load_checkpoint(path, map_location)
+    return _load_state(cls, checkpoint, strict=strict, **kwargs)
