@@ -4,7 +4,8 @@
 
 One process, one model per framework of about ``--mib`` MiB of float32 weights (plus AdamW
 state, twice that), trained for a few steps so every state exists, then saved alternately by
-the framework's own code and by torchkeep's integration, ``--repeat`` times each (median):
+the framework's own code and by torchkeep's integration, ``--repeat`` rounds after one
+warm-up save each (median):
 
 - Lightning: ``TorchCheckpointIO.save_checkpoint`` (``torch.save``, no fsync) against
   ``TorchkeepCheckpointIO.save_checkpoint`` (hashes, fsync, atomic commit, RNG) on the same
@@ -36,14 +37,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
 
-def median_time(fn: Callable[[int], object], repeats: int) -> float:
-    """Median wall time of ``fn(i)`` over ``repeats`` calls (``i`` keeps paths apart)."""
-    times = []
+def medians(fns: list[Callable[[int], object]], repeats: int) -> list[float]:
+    """Median wall time of each ``fn(i)`` over ``repeats`` rounds, the functions interleaved
+    within a round so that a busy moment of the machine hits all of them (``i`` keeps paths
+    apart); one untimed warm-up call each first."""
+    for fn in fns:
+        fn(-1)
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats):
-        start = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn(i)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def _mlp(mib: float) -> nn.Module:
@@ -83,9 +89,14 @@ def lightning(mib: float, repeats: int, workdir: Path) -> tuple[float, float, fl
         with open(workdir / f"synced-{i}.ckpt", "rb") as f:
             os.fsync(f.fileno())
 
-    own_s = median_time(lambda i: own.save_checkpoint(checkpoint, workdir / f"l-{i}.ckpt"), repeats)
-    synced_s = median_time(synced, repeats)
-    ours_s = median_time(lambda i: ours.save_checkpoint(checkpoint, workdir / "last.ckpt"), repeats)
+    own_s, synced_s, ours_s = medians(
+        [
+            lambda i: own.save_checkpoint(checkpoint, workdir / f"l-{i}.ckpt"),
+            synced,
+            lambda i: ours.save_checkpoint(checkpoint, workdir / "last.ckpt"),
+        ],
+        repeats,
+    )
     return own_s, synced_s, ours_s
 
 
@@ -115,10 +126,9 @@ def transformers_trainer(mib: float, repeats: int, workdir: Path) -> tuple[float
 
         return run
 
-    own_s = median_time(save(own=True), repeats)
-    ours_s = median_time(save(own=False), repeats)
+    own_s, ours_s = medians([save(own=True), save(own=False)], repeats)
     own_folder = next(p for p in (workdir / "hf").iterdir() if (p / "optimizer.pt").exists())
-    seal_s = median_time(lambda _: _seal.seal(own_folder), repeats)
+    (seal_s,) = medians([lambda _: _seal.seal(own_folder)], repeats)
     return own_s, ours_s, seal_s
 
 
@@ -133,9 +143,12 @@ def accelerate(mib: float, repeats: int, workdir: Path) -> tuple[float, float]:
     model, opt = accelerator.prepare(model, opt)
     accelerator.backward(model(torch.randn(4, 1024)).square().mean())
     opt.step()
-    own_s = median_time(lambda i: accelerator.save_state(str(workdir / f"acc-{i}")), repeats)
-    ours_s = median_time(
-        lambda i: save_state(accelerator, workdir / "tk", i, model=model, optimizer=opt), repeats
+    own_s, ours_s = medians(
+        [
+            lambda i: accelerator.save_state(str(workdir / f"acc-{i}")),
+            lambda i: save_state(accelerator, workdir / "tk", i + 1, model=model, optimizer=opt),
+        ],
+        repeats,
     )
     return own_s, ours_s
 
