@@ -35,7 +35,8 @@ from torchkeep.integrations.transformers import (
     last_valid_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+# The workers import the torchkeep this process imported (a mutated copy under `make mutants`).
+SRC = Path(tk.__file__).resolve().parents[1]
 
 
 class TokenData(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -104,7 +105,7 @@ def _run_worker(mode: str, out: Path) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT / "src"),
+        "PYTHONPATH": str(SRC),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }

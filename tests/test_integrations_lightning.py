@@ -38,7 +38,8 @@ from torchkeep.integrations.lightning import (
     load_from_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+# The workers import the torchkeep this process imported (a mutated copy under `make mutants`).
+SRC = Path(tk.__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ def _worker(mode: str, out: Path) -> None:
 
 
 def _run_worker(mode: str, out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
     proc = subprocess.run(
         [sys.executable, __file__, mode, str(out)],
         capture_output=True,

@@ -60,9 +60,10 @@ def save_values(
         StorageFullError: the disk filled up (the previous step at ``path`` is intact).
     """
     final = Path(path)
+    states = rng.capture() if capture_rng else None  # first: as close to the call as can be
     entries = [prepare(str(name), value) for name, value in values.items()]
-    if capture_rng:
-        entries.append(prepare(RNG_ENTRY, rng.capture(), internal=True))
+    if states is not None:
+        entries.append(prepare(RNG_ENTRY, states, internal=True))
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent)
     write_step(
