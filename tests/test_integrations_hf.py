@@ -175,6 +175,41 @@ def test_the_takeover_trainer_writes_no_pickle_and_resumes_bit_identically(runs:
         assert last_valid_checkpoint(folder) == str(folder / "checkpoint-20")
 
 
+def test_the_takeover_trainer_loads_the_best_model_at_the_end_from_its_step(
+    tmp_path: Path,
+) -> None:
+    set_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=128, n_positions=32)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worst loss: an early checkpoint, not the final weights
+        save_total_limit=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    data = TokenData()
+    trainer = TorchkeepTrainer(
+        model=GPT2LMHeadModel(config), args=args, train_dataset=data, eval_dataset=data
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.parent == tmp_path
+    assert best.name != "checkpoint-6"
+    assert tk.verify(best).ok
+    saved = tk.load_state_dict(best / "model.safetensors")
+    for key, value in saved.items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+
+
 def test_the_takeover_trainer_refuses_an_untested_transformers_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
