@@ -168,25 +168,12 @@ def test_an_empty_folder_error_reads_well(tmp_path: Path) -> None:
 # when README.md marks it with CHECKPOINT_MARKER, else this copy (the same text, given to the
 # README in the notes).
 CHECKPOINT_MARKER = "<!-- test: checkpoint-snippet -->"
-CHECKPOINT_SNIPPET = """\
-import torchkeep as tk
-
-mgr = tk.CheckpointManager("ckpt", keep_last=3, keep_best=1, monitor="val_loss", mode="min")
-start = 0
-if mgr.latest_step is not None:  # a fresh run has nothing to restore
-    restored = mgr.restore(model=model, optimizer=opt, scheduler=sched)  # latest valid step
-    start = restored.extra["epoch"] + 1
-for epoch in range(start, epochs):
-    val_loss = train_one_epoch(model, opt, sched)  # your training and validation
-    mgr.save(epoch, model=model, optimizer=opt, scheduler=sched,
-             metrics={"val_loss": val_loss}, epoch=epoch)
-"""
 
 
 def _checkpoint_snippet() -> str:
+    """The checkpoint snippet exactly as the README shows it (the block after the marker)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    if CHECKPOINT_MARKER not in readme:
-        return CHECKPOINT_SNIPPET
+    assert CHECKPOINT_MARKER in readme, f"README.md lost the line {CHECKPOINT_MARKER}"
     block = re.search(r"```python\n(.*?)```", readme.split(CHECKPOINT_MARKER, 1)[1], re.DOTALL)
     assert block is not None, f"no ```python block after {CHECKPOINT_MARKER} in README.md"
     return block.group(1)
