@@ -21,6 +21,7 @@ import torch
 
 import torchkeep as tk
 from tests._concurrency_worker import build, expected_state
+from tests._source import SRC
 from torchkeep.checkpoint import manager
 from torchkeep.checkpoint.commit import write_step
 from torchkeep.checkpoint.entries import Entry, prepare
@@ -34,7 +35,7 @@ STEPS = 60  # saves by the training process; each retires the one before
 
 
 def _spawn(*args: object) -> subprocess.Popen[str]:
-    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{SRC}:{ROOT}", "PATH": "/usr/bin:/bin"}
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
         stdout=subprocess.PIPE,

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests._source import SRC
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sigkill_at_random_moments_leaves_committed_steps_intact(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     result = subprocess.run(
         [
             sys.executable,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._source import SRC
 from tests.conftest import assert_state_equal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,7 @@ SCENARIOS = ["epoch", "mid", "adam"]
 
 
 def run_worker(*args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_resume_worker.py"), *args],
         capture_output=True,

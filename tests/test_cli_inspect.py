@@ -12,14 +12,13 @@ import pytest
 import torch
 
 import torchkeep as tk
+from tests._source import SRC
 from tests.conftest import TiedLM
 from torchkeep import describe as describe_module
 from torchkeep.cli import main
 from torchkeep.describe import Description
 from torchkeep.formats import Format
 from torchkeep.models import Net
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_json_lists_format_tensors_totals_metadata_and_ties(

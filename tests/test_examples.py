@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import torchkeep as tk
+from tests._source import SRC
 from tests.conftest import assert_state_equal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def run_example(name: str, save_dir: Path, kill: str | None = None) -> str:
     """Run examples/<name>.py into ``save_dir``; with ``kill``, check it died of SIGKILL."""
     env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]),
         OMP_NUM_THREADS="1",
         TK_KILL=kill or "",
     )

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import torchkeep as tk
 from tests._fuzz import hostile_path, make_bundle, make_checkpoint, write_file
+from tests._source import SRC
 from torchkeep.cli import inspect as inspect_command
 from torchkeep.cli import main
 
@@ -192,7 +193,7 @@ def test_hostile_text_from_a_file_is_shown_literally(
 
 
 def _torchkeep(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     env.pop("TORCHKEEP_DEBUG", None)
     return subprocess.run(
         [sys.executable, "-m", "torchkeep", *args],
@@ -222,7 +223,7 @@ def test_entry_point_closed_pipe_is_quiet(tmp_path: Path, output: str) -> None:
     """`torchkeep inspect FILE | head -0`: the reader is gone before the first write."""
     path = tmp_path / "w.safetensors"
     tk.save_weights({f"t{i}": torch.zeros(1) for i in range(200)}, path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     reader, writer = os.pipe()
     os.close(reader)
     try:

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import torchkeep as tk
 from tests._live import prove_live
+from tests._source import SRC
 from torchkeep.errors import InvalidDocumentError
 from torchkeep.formats import Format, detect_format
 from torchkeep.hashing import hash_file
@@ -32,7 +33,6 @@ from torchkeep.model import classpath
 from torchkeep.model.classpath import import_class
 from torchkeep.models import Net
 
-SRC = Path(tk.__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(SRC)}
 
 

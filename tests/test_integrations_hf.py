@@ -29,14 +29,12 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import torchkeep as tk
+from tests._source import SRC
 from torchkeep.integrations.transformers import (
     TorchkeepSealCallback,
     TorchkeepTrainer,
     last_valid_checkpoint,
 )
-
-# The workers import the torchkeep this process imported (a mutated copy under `make mutants`).
-SRC = Path(tk.__file__).resolve().parents[1]
 
 
 class TokenData(torch.utils.data.Dataset):  # type: ignore[type-arg]

@@ -32,14 +32,12 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from safetensors import safe_open
 
 import torchkeep as tk
+from tests._source import SRC
 from torchkeep.integrations.lightning import (
     TorchkeepCheckpointIO,
     convert_ckpt,
     load_from_checkpoint,
 )
-
-# The workers import the torchkeep this process imported (a mutated copy under `make mutants`).
-SRC = Path(tk.__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass

@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._source import SRC
 from tests.conftest import TiedLM, assert_state_equal
 from torchkeep.describe import describe
 from torchkeep.formats import Format
 from torchkeep.model import bundle as bundle_module
 from torchkeep.models import Net
-
-SRC = Path(tk.__file__).resolve().parents[1]
 
 
 class Wide(tk.Keepable, nn.Module):
