@@ -54,3 +54,13 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
     for node in nodes:
         counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
     return counts
+
+
+def dynamic_axes(model: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    """Per graph input, its symbolic dimensions: ``{"input_ids": {0: "batch", 1: "sequence"}}``."""
+    axes = {}
+    for value in model.graph.input:
+        symbolic = {i: d for i, d in enumerate(value_dims(value)) if isinstance(d, str)}
+        if symbolic:
+            axes[value.name] = symbolic
+    return axes
