@@ -106,8 +106,9 @@ def _tensor_or_none(value: object, where: str) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return None if value is None else value.detach().cpu()
     raise ExportError(
-        f"{where} is a {type(value).__name__}; each example input must be a tensor or None "
-        "(None leaves the argument out). Fix other arguments with functools.partial or a wrapper"
+        f"{where} is a {type(value).__name__}; example_inputs must be a tensor, a tuple of "
+        "tensors or a dict of keyword tensors (None leaves an argument out). Fix other "
+        "arguments with functools.partial or a wrapper module"
     )
 
 

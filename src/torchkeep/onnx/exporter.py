@@ -60,7 +60,7 @@ def _reference_outputs(model: nn.Module, call: ExampleCall) -> object:
         ) from exc
 
 
-def _default_input_names(call: ExampleCall) -> list[str]:
+def default_input_names(call: ExampleCall) -> list[str]:
     """Keyword inputs keep their keyword; positional ones are ``input`` or ``input_<i>``."""
     keys = call.keys()
     positional = sum(isinstance(key, int) for key in keys)
@@ -398,7 +398,7 @@ def export_onnx(
         raise ExportError("example_inputs hold no tensor; give at least one input")
     with eval_mode(model), without_kv_cache(model) as cache_off:
         outputs = _reference_outputs(model, call)
-        names = _names(input_names, len(tensors), "input", _default_input_names(call))
+        names = _names(input_names, len(tensors), "input", default_input_names(call))
         ranges = integer_ranges(model, names, tensors, input_ranges)
         flat = flatten_tensors(outputs)
         report = OnnxReport(

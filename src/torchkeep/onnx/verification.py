@@ -155,7 +155,9 @@ def verify_file(
         ranges = integer_ranges(model, input_names, examples, None)
     generator = torch.Generator().manual_seed(seed)
     middle = batch_sizes[len(batch_sizes) // 2]
-    cases: list[tuple[int, dict[str, int]]] = [(b, {}) for b in batch_sizes] + [(middle, dict(sizes)) for sizes in lengths]
+    cases: list[tuple[int, dict[str, int]]] = [(b, {}) for b in batch_sizes] + [
+        (middle, dict(sizes)) for sizes in lengths
+    ]
     diffs = []
     with eval_mode(model), torch.no_grad():
         for batch_size, sizes in cases:
