@@ -260,3 +260,31 @@ def test_verification_feeds_random_tokens_from_the_declared_range(tmp_path: Path
         assert int(ids.min()) >= 3
         assert int(ids.max()) < 40
     assert any(int(ids.max()) > int(ids.min()) for ids in fed)  # never one value
+
+
+class Optional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        y = self.l(x)
+        if bias is not None:
+            y = y + bias
+        return y if scale is None else y * scale
+
+
+def test_absent_positional_input_keeps_the_others_in_place(tmp_path: Path) -> None:
+    model = Optional()
+    report = tk.export_onnx(
+        model, (torch.randn(2, 4), None, torch.randn(2, 3)), tmp_path / "o.onnx"
+    )
+    assert report.ok
+    assert report.inputs == ["input_0", "input_2"]  # named by position: input_1 is absent
+    assert report.dynamic_axes == {"input_0": {0: "batch"}, "input_2": {0: "batch"}}
+    x, scale = torch.randn(5, 4), torch.randn(5, 3)
+    [y] = _run(report.path, {"input_0": x, "input_2": scale})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x, None, scale))

@@ -29,7 +29,7 @@ from ..paths import write_target
 from ._deps import EXPORT_PACKAGES, require
 from .failures import explain, is_data_dependent
 from .files import EXTERNAL_DATA_THRESHOLD, commit, save_staged, staging_folder
-from .graph import default_opset, dynamic_axes, has_dynamic_batch
+from .graph import default_opset, dynamic_axes, has_dynamic_batch, name_dynamic_axes
 from .ranges import InputRange, describe_inputs, integer_ranges
 from .report import OnnxReport, format_table
 from .verification import eval_mode, flatten_tensors, verification_batch_sizes, verify_file
@@ -180,6 +180,27 @@ def _shapes(
     return signature_shapes(model, call, per_tensor)
 
 
+def _plan(
+    model: nn.Module,
+    call: ExampleCall,
+    names: Sequence[str],
+    dynamic_batch: bool,
+    dynamic_sequence: bool | None,
+) -> tuple[ExampleCall, Any, dict[str, dict[int, str]], int]:
+    """The call to trace, its ``dynamic_shapes``, the planned axis names per input and the
+    batch size traced: the batch plan and the sequence plan together."""
+    tensors = call.tensors()
+    grown, batch_shapes, export_batch = _batch_plan(tuple(tensors), dynamic_batch)
+    traced = call.with_tensors(grown)
+    sequence_axes = _sequence_axes(tensors, dynamic_sequence)
+    batch_axes = [{0: "batch"} if entry else {} for entry in batch_shapes or [None] * len(names)]
+    axes = {
+        name: {**batch, **sequence}
+        for name, batch, sequence in zip(names, batch_axes, sequence_axes, strict=True)
+    }
+    return traced, _shapes(model, traced, batch_shapes, sequence_axes), axes, export_batch
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's log lines and deprecation chatter; errors still propagate."""
@@ -197,6 +218,10 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.simplefilter("ignore", DeprecationWarning)
             # inputs sharing the one batch dimension make the exporter say so once per input
             warnings.filterwarnings("ignore", message=r"\W*The axis name: .* will not be used")
+            # an absent (None) input: torchkeep names the axes itself (graph.name_dynamic_axes)
+            warnings.filterwarnings(
+                "ignore", message=r"\W*ONNX model has different number of inputs"
+            )
             yield
     finally:
         logger.setLevel(level)
@@ -396,10 +421,17 @@ def export_onnx(
     tensors = call.tensors()
     if not tensors:
         raise ExportError("example_inputs hold no tensor; give at least one input")
+    names = _names(input_names, len(tensors), "input", default_input_names(call))
+    ranges = integer_ranges(model, names, tensors, input_ranges)
+    if dynamic_shapes is None:
+        traced, shapes, axes, export_batch = _plan(
+            model, call, names, dynamic_batch, dynamic_sequence
+        )
+    else:
+        traced, shapes, axes = call, dynamic_shapes, None
+        export_batch = _batch_plan(tuple(tensors), False)[2]
     with eval_mode(model), without_kv_cache(model) as cache_off:
         outputs = _reference_outputs(model, call)
-        names = _names(input_names, len(tensors), "input", default_input_names(call))
-        ranges = integer_ranges(model, names, tensors, input_ranges)
         flat = flatten_tensors(outputs)
         report = OnnxReport(
             path=final,
@@ -408,28 +440,12 @@ def export_onnx(
             inputs=names,
             outputs=_names(output_names, len(flat), "output", _default_output_names(outputs)),
             dynamic_batch=False,
-            export_batch_size=0,
+            export_batch_size=export_batch,
             rtol=rtol,
             atol=atol,
             input_values=describe_inputs(names, tensors, ranges),
             notes=[KV_CACHE_NOTE] if cache_off else [],
         )
-        if dynamic_shapes is None:
-            grown, batch_shapes, report.export_batch_size = _batch_plan(
-                tuple(tensors), dynamic_batch
-            )
-            traced = call.with_tensors(grown)
-            sequence_axes = _sequence_axes(tensors, dynamic_sequence)
-            shapes = _shapes(model, traced, batch_shapes, sequence_axes)
-            axes = {
-                n: {**({0: "batch"} if b else {}), **a}
-                for n, b, a in zip(
-                    names, batch_shapes or [None] * len(names), sequence_axes, strict=True
-                )
-            }
-        else:
-            traced, shapes, axes = call, dynamic_shapes, None
-            report.export_batch_size = _batch_plan(tuple(tensors), False)[2]
         options = {
             "input_names": report.inputs,
             "output_names": report.outputs,
@@ -447,6 +463,8 @@ def export_onnx(
                     axes=axes,
                     options=options,
                 )
+            if axes is not None:
+                name_dynamic_axes(proto, axes)
             staged = stage / final.name
             external = sum(t.ByteSize() for t in proto.graph.initializer) > external_data_threshold
             save_staged(proto, staged, external_data=external)
