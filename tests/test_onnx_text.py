@@ -20,7 +20,10 @@ from torchkeep.onnx.ranges import integer_ranges
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.onnx
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]
