@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(tk.__file__).resolve().parents[1]  # the torchkeep under test (a mutated copy too)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def gpt2_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Mod
 
 
 def _child(code: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True, text=True, env=env, timeout=300, check=False,
