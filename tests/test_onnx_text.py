@@ -292,3 +292,18 @@ def test_absent_positional_input_keeps_the_others_in_place(tmp_path: Path) -> No
     [y] = _run(report.path, {"input_0": x, "input_2": scale})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), model(x, None, scale))
+
+
+class StarArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.l(args[0]) + args[1]
+
+
+def test_forward_with_star_args_exports_with_a_dynamic_batch(tmp_path: Path) -> None:
+    report = tk.export_onnx(StarArgs(), (torch.randn(1, 4), torch.randn(1, 2)), tmp_path / "s.onnx")
+    assert report.ok
+    assert report.dynamic_axes == {"input_0": {0: "batch"}, "input_1": {0: "batch"}}
