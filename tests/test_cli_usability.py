@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._source import SRC
 from torchkeep.cli import main
 from torchkeep.convert import convert
 from torchkeep.models import Net
@@ -30,7 +31,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     """``torchkeep ARGS`` in a subprocess whose stdout is a pipe (not a terminal)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     # The torchkeep this test imported (the mutation check runs tests against a copy of src/).
-    environment["PYTHONPATH"] = str(Path(tk.__file__).resolve().parents[1])
+    environment["PYTHONPATH"] = str(SRC)
     environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "torchkeep", *args],

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._source import SRC
 from torchkeep.onnx.describe import describe_onnx as describe
 from torchkeep.onnx.ranges import integer_ranges
 
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.onnx
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]
-SRC = Path(tk.__file__).resolve().parents[1]  # the torchkeep under test (a mutated copy too)
 
 
 def _gpt2() -> nn.Module:

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._source import SRC
 from torchkeep.model.program import export_program
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]
-SRC = Path(tk.__file__).resolve().parents[1]  # the torchkeep under test (a mutated copy too)
 
 
 @pytest.fixture(scope="module")
