@@ -78,8 +78,10 @@ def _capture(
 
 
 def _wrap_init(cls: type[nn.Module]) -> None:
-    init = cls.__dict__.get("__init__")
-    if init is None or getattr(init, "_torchkeep_wrapped", False):
+    """Record the arguments of ``cls``'s ``__init__``: its own, or the one it inherits (so
+    ``class Mine(tk.Keepable, Base): pass`` records ``Base``'s arguments)."""
+    init = cls.__dict__.get("__init__") or cls.__init__
+    if getattr(init, "_torchkeep_wrapped", False):
         return
 
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -98,7 +100,9 @@ def _wrap_init(cls: type[nn.Module]) -> None:
 class Keepable:
     """Mixin that records the arguments ``__init__`` was called with, for :func:`save_model`.
 
-    Put it before ``nn.Module`` in the bases; every subclass is covered too. Arguments must
+    Put it before ``nn.Module`` (or the model class you derive from) in the bases; every
+    subclass is covered too, and a class without its own ``__init__`` records the arguments of
+    the one it inherits (``class Mine(tk.Keepable, Base): pass``). Arguments must
     be values :mod:`torchkeep.tree` stores as JSON (numbers, strings, ``None``, bytes, lists,
     tuples, dicts, torch dtypes, devices and sizes); anything else, such as a nested
     ``nn.Module`` or a tensor, is reported by name when the model is saved.
