@@ -18,6 +18,7 @@ from ..errors import (
     InitArgsError,
     InvalidDocumentError,
     ModelClassNotFoundError,
+    TorchkeepError,
     UnsafeBundleError,
     UnsafeCheckpointError,
     first_line,
@@ -113,10 +114,14 @@ def _rebuilt(make: Callable[[], nn.Module], what: str) -> nn.Module:
     device), or, where that fails, a normal build (as the load falls back to)."""
     try:
         return build_without_init(make)
+    except TorchkeepError:
+        raise
     except Exception:
         pass
     try:
         return make()
+    except TorchkeepError:
+        raise
     except Exception as exc:
         raise InitArgsError(
             f"{what} cannot be rebuilt from what the bundle would record ({type(exc).__name__}: "
@@ -294,6 +299,8 @@ def _build(
     """
     try:
         model = build_without_init(make)
+    except TorchkeepError:
+        raise  # a recipe torchkeep itself refused (a hostile spec, a missing library)
     except Exception:
         model = None  # an __init__ that needs real weights: build it directly below
     if model is not None:
@@ -314,6 +321,8 @@ def _build(
     try:
         with torch.device(device):
             return make()
+    except TorchkeepError:
+        raise
     except Exception as exc:  # the recorded arguments do not fit the installed class
         raise _init_error(name, f"{type(exc).__name__}: {exc}") from exc
 

@@ -51,7 +51,7 @@ def _config_problem(config: Mapping[str, Any], where: str = "") -> str | None:
             continue  # an int label id (id2label); only names can select code
         if key in FORBIDDEN or (key.startswith("_") and key != "_name_or_path"):
             return (
-                f"holds key {where}{key!r}, which makes transformers fetch or run code (or is "
+                f"holds key {where + key!r}, which makes transformers fetch or run code (or is "
                 "private to the library); a bundle records only plain settings"
             )
         if isinstance(value, Mapping):
