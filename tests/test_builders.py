@@ -5,6 +5,7 @@ would not load from being written, the bundle format version, and hostile builde
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -62,16 +63,23 @@ def zoo(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-@pytest.fixture
-def no_imports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if torchkeep imports anything by name (a class or a library)."""
+def _tripwire(monkeypatch: pytest.MonkeyPatch, *, libraries: bool = True) -> None:
+    """From now on, fail the test if torchkeep imports a class (or, with ``libraries``, a
+    builder's library) by name."""
 
     def refuse(name: str, package: str | None = None) -> ModuleType:
         raise AssertionError(f"torchkeep imported {name!r}")
 
     tripwire = SimpleNamespace(import_module=refuse)
     monkeypatch.setattr(classpath, "importlib", tripwire)
-    monkeypatch.setattr(registry, "importlib", tripwire)
+    if libraries:
+        monkeypatch.setattr(registry, "importlib", tripwire)
+
+
+@pytest.fixture
+def no_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if torchkeep imports anything by name (a class or a library)."""
+    _tripwire(monkeypatch)
 
 
 def _forge(bundle: Path, edit: Callable[[dict[str, Any]], None], *, version: int = 2) -> None:
@@ -393,13 +401,17 @@ def hf() -> Any:
     return transformers
 
 
-def _gpt2(hf: Any) -> nn.Module:
+def _gpt2_config_model(hf: Any, cls: Any) -> nn.Module:
     config = hf.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0,
         eos_token_id=0,
     )  # fmt: skip
-    model: nn.Module = hf.GPT2LMHeadModel(config)
+    model: nn.Module = cls(config)
     return model.eval()
+
+
+def _gpt2(hf: Any) -> nn.Module:
+    return _gpt2_config_model(hf, hf.GPT2LMHeadModel)
 
 
 def test_init_args_config_as_a_dict_or_object_rebuilds_a_transformers_model(
@@ -453,11 +465,7 @@ def test_names_the_library_does_not_register_are_refused_before_the_class_is_imp
 ) -> None:
     bundle = tk.save_model(_gpt2(hf), tmp_path / "gpt2")
     _forge(bundle, _set(f"builder.spec.{key}", value))
-
-    def refuse(name: str, package: str | None = None) -> ModuleType:
-        raise AssertionError(f"torchkeep imported {name!r}")
-
-    monkeypatch.setattr(classpath, "importlib", SimpleNamespace(import_module=refuse))
+    _tripwire(monkeypatch, libraries=False)  # the library's own registry is asked
     with pytest.raises(InvalidDocumentError, match=message):
         tk.load_model(bundle)
 
@@ -468,4 +476,34 @@ def test_a_recipe_that_builds_another_class_than_recorded_is_refused(
     bundle = tk.save_model(_gpt2(hf), tmp_path / "gpt2")
     _forge(bundle, _set("builder.spec.architecture", "GPT2Model"))
     with pytest.raises(tk.ModelClassNotFoundError, match=r"rebuilt bundle .* as a .*GPT2Model"):
+        tk.load_model(bundle)
+
+
+def test_keepable_before_a_transformers_model_records_its_config_object(
+    hf: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = type("HFMine", (tk.Keepable, hf.GPT2LMHeadModel), {"__module__": __name__})
+    monkeypatch.setattr(sys.modules[__name__], "HFMine", mine, raising=False)
+    model = _gpt2_config_model(hf, mine)
+    bundle = tk.save_model(model, tmp_path / "mine")
+    recorded = json.loads((bundle / "config.json").read_text())["init"]["kwargs"]["config"]
+    assert recorded["$config"]["model_type"] == "gpt2"
+    assert _manifest(bundle)["format_version"] == 2  # torchkeep 0.2.0 cannot decode "$config"
+    loaded = tk.load_model(bundle)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert type(loaded) is mine
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_a_recorded_config_object_is_checked_like_a_builder_spec(
+    hf: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = type("HFMine", (tk.Keepable, hf.GPT2LMHeadModel), {"__module__": __name__})
+    monkeypatch.setattr(sys.modules[__name__], "HFMine", mine, raising=False)
+    bundle = tk.save_model(_gpt2_config_model(hf, mine), tmp_path / "mine")
+    _forge(bundle, _set("init.kwargs.config.$config.config.auto_map", {"AutoModel": "x.Y"}))
+    _tripwire(monkeypatch)
+    with pytest.raises(InvalidDocumentError, match="'auto_map'"):
         tk.load_model(bundle)

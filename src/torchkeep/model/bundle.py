@@ -47,7 +47,14 @@ from .builders.construct import (
     rebuild_problems,
     summary,
 )
-from .capture import captured_init_args, decode, encode, required_parameters
+from .capture import (
+    captured_init_args,
+    decode,
+    encode,
+    holds_config,
+    required_parameters,
+    resolve,
+)
 from .classpath import import_class, importable_module, require_class_path
 from .config import BundleConfig, read_config
 from .layout import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME, content_problems
@@ -152,10 +159,25 @@ def _model_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict
         return _builder_config(model, builder, init_args or {})
     init = _init_config(model, init_args)
     cls = type(model)
-    rebuilt = _rebuilt(lambda: cls(*decode(init["args"]), **decode(init["kwargs"])), cls.__name__)
+    args, kwargs = _arguments(decode(init["args"]), decode(init["kwargs"]))
+    rebuilt = _rebuilt(lambda: cls(*args, **kwargs), cls.__name__)
     recipe = f"{cls.__qualname__}(*{init['args']!r:.200}, **{init['kwargs']!r:.200})"
     _check_rebuilds(model, rebuilt, recipe)
     return {"class": class_path(cls), "init": init}
+
+
+def _arguments(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Recorded constructor arguments with their config objects made (see capture.resolve)."""
+    return [resolve(a) for a in args], {k: resolve(v) for k, v in kwargs.items()}
+
+
+def _format_version(config: Mapping[str, Any]) -> int:
+    """The manifest format version of a bundle with this ``config.json``: the one place it is
+    chosen. A builder record or a recorded config object needs :data:`BUILDER_FORMAT_VERSION`."""
+    init = config["init"]
+    if "builder" in config or holds_config(init["args"]) or holds_config(init["kwargs"]):
+        return BUILDER_FORMAT_VERSION
+    return FORMAT_VERSION
 
 
 def _builder_config(
@@ -236,13 +258,12 @@ def save_model(
         if program is not None:
             torch.export.save(program, str(staging / PROGRAM_NAME))
             files[PROGRAM_NAME] = FileRecord(*hash_file(staging / PROGRAM_NAME))
-        version = BUILDER_FORMAT_VERSION if "builder" in config else FORMAT_VERSION
         write_manifest(
             staging,
             kind=BUNDLE_KIND,
             files=files,
             model_class=config["class"],
-            format_version=version,
+            format_version=_format_version(config),
         )
     return path
 
@@ -448,7 +469,7 @@ def load_model(
         cls = import_class(target, path)
     except ModelClassNotFoundError as exc:
         return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
-    args, kwargs = config.args, config.kwargs
+    args, kwargs = _arguments(config.args, config.kwargs)
     model = _build(lambda: cls(*args, **kwargs), cls.__qualname__, device, header)
     load_weights(model, path / WEIGHTS_NAME, map_location=device)
     return model.eval()

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import InitArgsError, InvalidDocumentError
-from ...schema import Map, Object, Satisfies, Str
+from ...schema import Map, Object, Satisfies, Schema, Str, validate
 from .registry import Builder, Spec, import_library
 
 NAME = "transformers"
@@ -67,16 +67,22 @@ def _attention_problem(name: str) -> str | None:
     return f"{name[:80]!r} is not one of {', '.join(sorted(ATTENTION))}"
 
 
+_CONFIG_FIELDS: dict[str, Schema] = {
+    "model_type": Str(max_len=64, pattern=r"[a-z0-9][a-z0-9_\-]*"),
+    "config": Satisfies(Map(max_len=MAX_CONFIG_KEYS), _config_problem),
+    "attn_implementation": Satisfies(Str(max_len=64), _attention_problem),
+}
+CONFIG_SCHEMA = Object(_CONFIG_FIELDS, required=("model_type", "config"))
+"""A config object recorded as a constructor argument (``{"$config": spec}``)."""
 SCHEMA = Object(
     {
+        **_CONFIG_FIELDS,
         "architecture": Str(max_len=128, pattern=r"[A-Za-z_][A-Za-z0-9_]*"),
-        "model_type": Str(max_len=64, pattern=r"[a-z0-9][a-z0-9_\-]*"),
-        "config": Satisfies(Map(max_len=MAX_CONFIG_KEYS), _config_problem),
-        "attn_implementation": Satisfies(Str(max_len=64), _attention_problem),
         "kwargs": Map(max_len=64),
     },
     required=("architecture", "model_type", "config", "kwargs"),
 )
+"""A model rebuilt by this builder: its class name, config and extra constructor keywords."""
 
 
 def _library() -> ModuleType:
@@ -102,6 +108,38 @@ def _config_dict(config: object, library: ModuleType) -> dict[str, Any]:
         f"init_args['config'] is a {type(config).__name__}; give the model's config object "
         "or its config.to_dict() (or leave init_args out: the model's own config is recorded)"
     )
+
+
+def _config_spec(config: Any) -> Spec:
+    """A config object as a spec (``model_type``, ``config.to_dict()``, attention)."""
+    spec: Spec = {"model_type": config.model_type, "config": config.to_dict()}
+    attention = getattr(config, "_attn_implementation", None)
+    if isinstance(attention, str):
+        spec["attn_implementation"] = attention
+    return spec
+
+
+def config_value(value: object) -> Spec | None:
+    """``value``'s spec if it is a transformers config object (e.g. the ``config`` argument of
+    a ``class Mine(tk.Keepable, GPT2LMHeadModel)``), else None; transformers is not imported.
+
+    Raises:
+        InitArgsError: the config holds keys a bundle may not record.
+    """
+    module = sys.modules.get("transformers")
+    if module is None or not isinstance(value, module.PretrainedConfig):
+        return None
+    spec = _config_spec(value)
+    try:
+        validate(spec, CONFIG_SCHEMA, source="the transformers config")
+    except InvalidDocumentError as exc:
+        raise InitArgsError(f"a transformers config argument cannot be stored: {exc}") from None
+    return spec
+
+
+def make_config(spec: Spec) -> Any:
+    """The config object a :func:`config_value` spec describes, made by the installed library."""
+    return _make_config(spec, _library())
 
 
 def _record(model: nn.Module, init_args: Mapping[str, Any]) -> Spec:
