@@ -43,8 +43,8 @@ from .builders import Builder, builder_for, builder_named
 from .builders.construct import (
     build_without_init,
     materialise,
-    meta_bytes,
     rebuild_problems,
+    stored_bytes,
     summary,
 )
 from .capture import (
@@ -300,9 +300,9 @@ def _alias_target(name: str, aliases: Mapping[str, str]) -> str:
 
 def _init_error(name: str, problem: str) -> InitArgsError:
     return InitArgsError(
-        f"{name} cannot be built from the 'init' arguments in the bundle's "
-        f"{CONFIG_NAME} ({problem}). If the class changed since the bundle was saved, load its "
-        "weights with tk.load_weights into a model you build"
+        f"{name} cannot be built from what the bundle's {CONFIG_NAME} records (its 'init' "
+        f"arguments or builder recipe: {problem}). If the class or library changed since the "
+        "bundle was saved, load its weights with tk.load_weights into a model you build"
     )
 
 
@@ -311,13 +311,20 @@ def _build(
 ) -> nn.Module:
     """Construct the model without initialising its weights where possible.
 
-    Built with its parameters on the meta device (buffers computed for real), the model's
-    size is known before any memory is taken: a model larger than the bundle's weights file
-    cannot be what was saved (the config was changed), so it is refused before it is
-    allocated. Its weights then get uninitialised memory on ``device``, in the stored dtypes
-    (tied weights stay tied), which the weights file fills. A constructor that cannot run that
-    way is run normally on ``device``.
+    Built entirely on the meta device first, the model's size is known before any memory is
+    taken: a model larger than the bundle's weights file cannot be what was saved (the config
+    was changed), so it is refused before it is allocated. It is then built with its
+    parameters on the meta device (buffers computed for real); its weights get uninitialised
+    memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
+    fills. A constructor that cannot run that way is run normally on ``device``.
     """
+    size = stored_bytes(make)
+    weight_bytes = sum(e.nbytes for e in header.entries.values())
+    if size is not None and size > weight_bytes:
+        raise _init_error(
+            name,
+            f"they make a model of {size:,} bytes, but its weights file holds {weight_bytes:,}",
+        )
     try:
         model = build_without_init(make)
     except TorchkeepError:
@@ -325,13 +332,6 @@ def _build(
     except Exception:
         model = None  # an __init__ that needs real weights: build it directly below
     if model is not None:
-        size = meta_bytes(model)
-        weight_bytes = sum(e.nbytes for e in header.entries.values())
-        if size > weight_bytes:
-            raise _init_error(
-                name,
-                f"they make a model of {size:,} bytes, but its weights file holds {weight_bytes:,}",
-            )
         dtypes = {n: e.dtype for n, e in header.entries.items()}
         dtypes.update({alias: dtypes[target] for alias, target in header.aliases.items()})
         try:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ...errors import TorchkeepError
+
 _MAX_LISTED = 5
 
 
@@ -45,9 +47,18 @@ def build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def meta_bytes(model: nn.Module) -> int:
-    """Bytes the model's meta tensors take once materialised (tied tensors counted once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.is_meta}
+def stored_bytes(make: Callable[[], nn.Module]) -> int | None:
+    """Bytes of the persistent state (what a weights file holds; tied tensors counted once) of
+    the model ``make`` builds, found by building it entirely on the meta device, where nothing
+    is allocated (a factory's ``torch.empty`` included); None if it cannot be built there."""
+    try:
+        with torch.device("meta"):
+            model = make()
+    except TorchkeepError:
+        raise
+    except Exception:
+        return None
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
