@@ -59,7 +59,7 @@ def stored_bytes(make: Callable[[], nn.Module]) -> int | None:
     except Exception:
         return None
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(int(t.numel()) * int(t.element_size()) for t in tensors.values())
 
 
 def materialise(
