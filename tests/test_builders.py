@@ -340,6 +340,7 @@ HOSTILE_RECORDS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
         _builder("timm", TIMM, {"model_name": "hf-hub:evil/model", "kwargs": {}}),
         "model_name",
     ),
+    "buffer_dtype not a dtype": (_set("buffer_dtype", "Tensor"), "not a torch dtype"),
     "torchvision weights": (
         _builder("torchvision", TV, {"model_name": "resnet18", "kwargs": {"weights": "DEFAULT"}}),
         "'weights'",
@@ -514,5 +515,23 @@ def test_a_config_sized_beyond_the_weights_file_is_refused_before_allocating(
 ) -> None:
     bundle = tk.save_model(_gpt2(hf), tmp_path / "gpt2")
     _forge(bundle, _set("builder.spec.config.vocab_size", 10**9))  # 64 GB of embeddings
-    with pytest.raises(tk.InitArgsError, match=r"make a model of [\d,]+ bytes, but its weights"):
+    with pytest.raises(tk.InitArgsError, match=r"make a model of [\d,]+ elements, but its weights"):
         tk.load_model(bundle)
+
+
+def test_a_model_cast_after_it_was_built_loads_with_the_same_buffers(
+    hf: Any, tmp_path: Path
+) -> None:
+    config = hf.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    model = hf.LlamaForCausalLM(config).to(torch.bfloat16).eval()  # casts inv_freq too
+    bundle = tk.save_model(model, tmp_path / "llama")
+    assert json.loads((bundle / "config.json").read_text())["buffer_dtype"] == "bfloat16"
+    assert _manifest(bundle)["format_version"] == 2
+    loaded = tk.load_model(bundle)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -3,6 +3,7 @@ optionally its program), written atomically with a manifest of content hashes. N
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -41,10 +42,12 @@ from ..storage.local import staged_directory
 from ..weights import load_weights, safetensors_payload
 from .builders import Builder, builder_for, builder_named
 from .builders.construct import (
+    buffer_cast,
     build_without_init,
+    cast_buffers,
     materialise,
     rebuild_problems,
-    stored_bytes,
+    stored_numel,
     summary,
 )
 from .capture import (
@@ -137,9 +140,14 @@ def _rebuilt(make: Callable[[], nn.Module], what: str) -> nn.Module:
         ) from exc
 
 
-def _check_rebuilds(model: nn.Module, rebuilt: nn.Module, recipe: str) -> None:
+def _check_rebuilds(model: nn.Module, rebuilt: nn.Module, recipe: str) -> dict[str, Any]:
     """Raise unless ``rebuilt`` (what a load would build) takes ``model``'s weights and holds
-    the same non-persistent buffers: a bundle that would not load is never written."""
+    the same non-persistent buffers: a bundle that would not load is never written. Returns
+    what ``config.json`` must add for the load to match: ``buffer_dtype`` when the model's
+    floating non-persistent buffers were cast after it was built."""
+    cast = buffer_cast(model, rebuilt)
+    if cast is not None:
+        cast_buffers(rebuilt, cast)
     problems = rebuild_problems(model, rebuilt)
     if type(rebuilt) is not type(model):
         problems.insert(0, f"it builds a {class_path(type(rebuilt))}")
@@ -149,6 +157,7 @@ def _check_rebuilds(model: nn.Module, rebuilt: nn.Module, recipe: str) -> None:
             "so nothing was written. Pass init_args= with the arguments it was built with, or "
             "derive its class from tk.Keepable"
         )
+    return {} if cast is None else {"buffer_dtype": str(cast).removeprefix("torch.")}
 
 
 def _model_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -162,8 +171,8 @@ def _model_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict
     args, kwargs = _arguments(decode(init["args"]), decode(init["kwargs"]))
     rebuilt = _rebuilt(lambda: cls(*args, **kwargs), cls.__name__)
     recipe = f"{cls.__qualname__}(*{init['args']!r:.200}, **{init['kwargs']!r:.200})"
-    _check_rebuilds(model, rebuilt, recipe)
-    return {"class": class_path(cls), "init": init}
+    extra = _check_rebuilds(model, rebuilt, recipe)
+    return {"class": class_path(cls), "init": init, **extra}
 
 
 def _arguments(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -173,9 +182,12 @@ def _arguments(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict
 
 def _format_version(config: Mapping[str, Any]) -> int:
     """The manifest format version of a bundle with this ``config.json``: the one place it is
-    chosen. A builder record or a recorded config object needs :data:`BUILDER_FORMAT_VERSION`."""
+    chosen. A builder record, a recorded config object or a buffer cast (which torchkeep 0.2.0
+    would ignore) needs :data:`BUILDER_FORMAT_VERSION`."""
     init = config["init"]
-    if "builder" in config or holds_config(init["args"]) or holds_config(init["kwargs"]):
+    if {"builder", "buffer_dtype"} & set(config):
+        return BUILDER_FORMAT_VERSION
+    if holds_config(init["args"]) or holds_config(init["kwargs"]):
         return BUILDER_FORMAT_VERSION
     return FORMAT_VERSION
 
@@ -193,11 +205,12 @@ def _builder_config(
     encoded = encode(spec, f"{builder.name} spec")
     decoded = decode(encoded)
     rebuilt = _rebuilt(lambda: builder.build(decoded), type(model).__qualname__)
-    _check_rebuilds(model, rebuilt, f"the {builder.name!r} builder's recipe")
+    extra = _check_rebuilds(model, rebuilt, f"the {builder.name!r} builder's recipe")
     return {
         "class": class_path(type(model)),
         "init": {"args": [], "kwargs": {}},
         "builder": {"name": builder.name, "spec": encoded},
+        **extra,
     }
 
 
@@ -318,12 +331,11 @@ def _build(
     memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
     fills. A constructor that cannot run that way is run normally on ``device``.
     """
-    size = stored_bytes(make)
-    weight_bytes = sum(e.nbytes for e in header.entries.values())
-    if size is not None and size > weight_bytes:
+    size = stored_numel(make)
+    stored = sum(math.prod(e.shape) for e in header.entries.values())
+    if size is not None and size > stored:
         raise _init_error(
-            name,
-            f"they make a model of {size:,} bytes, but its weights file holds {weight_bytes:,}",
+            name, f"they make a model of {size:,} elements, but its weights file holds {stored:,}"
         )
     try:
         model = build_without_init(make)
@@ -463,7 +475,7 @@ def load_model(
         load_weights(model, path / WEIGHTS_NAME, map_location=device)
         if builder.tie is not None:
             builder.tie(model)
-        return model.eval()
+        return _cast(model, config).eval()
     target = _alias_target(config.class_path, aliases or {})
     try:
         cls = import_class(target, path)
@@ -472,7 +484,13 @@ def load_model(
     args, kwargs = _arguments(config.args, config.kwargs)
     model = _build(lambda: cls(*args, **kwargs), cls.__qualname__, device, header)
     load_weights(model, path / WEIGHTS_NAME, map_location=device)
-    return model.eval()
+    return _cast(model, config).eval()
+
+
+def _cast(model: nn.Module, config: BundleConfig) -> nn.Module:
+    if config.buffer_dtype is not None:
+        cast_buffers(model, config.buffer_dtype)
+    return model
 
 
 def _program_or_refuse(

@@ -5,11 +5,14 @@ Schema (every other key is ignored)::
     {"class": "package.module.Class",               # an absolute class path (classpath.py)
      "init": {"args": [...], "kwargs": {str: ...}},  # tagged JSON (torchkeep.tree)
      "example_inputs": [{"shape": [int, ...], "dtype": "float32"}, ...],  # optional
-     "builder": {"name": "transformers", "spec": {...}}}   # optional (format version 2)
+     "builder": {"name": "transformers", "spec": {...}},   # optional (format version 2)
+     "buffer_dtype": "bfloat16"}   # optional (format version 2)
 
 ``builder`` names the recipe that rebuilds a library's model (:mod:`.builders`); its ``spec`` is
 tagged JSON, checked against that builder's own schema, and ``class`` must then lie inside the
-builder's library (``transformers.`` for the transformers builder).
+builder's library (``transformers.`` for the transformers builder). ``buffer_dtype`` is the
+dtype the model's floating non-persistent buffers were cast to after it was built
+(``model.to(torch.bfloat16)``); a load casts them the same way.
 
 Bounds: 16 MiB, 64 levels of nesting, 64 example inputs of at most 16 dimensions and 2**26
 elements each; a builder's spec at most 1 MiB of JSON.
@@ -72,6 +75,7 @@ class BundleConfig:
     example_inputs: list[tuple[list[int], torch.dtype]] = field(default_factory=list)
     builder: str | None = None
     spec: dict[str, Any] | None = None
+    buffer_dtype: torch.dtype | None = None
 
 
 def _class_problem(value: object) -> str | None:
@@ -109,6 +113,7 @@ SCHEMA = Object(
             ),
             max_len=MAX_INPUTS,
         ),
+        "buffer_dtype": Satisfies(Str(max_len=32), _dtype_problem),
         "builder": Object(
             {
                 "name": Str(max_len=64, pattern=registry.NAME_PATTERN),
@@ -153,7 +158,9 @@ def _decoded(document: dict[str, Any], path: Path) -> BundleConfig:
         (list(spec["shape"]), DTYPES[spec["dtype"]]) for spec in document.get("example_inputs", [])
     ]
     builder, spec = _builder_record(document, path)
-    return BundleConfig(document["class"], init, args, kwargs, inputs, builder, spec)
+    cast = document.get("buffer_dtype")
+    buffer_dtype = None if cast is None else DTYPES[cast]
+    return BundleConfig(document["class"], init, args, kwargs, inputs, builder, spec, buffer_dtype)
 
 
 def _builder_record(document: dict[str, Any], path: Path) -> tuple[str | None, Any]:

@@ -47,10 +47,11 @@ def build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def stored_bytes(make: Callable[[], nn.Module]) -> int | None:
-    """Bytes of the persistent state (what a weights file holds; tied tensors counted once) of
-    the model ``make`` builds, found by building it entirely on the meta device, where nothing
-    is allocated (a factory's ``torch.empty`` included); None if it cannot be built there."""
+def stored_numel(make: Callable[[], nn.Module]) -> int | None:
+    """Elements of the persistent state (what a weights file holds; tied tensors counted once)
+    of the model ``make`` builds, found by building it entirely on the meta device, where
+    nothing is allocated (a factory's ``torch.empty`` included); None if it cannot be built
+    there. Elements, not bytes: a model cast after it was built stores another dtype."""
     try:
         with torch.device("meta"):
             model = make()
@@ -59,7 +60,7 @@ def stored_bytes(make: Callable[[], nn.Module]) -> int | None:
     except Exception:
         return None
     tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(int(t.numel()) * int(t.element_size()) for t in tensors.values())
+    return sum(int(t.numel()) for t in tensors.values())
 
 
 def materialise(
@@ -140,6 +141,30 @@ def rebuild_problems(model: nn.Module, rebuilt: nn.Module) -> list[str]:
         if k not in transient
     ]
     return problems
+
+
+def buffer_cast(model: nn.Module, rebuilt: nn.Module) -> torch.dtype | None:
+    """The one dtype ``model``'s floating non-persistent buffers were cast to after it was
+    built (``model.to(torch.bfloat16)`` casts rotary frequencies too), or None if none was."""
+    _, transient = _tensors(model)
+    _, fresh = _tensors(rebuilt)
+    cast = {
+        buffer.dtype
+        for name, buffer in transient.items()
+        if name in fresh and buffer.is_floating_point() and buffer.dtype != fresh[name].dtype
+    }
+    return cast.pop() if len(cast) == 1 else None
+
+
+def cast_buffers(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating non-persistent buffers to ``dtype``, as ``model.to(dtype)``
+    did to the model that was saved (persistent ones come from the weights file)."""
+    persistent = set(model.state_dict(keep_vars=True))
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_floating_point() and dot + name not in persistent:
+                module._buffers[name] = buffer.to(dtype)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
