@@ -515,7 +515,7 @@ def test_a_config_sized_beyond_the_weights_file_is_refused_before_allocating(
 ) -> None:
     bundle = tk.save_model(_gpt2(hf), tmp_path / "gpt2")
     _forge(bundle, _set("builder.spec.config.vocab_size", 10**9))  # 64 GB of embeddings
-    with pytest.raises(tk.InitArgsError, match=r"make a model of [\d,]+ elements, but its weights"):
+    with pytest.raises(tk.InitArgsError, match=r"make a model of [\d,]+ bytes, but its weights"):
         tk.load_model(bundle)
 
 

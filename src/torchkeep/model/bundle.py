@@ -3,7 +3,6 @@ optionally its program), written atomically with a manifest of content hashes. N
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +46,7 @@ from .builders.construct import (
     cast_buffers,
     materialise,
     rebuild_problems,
-    stored_numel,
+    stored_bytes,
     summary,
 )
 from .capture import (
@@ -331,11 +330,13 @@ def _build(
     memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
     fills. A constructor that cannot run that way is run normally on ``device``.
     """
-    size = stored_numel(make)
-    stored = sum(math.prod(e.shape) for e in header.entries.values())
+    dtypes = {n: e.dtype for n, e in header.entries.items()}
+    dtypes.update({alias: dtypes[target] for alias, target in header.aliases.items()})
+    size = stored_bytes(make, dtypes)
+    stored = sum(e.nbytes for e in header.entries.values())
     if size is not None and size > stored:
         raise _init_error(
-            name, f"they make a model of {size:,} elements, but its weights file holds {stored:,}"
+            name, f"they make a model of {size:,} bytes, but its weights file holds {stored:,}"
         )
     try:
         model = build_without_init(make)
@@ -344,8 +345,6 @@ def _build(
     except Exception:
         model = None  # an __init__ that needs real weights: build it directly below
     if model is not None:
-        dtypes = {n: e.dtype for n, e in header.entries.items()}
-        dtypes.update({alias: dtypes[target] for alias, target in header.aliases.items()})
         try:
             materialise(model, device, dtypes)
         except Exception as exc:  # out of memory on the device

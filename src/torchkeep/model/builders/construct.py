@@ -47,11 +47,12 @@ def build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def stored_numel(make: Callable[[], nn.Module]) -> int | None:
-    """Elements of the persistent state (what a weights file holds; tied tensors counted once)
-    of the model ``make`` builds, found by building it entirely on the meta device, where
-    nothing is allocated (a factory's ``torch.empty`` included); None if it cannot be built
-    there. Elements, not bytes: a model cast after it was built stores another dtype."""
+def stored_bytes(make: Callable[[], nn.Module], dtypes: Mapping[str, torch.dtype]) -> int | None:
+    """Bytes of the persistent state (what a weights file holds; tied tensors counted once) of
+    the model ``make`` builds, each tensor in the dtype ``dtypes`` gives its name (the stored
+    one: a model cast after it was built stores another dtype than a fresh build's), found by
+    building it entirely on the meta device, where nothing is allocated (a factory's
+    ``torch.empty`` included); None if it cannot be built there."""
     try:
         with torch.device("meta"):
             model = make()
@@ -59,8 +60,8 @@ def stored_numel(make: Callable[[], nn.Module]) -> int | None:
         raise
     except Exception:
         return None
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(int(t.numel()) for t in tensors.values())
+    named = {id(t): (n, t) for n, t in model.state_dict(keep_vars=True).items()}
+    return sum(int(t.numel()) * dtypes.get(n, t.dtype).itemsize for n, t in named.values())
 
 
 def materialise(
