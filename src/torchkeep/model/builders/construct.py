@@ -61,7 +61,8 @@ def stored_bytes(make: Callable[[], nn.Module], dtypes: Mapping[str, torch.dtype
     except Exception:
         return None
     named = {id(t): (n, t) for n, t in model.state_dict(keep_vars=True).items()}
-    return sum(int(t.numel()) * dtypes.get(n, t.dtype).itemsize for n, t in named.values())
+    sizes = [int(t.numel()) * int(dtypes.get(n, t.dtype).itemsize) for n, t in named.values()]
+    return sum(sizes)
 
 
 def materialise(
