@@ -23,7 +23,7 @@ PUBLIC = {
     "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError",
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
-    "ExportError", "ExportVerificationError", "ResourceLimitError",
+    "ExportError", "ExportVerificationError", "ResourceLimitError", "BuilderNameError",
     "__version__",
 }  # fmt: skip
 
@@ -56,6 +56,7 @@ BUILTIN_BASE = {
     "MissingDependencyError": ImportError,
     "ModelClassNotFoundError": ImportError,
     "InitArgsError": TypeError,
+    "BuilderNameError": ValueError,
     "ExportError": RuntimeError,
     "ExportVerificationError": RuntimeError,
     "UnsupportedValueError": TypeError,

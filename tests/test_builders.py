@@ -161,13 +161,13 @@ def test_a_non_persistent_buffer_the_recipe_computes_differently_is_refused(
 
 @pytest.mark.parametrize("name", ["", "Zoo", "../zoo", "zoo lib", "z" * 65, 3])
 def test_register_builder_refuses_names_a_bundle_could_not_hold(name: Any) -> None:
-    with pytest.raises(ValueError, match="not valid"):
+    with pytest.raises(tk.BuilderNameError, match="not valid"):
         tk.register_builder(name, matches=bool, record=dict, build=ZooNet)
 
 
 @pytest.mark.parametrize("name", ["transformers", "timm", "torchvision"])
 def test_register_builder_refuses_a_built_in_name(name: str) -> None:
-    with pytest.raises(ValueError, match="built-in"):
+    with pytest.raises(tk.BuilderNameError, match="built-in"):
         tk.register_builder(name, matches=bool, record=dict, build=ZooNet)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ...errors import InvalidDocumentError, MissingDependencyError
+from ...errors import BuilderNameError, InvalidDocumentError, MissingDependencyError
 from ...schema import Map, Schema
 
 NAME_PATTERN = r"[a-z][a-z0-9_.\-]{0,63}"
@@ -75,7 +75,7 @@ def register_builder(
         tie: called after the weights are loaded (e.g. ``lambda m: m.tie_weights()``).
 
     Raises:
-        ValueError: ``name`` is not a valid builder name or is a built-in builder's.
+        BuilderNameError: ``name`` is not a valid builder name or is a built-in builder's.
 
     Example:
         >>> tk.register_builder(
@@ -86,12 +86,14 @@ def register_builder(
         ... )
     """
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        raise ValueError(
+        raise BuilderNameError(
             f"builder name {name!r:.80} is not valid: use 1 to 64 lowercase letters, digits, "
             "'_', '.' or '-', starting with a letter (like a package name)"
         )
     if name in _BUILTIN:
-        raise ValueError(f"{name!r} is a built-in builder's name; register yours under another")
+        raise BuilderNameError(
+            f"{name!r} is a built-in builder's name; register yours under another"
+        )
     _BUILDERS.pop(name, None)
     _BUILDERS[name] = Builder(name, matches, record, build, tie)
 
