@@ -20,6 +20,9 @@ from pathlib import Path
 
 TIMED = {
     "tk.load_model(bundle)": "tk.load_model(root / 'bundle')",
+    "tk.load_model(bundle), hash check skipped (comparison only)": (
+        "(setattr(bundle_module, 'find_problems', lambda path: []), tk.load_model(root / 'bundle'))"
+    ),
     "from_pretrained(dir)": "transformers.LlamaForCausalLM.from_pretrained(root / 'hf')",
     "LlamaForCausalLM(config) (random init)": (
         "transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(root / 'hf'))"
@@ -28,6 +31,7 @@ TIMED = {
 
 CHILD = """
 import sys, time, torch, transformers, torchkeep as tk
+from torchkeep.model import bundle as bundle_module
 from pathlib import Path
 transformers.logging.set_verbosity_error()
 root = Path(sys.argv[1])
