@@ -12,7 +12,7 @@ import torchkeep as tk
 PUBLIC = {
     # verbs
     "save_weights", "load_weights", "load_state_dict",
-    "save_model", "load_model", "register_alias", "scan", "load_pickled_model",
+    "save_model", "load_model", "register_alias", "register_builder", "scan", "load_pickled_model",
     "migrate_pickled_model", "export_onnx", "verify",
     # classes and reports
     "CheckpointManager", "Restored", "Keepable", "Stateful",
@@ -24,6 +24,7 @@ PUBLIC = {
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError", "ResourceLimitError", "IntegrationError",
+    "BuilderNameError",
     "__version__",
 }  # fmt: skip
 
@@ -57,6 +58,7 @@ BUILTIN_BASE = {
     "ModelClassNotFoundError": ImportError,
     "InitArgsError": TypeError,
     "IntegrationError": RuntimeError,
+    "BuilderNameError": ValueError,
     "ExportError": RuntimeError,
     "ExportVerificationError": RuntimeError,
     "UnsupportedValueError": TypeError,

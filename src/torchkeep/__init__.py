@@ -3,6 +3,7 @@
 from ._version import __version__
 from .checkpoint import CheckpointManager, Restored
 from .errors import (
+    BuilderNameError,
     CheckpointBusyError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -27,13 +28,21 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from .model import Keepable, load_model, migrate_pickled_model, register_alias, save_model
+from .model import (
+    Keepable,
+    load_model,
+    migrate_pickled_model,
+    register_alias,
+    register_builder,
+    save_model,
+)
 from .onnx import OnnxReport, export_onnx
 from .security import ScanReport, load_pickled_model, scan
 from .verify import VerifyReport, verify
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
+    "BuilderNameError",
     "CheckpointBusyError",
     "CheckpointManager",
     "CheckpointNotFoundError",
@@ -73,6 +82,7 @@ __all__ = [
     "load_weights",
     "migrate_pickled_model",
     "register_alias",
+    "register_builder",
     "save_model",
     "save_weights",
     "scan",

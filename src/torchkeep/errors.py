@@ -98,6 +98,10 @@ class InitArgsError(TorchkeepError, TypeError):
     """A model's constructor arguments cannot be captured or stored."""
 
 
+class BuilderNameError(TorchkeepError, ValueError):
+    """``tk.register_builder`` was given a name a bundle cannot hold, or a built-in one."""
+
+
 class ExportError(TorchkeepError, RuntimeError):
     """Exporting a model (ONNX, torch.export) failed."""
 
