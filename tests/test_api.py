@@ -24,6 +24,7 @@ PUBLIC = {
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError", "ResourceLimitError",
+    "DistributedCheckpointError",
     "__version__",
 }  # fmt: skip
 
@@ -63,6 +64,7 @@ BUILTIN_BASE = {
     "UnsafeBundleError": ValueError,
     "InvalidDocumentError": ValueError,
     "ResourceLimitError": ValueError,
+    "DistributedCheckpointError": RuntimeError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
 }
 

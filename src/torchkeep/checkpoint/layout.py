@@ -51,6 +51,10 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
     "metrics": Map(
         Number(allow_nonfinite=True), key=Str(max_len=256), max_len=1000
     ),  # NaN/inf losses are recorded as they were
+    # sharded steps (torchkeep.checkpoint.distributed.layout): how the step is laid out and
+    # how many ranks wrote it
+    "layout": OneOf((Equals("single"), Equals("sharded-v1"))),
+    "world_size": Int(min=1, max=1 << 20),
     "retention": Object(
         {
             "keep_last": OneOf((Null(), Int(min=1))),
@@ -61,6 +65,8 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
         }
     ),
 }
+# The newest checkpoint format version this torchkeep reads (2: sharded steps).
+MAX_FORMAT_VERSION = 2
 # ``state.json``: the JSON skeleton of every entry (see torchkeep.tree); tensors are elsewhere.
 ENTRY_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,199}"
 STATE_LIMITS = Limits(
@@ -137,7 +143,13 @@ def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]
         TorchkeepFileNotFoundError: there is no manifest (never committed).
         CorruptFileError: the manifest is unreadable or invalid.
     """
-    manifest = read_manifest(path, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",))
+    manifest = read_manifest(
+        path,
+        kind=KIND,
+        fields=_MANIFEST_FIELDS,
+        required=("step",),
+        max_version=MAX_FORMAT_VERSION,
+    )
     name = path.name if name is None else name
     if manifest["step"] != parse_step(name):
         raise InvalidDocumentError(
@@ -194,13 +206,26 @@ def read_step_info(path: Path) -> StepInfo | None:
 
 def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
     """Everything wrong with the step directory ``path`` (manifest, files, ``state.json``)."""
+    try:
+        manifest = read_step_manifest(path)
+    except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
+        return [str(exc)]
+    if manifest.get("layout") == "sharded-v1":
+        from .distributed.verify import sharded_step_problems
+
+        problems = sharded_step_problems(path, manifest, check_hashes=check_hashes)
+        return problems or _unlisted_entries(path, manifest["files"])
     problems = find_problems(
-        path, check_hashes=check_hashes, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",)
+        path,
+        check_hashes=check_hashes,
+        kind=KIND,
+        fields=_MANIFEST_FIELDS,
+        required=("step",),
+        max_version=MAX_FORMAT_VERSION,
     )
     if problems:
         return problems
     try:
-        manifest = read_step_manifest(path)
         state = read_state(path, manifest)
         if check_hashes and RNG_ENTRY in state["entries"]:
             _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])
