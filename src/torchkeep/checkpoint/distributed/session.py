@@ -334,6 +334,13 @@ class DistributedSession:
                 cause = next(iter(collective.causes(exc).values()))
                 raise type(cause)(str(cause)) from None
             raise collective.translate(exc, f"the restore of {path}", me=self.rank) from None
+        error = None
+        if RNG_ENTRY in values:  # its tensors are loaded now (verified by their hashes)
+            try:
+                rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
+            except CorruptFileError as exc:
+                error = exc
+        collective.agree(error, self.group, f"the restore of {path}")
         return manifest, state, templates, values
 
     def _templates(
@@ -416,8 +423,6 @@ class DistributedSession:
             if name in targets:
                 precheck.check_target(name, path, value, targets[name], strict=strict)
             values[name] = value
-        if RNG_ENTRY in values:
-            rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
         return templates, values
 
     def _apply(
