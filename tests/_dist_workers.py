@@ -260,3 +260,30 @@ def killed_save(rank: int, world: int, ctx: dict[str, Any]) -> str:
     except tk.DistributedCheckpointError as exc:
         return f"DistributedCheckpointError: {exc}"[:300]
     return "no error"
+
+
+def ddp_roundtrip(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """DDP: save, then restore into fresh zeroed objects on the same ranks; compare."""
+    init(rank, world, ctx)
+    out = Path(ctx["out"])
+    p = parts(world, "ddp")
+    torch.manual_seed(100 + rank)
+    train(p, 2)
+    mgr = tk.CheckpointManager(out / "ddp")
+    save_file({"rng": torch.get_rng_state()}, str(rng_file(out, 2, rank)))
+    mgr.save(2, epoch=0, **p)
+    ref = full_state(p)
+    if rank == 0:
+        save_file(ref, str(out / "ddp-ref.safetensors"))
+    fresh = parts(world, "ddp", zeros=True)
+    restored = mgr.restore(**fresh)
+    report = {
+        "step": restored.step,
+        "mismatch": compare(fresh, out / "ddp-ref.safetensors", rank),
+        "rng_equal": torch.equal(
+            torch.get_rng_state(), load_file(str(rng_file(out, 2, rank)))["rng"]
+        ),
+    }
+    dist.barrier()
+    dist.destroy_process_group()
+    return report

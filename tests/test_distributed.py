@@ -4,13 +4,22 @@ any M, in spawned processes (tests/_dist_harness.py); failure, corruption, async
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+import torchkeep as tk
 from tests import _dist_harness as harness
+from tests import _dist_workers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -118,3 +127,75 @@ def test_restore_on_two_ranks_resharded_and_damaged_steps_fall_back(
             # asked for explicitly, the damaged step raises on every rank, nothing changed
             assert entry["explicit"] == "ChecksumMismatchError", (kind, rank)
             assert entry["explicit_untouched"], (kind, rank)
+
+
+def test_restore_in_one_process_without_a_group_and_without_pickle(
+    saved: tuple[Path, dict[int, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = saved
+    step = out / "ckpt" / "step-00000005"
+    # only safetensors and JSON: no .metadata, no .distcp, no pickle anywhere
+    for path in step.iterdir():
+        data = path.read_bytes()
+        assert not data.startswith(b"\x80"), path  # no pickle protocol header
+        if path.suffix == ".json":
+            json.loads(data)
+        else:
+            assert path.suffix == ".safetensors"
+            with safe_open(str(path), "pt") as f:
+                assert f.metadata()["torchkeep.layout"] == "sharded-v1"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("restore unpickled something")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    ctx = {"out": str(out), "dirs": [("ckpt", "ref5.safetensors")]}
+    report = _dist_workers.restore_check(0, 1, ctx)["ckpt"]
+    assert report["step"] == 5
+    assert report["mismatch"] == []
+    assert report["rng_warning"]  # saved by 4 ranks: the generators are not restored
+
+
+def test_dcp_huggingface_reader_reads_a_torchkeep_step(saved: tuple[Path, dict[int, Any]]) -> None:
+    out, _ = saved
+    step = out / "ckpt" / "step-00000005"
+    state = json.loads((step / "state.json").read_text())
+    reference = load_file(str(out / "ref5.safetensors"))
+    wanted = {
+        key: torch.zeros(t["shape"], dtype=getattr(torch, t["dtype"]))
+        for key, t in state["tensors"].items()
+        if key.startswith(("model/", "optimizer/"))
+    }
+    dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(step)), no_dist=True)
+    assert len(wanted) == len(reference) - 2  # all but the DTensor "tp" and the lr
+    for key, tensor in wanted.items():
+        assert torch.equal(tensor, reference[key.replace("/", ".", 1)]), key
+
+
+def test_ddp_round_trip(tmp_path: Path) -> None:
+    results = harness.run("ddp_roundtrip", 2, {"out": str(tmp_path)}).ok()
+    for rank, report in results.items():
+        assert report["step"] == 2
+        assert report["mismatch"] == [], rank
+        assert report["rng_equal"], rank
+    # DDP's "module." prefix is not stored: the step restores into a plain module
+    ctx = {"out": str(tmp_path), "dirs": [("ddp", "ddp-ref.safetensors")], "mode": "plain"}
+    assert _dist_workers.restore_check(0, 1, ctx)["ddp"]["mismatch"] == []
+
+
+def test_a_sigkilled_rank_makes_every_other_rank_raise(tmp_path: Path) -> None:
+    outcome = harness.run("killed_save", 4, {"out": str(tmp_path), "victim": 0})
+    assert outcome.exit_codes[0] == -signal.SIGKILL
+    assert not outcome.errors
+    assert sorted(outcome.results) == [1, 2, 3]
+    for rank, text in outcome.results.items():
+        assert text.startswith("DistributedCheckpointError"), (rank, text)
+    ckpt = tmp_path / "ckpt"
+    assert tk.CheckpointManager(ckpt).steps == []  # nothing committed
+    debris = [p for p in ckpt.iterdir() if p.name.startswith(".step-00000007.tmp-")]
+    assert debris  # the dead coordinator's temporary directory
+    # the next save removes it
+    tk.CheckpointManager(ckpt).save(1, model=torch.nn.Linear(2, 2))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000001"]
