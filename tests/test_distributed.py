@@ -20,6 +20,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 import torchkeep as tk
 from tests import _dist_harness as harness
 from tests import _dist_workers
+from torchkeep.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -199,3 +200,53 @@ def test_a_sigkilled_rank_makes_every_other_rank_raise(tmp_path: Path) -> None:
     # the next save removes it
     tk.CheckpointManager(ckpt).save(1, model=torch.nn.Linear(2, 2))
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000001"]
+
+
+def test_convert_consolidates_a_sharded_step_zero_dim_tensors_included(
+    saved: tuple[Path, dict[int, Any]], tmp_path: Path
+) -> None:
+    out, _ = saved
+    step = out / "ckpt" / "step-00000005"
+    target = tmp_path / "full.safetensors"
+    assert main(["convert", str(step), str(target)]) == 0
+    merged = load_file(str(target))
+    reference = load_file(str(out / "ref5.safetensors"))
+    zero_dim = [k for k in merged if merged[k].dim() == 0]
+    assert zero_dim  # AdamW's step counters
+    for key, tensor in merged.items():
+        name = "tp" if key == "tp/w" else key.replace("/", ".", 1)
+        assert torch.equal(tensor, reference[name]), key
+    assert not any(k.startswith("torchkeep.rank-") for k in merged)
+    # a damaged chunk: nothing is written
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step, damaged / "step-00000005")
+    shard = damaged / "step-00000005" / "shard-00000-of-00004.safetensors"
+    data = bytearray(shard.read_bytes())
+    state = json.loads((shard.parent / "state.json").read_text())
+    data[_model_chunk_offset(state, shard.name)] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tk.ChecksumMismatchError):
+        tk.checkpoint.consolidate(shard.parent, tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_ls_inspect_verify_understand_sharded_steps(
+    saved: tuple[Path, dict[int, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, _ = saved
+    ckpt = out / "ckpt"
+    assert tk.verify(ckpt).ok
+    assert main(["ls", str(ckpt)]) == 0
+    assert main(["ls", "--json", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(ckpt / "step-00000005")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(ckpt / "step-00000005")]) == 0
+    shown = capsys.readouterr().out
+    assert "sharded-v1" in shown
+    assert "shard-00003-of-00004.safetensors:" in shown  # each rank's file and its chunks
+    # verify reads every byte: damage in a chunk no restore on 2 ranks reads is reported too
+    for kind in ("flipped", "truncated", "deleted"):
+        report = tk.verify(out / kind / "step-00000005") if (out / kind).exists() else None
+        if report is not None:
+            assert not report.ok, kind

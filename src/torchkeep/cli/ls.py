@@ -45,6 +45,7 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
             "metrics": info.metrics,
             "problems": step_problems(info.path, check_hashes=check_hashes),
             "kept_by": kept_by.get(info.step, []),
+            "ranks": info.manifest.get("world_size", 1),
             "path": info.path,
         }
         for info in infos
@@ -56,7 +57,7 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
     rows = _rows(directory, check_hashes)
     print_table(
         f"checkpoints in {directory}",
-        ["step", "time", "size", "metrics", "valid", "kept by"],
+        ["step", "time", "size", "metrics", "valid", "kept by", "ranks"],
         [
             (
                 row["step"],
@@ -65,6 +66,7 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
                 " ".join(f"{k}={_metric(v)}" for k, v in row["metrics"].items()) or "-",
                 "yes" if not row["problems"] else "NO",
                 ", ".join(row["kept_by"]) or "-",
+                row["ranks"],
             )
             for row in rows
         ],

@@ -10,6 +10,9 @@ misses; :func:`translate` turns it, and raw collective errors, into
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +35,16 @@ def rank(group: Any) -> int:
 def world_size(group: Any) -> int:
     """The size of ``group`` (1 without a process group)."""
     return dist.get_world_size(group) if group is not None else 1
+
+
+@contextlib.contextmanager
+def single_process_quiet(group: Any) -> Iterator[None]:
+    """Silence DCP's "torch.distributed is disabled ... single process" warning when there is
+    deliberately no process group (a restore or consolidation in one process)."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def all_gather(value: Any, group: Any) -> list[Any]:

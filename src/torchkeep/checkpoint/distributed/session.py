@@ -218,12 +218,13 @@ class DistributedSession:
             manifest_fields=fields,
         )
         try:
-            dcp_save(
-                prepared.tensors,
-                storage_writer=writer,
-                process_group=self.group,
-                no_dist=self.group is None,
-            )
+            with collective.single_process_quiet(self.group):
+                dcp_save(
+                    prepared.tensors,
+                    storage_writer=writer,
+                    process_group=self.group,
+                    no_dist=self.group is None,
+                )
         except (Exception, CheckpointException) as exc:
             writer.abort()
             if collective.only_cause(exc, StepExistsError):
@@ -314,13 +315,14 @@ class DistributedSession:
             error = exc
         collective.agree(error, self.group, f"the restore of {path}")
         try:
-            dcp_load(
-                templates,
-                storage_reader=TorchkeepStorageReader(path),
-                planner=NoPickleLoadPlanner(),
-                process_group=self.group,
-                no_dist=self.group is None,
-            )
+            with collective.single_process_quiet(self.group):
+                dcp_load(
+                    templates,
+                    storage_reader=TorchkeepStorageReader(path),
+                    planner=NoPickleLoadPlanner(),
+                    process_group=self.group,
+                    no_dist=self.group is None,
+                )
         except (Exception, CheckpointException) as exc:
             if fallback and collective.only_cause(exc, CorruptFileError):
                 cause = next(iter(collective.causes(exc).values()))
