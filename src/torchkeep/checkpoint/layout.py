@@ -65,8 +65,10 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
         }
     ),
 }
-# The newest checkpoint format version this torchkeep reads (2: sharded steps).
-MAX_FORMAT_VERSION = 2
+# The newest checkpoint format version this torchkeep reads, per layout: sharded steps are
+# version 2 (torchkeep.checkpoint.distributed.layout.FORMAT_VERSION), single-process ones 1.
+LAYOUT_VERSIONS = {"single": 1, "sharded-v1": 2}
+MAX_FORMAT_VERSION = max(LAYOUT_VERSIONS.values())
 # ``state.json``: the JSON skeleton of every entry (see torchkeep.tree); tensors are elsewhere.
 ENTRY_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,199}"
 STATE_LIMITS = Limits(
@@ -150,6 +152,13 @@ def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]
         required=("step",),
         max_version=MAX_FORMAT_VERSION,
     )
+    layout = manifest.get("layout", "single")
+    if manifest["format_version"] > LAYOUT_VERSIONS[layout]:
+        raise CorruptFileError(
+            f"{path / MANIFEST_NAME} is of format version {manifest['format_version']}; this "
+            f"torchkeep reads {layout} steps up to {LAYOUT_VERSIONS[layout]}. Upgrade torchkeep "
+            "to read it"
+        )
     name = path.name if name is None else name
     if manifest["step"] != parse_step(name):
         raise InvalidDocumentError(

@@ -27,12 +27,12 @@ from ...schema import (
     Str,
     load_json_document,
 )
-from ..layout import ENTRY_NAME_PATTERN, STATE_LIMITS, STATE_NAME
+from ..layout import ENTRY_NAME_PATTERN, LAYOUT_VERSIONS, STATE_LIMITS, STATE_NAME
 
 LAYOUT = "sharded-v1"
 SINGLE_LAYOUT = "single"
-# The checkpoint format version of a sharded step: the one place it is defined.
-FORMAT_VERSION = 2
+# The checkpoint format version of a sharded step (defined with the other layouts' versions).
+FORMAT_VERSION = LAYOUT_VERSIONS[LAYOUT]
 # Prefix of the keys of per-rank tensors (RNG states, per_rank= entries): reserved for
 # torchkeep, so no user entry can produce it.
 RANK_PREFIX = "torchkeep.rank-"
