@@ -107,6 +107,17 @@ class CheckpointManager:
             the background.
         save_rng: capture the random generators (Python, NumPy, torch CPU and CUDA) with
             every step and restore them on ``restore``.
+        distributed: write sharded steps from every rank of a torch.distributed job, with
+            ``save``/``restore`` (and this constructor) collective; None: when
+            torch.distributed is initialised with more than one rank.
+        process_group: the group the checkpoint collectives run on; None makes a gloo group
+            of its own (collective: create managers in the same order on every rank).
+        state_dict_options: ``StateDictOptions`` passed to ``get_state_dict`` and
+            ``set_state_dict`` for the model and optimizer.
+        timeout: seconds the checkpoint group waits for a peer before every rank raises
+            :class:`~torchkeep.DistributedCheckpointError`.
+        per_rank: entries whose state differs per rank (stored once per rank; others are
+            stored once and must be equal on every rank).
 
     Example:
         >>> with tk.CheckpointManager("ckpt", keep_last=2) as mgr:
