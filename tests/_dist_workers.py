@@ -102,12 +102,16 @@ def full_state(p: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tensors.items()}
 
 
-def compare(p: dict[str, Any], reference: Path, rank: int) -> list[str]:
-    """Names of the tensors that differ from ``reference`` (rank 0 compares; others: [])."""
+def compare(p: dict[str, Any], reference: Path, rank: int, only: tuple[str, ...] = ()) -> list[str]:
+    """Names of the tensors that differ from ``reference`` (rank 0 compares; others: []);
+    ``only``: compare just the names with these prefixes."""
     got = full_state(p)
     if rank != 0:
         return []
     ref = load_file(str(reference))
+    if only:
+        ref = {k: v for k, v in ref.items() if k.startswith(only)}
+        got = {k: v for k, v in got.items() if k.startswith(only)}
     if sorted(ref) != sorted(got):
         return ["keys: " + str(sorted(set(ref) ^ set(got)))]
     return [k for k in ref if not torch.equal(ref[k], got[k])]
@@ -117,21 +121,30 @@ def rng_file(out: Path, step: int, rank: int) -> Path:
     return out / f"rng-{step}-{rank}.safetensors"
 
 
-def _fault(kind: str, victim: int) -> Any:
-    from torchkeep.checkpoint.distributed import writer
+class _Fault:
+    """Makes rank ``victim``'s shard write fail after its first block (raise or SIGKILL)."""
 
-    def hook(rank: int, path: Path, spans: Any) -> Any:
-        first = True
-        for span in spans:
-            yield span
-            if first and rank == victim:
-                if kind == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise OSError(f"injected write failure of rank {rank}")
-            first = False
+    def __init__(self, kind: str, victim: int) -> None:
+        from torchkeep.checkpoint.distributed import writer
 
-    writer._FAULT_HOOK = hook
-    return writer
+        self.writer = writer
+        self.original = writer.write_stream
+        rank = dist.get_rank()
+
+        def failing(fd: int, spans: Any, hasher: Any = None) -> int:
+            def cut() -> Any:
+                for span in spans:
+                    yield span
+                    if kind == "kill":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    raise OSError(f"injected write failure of rank {rank}")
+
+            return self.original(fd, cut() if rank == victim else spans, hasher)
+
+        writer.write_stream = failing  # type: ignore[assignment]
+
+    def heal(self) -> None:
+        self.writer.write_stream = self.original  # type: ignore[assignment]
 
 
 def save_many(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -160,12 +173,12 @@ def save_many(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
         save_file(ref3, str(out / "ref3.safetensors"))
     train(p, 1)
     # step 4: rank 2 raises mid-write -> every rank raises, nothing committed
-    writer = _fault("raise", 2)
+    fault = _Fault("raise", 2)
     try:
         mgr.save(4, **kw)
     except tk.DistributedCheckpointError as exc:
         report["fail"] = (type(exc).__name__, sorted(exc.failures), str(exc)[:300])
-    writer._FAULT_HOOK = None
+    fault.heal()
     report["steps_after_fail"] = mgr.steps
     # step 5 (the resume point), then 3 more steps: the straight run
     save_file({"rng": torch.get_rng_state()}, str(rng_file(out, 5, rank)))
@@ -190,13 +203,13 @@ def save_many(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     amgr.wait()
     if rank == 0:
         save_file(amgr_ref, str(out / "async-ref.safetensors"))
-    writer = _fault("raise", 1)
+    fault = _Fault("raise", 1)
     amgr.save(2, model=p["model"], optimizer=p["optimizer"])
     try:
         amgr.save(3, model=p["model"], optimizer=p["optimizer"])
     except tk.DistributedCheckpointError as exc:
         report["async_error"] = sorted(exc.failures)
-    writer._FAULT_HOOK = None
+    fault.heal()
     amgr.wait()
     report["async_steps"] = amgr.steps
     dist.barrier()
@@ -217,13 +230,15 @@ def restore_check(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     for name, ref in ctx["dirs"]:
         p = parts(world, mode, zeros=True)
         mgr = tk.CheckpointManager(out / name)
+        only = tuple(ctx.get("only", ()))
+        targets = {k: v for k, v in p.items() if not only or k in only}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            restored = mgr.restore(**p)
+            restored = mgr.restore(**targets)
         entry: dict[str, Any] = {
             "step": restored.step,
             "epoch": restored.extra.get("epoch"),
-            "mismatch": compare(p, out / ref, rank),
+            "mismatch": compare(p, out / ref, rank, tuple(f"{k}." for k in only)),
             "skipped": [str(w.message) for w in caught if "skipped" in str(w.message)],
             "rng_warning": any("random generator" in str(w.message) for w in caught),
         }
@@ -254,7 +269,7 @@ def killed_save(rank: int, world: int, ctx: dict[str, Any]) -> str:
     init(rank, world, ctx)
     p = parts(world, "fsdp2")
     mgr = tk.CheckpointManager(Path(ctx["out"]) / "ckpt", timeout=30.0)
-    _fault("kill", ctx["victim"])
+    _Fault("kill", ctx["victim"])
     try:
         mgr.save(7, model=p["model"], optimizer=p["optimizer"])
     except tk.DistributedCheckpointError as exc:

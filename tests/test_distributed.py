@@ -159,6 +159,14 @@ def test_restore_in_one_process_without_a_group_and_without_pickle(
     assert report["rng_warning"]  # saved by 4 ranks: the generators are not restored
 
 
+def test_async_step_holds_the_state_at_the_call(saved: tuple[Path, dict[int, Any]]) -> None:
+    out, _ = saved  # training went on right after save() returned
+    ctx = {"out": str(out), "dirs": [("async", "async-ref.safetensors")]}
+    report = _dist_workers.restore_check(0, 1, {**ctx, "only": ["model", "optimizer"]})
+    assert report["async"]["step"] == 1
+    assert report["async"]["mismatch"] == []
+
+
 def test_dcp_huggingface_reader_reads_a_torchkeep_step(saved: tuple[Path, dict[int, Any]]) -> None:
     out, _ = saved
     step = out / "ckpt" / "step-00000005"

@@ -38,9 +38,6 @@ from ..layout import KIND, STATE_NAME
 from .layout import FORMAT_VERSION, LAYOUT, shard_name
 from .segments import SegmentHasher, cut_points
 
-# Test hook: called by write_data with (rank, path, file) after half of the file is written.
-_FAULT_HOOK: Any = None
-
 
 def _placed_spans(placed: list[tuple[str, torch.Tensor, int, int]], header: bytes) -> Any:
     """The memory of a shard file: the header, then each placed tensor's bytes."""
@@ -180,10 +177,7 @@ class TorchkeepStorageWriter(StorageWriter):
         try:
             with open(path, "xb", buffering=0) as f:
                 enable_direct_io(f.fileno())
-                spans = _placed_spans(placed, header)
-                if _FAULT_HOOK is not None:
-                    spans = _FAULT_HOOK(self.rank, path, spans)
-                written = write_stream(f.fileno(), spans, hasher)
+                written = write_stream(f.fileno(), _placed_spans(placed, header), hasher)
                 if self.fsync:
                     os.fsync(f.fileno())
         except OSError as exc:
