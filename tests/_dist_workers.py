@@ -302,3 +302,50 @@ def ddp_roundtrip(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     dist.barrier()
     dist.destroy_process_group()
     return report
+
+
+def mesh_2x2(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """FSDP over one mesh dimension and tensor parallelism (Shard(1) weights) over the other:
+    save, then restore into fresh zeroed objects on the same mesh; compare."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    init(rank, world, ctx)
+    out = Path(ctx["out"])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def make(zeros: bool) -> dict[str, Any]:
+        torch.manual_seed(0)
+        model: nn.Module = nn.Sequential(nn.Linear(IN, HID), nn.ReLU(), nn.Linear(HID, OUT))
+        if zeros:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.fill_(0.5)
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"model": model, "optimizer": opt, "scheduler": sched, "tp": Holder(torch.ones(1))}
+
+    p = make(False)
+    torch.manual_seed(100 + rank // 2)  # the same data within a tensor-parallel group
+    train(p, 2)
+    mgr = tk.CheckpointManager(out / "mesh")
+    mgr.save(2, **{k: v for k, v in p.items() if k != "tp"})
+    ref = full_state(p)
+    if rank == 0:
+        save_file(ref, str(out / "mesh-ref.safetensors"))
+    fresh = make(True)
+    restored = mgr.restore(**{k: v for k, v in fresh.items() if k != "tp"})
+    report = {"step": restored.step, "mismatch": compare(fresh, out / "mesh-ref.safetensors", rank)}
+    dist.barrier()
+    dist.destroy_process_group()
+    return report

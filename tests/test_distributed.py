@@ -258,3 +258,14 @@ def test_ls_inspect_verify_understand_sharded_steps(
         report = tk.verify(out / kind / "step-00000005") if (out / kind).exists() else None
         if report is not None:
             assert not report.ok, kind
+
+
+def test_fsdp_by_tensor_parallel_2x2_mesh(tmp_path: Path) -> None:
+    results = harness.run("mesh_2x2", 4, {"out": str(tmp_path)}).ok()
+    for rank, report in results.items():
+        assert report["step"] == 2
+        assert report["mismatch"] == [], rank
+    # and on one process, into a plain model
+    ctx = {"out": str(tmp_path), "dirs": [("mesh", "mesh-ref.safetensors")], "mode": "plain"}
+    report = _dist_workers.restore_check(0, 1, {**ctx, "only": ["model", "optimizer"]})
+    assert report["mesh"]["mismatch"] == []
