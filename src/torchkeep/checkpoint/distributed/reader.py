@@ -2,13 +2,13 @@
 
 ``read_metadata`` builds DCP's ``Metadata`` from the step's JSON documents (no ``.metadata``
 pickle exists). ``prepare_local_plan`` runs inside DCP's "plan" collective: there every rank
-hashes exactly the chunks it is about to read and raises on a mismatch, so a damaged shard
-makes every rank fail before ``read_data`` copies a single byte into a live tensor.
+reads exactly the chunks it needs into memory of its own, hashes them and raises on a
+mismatch, so a damaged shard makes every rank fail before ``read_data`` copies a single byte
+into a live tensor; the bytes hashed are the bytes copied.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ...errors import ChecksumMismatchError, CorruptFileError, UnsafeCheckpointError
+from ...formats import safetensors as st
 from ...hashing import hash_file
 from ..layout import STATE_NAME, read_step_manifest
 from .layout import is_sharded, read_sharded_state
@@ -113,7 +114,8 @@ class TorchkeepStorageReader(StorageReader):
         self.manifest: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self._storage: dict[MetadataIndex, dict[str, Any]] = {}
-        self._maps: dict[str, memoryview] = {}
+        self._files: dict[str, int] = {}
+        self._chunks: dict[tuple[str, int], torch.Tensor] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -129,44 +131,49 @@ class TorchkeepStorageReader(StorageReader):
     ) -> None:
         self._storage = metadata.storage_data
 
-    def _mapped(self, name: str) -> memoryview:
-        """A private read-only mapping of shard ``name`` whose size matches the manifest."""
-        if name not in self._maps:
+    def _open(self, name: str) -> int:
+        """A descriptor of shard ``name``, whose size must match the manifest."""
+        if name not in self._files:
             path = self.path / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
+            size = os.fstat(fd).st_size
             expected = self.manifest["files"][name]["size"]
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != expected:
-                    raise ChecksumMismatchError(
-                        f"{path} has {size} bytes, the manifest says {expected} (truncated or "
-                        "replaced); the step is damaged"
-                    )
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
-            self._maps[name] = memoryview(mapped)
-        return self._maps[name]
+            if size != expected:
+                os.close(fd)
+                raise ChecksumMismatchError(
+                    f"{path} has {size} bytes, the manifest says {expected} (truncated or "
+                    "replaced); the step is damaged"
+                )
+            self._files[name] = fd
+        return self._files[name]
 
-    def _chunk(self, record: dict[str, Any]) -> memoryview:
-        return self._mapped(record["file"])[record["offset"] : record["offset"] + record["length"]]
+    def _read_chunk(self, record: dict[str, Any]) -> torch.Tensor:
+        """The bytes of one stored chunk, read into memory of their own (large sequential
+        reads: the files were written with direct I/O and are usually not cached)."""
+        buffer = torch.empty(record["length"], dtype=torch.uint8)
+        if record["length"]:
+            view = st.tensor_bytes(buffer)
+            fd = self._open(record["file"])
+            st._preadv_all(fd, [view], record["offset"], self.path / record["file"])
+        return buffer
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        checked: set[tuple[str, int]] = set()
         for item in plan.items:
             record = self._storage[item.storage_index]
             where = (record["file"], record["offset"])
-            if where in checked:
+            if where in self._chunks:
                 continue
-            try:
-                view = self._chunk(record)
-            except FileNotFoundError:
-                raise ChecksumMismatchError(
-                    f"{self.path / record['file']} is missing; the step is damaged"
-                ) from None
-            if self.verify and xxhash.xxh3_128_hexdigest(view) != record["hash"]:
+            chunk = self._read_chunk(record)
+            if self.verify and xxhash.xxh3_128_hexdigest(st.tensor_bytes(chunk)) != record["hash"]:
                 raise ChecksumMismatchError(
                     f"{self.path / record['file']}: the bytes of {item.storage_index.fqn!r} "
                     "do not match their xxh3_128 hash (corrupted); the step is damaged"
                 )
-            checked.add(where)
+            self._chunks[where] = chunk
+        self._close_files()
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
@@ -193,14 +200,21 @@ class TorchkeepStorageReader(StorageReader):
         return future
 
     def _stored(self, record: dict[str, Any]) -> torch.Tensor:
+        """A verified chunk (read by prepare_local_plan) as a tensor of its dtype and shape."""
         dtype: torch.dtype = record["dtype"]
+        raw = self._chunks[(record["file"], record["offset"])]
         if not record["length"]:
             return torch.empty(record["sizes"], dtype=dtype)
-        raw = torch.frombuffer(self._chunk(record), dtype=torch.uint8)
         return raw.view(dtype).reshape(record["sizes"])
 
+    def _close_files(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
     def _close(self) -> None:
-        self._maps.clear()  # tensors made from the maps were copied out; maps close on GC
+        self._close_files()
+        self._chunks.clear()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
