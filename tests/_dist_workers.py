@@ -33,6 +33,19 @@ class Holder:
         self.w = state["w"]
 
 
+class Seen:
+    """A per-rank stateful object (how many samples this rank has seen)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.n = state["n"]
+
+
 def init(rank: int, world: int, ctx: dict[str, Any]) -> None:
     dist.init_process_group(
         "gloo",
@@ -156,7 +169,7 @@ def save_many(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     p = parts(world, "fsdp2")
     torch.manual_seed(100 + rank)
     train(p, 2)
-    mgr = tk.CheckpointManager(out / "ckpt", keep_last=None)
+    mgr = tk.CheckpointManager(out / "ckpt", keep_last=None, per_rank=["seen"])
     report["own_group"] = mgr._session.group is not dist.group.WORLD  # type: ignore[union-attr]
     # a replicated entry that differs on rank 1
     bad = {"lr_note": 0.5 + (rank == 1)}
@@ -165,7 +178,13 @@ def save_many(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     except tk.UnsupportedValueError as exc:
         report["mismatch"] = str(exc)
     # step 3: model, optimizer, scheduler, the DTensor holder, a value, metrics
-    kw = dict(model=p["model"], optimizer=p["optimizer"], scheduler=p["scheduler"], tp=p["tp"])
+    kw = dict(
+        model=p["model"],
+        optimizer=p["optimizer"],
+        scheduler=p["scheduler"],
+        tp=p["tp"],
+        seen=Seen(10 * rank),
+    )
     save_file({"rng": torch.get_rng_state()}, str(rng_file(out, 3, rank)))
     mgr.save(3, metrics={"loss": 0.5}, epoch=1, **kw)
     ref3 = full_state(p)
@@ -245,6 +264,15 @@ def restore_check(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
         if world == ctx.get("saved_world"):
             saved = load_file(str(rng_file(out, restored.step, rank)))["rng"]
             entry["rng_equal"] = torch.equal(torch.get_rng_state(), saved)
+        if ctx.get("seen"):  # the per-rank entry
+            seen = Seen(-1)
+            try:
+                mgr.restore(seen=seen)
+                entry["seen"] = seen.n
+            except tk.StateDictMismatchError as exc:
+                entry["seen"] = "refused" if "allow_world_size_change" in str(exc) else str(exc)
+                mgr.restore(seen=seen, allow_world_size_change=True)
+                entry["seen_after_allow"] = seen.n
         if ctx.get("explicit") and name != "ckpt":
             fresh = parts(world, mode, zeros=True)
             untouched = full_state(fresh)

@@ -65,13 +65,14 @@ def test_restore_on_four_ranks_with_rng_and_bit_exact_resume(
 ) -> None:
     out, _ = saved
     ctx = {"out": str(out), "dirs": [("ckpt", "ref5.safetensors")], "saved_world": 4}
-    results = harness.run("restore_check", 4, {**ctx, "resume": True}).ok()
+    results = harness.run("restore_check", 4, {**ctx, "resume": True, "seen": True}).ok()
     for rank, report in results.items():
         entry = report["ckpt"]
         assert entry["step"] == 5
         assert entry["epoch"] == 2
         assert entry["mismatch"] == [], rank
         assert entry["rng_equal"], rank  # each rank's own generator state
+        assert entry["seen"] == 10 * rank  # per_rank= entries come back per rank
         assert not entry["skipped"]
         # 3 more steps after the restore end bit-identical to the straight run
         assert entry["resume_mismatch"] == [], rank
@@ -113,13 +114,16 @@ def test_restore_on_two_ranks_resharded_and_damaged_steps_fall_back(
     out, _ = saved
     dirs = [("ckpt", "ref5.safetensors"), *_damaged_copies(out)]
     results = harness.run(
-        "restore_check", 2, {"out": str(out), "dirs": dirs, "explicit": True}
+        "restore_check", 2, {"out": str(out), "dirs": dirs, "explicit": True, "seen": True}
     ).ok()
     for rank, report in results.items():
         assert report["ckpt"]["step"] == 5
         assert report["ckpt"]["mismatch"] == [], rank
         # another world size: the generators are left alone, with a warning
         assert report["ckpt"]["rng_warning"]
+        # a per_rank= entry on another world size: refused unless allowed (then left alone)
+        assert report["ckpt"]["seen"] == "refused"
+        assert report["ckpt"]["seen_after_allow"] == -1
         for kind, _ in dirs[1:]:
             entry = report[kind]
             assert entry["step"] == 3, (kind, rank)  # every rank fell back together

@@ -472,6 +472,9 @@ class CheckpointManager:
             restore_rng: put the random generators back as they were at the save.
             strict: a model must have exactly the saved keys and dtypes; ``False`` restores
                 the keys both have and converts dtypes (shapes must always match).
+            allow_world_size_change: in a distributed job, restore a step saved by another
+                number of ranks even though ``per_rank`` entries passed here cannot be
+                restored (they are left as they are).
 
         Returns:
             A :class:`Restored` with the step, its metrics and the plain values saved with it.

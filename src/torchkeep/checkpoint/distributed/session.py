@@ -269,13 +269,15 @@ class DistributedSession:
         steps, fallback = collective.broadcast(listing, self.group)
         for _step, path in steps:
             path = Path(path)
-            loaded = self._try(path, targets, strict=strict, fallback=fallback)
+            loaded = self._try(
+                path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change
+            )
             if loaded is None:
                 continue
             manifest, state, templates, values = loaded
             return self._apply(
                 path, manifest, state, templates, values, targets,
-                restore_rng=restore_rng, allow_world_size_change=allow_world_size_change,
+                restore_rng=restore_rng,
             )  # fmt: skip
         from ...errors import CheckpointNotFoundError
 
@@ -286,7 +288,13 @@ class DistributedSession:
         )
 
     def _try(
-        self, path: Path, targets: Mapping[str, Any], *, strict: bool, fallback: bool
+        self,
+        path: Path,
+        targets: Mapping[str, Any],
+        *,
+        strict: bool,
+        fallback: bool,
+        allow: bool,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
         """Read, check and load one step into fresh templates; None to try the next one."""
         error: BaseException | None = None
@@ -310,7 +318,9 @@ class DistributedSession:
         templates: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {}
         try:
-            templates, values = self._templates(path, manifest, state, targets, strict=strict)
+            templates, values = self._templates(
+                path, manifest, state, targets, strict=strict, allow_world_size_change=allow
+            )
         except Exception as exc:  # a mismatch on any rank: every rank raises, nothing changed
             error = exc
         collective.agree(error, self.group, f"the restore of {path}")
@@ -353,6 +363,7 @@ class DistributedSession:
         targets: Mapping[str, Any],
         *,
         strict: bool,
+        allow_world_size_change: bool,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors DCP loads into (live sharded state, fresh memory for the rest), checked
         against the step's index first; and the replicated entries' values built on them."""
@@ -394,6 +405,13 @@ class DistributedSession:
                 "restoring optimizer= in a distributed step needs model= too"
             )
         same_world = state["world_size"] == self.world_size
+        per_rank = sorted(n for n in targets if entries[n]["scope"] == "per_rank")
+        if per_rank and not same_world and not allow_world_size_change:
+            raise StateDictMismatchError(
+                f"cannot restore {path}: nothing was changed; entries {per_rank} were saved per "
+                f"rank by {state['world_size']} ranks and this job has {self.world_size}. Pass "
+                "allow_world_size_change=True to leave them as they are"
+            )
         for name, entry in entries.items():
             if entry["scope"] == "sharded":
                 if name not in SHARDED_SLOTS and name in targets:
@@ -437,18 +455,9 @@ class DistributedSession:
         targets: Mapping[str, Any],
         *,
         restore_rng: bool,
-        allow_world_size_change: bool,
     ) -> RestoredState:
         entries = state["entries"]
         saved_world = state["world_size"]
-        if saved_world != self.world_size:
-            per_rank = sorted(n for n in targets if entries[n]["scope"] == "per_rank")
-            if per_rank and not allow_world_size_change:
-                raise StateDictMismatchError(
-                    f"cannot restore {path}: entries {per_rank} were saved per rank by "
-                    f"{saved_world} ranks and this job has {self.world_size}; pass "
-                    "allow_world_size_change=True to leave them as they are"
-                )
         model = targets.get("model")
         if model is not None:
             sharded: dict[str, Any] = {}

@@ -12,6 +12,7 @@ run by DCP only when every rank's ``write_data`` succeeded) writes ``state.json`
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import json
@@ -41,8 +42,6 @@ from .segments import SegmentHasher, cut_points
 
 def _placed_spans(placed: list[tuple[str, torch.Tensor, int, int]], header: bytes) -> Any:
     """The memory of a shard file: the header, then each placed tensor's bytes."""
-    import ctypes
-
     buffer = bytearray(header)
     yield ctypes.addressof(ctypes.c_char.from_buffer(buffer)), len(buffer)
     for _key, tensor, begin, end in placed:
