@@ -225,7 +225,7 @@ class NoPickleLoadPlanner(DefaultLoadPlanner):
     """DCP's ``DefaultLoadPlanner`` that refuses byte items instead of unpickling them.
 
     DCP stores non-tensor values as ``torch.save`` bytes and loads them with
-    ``torch.load(weights_only=False)``; this planner raises
+    an unrestricted ``torch.load``; this planner raises
     :class:`~torchkeep.UnsafeCheckpointError` instead (torchkeep steps hold no byte items).
     """
 
