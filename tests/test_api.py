@@ -25,6 +25,7 @@ PUBLIC = {
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError", "ResourceLimitError", "IntegrationError",
     "BuilderNameError",
+    "DistributedCheckpointError",
     "__version__",
 }  # fmt: skip
 
@@ -66,6 +67,7 @@ BUILTIN_BASE = {
     "UnsafeBundleError": ValueError,
     "InvalidDocumentError": ValueError,
     "ResourceLimitError": ValueError,
+    "DistributedCheckpointError": RuntimeError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
 }
 
