@@ -24,6 +24,7 @@ PUBLIC = {
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError", "ResourceLimitError",
+    "CachePolicyError",
     "__version__",
 }  # fmt: skip
 
@@ -64,6 +65,7 @@ BUILTIN_BASE = {
     "InvalidDocumentError": ValueError,
     "ResourceLimitError": ValueError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
+    "CachePolicyError": ValueError,
 }
 
 

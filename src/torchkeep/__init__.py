@@ -3,6 +3,7 @@
 from ._version import __version__
 from .checkpoint import CheckpointManager, Restored
 from .errors import (
+    CachePolicyError,
     CheckpointBusyError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -33,6 +34,7 @@ from .verify import VerifyReport, verify
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
 __all__ = [
+    "CachePolicyError",
     "CheckpointBusyError",
     "CheckpointManager",
     "CheckpointNotFoundError",

@@ -104,6 +104,10 @@ class UnsupportedValueError(TorchkeepError, TypeError):
     """A value in training state cannot be stored without pickle; the message names its path."""
 
 
+class CachePolicyError(TorchkeepError, ValueError):
+    """A ``cache=`` argument names no cache policy (``"keep"``, ``"drop"`` or ``"auto"``)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for summaries.
 

@@ -27,6 +27,7 @@ from ..errors import (
     first_line,
 )
 from ..paths import lookup
+from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import remove_stale_temps, temp_sibling
 from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
@@ -107,6 +108,13 @@ class CheckpointManager:
             the background.
         save_rng: capture the random generators (Python, NumPy, torch CPU and CUDA) with
             every step and restore them on ``restore``.
+        cache: what saves leave in the page cache: ``"auto"`` keeps the newest step cached
+            (a restore right after a save reads memory) and evicts the one before it,
+            ``"keep"`` leaves every step cached, ``"drop"`` writes with direct I/O and caches
+            nothing. Every policy is equally durable.
+
+    Raises:
+        CachePolicyError: ``cache`` names no policy.
 
     Example:
         >>> with tk.CheckpointManager("ckpt", keep_last=2) as mgr:
@@ -127,8 +135,10 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         save_rng: bool = True,
+        cache: CachePolicy = "auto",
     ) -> None:
         self.directory = Path(directory)
+        self.cache = check_cache_policy(cache)
         settings = {
             "keep_last": keep_last,
             "keep_best": keep_best,
@@ -272,6 +282,7 @@ class CheckpointManager:
             entries,
             overwrite=overwrite,
             manifest_fields={**fields, "retention": self._retention_config},
+            cache=self.cache,
         )
         self._apply_retention(step)
 

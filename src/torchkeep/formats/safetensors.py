@@ -25,7 +25,9 @@ import torch
 
 from ..errors import CorruptFileError, UnsupportedValueError
 from ..hashing import Hasher
-from ..storage.stream import Span, enable_direct_io, write_stream
+from ..storage.cache import CachePolicy, check_cache_policy, keeps_cached
+from ..storage.reading import FileEndedError, RangeReader
+from ..storage.stream import Span, write_stream
 
 MAX_HEADER_BYTES = 100_000_000
 _MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
@@ -237,18 +239,23 @@ def write_file(
     *,
     metadata: Mapping[str, str] | None = None,
     hasher: Hasher | None = None,
+    cache: CachePolicy = "auto",
 ) -> int:
     """Write ``tensors`` (already deduplicated and validated) to the new, empty file ``f``.
 
-    The file is written with direct I/O where the filesystem allows (see
-    :mod:`torchkeep.storage.stream`); the caller fsyncs it. ``metadata`` goes to
-    ``__metadata__``; ``hasher``, when given, sees every byte written.
+    The file is streamed as described in :mod:`torchkeep.storage.stream`, through the page cache
+    or around it as ``cache`` decides (:mod:`torchkeep.storage.cache`); the caller fsyncs it.
+    ``metadata`` goes to ``__metadata__``; ``hasher``, when given, sees every byte written.
 
     Returns:
         The file's size in bytes.
+
+    Raises:
+        CachePolicyError: ``cache`` names no policy (checked before anything is written).
     """
-    enable_direct_io(f.fileno())
-    return write_stream(f.fileno(), encode(tensors, metadata or {}), hasher)
+    keep = keeps_cached(check_cache_policy(cache), sum(t.nbytes for t in tensors.values()))
+    spans = encode(tensors, metadata or {})
+    return write_stream(f.fileno(), spans, hasher, keep_cached=keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,9 +491,10 @@ def _direct_target(entry: TensorEntry, target: torch.Tensor) -> bool:
 def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
     """Copy the stored tensors named in ``targets`` into those tensors' memory.
 
-    Shapes must already match. CPU targets of the stored dtype are filled with ``preadv``
-    directly (no intermediate copy, large reads split between threads); others are copied from
-    a memory map, converting dtype.
+    Shapes must already match. CPU targets of the stored dtype are filled by
+    :class:`~torchkeep.storage.reading.RangeReader` (from the page cache where the file is
+    cached, else with direct I/O; large reads split between threads); others are copied from a
+    memory map, converting dtype.
     """
     direct: list[tuple[TensorEntry, torch.Tensor]] = []
     converted: list[tuple[TensorEntry, torch.Tensor]] = []
@@ -494,9 +502,10 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
         entry = header.entries[header.aliases.get(name, name)]
         (direct if _direct_target(entry, target) else converted).append((entry, target))
     reads = _plan_reads(sorted(direct, key=lambda pair: pair[0].begin))
-    with open(header.path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        _run_parallel([functools.partial(_preadv_all, fd, *read, header.path) for read in reads])
+    with RangeReader(header.path) as reader:
+        _run_parallel(
+            [functools.partial(_read_range, reader, *read, header.path) for read in reads]
+        )
     if converted:
         view = _viewer(_map_file(header))
         with torch.no_grad():
@@ -550,17 +559,11 @@ def _run_parallel(calls: list[Callable[[], None]]) -> None:
             future.result()
 
 
-def _preadv_all(fd: int, buffers: list[memoryview], offset: int, path: Path) -> None:
-    while buffers:
-        got = os.preadv(fd, buffers, offset)
-        if got == 0:
-            raise _corrupt(path, "the file ended early (was it truncated while being read?)")
-        offset += got
-        while buffers and got >= len(buffers[0]):
-            got -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and got:
-            buffers[0] = buffers[0][got:]
+def _read_range(reader: RangeReader, buffers: list[memoryview], offset: int, path: Path) -> None:
+    try:
+        reader.read(buffers, offset)
+    except FileEndedError:
+        raise _corrupt(path, "the file ended early (was it truncated while being read?)") from None
 
 
 def summarize_dtypes(tensors: Iterable[torch.Tensor]) -> str:

@@ -33,6 +33,7 @@ from ..manifest import (
     write_tensors,
 )
 from ..paths import write_target
+from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import staged_directory
 from ..weights import load_weights, safetensors_payload
 from .capture import captured_init_args, decode, encode, required_parameters
@@ -125,6 +126,7 @@ def save_model(
     *,
     example_inputs: torch.Tensor | Sequence[Any] | None = None,
     init_args: Mapping[str, Any] | None = None,
+    cache: CachePolicy = "auto",
 ) -> Path:
     """Save a whole model as a bundle directory: class, constructor arguments, weights.
 
@@ -140,11 +142,14 @@ def save_model(
             size works (batch 1 included).
         init_args: constructor keyword arguments (JSON values). Needed when the class does
             not derive from :class:`Keepable` and its ``__init__`` has required parameters.
+        cache: what the save leaves in the page cache, as for :func:`save_weights`
+            (``"keep"``, ``"drop"`` or ``"auto"``); equally durable either way.
 
     Returns:
         The bundle path.
 
     Raises:
+        CachePolicyError: ``cache`` names no policy.
         InitArgsError: constructor arguments are missing or not JSON (the message names them).
         ExportError: ``torch.export`` cannot export the model.
 
@@ -152,6 +157,7 @@ def save_model(
         >>> tk.save_model(model, "net.bundle", example_inputs=torch.randn(1, 3, 32, 32))
     """
     path = Path(path)
+    cache = check_cache_policy(cache)
     init = _init_config(model, init_args)
     _check_rebuilds(model, init)
     state = model.state_dict()
@@ -164,7 +170,7 @@ def save_model(
     unique, metadata = safetensors_payload(state)
     with staged_directory(path, overwrite=True) as staging:
         files: dict[str, FileRecord] = {
-            WEIGHTS_NAME: write_tensors(staging / WEIGHTS_NAME, unique, metadata),
+            WEIGHTS_NAME: write_tensors(staging / WEIGHTS_NAME, unique, metadata, cache=cache),
             CONFIG_NAME: write_json(staging / CONFIG_NAME, config),
         }
         if program is not None:
