@@ -174,6 +174,25 @@ def test_auto_keeps_unless_the_file_exceeds_half_the_available_memory(
     assert _resident_share(large) < 0.1
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_auto_writes_the_rest_direct_once_the_page_cache_is_slow(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    # The rate is measured on the file's own writes; pin the bar so the test does not depend on
+    # this machine's speed: nothing is fast enough for an infinite bar, anything is for zero.
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf") if slow else 0.0)
+    torch.manual_seed(4)
+    state = {"a": torch.randn(12, 1 << 20), "b": torch.randn(1001)}  # 48 MiB: 6 blocks
+    path = direct_dir / "w.safetensors"
+    record(direct_dir, lambda: tk.save_weights(state, path))
+    measured = stream._MEASURED_BLOCKS * stream.CHUNK_BYTES / path.stat().st_size
+    if slow:  # the first blocks went through the cache, the rest around it
+        assert measured - 0.05 < _resident_share(path) < measured + 0.05
+    else:
+        assert _resident_share(path) > 0.9
+    assert_state_equal(tk.load_state_dict(path), state)  # whole and exact either way
+
+
 def test_auto_checkpoints_keep_only_the_newest_step_cached(direct_dir: Path) -> None:
     mgr = tk.CheckpointManager(direct_dir, keep_last=None)
     model = nn.Linear(1024, 1024)

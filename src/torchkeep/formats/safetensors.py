@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CorruptFileError, UnsupportedValueError
 from ..hashing import Hasher
-from ..storage.cache import CachePolicy, check_cache_policy, keeps_cached
+from ..storage.cache import CachePolicy, check_cache_policy, write_mode
 from ..storage.reading import FileEndedError, RangeReader
 from ..storage.stream import Span, write_stream
 
@@ -253,9 +253,8 @@ def write_file(
     Raises:
         CachePolicyError: ``cache`` names no policy (checked before anything is written).
     """
-    keep = keeps_cached(check_cache_policy(cache), sum(t.nbytes for t in tensors.values()))
-    spans = encode(tensors, metadata or {})
-    return write_stream(f.fileno(), spans, hasher, keep_cached=keep)
+    mode = write_mode(check_cache_policy(cache), sum(t.nbytes for t in tensors.values()))
+    return write_stream(f.fileno(), encode(tensors, metadata or {}), hasher, mode=mode)
 
 
 # --------------------------------------------------------------------------------------------
