@@ -127,9 +127,9 @@ def summarize(runs: Sequence[Measurement]) -> Summary:
     return Summary(statistics.median(seconds), peak, seconds)
 
 
-def repeat(target: str, *, times: int, cold: bool = False, **kwargs: object) -> Summary:
+def repeat(target: str, *, times: int, **kwargs: object) -> Summary:
     """Measure ``target`` ``times`` times, each in its own process; return the medians."""
-    return summarize([measure(target, cold=cold, **kwargs) for _ in range(times)])
+    return summarize([measure(target, **kwargs) for _ in range(times)])
 
 
 def can_drop_caches() -> bool:
@@ -208,19 +208,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark script accepts (``run.py`` passes them through)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per operation (median)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder for the files")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     return parser
-
-
-def resolve_cold(requested: bool) -> bool:
-    """Whether to run cold, saying so when cold was asked for but is not permitted."""
-    if requested and not can_drop_caches():
-        print("note: --cold needs root to write /proc/sys/vm/drop_caches; running warm instead")
-        return False
-    return requested
 
 
 @dataclass(frozen=True)
