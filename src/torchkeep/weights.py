@@ -170,9 +170,10 @@ def save_weights(
         metadata: string key/value pairs stored in the safetensors header.
         cache: what the save leaves in the page cache: ``"keep"`` (a load right after reads
             memory), ``"drop"`` (direct I/O: nothing cached, nothing else evicted) or
-            ``"auto"`` (keep unless the file exceeds half the available memory). Every
-            policy is equally durable. A ``torch.save`` file is always written through the
-            cache.
+            ``"auto"`` (keep while the page cache takes the bytes as fast as direct I/O
+            would, then drop; drop from the start for a file over half the available
+            memory). Every policy is equally durable. A ``torch.save`` file is always
+            written through the cache.
 
     Returns:
         The path written.

@@ -109,9 +109,10 @@ class CheckpointManager:
         save_rng: capture the random generators (Python, NumPy, torch CPU and CUDA) with
             every step and restore them on ``restore``.
         cache: what saves leave in the page cache: ``"auto"`` keeps the newest step cached
-            (a restore right after a save reads memory) and evicts the one before it,
-            ``"keep"`` leaves every step cached, ``"drop"`` writes with direct I/O and caches
-            nothing. Every policy is equally durable.
+            while the page cache takes it as fast as direct I/O would (a restore right after
+            a save reads memory) and evicts the step before it, ``"keep"`` leaves every step
+            cached, ``"drop"`` writes with direct I/O and caches nothing. Every policy is
+            equally durable.
 
     Raises:
         CachePolicyError: ``cache`` names no policy.
