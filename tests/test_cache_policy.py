@@ -267,3 +267,31 @@ def test_a_truncated_weights_file_is_refused_by_torchkeep(direct_dir: Path) -> N
         f.truncate(path.stat().st_size - 4096)
     with pytest.raises(tk.CorruptFileError):
         tk.load_weights(model, path)
+
+
+@pytest.mark.parametrize("cache", ["drop", "keep"])
+def test_restoring_a_step_is_exact_whether_or_not_it_is_cached(
+    direct_dir: Path, cache: str
+) -> None:
+    mgr = tk.CheckpointManager(direct_dir, cache=cache)  # type: ignore[arg-type]
+    model = nn.Linear(1024, 1030)
+    mgr.save(1, model=model, epoch=1)
+    fresh = nn.Linear(1024, 1030)
+    assert mgr.restore(model=fresh).extra["epoch"] == 1
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+    if cache == "drop":  # read whole with direct I/O, around the cache
+        assert _resident_share(direct_dir / "step-00000001" / "model.safetensors") < 0.1
+
+
+def test_a_corrupted_uncached_step_is_refused(direct_dir: Path) -> None:
+    mgr = tk.CheckpointManager(direct_dir, cache="drop")
+    mgr.save(1, model=nn.Linear(1024, 1024))
+    path = direct_dir / "step-00000001" / "model.safetensors"
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 100)
+        f.write(b"\xff" * 8)
+        f.flush()
+        os.fsync(f.fileno())
+    _evict(path)
+    with pytest.raises(tk.CheckpointNotFoundError):  # the only step fails its hash
+        mgr.restore(model=nn.Linear(1024, 1024))

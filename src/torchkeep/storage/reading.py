@@ -127,6 +127,10 @@ class RangeReader:
             os.close(self._direct_fd)
             self._direct_fd = None
 
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """True when ``[offset, offset + nbytes)`` is wholly in the page cache (or unknown)."""
+        return self._residency.cached(offset, nbytes)
+
     def read(self, buffers: list[memoryview], offset: int) -> None:
         """Fill ``buffers`` (writable byte views) with the file's bytes from ``offset`` on.
 
@@ -134,7 +138,7 @@ class RangeReader:
             FileEndedError: the file ends before the buffers are full.
         """
         nbytes = sum(len(buffer) for buffer in buffers)
-        if self._direct_fd is not None and not self._residency.cached(offset, nbytes):
+        if self._direct_fd is not None and not self.cached(offset, nbytes):
             buffers, offset = self._read_direct(buffers, offset)
         while buffers:
             got = os.preadv(self._fd, buffers, offset)
