@@ -41,6 +41,13 @@ os.sync()
 if spec["cold"]:
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
+for root in spec["warm"]:  # read every file once, so the page cache holds it all
+    names = [root] if os.path.isfile(root) else [
+        os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns]
+    for name in names:
+        with open(name, "rb", buffering=0) as f:
+            while f.read(8 << 20):
+                pass
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -82,13 +89,17 @@ class Summary:
         return (max(self.runs) - min(self.runs)) / self.seconds if self.seconds else 0.0
 
 
-def measure(target: str, *, cold: bool = False, **kwargs: object) -> Measurement:
+def measure(
+    target: str, *, cold: bool = False, warm: Sequence[str] = (), **kwargs: object
+) -> Measurement:
     """Run the operation ``target`` (``"module:factory"``) once in a fresh Python process.
 
     Args:
         target: a module importable from ``benchmarks/`` and a factory in it; the factory gets
             ``kwargs`` and returns the zero-argument callable to time.
         cold: drop the page cache (needs root) after preparing and before timing.
+        warm: files or folders to read whole after preparing and before timing, so that the
+            page cache holds them.
         **kwargs: JSON-serialisable arguments for the factory.
 
     Returns:
@@ -99,7 +110,7 @@ def measure(target: str, *, cold: bool = False, **kwargs: object) -> Measurement
         ...         quick=True)
     """
     path = [str(BENCH_DIR), str(SRC_DIR)]
-    spec = {"path": path, "target": target, "kwargs": kwargs, "cold": cold}
+    spec = {"path": path, "target": target, "kwargs": kwargs, "cold": cold, "warm": list(warm)}
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True
     )
@@ -109,12 +120,16 @@ def measure(target: str, *, cold: bool = False, **kwargs: object) -> Measurement
     return Measurement(result["seconds"], result["peak_rss"])
 
 
-def repeat(target: str, *, times: int, cold: bool = False, **kwargs: object) -> Summary:
-    """Measure ``target`` ``times`` times, each in its own process; return the medians."""
-    runs = [measure(target, cold=cold, **kwargs) for _ in range(times)]
+def summarize(runs: Sequence[Measurement]) -> Summary:
+    """Medians of ``runs`` of one operation."""
     seconds = [run.seconds for run in runs]
     peak = int(statistics.median(run.peak_rss for run in runs))
     return Summary(statistics.median(seconds), peak, seconds)
+
+
+def repeat(target: str, *, times: int, **kwargs: object) -> Summary:
+    """Measure ``target`` ``times`` times, each in its own process; return the medians."""
+    return summarize([measure(target, **kwargs) for _ in range(times)])
 
 
 def can_drop_caches() -> bool:
@@ -127,34 +142,88 @@ def can_drop_caches() -> bool:
     return True
 
 
+AFTER_SAVE, COLD, WARM = "right after save", "cold", "warm"
+STATES = (AFTER_SAVE, COLD, WARM)
+"""The page-cache states a load is measured in: the file as its own save left the cache, the
+page cache dropped (root only), and the file read once before."""
+
+
+def cold_note() -> str | None:
+    """Why cold loads cannot be measured here, or None when they can."""
+    if can_drop_caches():
+        return None
+    return (
+        "cold rows skipped: dropping the page cache needs root (write access to "
+        f"{DROP_CACHES}); run as root to measure them"
+    )
+
+
+class StateRuns:
+    """Collects the runs of each (case, operation, state, tool), in any order, for medians."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, str, str, str], list[Measurement]] = {}
+        self._bytes: dict[str, int] = {}
+
+    def add(
+        self, case: str, nbytes: int, operation: str, state: str, tool: str, run: Measurement
+    ) -> None:
+        """Record one run."""
+        self._bytes[case] = nbytes
+        self._runs.setdefault((case, operation, state, tool), []).append(run)
+
+    def results(self) -> list[Result]:
+        """Medians per (case, operation, state, tool), in the order first recorded."""
+        return [
+            Result(case, operation, tool, self._bytes[case], summarize(runs), state)
+            for (case, operation, state, tool), runs in self._runs.items()
+        ]
+
+
+def print_states(title: str, results: Sequence[Result], tools: Sequence[str]) -> None:
+    """One row per (case, operation, state): each tool's median time, the first tool's speed
+    ratio to each other tool (other time / first time: above 1 means the first is faster) and
+    each tool's peak extra memory."""
+    peers = tools[1:]
+    found = {(r.case, r.operation, r.state, r.tool): r.summary for r in results}
+    rows = list(dict.fromkeys((r.case, r.operation, r.state) for r in results))
+    table = Table(title=title, title_justify="left")
+    for column in ["case", "operation", "cache state"]:
+        table.add_column(column)
+    for column in [*(f"{t} s" for t in tools), *(f"vs {p}" for p in peers), "peak MiB", "spread"]:
+        table.add_column(column, justify="right")
+    for case, operation, state in rows:
+        got = [found.get((case, operation, state, tool)) for tool in tools]
+        times = [f"{s.seconds:.3f}" if s else "—" for s in got]
+        first = got[0]
+        ratios = [ratio(s.seconds, first.seconds) if s and first else "—" for s in got[1:]]
+        peaks = " / ".join(f"{s.peak_rss / 2**20:.0f}" if s else "—" for s in got)
+        spread = max((s.spread for s in got if s), default=0.0)
+        table.add_row(case, operation, state, *times, *ratios, peaks, f"{spread:.0%}")
+    Console(width=200, highlight=False).print(table)
+    print(f"peak MiB: extra resident memory, {' / '.join(tools)}; spread: (max - min) / median")
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     """The options every benchmark script accepts (``run.py`` passes them through)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per operation (median)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder for the files")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     return parser
 
 
-def resolve_cold(requested: bool) -> bool:
-    """Whether to run cold, saying so when cold was asked for but is not permitted."""
-    if requested and not can_drop_caches():
-        print("note: --cold needs root to write /proc/sys/vm/drop_caches; running warm instead")
-        return False
-    return requested
-
-
 @dataclass(frozen=True)
 class Result:
-    """One operation of one tool on one case, measured."""
+    """One operation of one tool on one case, measured (in one page-cache ``state``)."""
 
     case: str
     operation: str
     tool: str
     nbytes: int
     summary: Summary
+    state: str = ""
 
 
 def ratio(peer_seconds: float | None, seconds: float) -> str:

@@ -1,21 +1,21 @@
 """Training checkpoints: torchkeep's CheckpointManager against the tutorial's torch.save dict.
 
-    python benchmarks/bench_checkpoint.py [--gib 1.0] [--repeat 3] [--dir DIR] [--quick]
+    python benchmarks/bench_checkpoint.py [--gib 1.0] [--repeat 3] [--dir DIR] [--quick] [--extras]
 
 A model of ``--gib`` GiB of float32 weights (square linear layers) with AdamW state (twice the
-weights), page cache warm, like for like:
+weights), each operation in a fresh process (see ``_harness``), like for like:
 
 - save: ``torch.save({"epoch", "model_state_dict", "optimizer_state_dict", "loss"})`` followed by
-  an fsync, against a durable synchronous ``mgr.save`` (hashes, fsync, atomic commit, RNG);
+  an fsync of the file and its folder, against a durable synchronous ``mgr.save`` (hashes,
+  fsync, atomic commit, RNG; the default ``cache="auto"``);
 - restore: ``torch.load`` + ``model.load_state_dict`` + ``optimizer.load_state_dict``, against
-  ``mgr.restore`` (every file's hash verified before anything is loaded), each after one
-  untimed restore so both files are in the page cache (torchkeep writes with direct I/O, which
-  leaves its files out of the cache; the first, cold restore is reported too);
-- async: the time ``save()`` blocks with ``async_save=True``, from the second save on;
-- hashes: throughput of candidate hashes on one core, and what hashing adds to a durable save
-  (the same save with a hasher that does nothing; it runs beside the disk writes).
+  ``mgr.restore`` (every file's hash verified before anything is loaded), in three page-cache
+  states: right after each tool's own save, cold (page cache dropped: root only) and warm;
+- with ``--extras``, in one process: the time ``save()`` blocks with ``async_save=True`` (from
+  the second save on), the throughput of candidate hashes on one core, and what hashing adds
+  to a durable save (the same save with a hasher that does nothing).
 
-Figures are the median of ``--repeats`` runs, in seconds.
+Figures are the median of ``--repeat`` runs, in seconds.
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ import xxhash
 from torch import nn
 
 import torchkeep as tk
-from _harness import common_parser
+from _harness import (
+    AFTER_SAVE,
+    COLD,
+    WARM,
+    Result,
+    StateRuns,
+    cold_note,
+    common_parser,
+    measure,
+    print_states,
+    write_json,
+)
 from torchkeep import manifest
 
 WIDTH = 4096  # one 4096x4096 float32 layer is 64 MiB
@@ -117,42 +128,104 @@ def hash_speeds(nbytes: int = 256 << 20) -> dict[str, float]:
     return {name: nbytes / median_time(fn, 3) / 1e9 for name, fn in candidates.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Measure save, restore and async saves against the tutorial's torch.save dict."""
+TOOLS = ("torchkeep", "torch")
+SAVE, RESTORE = "durable save", "restore"
+
+
+def _paths(folder: str) -> dict[str, Path]:
+    return {"torchkeep": Path(folder) / "ckpt", "torch": Path(folder) / "tutorial.pt"}
+
+
+def save_op(tool: str, folder: str, gib: float, step: int) -> Callable[[], None]:
+    """A durable checkpoint save of a freshly built model and optimizer (runs in a child)."""
+    model, optimizer = build(gib)
+    target = _paths(folder)[tool]
+    if tool == "torch":
+        target.unlink(missing_ok=True)
+        return lambda: torch_save(model, optimizer, target)
+    mgr = tk.CheckpointManager(target, keep_last=1)
+    return lambda: _ignore(
+        mgr.save(step, model=model, optimizer=optimizer, metrics={"loss": 0.5}, epoch=1)
+    )
+
+
+def restore_op(tool: str, folder: str, gib: float) -> Callable[[], None]:
+    """A restore into a model and optimizer of the same shapes (runs in a child)."""
+    model, optimizer = build(gib)
+    source = _paths(folder)[tool]
+    if tool == "torch":
+        return lambda: torch_restore(model, optimizer, source)
+    mgr = tk.CheckpointManager(source, keep_last=1)
+    return lambda: _ignore(mgr.restore(model=model, optimizer=optimizer))
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def measure_states(gib: float, repeats: int, folder: Path, states: list[str]) -> list[Result]:
+    """Save and restore with both tools, each restore in every cache state, fresh processes."""
+    nbytes = max(1, round(gib * 1024 / 64)) * (64 << 20) * 3  # weights + two AdamW moments
+    runs = StateRuns()
+    steps = iter(range(10**6))
+    case = f"{gib:g} GiB + AdamW"
+    for _ in range(repeats):
+        for tool in TOOLS:
+            args = {"tool": tool, "folder": str(folder), "gib": gib}
+            for state in states:
+                if state == AFTER_SAVE or not _paths(str(folder))[tool].exists():
+                    print(f"  {SAVE} {tool}", flush=True)
+                    run = measure("bench_checkpoint:save_op", step=next(steps), **args)
+                    runs.add(case, nbytes, SAVE, "", tool, run)
+                print(f"  {RESTORE} {state} {tool}", flush=True)
+                warm = [str(_paths(str(folder))[tool])] if state == WARM else []
+                run = measure("bench_checkpoint:restore_op", cold=state == COLD, warm=warm, **args)
+                runs.add(case, nbytes, RESTORE, state, tool, run)
+    return runs.results()
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Measure save and restore (three cache states) against the tutorial's torch.save dict."""
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default 1)")
+    parser.add_argument("--state", choices=[AFTER_SAVE, COLD, WARM], action="append")
+    parser.add_argument("--extras", action="store_true", help="also async save and hashing")
     args = parser.parse_args(argv)
+    states = args.state or [AFTER_SAVE, COLD, WARM]
+    note = cold_note()
+    if note and COLD in states:
+        print(f"note: {note}")
+        states.remove(COLD)
+    gib = 0.0625 if args.quick else args.gib
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        run(0.125 if args.quick else args.gib, args.repeat, workdir)
+        results = measure_states(gib, args.repeat, workdir, states)
+        print_states(f"checkpoints, median of {args.repeat} runs", results, TOOLS)
+        print(f"model {gib:g} GiB + AdamW state: {gib * 3:.2f} GiB in all")
+        if args.json:
+            write_json(args.json, results)
+        if args.extras:
+            extras(gib, args.repeat, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return results
 
 
-def run(gib: float, repeats: int, workdir: Path) -> None:
+def extras(gib: float, repeats: int, workdir: Path) -> None:
+    """Async save blocking time and hashing costs, measured in this process."""
     torch.set_num_threads(os.cpu_count() or 1)
     model, optimizer = build(gib)
     total = sum(p.numel() * 4 * 3 for p in model.parameters())
-    print(f"model {gib:g} GiB + AdamW state: {total / 2**30:.2f} GiB in all; {repeats} repeats")
-    pt = workdir / "tutorial.pt"
-    ckpt = workdir / "ckpt"
+    ckpt = workdir / "extras"
     step = iter(range(10**6))
 
     def tk_save() -> None:
         mgr = tk.CheckpointManager(ckpt, keep_last=1)
         mgr.save(next(step), model=model, optimizer=optimizer, metrics={"loss": 0.5}, epoch=1)
 
-    torch_save_s = median_time(lambda: torch_save(model, optimizer, pt), repeats)
     tk_save_s = median_time(tk_save, repeats)
     with mock.patch.object(manifest, "new_hasher", _NoHash):
         unhashed_save_s = median_time(tk_save, repeats)
-    tk_save(), torch_restore(model, optimizer, pt)  # warm-up: the peer's file is cached now
-    torch_load_s = median_time(lambda: torch_restore(model, optimizer, pt), repeats)
-    mgr = tk.CheckpointManager(ckpt, keep_last=1)
-    cold_load_s = median_time(lambda: mgr.restore(model=model, optimizer=optimizer), 1)
-    tk_load_s = median_time(lambda: mgr.restore(model=model, optimizer=optimizer), repeats)
-    pt.unlink()
-
     async_mgr = tk.CheckpointManager(workdir / "async", keep_last=1, async_save=True)
     async_mgr.save(0, model=model, optimizer=optimizer, epoch=0)  # first save allocates buffers
     counter = iter(range(1, 10**6))
@@ -162,22 +235,8 @@ def run(gib: float, repeats: int, workdir: Path) -> None:
         setup=async_mgr.wait,  # training time between saves: the previous save has finished
     )
     async_mgr.wait()
-
     speeds = hash_speeds()
-    rows = [
-        ("save, durable", torch_save_s, tk_save_s, f"{torch_save_s / tk_save_s:.2f}x faster"),
-        ("restore", torch_load_s, tk_load_s, f"{torch_load_s / tk_load_s:.2f}x faster"),
-        (
-            "async save: time blocked",
-            tk_save_s,
-            async_s,
-            f"{async_s / tk_save_s:.0%} of a sync save",
-        ),
-    ]
-    print(f"{'operation':<26} {'torch / sync':>12} {'torchkeep':>10}  result")
-    for name, peer, ours, verdict in rows:
-        print(f"{name:<26} {peer:>11.2f}s {ours:>9.2f}s  {verdict}")
-    print(f"first restore right after the save (torchkeep files not cached): {cold_load_s:.2f}s")
+    print(f"async save: save() blocks {async_s:.2f}s, {async_s / tk_save_s:.0%} of a sync save")
     print("hash throughput, one core: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in speeds.items()))
     print(
         f"durable torchkeep save without hashing: {unhashed_save_s:.2f}s (with: {tk_save_s:.2f}s;"

@@ -1,15 +1,18 @@
-"""torchkeep's weights layer against torch.save/torch.load and safetensors, side by side.
+"""torchkeep's weights layer against torch.save/torch.load and safetensors, in three cache states.
 
-Two cases: ``large`` (~1 GiB float32 in 32 tensors) and ``small`` (20,000 tensors, ~300 MiB).
-Each operation runs in a fresh process (see ``_harness``):
+Two cases: ``large`` (1 GiB: 16 float32 tensors of 4096 x 4096) and ``small`` (20,000 tensors,
+~300 MiB). Every operation runs in a fresh process (see ``_harness``):
 
-- save (fsync): durable saves; torchkeep's ``save_weights`` (temp file, fsync, rename) against
-  the peers' save followed by an fsync of the file;
-- save (no fsync): the same calls without any fsync, as the peers are usually run (torchkeep's
-  atomic write with its fsyncs switched off inside the benchmark process);
+- durable save: ``save_weights`` (temp file, fsync, rename; the default ``cache="auto"``)
+  against the peers' save followed by an fsync of the file; ``torchkeep drop`` is
+  ``save_weights(..., cache="drop")`` (direct I/O, nothing left in the page cache);
 - load into model: ``load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
 - lazy load + touch: ``load_state_dict(p)`` against the peers' loaders, each followed by a
   ``sum()`` of every tensor so lazily mapped data is really read.
+
+Each load is measured in three page-cache states: right after the save (each tool loads the
+file it has just saved, the cache as that save left it), cold (the page cache dropped first:
+root only, the rows are skipped otherwise) and warm (the file read once first).
 
 Run alone (``python benchmarks/bench_weights.py --quick``) or through ``benchmarks/run.py``.
 """
@@ -25,19 +28,36 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from _harness import Result, common_parser, print_results, repeat, resolve_cold, write_json
-from torchkeep import load_state_dict, load_weights, save_weights, weights
+from _harness import (
+    AFTER_SAVE,
+    COLD,
+    WARM,
+    Result,
+    StateRuns,
+    cold_note,
+    common_parser,
+    measure,
+    print_states,
+    write_json,
+)
+from torchkeep import load_state_dict, load_weights, save_weights
 from torchkeep.storage import local
 
-TOOLS = ("torchkeep", "torch", "safetensors")
-SUFFIX = {"torchkeep": ".safetensors", "torch": ".pt", "safetensors": ".st.safetensors"}
+TOOLS = ("torchkeep", "safetensors", "torch", "torchkeep drop")
+SUFFIX = {
+    "torchkeep": ".safetensors",
+    "torchkeep drop": ".drop.safetensors",
+    "torch": ".pt",
+    "safetensors": ".st.safetensors",
+}
+SAVE, LOAD_INTO, LAZY = "durable save", "load into model", "lazy load + touch"
 _SMALL_ROWS = (1, 32, 64, 96, 128, 48, 80, 16, 112, 37)  # x 64 float32: ~15.7 KB on average
 
 
 def shapes(case: str, quick: bool) -> list[tuple[int, ...]]:
-    """Tensor shapes of a case: ``large`` 32 x 32 MiB (1 MiB quick), ``small`` 20,000 (2,000)."""
+    """Tensor shapes of a case: ``large`` 16 x 64 MiB (2 MiB quick), ``small`` 20,000 (2,000)."""
     if case == "large":
-        return [(2048, 4096 if not quick else 128)] * 32
+        return [(4096 if not quick else 128, 4096)] * 16
     count = 2_000 if quick else 20_000
     return [(_SMALL_ROWS[i % len(_SMALL_ROWS)], 64) for i in range(count)]
 
@@ -71,22 +91,22 @@ def payload_bytes(case: str, quick: bool) -> int:
 # --- operations: each factory runs in a fresh process and returns the callable to time ---------
 
 
-def save(tool: str, path: str, case: str, quick: bool, durable: bool) -> Callable[[], None]:
-    """Save a model's state dict with ``tool`` to ``path`` (fsynced when ``durable``)."""
+def save(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
+    """Durably save a model's state dict with ``tool`` to ``path``."""
     model = build_model(case, quick)
     Path(path).unlink(missing_ok=True)
-    if not durable:  # the public call with its atomic write's fsyncs switched off
-        weights.atomic_file = functools.partial(local.atomic_file, durable=False)
     writers: dict[str, Callable[[], object]] = {
         "torchkeep": lambda: save_weights(model, path),
+        "torchkeep drop": lambda: save_weights(model, path, cache="drop"),
         "torch": lambda: torch.save(model.state_dict(), path),
         "safetensors": lambda: save_file(model.state_dict(), path),
     }
 
     def run() -> None:
         writers[tool]()
-        if durable and tool != "torchkeep":
+        if not tool.startswith("torchkeep"):  # torchkeep's save fsyncs the file and folder
             local.fsync_file(Path(path))
+            local.fsync_dir(Path(path).parent)
 
     return run
 
@@ -95,13 +115,13 @@ def load_into_model(tool: str, path: str, case: str, quick: bool) -> Callable[[]
     """Fill an existing model's parameters from ``path`` the way ``tool`` is used for that."""
     model = build_model(case, quick, filled=False)
     loaders: dict[str, Callable[[], object]] = {
-        "torchkeep": lambda: load_weights(model, path),
         "torch": lambda: model.load_state_dict(torch.load(path, weights_only=True)),
         "safetensors": lambda: model.load_state_dict(load_file(path)),
     }
+    load = loaders.get(tool, lambda: load_weights(model, path))
 
     def run() -> None:
-        loaders[tool]()
+        load()
 
     return run
 
@@ -109,13 +129,13 @@ def load_into_model(tool: str, path: str, case: str, quick: bool) -> Callable[[]
 def lazy_load(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
     """Load a state dict from ``path`` with ``tool``, then sum every tensor (reads all data)."""
     loaders: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-        "torchkeep": lambda: load_state_dict(path),
         "torch": lambda: torch.load(path, weights_only=True),
         "safetensors": lambda: load_file(path),
     }
+    load = loaders.get(tool, lambda: load_state_dict(path))
 
     def run() -> None:
-        for tensor in loaders[tool]().values():
+        for tensor in load().values():
             tensor.sum()
 
     return run
@@ -123,36 +143,72 @@ def lazy_load(tool: str, path: str, case: str, quick: bool) -> Callable[[], None
 
 # --- driver ------------------------------------------------------------------------------------
 
+_TARGETS = {LOAD_INTO: "bench_weights:load_into_model", LAZY: "bench_weights:lazy_load"}
+
+
+def _plan(tool: str, operations: list[str], states: list[str]) -> list[tuple[str, str]]:
+    """(operation, state) pairs to measure for ``tool``; ``torchkeep drop`` differs from
+    ``torchkeep`` only in how it saves, so it is loaded only right after its own save."""
+    if tool == "torchkeep drop":
+        states = [state for state in states if state == AFTER_SAVE]
+    return [(op, state) for state in states for op in operations]
+
+
+def run_case(
+    case: str,
+    *,
+    quick: bool,
+    repeats: int,
+    folder: Path,
+    operations: list[str],
+    states: list[str],
+    tools: list[str],
+) -> list[Result]:
+    """Measure every tool on ``case``: each load after its own fresh save, cold and warm."""
+    nbytes = payload_bytes(case, quick)
+    runs = StateRuns()
+    common = {"case": case, "quick": quick}
+    for _ in range(repeats):
+        for tool in tools:
+            path = str(folder / f"{case}{'-quick' if quick else ''}{SUFFIX[tool]}")
+            args = {"tool": tool, "path": path, **common}
+            for operation, state in _plan(tool, operations, states):
+                if state == AFTER_SAVE or not Path(path).exists():
+                    print(f"  {case:5} {SAVE:17} {tool}", flush=True)
+                    runs.add(case, nbytes, SAVE, "", tool, measure("bench_weights:save", **args))
+                print(f"  {case:5} {operation:17} {state:16} {tool}", flush=True)
+                warm = [path] if state == WARM else []
+                run = measure(_TARGETS[operation], cold=state == COLD, warm=warm, **args)
+                runs.add(case, nbytes, operation, state, tool, run)
+    return runs.results()
+
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    """Run every operation on both cases; print a table; return the results."""
+    """Run every operation on both cases in every cache state; print a table; return results."""
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["large", "small"], action="append", default=None)
-    parser.add_argument("--op", action="append", default=None, help="only operations named so")
+    parser.add_argument("--op", choices=[LOAD_INTO, LAZY], action="append", default=None)
+    parser.add_argument("--state", choices=[AFTER_SAVE, COLD, WARM], action="append")
+    parser.add_argument("--tool", choices=TOOLS, action="append", default=None)
     args = parser.parse_args(argv)
-    cold = resolve_cold(args.cold)
+    states = args.state or [AFTER_SAVE, COLD, WARM]
+    note = cold_note()
+    if note and COLD in states:
+        print(f"note: {note}")
+        states.remove(COLD)
     folder: Path = args.dir or Path(os.environ.get("TMPDIR", "/tmp")) / "torchkeep-bench"
     folder.mkdir(parents=True, exist_ok=True)
-    measured = functools.partial(repeat, times=args.repeat, cold=cold, quick=args.quick)
-    results: list[Result] = []
-    for case in args.case or ["large", "small"]:
-        nbytes = payload_bytes(case, args.quick)
-        files = {tool: str(folder / f"{case}{SUFFIX[tool]}") for tool in TOOLS}
-        plan = [
-            ("save (no fsync)", "bench_weights:save", {"durable": False}),
-            ("save (fsync)", "bench_weights:save", {"durable": True}),
-            ("load into model", "bench_weights:load_into_model", {}),
-            ("lazy load + touch", "bench_weights:lazy_load", {}),
-        ]
-        for operation, target, extra in plan:
-            if args.op and not any(part in operation for part in args.op):
-                continue
-            for tool in TOOLS:
-                print(f"  {case:5} {operation:17} {tool}", flush=True)
-                summary = measured(target, tool=tool, path=files[tool], case=case, **extra)
-                results.append(Result(case, operation, tool, nbytes, summary))
-    title = f"weights, {'cold' if cold else 'warm'} cache, median of {args.repeat} runs"
-    print_results(title, results, peers=TOOLS[1:])
+    run = functools.partial(
+        run_case,
+        quick=args.quick,
+        repeats=args.repeat,
+        folder=folder,
+        operations=args.op or [LOAD_INTO, LAZY],
+        states=states,
+        tools=args.tool or list(TOOLS),
+    )
+    results = [result for case in args.case or ["large", "small"] for result in run(case)]
+    print_states(f"weights, median of {args.repeat} runs", results, TOOLS)
     if args.json:
         write_json(args.json, results)
     return results

@@ -1,6 +1,6 @@
 """Run every ``benchmarks/bench_*.py`` (``make bench``), or those whose name contains a filter.
 
-Usage: ``python benchmarks/run.py [NAME ...] [--quick] [--cold] [--repeat N] [--json PATH]``.
+Usage: ``python benchmarks/run.py [NAME ...] [--quick] [--repeat N] [--json PATH]``.
 Options after the names are passed to each script's ``main``; ``--json PATH`` collects the
 results of all scripts in one file, keyed by script name.
 """

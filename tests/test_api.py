@@ -26,6 +26,7 @@ PUBLIC = {
     "ExportError", "ExportVerificationError", "ResourceLimitError", "IntegrationError",
     "BuilderNameError",
     "DistributedCheckpointError",
+    "CachePolicyError",
     "__version__",
 }  # fmt: skip
 
@@ -69,6 +70,7 @@ BUILTIN_BASE = {
     "ResourceLimitError": ValueError,
     "DistributedCheckpointError": RuntimeError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
+    "CachePolicyError": ValueError,
 }
 
 

@@ -90,7 +90,7 @@ def test_block_writes_use_direct_io_where_the_filesystem_supports_it(
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", spy)
-    record = write_tensors(tmp_path / "w.safetensors", _tensors(), {})
+    record = write_tensors(tmp_path / "w.safetensors", _tensors(), {}, cache="drop")
     assert len(flags) > 2
     assert all(f & os.O_DIRECT for f in flags), "a block was written through the page cache"
     assert hash_file(tmp_path / "w.safetensors") == (record.size, record.digest)
@@ -111,7 +111,7 @@ def test_filesystem_refusing_direct_io_gets_buffered_writes(
 
     monkeypatch.setattr(os, "pwrite", no_direct)
     tensors = _tensors()
-    record = write_tensors(tmp_path / "w.safetensors", tensors, {})
+    record = write_tensors(tmp_path / "w.safetensors", tensors, {}, cache="drop")
     assert hash_file(tmp_path / "w.safetensors") == (record.size, record.digest)
     assert torch.equal(load_file(tmp_path / "w.safetensors")["weight"], tensors["weight"])
     assert len(refused) == 1  # direct I/O was on, then switched to buffered writes once

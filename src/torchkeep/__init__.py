@@ -4,6 +4,7 @@ from ._version import __version__
 from .checkpoint import CheckpointManager, Restored
 from .errors import (
     BuilderNameError,
+    CachePolicyError,
     CheckpointBusyError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -44,6 +45,7 @@ from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_w
 
 __all__ = [
     "BuilderNameError",
+    "CachePolicyError",
     "CheckpointBusyError",
     "CheckpointManager",
     "CheckpointNotFoundError",

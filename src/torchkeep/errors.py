@@ -124,6 +124,10 @@ class DistributedCheckpointError(TorchkeepError, RuntimeError):
         self.failures: dict[int, BaseException] = dict(failures or {})
 
 
+class CachePolicyError(TorchkeepError, ValueError):
+    """A ``cache=`` argument names no cache policy (``"keep"``, ``"drop"`` or ``"auto"``)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for summaries.
 

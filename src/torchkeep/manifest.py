@@ -22,6 +22,7 @@ from .errors import CorruptFileError, TorchkeepFileNotFoundError
 from .formats import safetensors as st
 from .hashing import HASH_ALGORITHM, Hasher, hash_file, new_hasher
 from .schema import Int, Limits, Map, Number, Object, Schema, Str, load_json_document
+from .storage.cache import CachePolicy
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -64,12 +65,17 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], None]) -> FileRecord:
 
 
 def write_tensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    cache: CachePolicy = "auto",
 ) -> FileRecord:
-    """Write a safetensors file at ``path``, hashing the bytes as they are written."""
+    """Write a safetensors file at ``path``, hashing the bytes as they are written; ``cache``
+    is the page-cache policy (:mod:`torchkeep.storage.cache`)."""
     hasher = new_hasher()
     with open(path, "xb", buffering=0) as f:
-        size = st.write_file(f, tensors, metadata=metadata, hasher=hasher)
+        size = st.write_file(f, tensors, metadata=metadata, hasher=hasher, cache=cache)
     return FileRecord(size, hasher.hexdigest())
 
 

@@ -21,6 +21,7 @@ from .errors import FileFormatError, StateDictMismatchError, first_line
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import write_target
+from .storage.cache import CachePolicy, check_cache_policy
 from .storage.local import atomic_file
 from .unwrap import WRAPPER_PREFIXES, strip_prefixes, unwrap
 
@@ -157,6 +158,7 @@ def save_weights(
     path: PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
+    cache: CachePolicy = "auto",
 ) -> Path:
     """Save a model's weights (or a state dict) atomically.
 
@@ -169,14 +171,24 @@ def save_weights(
             of names to tensors, on any device.
         path: where to write.
         metadata: string key/value pairs stored in the safetensors header.
+        cache: what the save leaves in the page cache: ``"keep"`` (a load right after reads
+            memory), ``"drop"`` (direct I/O: nothing cached, nothing else evicted) or
+            ``"auto"`` (keep while the page cache takes the bytes as fast as direct I/O
+            would, then drop; drop from the start for a file over half the available
+            memory). Every policy is equally durable. A ``torch.save`` file is always
+            written through the cache.
 
     Returns:
         The path written.
+
+    Raises:
+        CachePolicyError: ``cache`` names no policy.
 
     Example:
         >>> tk.save_weights(model, "net.safetensors", metadata={"epoch": "3"})
     """
     path = Path(path)
+    cache = check_cache_policy(cache)
     tensors = _state_of(model_or_state_dict)
     st.validate_for_save(tensors, header=path.suffix not in TORCH_SUFFIXES)
     user_metadata = _check_metadata(metadata)
@@ -193,7 +205,7 @@ def save_weights(
         return path
     unique, file_metadata = safetensors_payload(tensors, user_metadata)
     with atomic_file(path) as f:
-        st.write_file(f, unique, metadata=file_metadata)
+        st.write_file(f, unique, metadata=file_metadata, cache=cache)
     return path
 
 

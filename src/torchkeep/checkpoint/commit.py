@@ -1,7 +1,7 @@
 """Write one checkpoint step with the commit protocol of the design.
 
 Every file goes into a temporary sibling of ``step-<n>/``, hashed while it is written (tensor
-files with direct I/O, see :mod:`.direct`); then
+files streamed as :mod:`torchkeep.storage.stream` does, cached as the ``cache`` policy says); then
 ``state.json``, then ``manifest.json`` (sizes and hashes of all files), then fsync and rename.
 Readers see the step only once it is complete.
 """
@@ -18,9 +18,10 @@ from .._version import __version__
 from ..errors import StepExistsError
 from ..formats import safetensors as st
 from ..manifest import FileRecord, write_hashed, write_json, write_manifest, write_tensors
+from ..storage.cache import CachePolicy, drop_cached
 from ..storage.local import staged_directory
 from .entries import Entry
-from .layout import KIND, STATE_NAME
+from .layout import KIND, STATE_NAME, parse_step
 
 
 def _tensor_metadata(entry: Entry) -> dict[str, str]:
@@ -38,6 +39,7 @@ def write_step(
     overwrite: bool,
     manifest_fields: Mapping[str, Any],
     extra_files: Mapping[str, bytes] | None = None,
+    cache: CachePolicy = "auto",
 ) -> None:
     """Write and commit ``entries`` as the step directory ``final``.
 
@@ -49,6 +51,9 @@ def write_step(
         manifest_fields: extra manifest fields (metrics, retention settings).
         extra_files: plain files a framework reads by name from the step (Hugging Face's
             ``trainer_state.json``), by file name; hashed and listed like every other file.
+        cache: the page-cache policy of the tensor files (:mod:`torchkeep.storage.cache`);
+            with ``"auto"`` the step that was newest before this one is evicted from the page
+            cache once this one is committed, so only the newest step stays cached.
 
     Raises:
         StepExistsError: without ``overwrite``, another writer committed ``final`` first (two
@@ -56,7 +61,15 @@ def write_step(
         StorageFullError: the disk filled up; the temporary directory was removed.
     """
     try:
-        _stage(final, step, entries, overwrite, manifest_fields, extra_files or {})
+        _stage(
+            final,
+            step,
+            entries,
+            overwrite=overwrite,
+            manifest_fields=manifest_fields,
+            extra_files=extra_files or {},
+            cache=cache,
+        )
     except OSError as exc:
         if overwrite or exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
             raise
@@ -65,6 +78,24 @@ def write_step(
             "was saving it; this save was discarded. Save under another step, or pass "
             "overwrite=True to replace it"
         ) from None
+    if cache == "auto":
+        _evict_previous_step(final, step)
+
+
+def _evict_previous_step(final: Path, step: int) -> None:
+    """Drop from the page cache the tensor files of the newest step older than ``step``.
+
+    Each save under ``"auto"`` evicts its predecessor, so at most the newest step stays cached
+    however many steps are kept: steps are written often and read rarely, and the one a restore
+    reads is the newest. Only a hint to the kernel; nothing on disk changes.
+    """
+    older = [
+        (number, child)
+        for child in final.parent.iterdir()
+        if (number := parse_step(child.name)) is not None and number < step
+    ]
+    if older:
+        drop_cached(max(older)[1].glob("*.safetensors"))
 
 
 def _bytes_writer(data: bytes) -> Callable[[BinaryIO], None]:
@@ -78,9 +109,11 @@ def _stage(
     final: Path,
     step: int,
     entries: Sequence[Entry],
+    *,
     overwrite: bool,
     manifest_fields: Mapping[str, Any],
     extra_files: Mapping[str, bytes],
+    cache: CachePolicy,
 ) -> None:
     with staged_directory(final, overwrite=overwrite) as temp:
         files: dict[str, FileRecord] = {
@@ -91,7 +124,7 @@ def _stage(
         for entry in entries:
             if entry.file_name is not None:
                 files[entry.file_name] = write_tensors(
-                    temp / entry.file_name, entry.tensors, _tensor_metadata(entry)
+                    temp / entry.file_name, entry.tensors, _tensor_metadata(entry), cache=cache
                 )
             state["entries"][entry.name] = {
                 "kind": entry.kind,

@@ -27,6 +27,7 @@ from ..errors import (
     first_line,
 )
 from ..paths import lookup
+from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import remove_stale_temps, temp_sibling
 from ..unwrap import matching_view
 from ..weights import has_custom_loading, undo_on_error
@@ -119,6 +120,14 @@ class CheckpointManager:
             :class:`~torchkeep.DistributedCheckpointError`.
         per_rank: entries whose state differs per rank (stored once per rank; others are
             stored once and must be equal on every rank).
+        cache: what saves leave in the page cache: ``"auto"`` keeps the newest step cached
+            while the page cache takes it as fast as direct I/O would (a restore right after
+            a save reads memory) and evicts the step before it, ``"keep"`` leaves every step
+            cached, ``"drop"`` writes with direct I/O and caches nothing. Every policy is
+            equally durable.
+
+    Raises:
+        CachePolicyError: ``cache`` names no policy.
 
     Example:
         >>> with tk.CheckpointManager("ckpt", keep_last=2) as mgr:
@@ -144,8 +153,10 @@ class CheckpointManager:
         state_dict_options: Any = None,
         timeout: float = 600.0,
         per_rank: Sequence[str] = (),
+        cache: CachePolicy = "auto",
     ) -> None:
         self.directory = Path(directory)
+        self.cache = check_cache_policy(cache)
         settings = {
             "keep_last": keep_last,
             "keep_best": keep_best,
@@ -331,6 +342,7 @@ class CheckpointManager:
             entries,
             overwrite=overwrite,
             manifest_fields={**fields, "retention": self._retention_config},
+            cache=self.cache,
         )
         self._apply_retention(step)
 

@@ -144,11 +144,9 @@ def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
         Every tensor (tied names as the same tensor), as views of the verified mapping.
     """
     header = st.read_header(path)
-    tensors = st.load_tensors(header)
+    tensors = st.load_tensors(header, read_uncached=True)  # every byte is hashed anyway
     hasher = new_hasher()
-    with open(path, "rb") as f:
-        if hasattr(os, "posix_fadvise"):  # a cold file: read ahead in large sequential I/O
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+    with open(path, "rb") as f:  # the tensors were read whole (or mapped, when all cached)
         hasher.update(f.read(header.data_start))
     for entry in sorted(header.entries.values(), key=lambda e: e.begin):
         if entry.nbytes:

@@ -37,6 +37,7 @@ from ..manifest import (
 )
 from ..paths import write_target
 from ..schema import validate
+from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import staged_directory
 from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
@@ -229,6 +230,7 @@ def save_model(
     example_inputs: torch.Tensor | Sequence[Any] | None = None,
     init_args: Mapping[str, Any] | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+    cache: CachePolicy = "auto",
 ) -> Path:
     """Save a whole model as a bundle directory: class, constructor arguments, weights.
 
@@ -246,11 +248,14 @@ def save_model(
             not derive from :class:`Keepable` and its ``__init__`` has required parameters.
         dynamic_shapes: ``torch.export`` dynamic shapes for the program, passed through
             (default: a dynamic batch), e.g. to keep a sequence length dynamic.
+        cache: what the save leaves in the page cache, as for :func:`save_weights`
+            (``"keep"``, ``"drop"`` or ``"auto"``); equally durable either way.
 
     Returns:
         The bundle path.
 
     Raises:
+        CachePolicyError: ``cache`` names no policy.
         InitArgsError: constructor arguments are missing or not JSON (the message names them).
         ExportError: ``torch.export`` cannot export the model.
 
@@ -259,6 +264,7 @@ def save_model(
     """
     model = unwrap(model)  # a torch.compile'd or DDP-wrapped model is saved as the module inside
     path = Path(path)
+    cache = check_cache_policy(cache)
     config = _model_config(model, init_args)
     state = model.state_dict()
     st.validate_for_save(state)
@@ -273,7 +279,7 @@ def save_model(
     unique, metadata = safetensors_payload(state)
     with staged_directory(path, overwrite=True) as staging:
         files: dict[str, FileRecord] = {
-            WEIGHTS_NAME: write_tensors(staging / WEIGHTS_NAME, unique, metadata),
+            WEIGHTS_NAME: write_tensors(staging / WEIGHTS_NAME, unique, metadata, cache=cache),
             CONFIG_NAME: write_json(staging / CONFIG_NAME, config),
         }
         if program is not None:

@@ -32,6 +32,7 @@ from torch.futures import Future
 from ...errors import ChecksumMismatchError, CorruptFileError, UnsafeCheckpointError
 from ...formats import safetensors as st
 from ...hashing import hash_file
+from ...storage.reading import FileEndedError, RangeReader
 from ..layout import STATE_NAME, read_step_manifest
 from .layout import is_sharded, read_sharded_state
 
@@ -114,7 +115,7 @@ class TorchkeepStorageReader(StorageReader):
         self.manifest: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self._storage: dict[MetadataIndex, dict[str, Any]] = {}
-        self._files: dict[str, int] = {}
+        self._files: dict[str, RangeReader] = {}
         self._chunks: dict[tuple[str, int], torch.Tensor] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -131,23 +132,23 @@ class TorchkeepStorageReader(StorageReader):
     ) -> None:
         self._storage = metadata.storage_data
 
-    def _open(self, name: str) -> int:
-        """A descriptor of shard ``name``, whose size must match the manifest."""
+    def _open(self, name: str) -> RangeReader:
+        """A reader of shard ``name``, whose size must match the manifest."""
         if name not in self._files:
             path = self.path / name
             try:
-                fd = os.open(path, os.O_RDONLY)
+                reader = RangeReader(path)
             except FileNotFoundError:
                 raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
-            size = os.fstat(fd).st_size
+            size = os.path.getsize(path)
             expected = self.manifest["files"][name]["size"]
             if size != expected:
-                os.close(fd)
+                reader.close()
                 raise ChecksumMismatchError(
                     f"{path} has {size} bytes, the manifest says {expected} (truncated or "
                     "replaced); the step is damaged"
                 )
-            self._files[name] = fd
+            self._files[name] = reader
         return self._files[name]
 
     def _read_chunk(self, record: dict[str, Any]) -> torch.Tensor:
@@ -156,8 +157,13 @@ class TorchkeepStorageReader(StorageReader):
         buffer = torch.empty(record["length"], dtype=torch.uint8)
         if record["length"]:
             view = st.tensor_bytes(buffer)
-            fd = self._open(record["file"])
-            st._preadv_all(fd, [view], record["offset"], self.path / record["file"])
+            try:
+                self._open(record["file"]).read([view], record["offset"])
+            except FileEndedError:
+                raise ChecksumMismatchError(
+                    f"{self.path / record['file']} ended early (truncated while being read); "
+                    "the step is damaged"
+                ) from None
         return buffer
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -208,8 +214,8 @@ class TorchkeepStorageReader(StorageReader):
         return raw.view(dtype).reshape(record["sizes"])
 
     def _close_files(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
+        for reader in self._files.values():
+            reader.close()
         self._files.clear()
 
     def _close(self) -> None:

@@ -1,0 +1,175 @@
+"""Read byte ranges of a file into memory: from the page cache where cached, else from the disk.
+
+A range that is in the page cache is read with plain ``preadv``: a memory copy. A range that is
+not (the page cache was dropped, or the save wrote it with ``cache="drop"``) is read with large
+direct-I/O reads into a page-aligned buffer, then copied into place: on the virtual disks
+measured here that is several times faster than buffered reads, which must first fill the page
+cache (0.8 s against 2-5 s for 1 GiB), and it leaves the cache as it was. Which pages are
+cached is asked of the kernel per read (``mincore`` on a mapping of the file that is never
+touched). Where direct I/O or ``mincore`` is missing (macOS, tmpfs) plain reads do everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import threading
+from types import TracebackType
+from typing import Any
+
+ALIGN = mmap.PAGESIZE
+BOUNCE_BYTES = 8 << 20  # per reading thread
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MISSING = b"\x00"
+_RESIDENT_BIT = bytes(flag & 1 for flag in range(256))  # mincore: bit 0 set = page cached
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library with ``mmap``/``mincore``/``munmap`` typed, or None where unusable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int64,
+        ]  # fmt: skip
+        libc.mmap.restype = ctypes.c_void_p
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+class _Residency:
+    """Answers "are these bytes of the file in the page cache?" without reading them."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._libc = _libc()
+        self._size = size
+        self._address: int | None = None
+        if self._libc is not None and size > 0:
+            address = self._libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address not in (None, _MAP_FAILED):
+                self._address = address
+
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """True when every page of ``[offset, offset + nbytes)`` is cached (or it is unknown)."""
+        if self._address is None:
+            return True
+        start = offset - offset % ALIGN
+        end = min(offset + nbytes, self._size)
+        if end <= start:
+            return True
+        pages = -(-(end - start) // ALIGN)
+        vector = ctypes.create_string_buffer(pages)
+        if self._libc.mincore(self._address + start, end - start, vector) != 0:
+            return True
+        return _MISSING not in vector.raw.translate(_RESIDENT_BIT)
+
+    def close(self) -> None:
+        if self._address is not None:
+            self._libc.munmap(self._address, self._size)
+            self._address = None
+
+
+class FileEndedError(EOFError):
+    """The file is shorter than a read needs (it was truncated while being read)."""
+
+
+def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """``buffers`` without their first ``count`` bytes."""
+    index = 0
+    while index < len(buffers) and count >= len(buffers[index]):
+        count -= len(buffers[index])
+        index += 1
+    rest = buffers[index:]
+    if rest and count:
+        rest[0] = rest[0][count:]
+    return rest
+
+
+class RangeReader:
+    """Reads ranges of one file into caller memory; safe to use from several threads at once.
+
+    Example:
+        >>> with RangeReader(path) as reader:
+        ...     reader.read([memoryview(bytearray(16))], offset=8)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._direct_fd: int | None = None
+        if _O_DIRECT:
+            with contextlib.suppress(OSError):  # tmpfs and some others refuse O_DIRECT
+                self._direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+        self._residency = _Residency(self._fd, os.fstat(self._fd).st_size)
+        self._local = threading.local()
+
+    def __enter__(self) -> RangeReader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._residency.close()
+        os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """True when ``[offset, offset + nbytes)`` is wholly in the page cache (or unknown)."""
+        return self._residency.cached(offset, nbytes)
+
+    def read(self, buffers: list[memoryview], offset: int) -> None:
+        """Fill ``buffers`` (writable byte views) with the file's bytes from ``offset`` on.
+
+        Raises:
+            FileEndedError: the file ends before the buffers are full.
+        """
+        nbytes = sum(len(buffer) for buffer in buffers)
+        if self._direct_fd is not None and not self.cached(offset, nbytes):
+            buffers, offset = self._read_direct(buffers, offset)
+        while buffers:
+            got = os.preadv(self._fd, buffers, offset)
+            if got == 0:
+                raise FileEndedError(offset)
+            buffers, offset = _advance(buffers, got), offset + got
+
+    def _bounce(self) -> memoryview:
+        bounce: memoryview | None = getattr(self._local, "bounce", None)
+        if bounce is None:
+            bounce = self._local.bounce = memoryview(mmap.mmap(-1, BOUNCE_BYTES))
+        return bounce
+
+    def _read_direct(self, buffers: list[memoryview], offset: int) -> tuple[list[memoryview], int]:
+        """Read with aligned direct I/O through this thread's bounce buffer, copying into place."""
+        assert self._direct_fd is not None
+        bounce = self._bounce()
+        while buffers:
+            start = offset - offset % ALIGN
+            try:
+                got = os.preadv(self._direct_fd, [bounce], start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return buffers, offset  # alignment this device refuses: read plainly instead
+            if got <= offset - start:
+                raise FileEndedError(offset)
+            available = bounce[offset - start : got]
+            while buffers and available:
+                n = min(len(buffers[0]), len(available))
+                buffers[0][:n] = available[:n]
+                available = available[n:]
+                buffers, offset = _advance(buffers, n), offset + n
+        return buffers, offset

@@ -1,0 +1,297 @@
+"""The ``cache=`` policies: every one is complete and durable; they differ only in what stays in
+the page cache, and in how an uncached file is read back (direct I/O, leaving the cache alone).
+
+Residency is read with ``mincore`` (through :class:`torchkeep.storage.reading._Residency`); the
+tests that depend on it are skipped where the temporary folder takes no direct I/O (tmpfs keeps
+everything in memory whatever the policy).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep as tk
+from tests.conftest import assert_state_equal
+from tests.test_durability import record
+from torchkeep.models import Net
+from torchkeep.storage import cache as cache_module
+from torchkeep.storage import reading, stream
+from torchkeep.storage.cache import CACHE_POLICIES
+
+POLICIES = list(CACHE_POLICIES)
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return Net().state_dict()
+
+
+def _resident_share(path: Path) -> float:
+    """The share of ``path``'s pages that are in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        residency = reading._Residency(fd, size)
+        pages = -(-size // reading.ALIGN)
+        cached = sum(residency.cached(page * reading.ALIGN, reading.ALIGN) for page in range(pages))
+        residency.close()
+    finally:
+        os.close(fd)
+    return cached / pages
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert _resident_share(path) < 0.1
+
+
+def _takes_direct_io(folder: Path) -> bool:
+    probe = folder / ".probe"
+    probe.write_bytes(b"x")
+    try:
+        os.close(os.open(probe, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Path:
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("the temporary folder takes no direct I/O (tmpfs?): residency is moot")
+    return tmp_path
+
+
+def _big_state() -> dict[str, torch.Tensor]:
+    """Large enough for several 8 MiB staging blocks, so pipelined writeback really runs."""
+    torch.manual_seed(3)
+    return {"a": torch.randn(3, 1 << 20), "b": torch.randn(777), "c": torch.arange(5)}
+
+
+# ---- every policy is complete and durable ----------------------------------------------
+
+
+@pytest.mark.parametrize("cache", POLICIES)
+def test_save_weights_is_complete_and_durable_under_every_policy(
+    tmp_path: Path, cache: str
+) -> None:
+    path = tmp_path / "w.safetensors"
+    record(tmp_path, lambda: tk.save_weights(_big_state(), path, cache=cache))  # type: ignore[arg-type]
+    record(tmp_path, lambda: tk.save_weights(_state(1), path, cache=cache))  # type: ignore[arg-type]
+    assert_state_equal(tk.load_state_dict(path), _state(1))
+    assert path.stat().st_size == os.path.getsize(path)  # no padding left by direct I/O
+
+
+@pytest.mark.parametrize("cache", POLICIES)
+def test_save_model_is_complete_and_durable_under_every_policy(tmp_path: Path, cache: str) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    record(tmp_path, lambda: tk.save_model(model, tmp_path / "m.bundle", cache=cache))  # type: ignore[arg-type]
+    assert tk.verify(tmp_path / "m.bundle").ok
+    assert_state_equal(tk.load_model(tmp_path / "m.bundle").state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("cache", POLICIES)
+def test_checkpoint_steps_are_complete_and_durable_under_every_policy(
+    tmp_path: Path, cache: str
+) -> None:
+    folder = tmp_path / "ckpt"
+    mgr = tk.CheckpointManager(folder, keep_last=2, cache=cache)  # type: ignore[arg-type]
+    model = nn.Linear(300, 200)
+    folder.mkdir()
+    for step in (1, 2, 3):
+        record(folder, lambda step=step: mgr.save(step, model=model, epoch=step))  # type: ignore[misc]
+    assert mgr.steps == [2, 3]
+    for step in mgr.steps:
+        assert tk.verify(folder / f"step-{step:08d}").ok
+    fresh = nn.Linear(300, 200)
+    assert mgr.restore(model=fresh).extra["epoch"] == 3
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+
+
+def test_writes_stay_correct_without_sync_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream, "_sync_file_range", lambda: None)
+    path = tmp_path / "w.safetensors"
+    record(tmp_path, lambda: tk.save_weights(_big_state(), path, cache="keep"))
+    assert_state_equal(tk.load_state_dict(path), _big_state())
+
+
+# ---- the keyword is validated ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["KEEP", "none", "", None, True, 1, ["keep"]])
+def test_an_unknown_cache_policy_is_refused_before_anything_is_written(
+    tmp_path: Path, bad: object
+) -> None:
+    calls = {
+        "save_weights": lambda: tk.save_weights(_state(0), tmp_path / "w.safetensors", cache=bad),  # type: ignore[arg-type]
+        "save_model": lambda: tk.save_model(Net(), tmp_path / "m.bundle", cache=bad),  # type: ignore[arg-type]
+        "CheckpointManager": lambda: tk.CheckpointManager(tmp_path / "c", cache=bad),  # type: ignore[arg-type]
+    }
+    for name, call in calls.items():
+        with pytest.raises(tk.CachePolicyError) as caught:
+            call()
+        message = str(caught.value)
+        assert repr(bad) in message, name
+        assert "'keep'" in message, name
+        assert "'drop'" in message, name
+        assert isinstance(caught.value, ValueError)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- what stays in the page cache -------------------------------------------------------
+
+
+def test_keep_leaves_the_file_cached_and_drop_leaves_none_of_it(direct_dir: Path) -> None:
+    kept, dropped = direct_dir / "kept.safetensors", direct_dir / "dropped.safetensors"
+    tk.save_weights(_big_state(), kept, cache="keep")
+    tk.save_weights(_big_state(), dropped, cache="drop")
+    assert _resident_share(kept) > 0.9
+    assert _resident_share(dropped) < 0.1
+    assert kept.read_bytes() == dropped.read_bytes()  # the same file either way
+
+
+def test_auto_keeps_unless_the_file_exceeds_half_the_available_memory(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small, large = direct_dir / "small.safetensors", direct_dir / "large.safetensors"
+    tk.save_weights(_big_state(), small)  # cache="auto" by default
+    assert _resident_share(small) > 0.9
+    monkeypatch.setattr(cache_module, "available_memory", lambda: 8 << 20)  # 12 MiB > 4 MiB
+    tk.save_weights(_big_state(), large)
+    assert _resident_share(large) < 0.1
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_auto_writes_the_rest_direct_once_the_page_cache_is_slow(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    # The rate is measured on the file's own writes; pin the bar so the test does not depend on
+    # this machine's speed: nothing is fast enough for an infinite bar, anything is for zero.
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf") if slow else 0.0)
+    torch.manual_seed(4)
+    state = {"a": torch.randn(12, 1 << 20), "b": torch.randn(1001)}  # 48 MiB: 6 blocks
+    path = direct_dir / "w.safetensors"
+    record(direct_dir, lambda: tk.save_weights(state, path))
+    measured = stream._MEASURED_BLOCKS * stream.CHUNK_BYTES / path.stat().st_size
+    if slow:  # the first blocks went through the cache, the rest around it
+        assert measured - 0.05 < _resident_share(path) < measured + 0.05
+    else:
+        assert _resident_share(path) > 0.9
+    assert_state_equal(tk.load_state_dict(path), state)  # whole and exact either way
+
+
+def test_auto_checkpoints_keep_only_the_newest_step_cached(direct_dir: Path) -> None:
+    mgr = tk.CheckpointManager(direct_dir, keep_last=None)
+    model = nn.Linear(1024, 1024)
+    mgr.save(1, model=model)
+    first = direct_dir / "step-00000001" / "model.safetensors"
+    assert _resident_share(first) > 0.9
+    mgr.save(2, model=model)
+    assert _resident_share(first) < 0.1  # evicted once a newer step is committed
+    assert _resident_share(direct_dir / "step-00000002" / "model.safetensors") > 0.9
+
+
+def test_keep_checkpoints_leave_every_step_cached(direct_dir: Path) -> None:
+    mgr = tk.CheckpointManager(direct_dir, keep_last=None, cache="keep")
+    model = nn.Linear(1024, 1024)
+    mgr.save(1, model=model)
+    mgr.save(2, model=model)
+    assert _resident_share(direct_dir / "step-00000001" / "model.safetensors") > 0.9
+
+
+# ---- reading an uncached file ------------------------------------------------------------
+
+
+def test_loading_an_uncached_file_is_exact_and_leaves_the_cache_alone(direct_dir: Path) -> None:
+    path = direct_dir / "w.safetensors"
+    state = _big_state()
+    tk.save_weights(state, path, cache="drop")
+    model = nn.Module()
+    for name, tensor in state.items():
+        model.register_buffer(name, torch.zeros_like(tensor))
+    tk.load_weights(model, path)
+    assert_state_equal(model.state_dict(), state)
+    assert _resident_share(path) < 0.1  # read around the page cache, not into it
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_range_reader_reads_unaligned_ranges_exactly(direct_dir: Path, cached: bool) -> None:
+    data = os.urandom(3 * reading.BOUNCE_BYTES + 12345)
+    path = direct_dir / "blob"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if not cached:
+        _evict(path)
+    offset = reading.ALIGN + 7  # neither the offset nor the sizes are aligned
+    sizes = [1, 4093, reading.BOUNCE_BYTES + 3, 0, 2 * reading.BOUNCE_BYTES - 9000]
+    buffers = [memoryview(bytearray(n)) for n in sizes]
+    with reading.RangeReader(path) as reader:
+        reader.read(list(buffers), offset)
+    assert b"".join(bytes(b) for b in buffers) == data[offset : offset + sum(sizes)]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_range_reader_reports_a_file_that_ends_early(direct_dir: Path, cached: bool) -> None:
+    path = direct_dir / "short"
+    path.write_bytes(b"x" * 10_000)
+    if not cached:
+        _evict(path)
+    with reading.RangeReader(path) as reader, pytest.raises(reading.FileEndedError):
+        reader.read([memoryview(bytearray(20_000))], 0)
+
+
+def test_a_truncated_weights_file_is_refused_by_torchkeep(direct_dir: Path) -> None:
+    path = direct_dir / "w.safetensors"
+    tk.save_weights(_big_state(), path, cache="drop")
+    header = tk.load_state_dict(path)  # valid as written
+    assert set(header) == {"a", "b", "c"}
+    model = nn.Module()
+    for name, tensor in _big_state().items():
+        model.register_buffer(name, torch.zeros_like(tensor))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    with pytest.raises(tk.CorruptFileError):
+        tk.load_weights(model, path)
+
+
+@pytest.mark.parametrize("cache", ["drop", "keep"])
+def test_restoring_a_step_is_exact_whether_or_not_it_is_cached(
+    direct_dir: Path, cache: str
+) -> None:
+    mgr = tk.CheckpointManager(direct_dir, cache=cache)  # type: ignore[arg-type]
+    model = nn.Linear(1024, 1030)
+    mgr.save(1, model=model, epoch=1)
+    fresh = nn.Linear(1024, 1030)
+    assert mgr.restore(model=fresh).extra["epoch"] == 1
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+    if cache == "drop":  # read whole with direct I/O, around the cache
+        assert _resident_share(direct_dir / "step-00000001" / "model.safetensors") < 0.1
+
+
+def test_a_corrupted_uncached_step_is_refused(direct_dir: Path) -> None:
+    mgr = tk.CheckpointManager(direct_dir, cache="drop")
+    mgr.save(1, model=nn.Linear(1024, 1024))
+    path = direct_dir / "step-00000001" / "model.safetensors"
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 100)
+        f.write(b"\xff" * 8)
+        f.flush()
+        os.fsync(f.fileno())
+    _evict(path)
+    with pytest.raises(tk.CheckpointNotFoundError):  # the only step fails its hash
+        mgr.restore(model=nn.Linear(1024, 1024))
