@@ -282,8 +282,8 @@ def test_a_newer_format_version_asks_for_an_upgrade(tmp_path: Path) -> None:
     directory, _ = _folder(tmp_path, steps=(1,))
     step_dir = directory / "step-00000001"
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    _rewrite(step_dir, "manifest.json", json.dumps(_manifest_with(format_version=2)(manifest)))
-    with pytest.raises(tk.CorruptFileError, match=r"format version 2.*Upgrade torchkeep"):
+    _rewrite(step_dir, "manifest.json", json.dumps(_manifest_with(format_version=99)(manifest)))
+    with pytest.raises(tk.FormatVersionError, match=r"format version 99.*upgrade to a torchkeep"):
         read_step(step_dir)
     assert tk.CheckpointManager(directory).steps == []
 

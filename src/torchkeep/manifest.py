@@ -19,12 +19,17 @@ import torch
 
 from ._version import __version__
 from .errors import CorruptFileError, TorchkeepFileNotFoundError
+from .format_versions import BUNDLE, CHECKPOINT, FormatKind, check_version
 from .formats import safetensors as st
 from .hashing import HASH_ALGORITHM, Hasher, hash_file, new_hasher
 from .schema import Int, Limits, Map, Number, Object, Schema, Str, load_json_document
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+# The format versions of each manifest kind (see torchkeep.format_versions).
+VERSIONED_KINDS: dict[str, FormatKind] = {
+    "torchkeep.checkpoint": CHECKPOINT,
+    "torchkeep.bundle": BUNDLE,
+}
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,24 @@ def _ignore(_: object) -> None:
 
 
 def write_manifest(
-    directory: Path, *, kind: str, files: Mapping[str, FileRecord], **fields: Any
+    directory: Path,
+    *,
+    kind: str,
+    files: Mapping[str, FileRecord],
+    format_version: int | None = None,
+    **fields: Any,
 ) -> None:
-    """Write ``manifest.json`` into ``directory`` (the caller commits the directory after)."""
+    """Write ``manifest.json`` into ``directory`` (the caller commits the directory after).
+
+    ``format_version`` defaults to the version this torchkeep writes for ``kind``; a writer of
+    a newer layout passes its own (it must be one :mod:`torchkeep.format_versions` lists).
+    """
+    versions = VERSIONED_KINDS[kind]
+    version = versions.writes if format_version is None else format_version
+    check_version(versions, version, source=directory / MANIFEST_NAME)
     manifest = {
         "format": kind,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "created": time.time(),
         "torchkeep_version": __version__,
         "torch_version": torch.__version__,
@@ -141,6 +158,8 @@ def read_manifest(
         TorchkeepFileNotFoundError: there is no manifest (the directory was never committed).
         CorruptFileError: the manifest cannot be read, is invalid
             (:class:`~torchkeep.errors.InvalidDocumentError`) or describes another kind.
+        FormatVersionError: a newer torchkeep wrote it (a format version this one does not
+            read).
     """
     path = directory / MANIFEST_NAME
     if not path.is_file():
@@ -157,11 +176,13 @@ def read_manifest(
             f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
         )
-    if manifest["format_version"] > FORMAT_VERSION:
+    versions = VERSIONED_KINDS.get(manifest["format"])
+    if versions is None:
         raise CorruptFileError(
-            f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
-            f"up to {FORMAT_VERSION}. Upgrade torchkeep to read it"
+            f"{path} declares the format {manifest['format'][:64]!r}, which is not a torchkeep "
+            "checkpoint step or bundle; point at the right directory"
         )
+    check_version(versions, manifest["format_version"], source=path)
     if manifest["hash_algorithm"] != HASH_ALGORITHM:
         raise CorruptFileError(
             f"{path} uses hash {manifest['hash_algorithm']!r}; this torchkeep knows only "

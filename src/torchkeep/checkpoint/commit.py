@@ -16,6 +16,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import StepExistsError
+from ..format_versions import CHECKPOINT
 from ..formats import safetensors as st
 from ..manifest import FileRecord, write_json, write_manifest, write_tensors
 from ..storage.local import staged_directory
@@ -74,7 +75,11 @@ def _stage(
 ) -> None:
     with staged_directory(final, overwrite=overwrite) as temp:
         files: dict[str, FileRecord] = {}
-        state: dict[str, Any] = {"step": step, "entries": {}}
+        state: dict[str, Any] = {
+            "format_version": CHECKPOINT.writes,
+            "step": step,
+            "entries": {},
+        }
         for entry in entries:
             if entry.file_name is not None:
                 files[entry.file_name] = write_tensors(

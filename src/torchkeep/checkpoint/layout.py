@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import tree
 from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
+from ..format_versions import CHECKPOINT, check_version
 from ..manifest import FILE_NAME_PATTERN, MANIFEST_NAME, find_problems, read_manifest
 from ..paths import lookup
 from ..schema import (
@@ -70,6 +71,7 @@ STATE_LIMITS = Limits(
 )
 STATE_SCHEMA = Object(
     {
+        "format_version": Int(min=1, max=1000),  # absent in steps of torchkeep 0.1.0 and 0.2.0
         "step": Int(max=MAX_STEP),
         "entries": Map(
             Object(
@@ -156,9 +158,11 @@ def read_state(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         CorruptFileError: the document is unreadable or invalid.
+        FormatVersionError: a newer torchkeep wrote it.
     """
     source = path / STATE_NAME
     state: dict[str, Any] = load_json_document(source, schema=STATE_SCHEMA, limits=STATE_LIMITS)
+    check_version(CHECKPOINT, state.get("format_version", 1), source=source)
     if state["step"] != manifest["step"]:
         raise InvalidDocumentError(
             f"{source} records step {state['step']}, its manifest {manifest['step']}; the step "

@@ -24,6 +24,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 
 from ..errors import CorruptFileError, UnsupportedValueError
+from ..format_versions import check_weights_metadata
 from ..hashing import Hasher
 from ..storage.stream import Span, enable_direct_io, write_stream
 
@@ -379,6 +380,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _corrupt(path, "__metadata__ must map strings to strings")
+    check_weights_metadata(metadata, source=path)
     entries = {
         name: _parse_entry(path, name, raw, data_start, data_len) for name, raw in header.items()
     }

@@ -21,6 +21,7 @@ from ..errors import (
     UnsafeCheckpointError,
     first_line,
 )
+from ..format_versions import BUNDLE
 from ..formats import Format, detect_format
 from ..formats import safetensors as st
 from ..hashing import hash_file
@@ -158,7 +159,11 @@ def save_model(
     st.validate_for_save(state)
     _check_target(path)
     program = export_program(model, example_inputs) if example_inputs is not None else None
-    config: dict[str, Any] = {"class": class_path(type(model)), "init": init}
+    config: dict[str, Any] = {
+        "format_version": BUNDLE.writes,
+        "class": class_path(type(model)),
+        "init": init,
+    }
     if example_inputs is not None:
         config["example_inputs"] = _input_specs(example_inputs)
     unique, metadata = safetensors_payload(state)
