@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import custom_op
 from torchkeep.models import Net, small_vgg
 
 onnx = pytest.importorskip("onnx")
@@ -57,7 +58,7 @@ class BranchOnValue(nn.Module):
         return x - 1
 
 
-@torch.library.custom_op("torchkeep_tests::opaque", mutates_args=())
+@custom_op("torchkeep_tests::opaque")
 def opaque(x: torch.Tensor) -> torch.Tensor:
     return x * 3
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import require_examined_program_loader
 from ..errors import (
     CorruptFileError,
     ExportError,
@@ -118,6 +119,7 @@ def load_program(path: Path, *, map_location: torch.device | str = "cpu") -> nn.
             f"{path} was refused even with trust_program=True: loading it would import or run "
             f"{listed}. Run `torchkeep scan {path}` for details; do not load it"
         )
+    require_examined_program_loader(path)
     try:
         module: nn.Module = torch.export.load(str(path)).module()
     except Exception as exc:  # torch raises anything from KeyError to SerializeError

@@ -1,0 +1,66 @@
+"""The one place for torch-version differences.
+
+torchkeep supports torch 2.4 to 2.15 (``make test-compat`` runs the whole suite under the oldest
+and the newest). Everything that differs between those versions is decided here, from the
+installed torch's version, never by scattered ``hasattr`` checks:
+
+- **programs**: the scan that proves a ``.pt2`` file plain data (:mod:`torchkeep.security.programs`)
+  follows the code sites of ``torch.export.load`` in the versions listed in
+  :data:`PROGRAM_LOADERS_EXAMINED`. Under any other torch, ``load_model(..., trust_program=True)``
+  refuses with :class:`~torchkeep.errors.UnsafeCheckpointError` saying so, because a loader
+  nobody examined may turn fields the whitelists do not know into code. Writing programs, and
+  scanning them, work everywhere.
+- **ONNX**: ``torch.onnx.export(..., dynamo=True)`` exists from torch 2.5; under 2.4 torchkeep
+  uses the TorchScript exporter (``report.exporter == "torchscript"``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UnsafeCheckpointError
+
+OLDEST_SUPPORTED = (2, 4)
+"""The oldest torch (major, minor) torchkeep supports and tests."""
+
+PROGRAM_LOADERS_EXAMINED = frozenset({(2, 13)})
+"""The torch versions whose ``torch.export.load`` code sites the program scan was checked
+against (README, "Why trust_program")."""
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of ``version`` (default: the installed torch), e.g. ``(2, 13)``."""
+    match = re.match(r"(\d+)\.(\d+)", version or torch.__version__)
+    if match is None:
+        raise ValueError(f"cannot parse the torch version {version or torch.__version__!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def program_loader_examined() -> bool:
+    """True when the installed torch's program loader is one the scan was checked against."""
+    return torch_version() in PROGRAM_LOADERS_EXAMINED
+
+
+def require_examined_program_loader(path: Path) -> None:
+    """Refuse to load the program at ``path`` under a torch whose loader was not examined.
+
+    Raises:
+        UnsafeCheckpointError: the installed torch is not in :data:`PROGRAM_LOADERS_EXAMINED`.
+    """
+    if program_loader_examined():
+        return
+    examined = ", ".join(f"{major}.{minor}" for major, minor in sorted(PROGRAM_LOADERS_EXAMINED))
+    raise UnsafeCheckpointError(
+        f"{path} was not loaded: trust_program=True needs a torch whose torch.export.load "
+        f"torchkeep's program scan was checked against ({examined}), and this is torch "
+        f"{torch.__version__}, whose loader may turn fields the scan does not know into code. "
+        "Load the bundle with its class installed instead, or use a checked torch"
+    )
+
+
+def onnx_dynamo_export_available() -> bool:
+    """True when ``torch.onnx.export`` takes ``dynamo=True`` (torch 2.5 and newer)."""
+    return torch_version() >= (2, 5)

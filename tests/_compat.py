@@ -1,0 +1,40 @@
+"""Test helpers for what differs between the torch versions of the tested range.
+
+The library's own differences live in :mod:`torchkeep.compat`; the tests ask it (never
+``torch.__version__`` directly), and a test that cannot run under the installed torch is
+skipped here, with the reason, never silently.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from torchkeep import compat
+
+
+def skip_unless_programs_load() -> None:
+    """Skip a test that loads a program with ``trust_program=True`` under a torch whose
+    ``torch.export.load`` the program scan was not checked against (it refuses there)."""
+    if not compat.program_loader_examined():
+        pytest.skip(
+            f"torch {torch.__version__}: trust_program loading is refused, the program scan was "
+            "checked against torch.export.load of torch "
+            + ", ".join(f"{a}.{b}" for a, b in sorted(compat.PROGRAM_LOADERS_EXAMINED))
+        )
+
+
+def custom_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """``torch.library.custom_op(name, mutates_args=())`` for a function defined in a module
+    with postponed annotations: torch 2.4 reads ``__annotations__`` as written (strings) and
+    refuses them, so they are resolved first (harmless on later versions)."""
+
+    def register(fn: Callable[..., Any]) -> Any:
+        fn.__annotations__ = typing.get_type_hints(fn)
+        return torch.library.custom_op(name, mutates_args=())(fn)
+
+    return register
