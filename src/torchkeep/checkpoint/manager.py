@@ -19,6 +19,7 @@ from ..errors import (
     CheckpointBusyError,
     CheckpointNotFoundError,
     CorruptFileError,
+    FormatVersionError,
     StateDictMismatchError,
     StepExistsError,
     TorchkeepError,
@@ -332,7 +333,10 @@ class CheckpointManager:
             ranker = retention.KeepBest(len(infos) or 1, self.monitor, self.mode)
             return ranker.ranked(infos), True
         wanted = _check_step(step)
-        return [info for info in infos if info.step == wanted], False
+        matching = [info for info in infos if info.step == wanted]
+        if not matching:
+            _raise_if_newer_format(step_path(self.directory, wanted))
+        return matching, False
 
     def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
         """The first candidate step that reads and verifies whole.
@@ -470,6 +474,17 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _raise_if_newer_format(path: Path) -> None:
+    """Raise FormatVersionError when ``path`` is a step a newer torchkeep wrote: such a step is
+    not listed, so a request for it would otherwise only say that there is no such step."""
+    try:
+        read_step_manifest(path)
+    except FormatVersionError:
+        raise
+    except (CorruptFileError, TorchkeepFileNotFoundError):
+        pass
 
 
 def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:
