@@ -38,3 +38,23 @@ def custom_op(name: str) -> Callable[[Callable[..., Any]], Any]:
         return torch.library.custom_op(name, mutates_args=())(fn)
 
     return register
+
+
+def require_modules(*names: str) -> None:
+    """Skip unless every named module imports: torchvision and timm are installed only in the
+    newest-torch venv of ``make test-compat`` (and where the developer installed them)."""
+    for name in names:
+        pytest.importorskip(
+            name, reason=f"{name} is not installed (the torch 2.15 venv of make test-compat has it)"
+        )
+
+
+def require_transformers_with_torch() -> None:
+    """Skip unless transformers imports and sees torch: transformers 5 needs torch >= 2.6 and
+    under an older torch imports without its models."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    if not transformers.utils.is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} disables its torch models under torch "
+            f"{torch.__version__} (it needs torch >= 2.6)"
+        )

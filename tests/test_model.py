@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import skip_unless_programs_load
 from tests.conftest import TiedLM, assert_state_equal
 from torchkeep.describe import describe
 from torchkeep.formats import Format
@@ -200,6 +201,7 @@ torch.save([model(x) for x in inputs], sys.argv[3])
 
 
 def test_program_runs_in_a_process_without_the_class(tmp_path: Path) -> None:
+    skip_unless_programs_load()
     torch.manual_seed(0)
     model = Wide(6, layers=(5, 4)).eval()
     bundle = tk.save_model(model, tmp_path / "wide", example_inputs=torch.randn(1, 3))
@@ -221,6 +223,7 @@ def test_program_loads_directly_only_when_trusted(net_bundle: Path) -> None:
     program = net_bundle / "program.pt2"
     with pytest.raises(tk.UnsafeCheckpointError, match="trust_program=True"):
         tk.load_model(program)
+    skip_unless_programs_load()
     module = tk.load_model(program, trust_program=True)
     reference = tk.load_model(net_bundle)
     x = torch.randn(3, 3, 32, 32)
