@@ -8,7 +8,9 @@ skipped here, with the reason, never silently.
 from __future__ import annotations
 
 import typing
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,3 +60,14 @@ def require_transformers_with_torch() -> None:
             f"transformers {transformers.__version__} disables its torch models under torch "
             f"{torch.__version__} (it needs torch >= 2.6)"
         )
+
+
+def save_torchscript(module: torch.nn.Module, path: Path) -> None:
+    """``torch.jit.save(torch.jit.script(module), path)``: TorchScript is deprecated in newer
+    torch (a DeprecationWarning, an error in this suite), but the tests still need archives of
+    it to show that torchkeep refuses them, so exactly that warning is expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
+        )
+        torch.jit.save(torch.jit.script(module), str(path))

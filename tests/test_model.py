@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from tests._compat import skip_unless_programs_load
+from tests._compat import save_torchscript, skip_unless_programs_load
 from tests.conftest import TiedLM, assert_state_equal
 from torchkeep.describe import describe
 from torchkeep.formats import Format
@@ -258,7 +258,7 @@ def test_inspect_describes_bundles_programs_and_torchscript(
     assert {t.name for t in program.tensors} == set(Net().state_dict())
     assert any("trust_program=True" in note for note in program.notes)
     scripted = tmp_path / "net.ts"
-    torch.jit.save(torch.jit.script(Net()), scripted)
+    save_torchscript(Net(), scripted)
     ts = describe(scripted)
     assert ts.format == Format.TORCHSCRIPT
     assert any("deprecated" in note for note in ts.notes)
