@@ -12,12 +12,19 @@ installed torch's version, never by scattered ``hasattr`` checks:
   scanning them, work everywhere.
 - **ONNX**: ``torch.onnx.export(..., dynamo=True)`` exists from torch 2.5; under 2.4 torchkeep
   uses the TorchScript exporter (``report.exporter == "torchscript"``).
+- **weights-only unpickling**: torch 2.4's allowlist lacks plain builtins that later ones accept
+  (a pickled ``nn.Module`` holds a ``set``); :data:`NEWER_WEIGHTS_ONLY_GLOBALS` adds them, and
+  :func:`extra_safe_globals` extends the allowlist for one block (torch 2.4 has no
+  ``torch.serialization.safe_globals`` context manager).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,6 +73,37 @@ def require_examined_program_loader(path: Path) -> None:
     )
 
 
-def onnx_dynamo_export_available() -> bool:
-    """True when ``torch.onnx.export`` takes ``dynamo=True`` (torch 2.5 and newer)."""
-    return torch_version() >= (2, 5)
+NEWER_WEIGHTS_ONLY_GLOBALS: dict[str, object] = {
+    "builtins.set": set,
+    "builtins.bytearray": bytearray,
+    "builtins.complex": complex,
+}
+"""Builtins that build plain values (nothing runs) and that torch 2.5+'s weights-only unpickler
+accepts by itself; torchkeep treats them as safe under every supported torch."""
+
+
+def weights_only_additions() -> list[object]:
+    """The :data:`NEWER_WEIGHTS_ONLY_GLOBALS` the installed torch's allowlist lacks."""
+    from torch import _weights_only_unpickler
+
+    allowed = _weights_only_unpickler._get_allowed_globals()
+    return [obj for name, obj in NEWER_WEIGHTS_ONLY_GLOBALS.items() if name not in allowed]
+
+
+@contextlib.contextmanager
+def extra_safe_globals(objects: Sequence[Any]) -> Iterator[None]:
+    """Extend torch's weights-only allowlist by ``objects`` (and :func:`weights_only_additions`)
+    for the duration of the block only."""
+    serialization: Any = torch.serialization
+    added = [*objects, *weights_only_additions()]
+    if hasattr(serialization, "safe_globals"):  # torch >= 2.5
+        with serialization.safe_globals(added):
+            yield
+        return
+    before = list(serialization.get_safe_globals())  # torch 2.4 returns its live list
+    serialization.add_safe_globals(added)
+    try:
+        yield
+    finally:
+        serialization.clear_safe_globals()
+        serialization.add_safe_globals(before)
