@@ -71,3 +71,9 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> None:
             "ignore", r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
         )
         torch.jit.save(torch.jit.script(module), str(path))
+
+
+def plain_load_checks_record_sizes() -> bool:
+    """Whether ``torch.load(weights_only=True)`` without mmap refuses a tensor record whose size
+    disagrees with its storage (torch 2.5 and newer; 2.4 loads it, or fails elsewhere)."""
+    return compat.torch_version() >= (2, 5)
