@@ -107,3 +107,8 @@ def extra_safe_globals(objects: Sequence[Any]) -> Iterator[None]:
     finally:
         serialization.clear_safe_globals()
         serialization.add_safe_globals(before)
+
+
+def onnx_dynamo_export_available() -> bool:
+    """True when ``torch.onnx.export`` takes ``dynamo=True`` (torch 2.5 and newer)."""
+    return torch_version() >= (2, 5)
