@@ -262,6 +262,7 @@ STATE_PAYLOADS: dict[str, tuple[Callable[[dict[str, Any]], str], str]] = {
 
 
 @pytest.mark.parametrize("payload", sorted(STATE_PAYLOADS))
+@pytest.mark.filterwarnings("ignore:checkpoint step 2 is unusable:UserWarning")  # the skip
 def test_hostile_state_is_skipped_like_a_corrupt_step(
     tmp_path: Path, payload: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -152,6 +152,7 @@ def test_cli_scan_prints_problems_and_exits_1(
     assert f"problem: record {record} is missing" in out
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning:zipfile")  # written on purpose
 def test_repeated_record_is_refused(tmp_path: Path) -> None:
     good, _ = _view_file(tmp_path)
     members = _members(good)
