@@ -327,6 +327,7 @@ def test_torchscript_fallback_is_reported_and_verified(
         raise RuntimeError("simulated dynamo failure")
 
     monkeypatch.setattr(exporter, "_export_dynamo", dynamo_fails)
+    monkeypatch.setattr(exporter, "onnx_dynamo_export_available", lambda: True)  # torch 2.4 too
     report = tk.export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / "net.onnx")
     assert report.exporter == "torchscript"
     assert report.fallback_reason is not None
