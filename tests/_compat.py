@@ -67,9 +67,8 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> None:
     torch (a DeprecationWarning, an error in this suite), but the tests still need archives of
     it to show that torchkeep refuses them, so exactly that warning is expected here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning
-        )
+        for category in (DeprecationWarning, FutureWarning):  # FutureWarning from torch 2.15
+            warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", category)
         torch.jit.save(torch.jit.script(module), str(path))
 
 
