@@ -18,7 +18,8 @@ PUBLIC = {
     "CheckpointManager", "Restored", "Keepable", "Stateful",
     "LoadReport", "ScanReport", "OnnxReport", "VerifyReport",
     # errors
-    "TorchkeepError", "FileFormatError", "CorruptFileError", "TorchkeepFileNotFoundError",
+    "TorchkeepError", "FileFormatError", "CorruptFileError", "FormatVersionError",
+    "TorchkeepFileNotFoundError",
     "StateDictMismatchError", "ChecksumMismatchError", "StepExistsError", "DestinationExistsError",
     "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError",
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
@@ -48,6 +49,7 @@ def test_every_public_callable_is_documented() -> None:
 BUILTIN_BASE = {
     "FileFormatError": ValueError,
     "CorruptFileError": ValueError,
+    "FormatVersionError": ValueError,
     "TorchkeepFileNotFoundError": FileNotFoundError,
     "StateDictMismatchError": ValueError,
     "ChecksumMismatchError": ValueError,

@@ -98,6 +98,7 @@ _NOT_RESTORE = tuple(name for name in sorted(READERS) if name != "restore")
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
+@pytest.mark.filterwarnings("ignore:checkpoint step:UserWarning")  # fuzzed steps are skipped
 def test_readers_raise_only_typed_errors(
     kind: str, readers: tuple[str, ...], samples: tuple[Path, Path], data: st.DataObject
 ) -> None:

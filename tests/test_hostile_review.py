@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import skip_unless_dynamo_onnx
 from torchkeep.cli import main
 from torchkeep.hashing import hash_file
 from torchkeep.models import Net
@@ -300,6 +301,7 @@ def test_export_onnx_never_writes_another_opset_than_asked(
     """--opset 1: onnxscript's converter failed, logged a Traceback to stderr, and the file was
     written at opset 18 with exit 0, as if opset 1 had been honoured."""
     pytest.importorskip("onnxscript")
+    skip_unless_dynamo_onnx()
     target = tmp_path / "x.onnx"
     code = main(
         ["export-onnx", "torchkeep.models:Net", "-o", str(target), "--input-shape", "1,3,32,32",

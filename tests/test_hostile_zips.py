@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import plain_load_checks_record_sizes, skip_unless_programs_load
 from tests._live import EXPORT_LOAD, PICKLE_LOAD, TORCH_LOAD, prove_live
 from torchkeep.cli import main
 from torchkeep.describe import describe
@@ -93,8 +94,9 @@ def test_record_of_the_wrong_size_is_refused(
     path = _write_zip(tmp_path / f"{case}.pt", members)
 
     # the hole: torch's memory-mapped read does not compare the record with the storage
-    with pytest.raises(RuntimeError, match="does not match expected size"):
-        torch.load(path, weights_only=True)  # the read without mmap does, for reference
+    if plain_load_checks_record_sizes():  # torch 2.4's read without mmap does not either
+        with pytest.raises(RuntimeError, match="does not match expected size"):
+            torch.load(path, weights_only=True)  # the read without mmap does, for reference
     plain = _plain_mmap_load(path)["head"]
     if case == "long":
         assert not torch.equal(plain, expected), "the shifted record should load garbage"
@@ -150,6 +152,7 @@ def test_cli_scan_prints_problems_and_exits_1(
     assert f"problem: record {record} is missing" in out
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning:zipfile")  # written on purpose
 def test_repeated_record_is_refused(tmp_path: Path) -> None:
     good, _ = _view_file(tmp_path)
     members = _members(good)
@@ -352,6 +355,7 @@ def test_inspect_of_a_program_with_a_bomb_config_is_refused(
     net_bundle: Path, tmp_path: Path
 ) -> None:
     """``inspect`` reads a .pt2's weights configs: they go through the bounded member reader."""
+    skip_unless_programs_load()
     program = net_bundle / "program.pt2"
     members = _members(program)
     config = next(n for n in members if n.endswith("_weights_config.json"))
@@ -507,6 +511,7 @@ def test_protocol_0_data_pkl_is_refused(tmp_path: Path) -> None:
 def test_protocol_0_pickle_as_program_sample_inputs_is_found(
     tmp_path: Path, net_bundle: Path
 ) -> None:
+    skip_unless_programs_load()
     canary = tmp_path / "canary"
     members = _members(net_bundle / "program.pt2")
     target = next(n for n in members if n.endswith("data/sample_inputs/model.pt"))

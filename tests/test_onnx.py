@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import custom_op, skip_unless_dynamo_onnx
 from torchkeep.models import Net, small_vgg
 
 onnx = pytest.importorskip("onnx")
@@ -57,7 +58,7 @@ class BranchOnValue(nn.Module):
         return x - 1
 
 
-@torch.library.custom_op("torchkeep_tests::opaque", mutates_args=())
+@custom_op("torchkeep_tests::opaque")
 def opaque(x: torch.Tensor) -> torch.Tensor:
     return x * 3
 
@@ -117,6 +118,7 @@ def _run(path: Path, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def test_export_is_verified_at_batch_sizes_1_2_and_7(exported: Exported) -> None:
+    skip_unless_dynamo_onnx()
     report = exported.report
     assert report.exporter == "dynamo"
     assert report.fallback_reason is None
@@ -203,6 +205,7 @@ def test_every_submodule_is_in_eval_during_export_and_each_mode_restored(
 
 
 def test_report_is_stored_in_the_file_metadata(exported: Exported) -> None:
+    skip_unless_dynamo_onnx()
     props = {p.key: p.value for p in onnx.load(str(exported.report.path)).metadata_props}
     stored = json.loads(props["torchkeep.report"])
     assert stored["producer"] == f"torchkeep {tk.__version__}"
@@ -250,6 +253,7 @@ def test_fixed_batch_with_custom_names(tmp_path: Path, net: Net) -> None:
 
 
 def test_wrong_numbers_raise_and_leave_the_old_file(tmp_path: Path) -> None:
+    skip_unless_dynamo_onnx()
     path = tmp_path / "liar.onnx"
     path.write_bytes(b"previous export")
     with pytest.raises(tk.ExportVerificationError) as info:
@@ -265,6 +269,7 @@ def test_wrong_numbers_raise_and_leave_the_old_file(tmp_path: Path) -> None:
 
 
 def test_data_dependent_control_flow_names_the_line_and_torch_cond(tmp_path: Path) -> None:
+    skip_unless_dynamo_onnx()
     with pytest.raises(tk.ExportError) as info:
         tk.export_onnx(BranchOnValue(), torch.randn(2, 3), tmp_path / "branch.onnx")
     message = str(info.value)
@@ -279,6 +284,7 @@ def test_data_dependent_control_flow_names_the_line_and_torch_cond(tmp_path: Pat
 
 
 def test_op_without_onnx_translation_names_the_op(tmp_path: Path) -> None:
+    skip_unless_dynamo_onnx()
     with pytest.raises(tk.ExportError) as info:
         tk.export_onnx(UsesOpaqueOp(), torch.randn(2, 3), tmp_path / "opaque.onnx")
     message = str(info.value)
@@ -321,6 +327,7 @@ def test_torchscript_fallback_is_reported_and_verified(
         raise RuntimeError("simulated dynamo failure")
 
     monkeypatch.setattr(exporter, "_export_dynamo", dynamo_fails)
+    monkeypatch.setattr(exporter, "onnx_dynamo_export_available", lambda: True)  # torch 2.4 too
     report = tk.export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / "net.onnx")
     assert report.exporter == "torchscript"
     assert report.fallback_reason is not None

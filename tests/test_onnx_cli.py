@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchkeep as tk
+from tests._compat import skip_unless_dynamo_onnx
 from torchkeep.cli import main
 from torchkeep.describe import describe
 from torchkeep.formats import Format
@@ -43,6 +44,7 @@ def cli_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Net, str
 
 def test_export_prints_the_verification_table(cli_export: tuple[Path, Net, str]) -> None:
     _, _, printed = cli_export
+    skip_unless_dynamo_onnx()
     assert "max abs diff" in printed
     assert "max rel diff" in printed
     assert "dynamo exporter, dynamic batch" in " ".join(printed.split())  # rich wraps lines
@@ -61,6 +63,7 @@ def test_export_uses_the_weights_file(cli_export: tuple[Path, Net, str]) -> None
 
 def test_describe_shows_signature_ops_and_stored_report(cli_export: tuple[Path, Net, str]) -> None:
     path, model, _ = cli_export
+    skip_unless_dynamo_onnx()
     description = describe(path)
     assert description.format is Format.ONNX
     assert description.sections["inputs"] == [("input", "float[batch, 3, 32, 32]")]
@@ -113,6 +116,7 @@ def test_two_inputs_unverified_as_json(tmp_path: Path, capsys: pytest.CaptureFix
 def test_wrong_numbers_exit_1_with_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    skip_unless_dynamo_onnx()
     out = tmp_path / "liar.onnx"
     code = main(
         ["export-onnx", "tests.test_onnx:ExportOnlyOffset", "-o", str(out), "--input-shape", "2,4"]

@@ -28,6 +28,12 @@ class InvalidDocumentError(CorruptFileError):
     a wrong type, a value out of range, nesting too deep, a document too large."""
 
 
+class FormatVersionError(CorruptFileError):
+    """A file was written in a format version newer than this torchkeep reads; the message names
+    the file, the version found and the torchkeep release needed. Readers that skip damaged
+    checkpoint steps skip such a step the same way (and say why)."""
+
+
 class UnreadableFileError(CorruptFileError, OSError):
     """A file torchkeep must read cannot be read (permission denied, an I/O error); readers
     treat it like a damaged file (a checkpoint step is skipped and the previous one used)."""

@@ -19,16 +19,19 @@ import torch
 
 from ._version import __version__
 from .errors import CorruptFileError, TorchkeepFileNotFoundError
+from .format_versions import BUNDLE, CHECKPOINT, SEALED, FormatKind, check_version
 from .formats import safetensors as st
 from .hashing import HASH_ALGORITHM, Hasher, hash_file, new_hasher
 from .schema import Int, Limits, Map, Number, Object, Schema, Str, load_json_document
 from .storage.cache import CachePolicy
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-READABLE_VERSIONS = {"torchkeep.bundle": 2}
-"""The newest format version this torchkeep reads, per kind where it is above FORMAT_VERSION
-(a bundle with a ``builder`` record is version 2, see model/bundle.py)."""
+# The format versions of each manifest kind (see torchkeep.format_versions).
+VERSIONED_KINDS: dict[str, FormatKind] = {
+    "torchkeep.checkpoint": CHECKPOINT,
+    "torchkeep.bundle": BUNDLE,
+    "torchkeep.sealed": SEALED,
+}
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,24 @@ def _ignore(_: object) -> None:
 
 
 def write_manifest(
-    directory: Path, *, kind: str, files: Mapping[str, FileRecord], **fields: Any
+    directory: Path,
+    *,
+    kind: str,
+    files: Mapping[str, FileRecord],
+    format_version: int | None = None,
+    **fields: Any,
 ) -> None:
-    """Write ``manifest.json`` into ``directory`` (the caller commits the directory after)."""
+    """Write ``manifest.json`` into ``directory`` (the caller commits the directory after).
+
+    ``format_version`` defaults to the version this torchkeep writes for ``kind``; a writer of
+    a newer layout passes its own (it must be one :mod:`torchkeep.format_versions` lists).
+    """
+    versions = VERSIONED_KINDS[kind]
+    version = versions.writes if format_version is None else format_version
+    check_version(versions, version, source=directory / MANIFEST_NAME)
     manifest = {
         "format": kind,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "created": time.time(),
         "torchkeep_version": __version__,
         "torch_version": torch.__version__,
@@ -133,7 +148,6 @@ def read_manifest(
     kind: str | None = None,
     fields: Mapping[str, Schema] | None = None,
     required: tuple[str, ...] = (),
-    max_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     """Read ``directory``'s manifest and check it against the manifest schema.
 
@@ -146,12 +160,13 @@ def read_manifest(
         kind: the ``format`` the manifest must declare (``"torchkeep.checkpoint"``).
         fields: schemas of the fields this kind adds (checked when present).
         required: which of those fields must be present.
-        max_version: the newest ``format_version`` of this kind the caller reads.
 
     Raises:
         TorchkeepFileNotFoundError: there is no manifest (the directory was never committed).
         CorruptFileError: the manifest cannot be read, is invalid
             (:class:`~torchkeep.errors.InvalidDocumentError`) or describes another kind.
+        FormatVersionError: a newer torchkeep wrote it (a format version this one does not
+            read).
     """
     path = directory / MANIFEST_NAME
     if not path.is_file():
@@ -168,12 +183,13 @@ def read_manifest(
             f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
         )
-    readable = max(max_version, READABLE_VERSIONS.get(manifest["format"], FORMAT_VERSION))
-    if manifest["format_version"] > readable:
+    versions = VERSIONED_KINDS.get(manifest["format"])
+    if versions is None:
         raise CorruptFileError(
-            f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
-            f"up to {readable}. Upgrade torchkeep to read it"
+            f"{path} declares the format {manifest['format'][:64]!r}, which is not a torchkeep "
+            "checkpoint step, bundle or sealed folder; point at the right directory"
         )
+    check_version(versions, manifest["format_version"], source=path)
     if manifest["hash_algorithm"] != HASH_ALGORITHM:
         raise CorruptFileError(
             f"{path} uses hash {manifest['hash_algorithm']!r}; this torchkeep knows only "
@@ -237,16 +253,13 @@ def find_problems(
     kind: str | None = None,
     fields: Mapping[str, Schema] | None = None,
     required: tuple[str, ...] = (),
-    max_version: int = FORMAT_VERSION,
 ) -> list[str]:
     """List everything wrong with a committed directory; an empty list means it is intact.
 
-    ``kind``, ``fields``, ``required`` and ``max_version`` are passed to :func:`read_manifest`.
+    ``kind``, ``fields`` and ``required`` are passed to :func:`read_manifest`.
     """
     try:
-        manifest = read_manifest(
-            directory, kind=kind, fields=fields, required=required, max_version=max_version
-        )
+        manifest = read_manifest(directory, kind=kind, fields=fields, required=required)
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
     problems = (

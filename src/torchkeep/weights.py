@@ -18,6 +18,7 @@ from torch import nn
 from ._gc import gc_paused
 from ._version import __version__
 from .errors import FileFormatError, StateDictMismatchError, first_line
+from .format_versions import WEIGHTS, WEIGHTS_KEY
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import write_target
@@ -217,6 +218,7 @@ def safetensors_payload(
     file_metadata = {
         "format": "pt",
         "torchkeep.version": __version__,
+        WEIGHTS_KEY: str(WEIGHTS.writes),
         "torchkeep.dtypes": st.summarize_dtypes(unique.values()),
         **(metadata or {}),
     }

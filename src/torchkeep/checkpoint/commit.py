@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from .._version import __version__
 from ..errors import StepExistsError
+from ..format_versions import CHECKPOINT
 from ..formats import safetensors as st
 from ..manifest import FileRecord, write_hashed, write_json, write_manifest, write_tensors
 from ..storage.cache import CachePolicy, drop_cached
@@ -120,7 +121,11 @@ def _stage(
             name: write_hashed(temp / name, _bytes_writer(data))
             for name, data in extra_files.items()
         }
-        state: dict[str, Any] = {"step": step, "entries": {}}
+        state: dict[str, Any] = {
+            "format_version": CHECKPOINT.writes,
+            "step": step,
+            "entries": {},
+        }
         for entry in entries:
             if entry.file_name is not None:
                 files[entry.file_name] = write_tensors(

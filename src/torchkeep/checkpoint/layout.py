@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import tree
 from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
+from ..format_versions import CHECKPOINT, check_version
 from ..manifest import FILE_NAME_PATTERN, MANIFEST_NAME, find_problems, read_manifest
 from ..paths import lookup
 from ..schema import (
@@ -68,7 +69,6 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
 # The newest checkpoint format version this torchkeep reads, per layout: sharded steps are
 # version 2 (torchkeep.checkpoint.distributed.layout.FORMAT_VERSION), single-process ones 1.
 LAYOUT_VERSIONS = {"single": 1, "sharded-v1": 2}
-MAX_FORMAT_VERSION = max(LAYOUT_VERSIONS.values())
 # ``state.json``: the JSON skeleton of every entry (see torchkeep.tree); tensors are elsewhere.
 ENTRY_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,199}"
 STATE_LIMITS = Limits(
@@ -78,6 +78,7 @@ STATE_LIMITS = Limits(
 )
 STATE_SCHEMA = Object(
     {
+        "format_version": Int(min=1, max=1000),  # absent in steps of torchkeep 0.1.0 and 0.2.0
         "step": Int(max=MAX_STEP),
         "entries": Map(
             Object(
@@ -151,7 +152,6 @@ def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]
         kind=KIND,
         fields=_MANIFEST_FIELDS,
         required=("step",),
-        max_version=MAX_FORMAT_VERSION,
     )
     layout = manifest.get("layout", "single")
     if manifest["format_version"] > LAYOUT_VERSIONS[layout]:
@@ -179,9 +179,11 @@ def read_state(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         CorruptFileError: the document is unreadable or invalid.
+        FormatVersionError: a newer torchkeep wrote it.
     """
     source = path / STATE_NAME
     state: dict[str, Any] = load_json_document(source, schema=STATE_SCHEMA, limits=STATE_LIMITS)
+    check_version(CHECKPOINT, state.get("format_version", 1), source=source)
     if state["step"] != manifest["step"]:
         raise InvalidDocumentError(
             f"{source} records step {state['step']}, its manifest {manifest['step']}; the step "
@@ -232,7 +234,6 @@ def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
         kind=KIND,
         fields=_MANIFEST_FIELDS,
         required=("step",),
-        max_version=MAX_FORMAT_VERSION,
     )
     if problems:
         return problems

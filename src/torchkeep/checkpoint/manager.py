@@ -19,6 +19,7 @@ from ..errors import (
     CheckpointBusyError,
     CheckpointNotFoundError,
     CorruptFileError,
+    FormatVersionError,
     StateDictMismatchError,
     StepExistsError,
     TorchkeepError,
@@ -403,7 +404,10 @@ class CheckpointManager:
             ranker = retention.KeepBest(len(infos) or 1, self.monitor, self.mode)
             return ranker.ranked(infos), True
         wanted = _check_step(step)
-        return [info for info in infos if info.step == wanted], False
+        matching = [info for info in infos if info.step == wanted]
+        if not matching:
+            _raise_if_newer_format(step_path(self.directory, wanted))
+        return matching, False
 
     def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
         """The first candidate step that reads and verifies whole.
@@ -611,6 +615,17 @@ def _distributed_session(
         per_rank=entry_names_ok(per_rank),
         save_rng=save_rng,
     )
+
+
+def _raise_if_newer_format(path: Path) -> None:
+    """Raise FormatVersionError when ``path`` is a step a newer torchkeep wrote: such a step is
+    not listed, so a request for it would otherwise only say that there is no such step."""
+    try:
+        read_step_manifest(path)
+    except FormatVersionError:
+        raise
+    except (CorruptFileError, TorchkeepFileNotFoundError):
+        pass
 
 
 def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from .. import (
     save_model,
     save_weights,
 )
+from ..compat import program_loader_examined
 from ..errors import MissingDependencyError
 from ..models import Net
 from ._output import EXIT_OK, console, human_bytes
@@ -95,6 +96,12 @@ def _model_step(workdir: Path) -> None:
     )
     console.print(f"another process rebuilt Net from the bundle: same outputs "
                   f"[bold]{torch.equal(by_class, expected)}[/]")  # fmt: skip
+    if not program_loader_examined():
+        console.print(
+            f"(the program step is skipped: torchkeep loads programs only under a torch whose "
+            f"loader its scan was checked against, and this is torch {torch.__version__})"
+        )
+        return
     by_program = _in_subprocess(
         _CHILD.format(
             hide=_HIDE_NET, load="model = tk.load_model(sys.argv[1], trust_program=True)"

@@ -41,7 +41,8 @@ def _zip_kind(path: Path) -> Format:
             f"{path} starts like a zip archive (torch.save, torch.export) but cannot be opened "
             f"({exc}); it is truncated or damaged, re-create it from its source"
         ) from None
-    if any(n.endswith("archive_format") for n in names):
+    # torch >= 2.5 writes an archive_format entry; torch 2.4 only serialized_exported_program.json
+    if any(n.endswith(("archive_format", "serialized_exported_program.json")) for n in names):
         return Format.PT2
     if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
         return Format.TORCHSCRIPT

@@ -24,6 +24,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 
 from ..errors import CorruptFileError, UnsupportedValueError
+from ..format_versions import check_weights_metadata
 from ..hashing import Hasher
 from ..storage.cache import CachePolicy, check_cache_policy, write_mode
 from ..storage.reading import FileEndedError, RangeReader
@@ -401,6 +402,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _corrupt(path, "__metadata__ must map strings to strings")
+    check_weights_metadata(metadata, source=path)
     entries = _parse_entries(path, header, data_start, data_len)
     _check_coverage(path, entries, data_start, file_size)
     aliases = _parse_aliases(path, metadata, entries)

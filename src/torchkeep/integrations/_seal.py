@@ -48,7 +48,7 @@ def seal(folder: Path) -> None:
     staging = temp_sibling(folder / MANIFEST_NAME)
     staging.mkdir()
     try:
-        write_manifest(staging, kind=KIND, files=files, **{_SUBFOLDERS: subfolders})
+        write_manifest(staging, kind=KIND, files=files, sealed_folders=subfolders)
         fsync_file(staging / MANIFEST_NAME)
         os.replace(staging / MANIFEST_NAME, folder / MANIFEST_NAME)
     finally:

@@ -23,11 +23,11 @@ from ..errors import (
     UnsafeCheckpointError,
     first_line,
 )
+from ..format_versions import BUNDLE
 from ..formats import Format, detect_format
 from ..formats import safetensors as st
 from ..hashing import hash_file
 from ..manifest import (
-    FORMAT_VERSION,
     FileRecord,
     find_problems,
     read_manifest,
@@ -70,7 +70,7 @@ PathLike = str | os.PathLike[str]
 BUILDER_FORMAT_VERSION = 2
 """The manifest ``format_version`` of a bundle whose ``config.json`` holds a ``builder`` record
 (torchkeep 0.2.0 and older cannot rebuild it, and refuse it by this version); bundles rebuilt
-from their class and arguments are still written as version 1 (:data:`FORMAT_VERSION`)."""
+from their class and arguments are still written as ``BUNDLE.writes`` (1)."""
 
 
 def register_alias(old: str, new: str) -> None:
@@ -190,7 +190,7 @@ def _format_version(config: Mapping[str, Any]) -> int:
         return BUILDER_FORMAT_VERSION
     if holds_config(init["args"]) or holds_config(init["kwargs"]):
         return BUILDER_FORMAT_VERSION
-    return FORMAT_VERSION
+    return BUNDLE.writes
 
 
 def _builder_config(
@@ -276,6 +276,8 @@ def save_model(
     )
     if example_inputs is not None:
         config["example_inputs"] = _input_specs(example_inputs)
+    version = _format_version(config)
+    config = {"format_version": version, **config}
     unique, metadata = safetensors_payload(state)
     with staged_directory(path, overwrite=True) as staging:
         files: dict[str, FileRecord] = {
@@ -290,7 +292,7 @@ def save_model(
             kind=BUNDLE_KIND,
             files=files,
             model_class=config["class"],
-            format_version=_format_version(config),
+            format_version=version,
         )
     return path
 

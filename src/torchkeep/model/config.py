@@ -2,7 +2,8 @@
 
 Schema (every other key is ignored)::
 
-    {"class": "package.module.Class",               # an absolute class path (classpath.py)
+    {"format_version": 1,                            # optional (torchkeep.format_versions)
+     "class": "package.module.Class",               # an absolute class path (classpath.py)
      "init": {"args": [...], "kwargs": {str: ...}},  # tagged JSON (torchkeep.tree)
      "example_inputs": [{"shape": [int, ...], "dtype": "float32"}, ...],  # optional
      "builder": {"name": "transformers", "spec": {...}},   # optional (format version 2)
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptFileError, InvalidDocumentError
+from ..format_versions import BUNDLE, check_version
 from ..schema import (
     AnyValue,
     Array,
@@ -99,6 +101,7 @@ def _spec_size_problem(spec: dict[str, Any]) -> str | None:
 
 SCHEMA = Object(
     {
+        "format_version": Int(min=1, max=1000),  # absent in bundles of torchkeep 0.1.0 and 0.2.0
         "class": Satisfies(AnyValue(), _class_problem),
         "init": Object({"args": Array(), "kwargs": Map()}),
         "example_inputs": Array(
@@ -147,6 +150,7 @@ def decode_value(value: object, source: str) -> Any:
 
 
 def _decoded(document: dict[str, Any], path: Path) -> BundleConfig:
+    check_version(BUNDLE, document.get("format_version", 1), source=path)
     init = document["init"]
     args = decode_value(init.get("args", []), f"{path}: key 'init.args'")
     kwargs = decode_value(init.get("kwargs", {}), f"{path}: key 'init.kwargs'")

@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from ..compat import require_examined_program_loader
 from ..errors import (
     CorruptFileError,
     ExportError,
@@ -172,6 +173,7 @@ def load_program(path: Path, *, map_location: torch.device | str = "cpu") -> nn.
             f"{path} was refused even with trust_program=True: loading it would import or run "
             f"{listed}. Run `torchkeep scan {path}` for details; do not load it"
         )
+    require_examined_program_loader(path)
     missing = _unregistered_types(path)
     if missing:
         modules = ", ".join(sorted({f"import {n.rpartition('.')[0]}" for n in missing}))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..compat import onnx_dynamo_export_available
 from ..errors import ExportError, ExportVerificationError, first_line
 from ..model.tracing import (
     ExampleCall,
@@ -302,6 +303,10 @@ def _export(
     """
     name = type(model).__name__
     try:
+        if not onnx_dynamo_export_available():
+            raise ExportError(
+                f"torch {torch.__version__} has no dynamo ONNX exporter (torch 2.5 and newer)"
+            )
         return _export_dynamo(model, call, dynamic_shapes, **options), None
     except Exception as exc:  # the exporter raises many unrelated types; all are explained
         dynamo_error = exc

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..format_versions import ONNX_REPORT
 
 REPORT_KEY = "torchkeep.report"
 """The ``metadata_props`` key under which the verification report is stored in the file."""
@@ -149,6 +150,7 @@ class OnnxReport:
     def metadata(self) -> dict[str, str]:
         """The ``metadata_props`` torchkeep stores in the ``.onnx`` file."""
         stored = {
+            "format_version": ONNX_REPORT.writes,
             "producer": f"torchkeep {__version__}",
             "torch_version": torch.__version__,
             "exporter": self.exporter,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..format_versions import ONNX_REPORT, check_version
 from ..schema import (
     Array,
     Bool,
@@ -44,6 +45,7 @@ _DIFFERENCE = Number(min=0.0, allow_nonfinite=True)  # a measured difference may
 
 SCHEMA = Object(
     {
+        "format_version": Int(min=1, max=1000),  # absent in reports of torchkeep 0.1.0 and 0.2.0
         "producer": Str(),
         "torch_version": Str(),
         "exporter": Str(),
@@ -85,6 +87,7 @@ def parse_stored_report(text: str, *, path: Path) -> dict[str, Any]:
     Raises:
         InvalidDocumentError: the text is too long or too deep, is not a JSON object, repeats a
             key, or a known field has the wrong type or range; the message names the field.
+        FormatVersionError: a newer torchkeep wrote the report.
 
     Example:
         >>> parse_stored_report('{"opset": 18}', path=Path("net.onnx"))
@@ -96,5 +99,10 @@ def parse_stored_report(text: str, *, path: Path) -> dict[str, Any]:
         schema=SCHEMA,
         limits=LIMITS,
         fix="export the model again to get a report you can trust",
+    )
+    check_version(
+        ONNX_REPORT,
+        stored.get("format_version", 1),
+        source=f"{path}: the stored export report (metadata_props {REPORT_KEY!r})",
     )
     return {field: stored[field] for field in SCHEMA.fields if field in stored}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..compat import extra_safe_globals
 from ..errors import FileFormatError, ModelClassNotFoundError, UnsafeCheckpointError
 from ..formats import torch_zip
 from .policy import Severity
@@ -31,23 +31,6 @@ def _import_global(target: Global) -> Any:
             "that defines it, or fix the import path"
         ) from None
     return obj
-
-
-@contextlib.contextmanager
-def _extra_safe_globals(objects: Sequence[Any]) -> Iterator[None]:
-    """Extend torch's weights-only allowlist for the duration of the block only."""
-    serialization: Any = torch.serialization
-    if hasattr(serialization, "safe_globals"):
-        with serialization.safe_globals(list(objects)):
-            yield
-        return
-    before = serialization.get_safe_globals()  # torch 2.4: no context manager yet
-    serialization.add_safe_globals(list(objects))
-    try:
-        yield
-    finally:
-        serialization.clear_safe_globals()
-        serialization.add_safe_globals(before)
 
 
 def _refusal(path: Path, offending: list[Finding], allow: tuple[str, ...]) -> str:
@@ -102,7 +85,7 @@ def load_pickled_model(
         for f in report.findings
         if f.kind == "global" and f.severity in (Severity.TORCH_LAYER, Severity.USER)
     ]
-    with _extra_safe_globals(extra):
+    with extra_safe_globals(extra):
         loaded = torch_zip.load(path, map_location=map_location)
     if not isinstance(loaded, nn.Module):
         raise FileFormatError(

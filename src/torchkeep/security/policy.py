@@ -56,10 +56,15 @@ _BUILTIN_TYPES = frozenset(
 
 @functools.lru_cache(maxsize=1)
 def _allowlist() -> frozenset[str]:
-    """Names torch's weights-only unpickler accepts by itself (not the user's additions)."""
+    """Names torch's weights-only unpickler accepts by itself (not the user's additions), and
+    the plain builtins a newer torch accepts (torchkeep.compat adds them under an older one)."""
     from torch import _weights_only_unpickler
 
-    return frozenset(_weights_only_unpickler._get_allowed_globals())
+    from ..compat import NEWER_WEIGHTS_ONLY_GLOBALS
+
+    return frozenset(_weights_only_unpickler._get_allowed_globals()) | frozenset(
+        NEWER_WEIGHTS_ONLY_GLOBALS
+    )
 
 
 def resolve_loaded(target: Global) -> object | None:

@@ -85,6 +85,8 @@ _SYMBOL_ASSUMPTIONS = frozenset(
 )  # fmt: skip
 _GUARD_FUNCTIONS = frozenset({"max", "min", "abs", "int", "float"})
 _GUARD_MATH = frozenset({"floor", "ceil", "trunc", "sqrt"})
+# torch 2.15 writes these pure int functions into guards (2.13 wrote max/min)
+_GUARD_TORCH = frozenset({"sym_max", "sym_min"})
 _SIZE_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 _BINARY = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
 _COMPARE = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
@@ -438,7 +440,9 @@ def _plain_guard(node: ast.expr) -> bool:
         if isinstance(func, ast.Name):
             return func.id in _GUARD_FUNCTIONS
         if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-            return func.value.id == "math" and func.attr in _GUARD_MATH
+            return (func.value.id == "math" and func.attr in _GUARD_MATH) or (
+                func.value.id == "torch" and func.attr in _GUARD_TORCH
+            )
         return _size_access(node)
     return False
 

@@ -26,6 +26,7 @@ import codecs
 import copyreg
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import IO
 
@@ -265,7 +266,10 @@ def _quoted(line: bytes | None) -> str | _Symbol:
         return _STR
     if len(line) >= 2 and line[:1] == line[-1:] and line[:1] in (b"'", b'"'):
         try:
-            return _ascii(codecs.escape_decode(line[1:-1])[0])
+            with warnings.catch_warnings():  # "invalid escape sequence" of untrusted bytes
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = codecs.escape_decode(line[1:-1])[0]
+            return _ascii(decoded)
         except ValueError:
             raise _Stop("an invalid protocol-0 string") from None
     raise _Stop("a protocol-0 string without quotes")
