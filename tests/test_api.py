@@ -23,7 +23,7 @@ PUBLIC = {
     "CheckpointNotFoundError", "CheckpointBusyError", "UnsafeCheckpointError",
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
-    "ExportError", "ExportVerificationError", "ResourceLimitError",
+    "ExportError", "ExportVerificationError", "ResourceLimitError", "IntegrationError",
     "__version__",
 }  # fmt: skip
 
@@ -56,6 +56,7 @@ BUILTIN_BASE = {
     "MissingDependencyError": ImportError,
     "ModelClassNotFoundError": ImportError,
     "InitArgsError": TypeError,
+    "IntegrationError": RuntimeError,
     "ExportError": RuntimeError,
     "ExportVerificationError": RuntimeError,
     "UnsupportedValueError": TypeError,

@@ -84,6 +84,12 @@ class MissingDependencyError(TorchkeepError, ImportError):
     """An optional dependency is needed for this feature; the message gives the install command."""
 
 
+class IntegrationError(TorchkeepError, RuntimeError):
+    """A framework integration cannot run in this setup: a framework version outside the
+    tested range (for an integration that overrides private methods), a strategy it does not
+    cover (DeepSpeed, FSDP), or a checkpoint it did not write."""
+
+
 class ModelClassNotFoundError(TorchkeepError, ImportError):
     """The class recorded in a model bundle cannot be imported."""
 

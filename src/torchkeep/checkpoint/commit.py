@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .._version import __version__
 from ..errors import StepExistsError
 from ..formats import safetensors as st
-from ..manifest import FileRecord, write_json, write_manifest, write_tensors
+from ..manifest import FileRecord, write_hashed, write_json, write_manifest, write_tensors
 from ..storage.local import staged_directory
 from .entries import Entry
 from .layout import KIND, STATE_NAME
@@ -37,6 +37,7 @@ def write_step(
     *,
     overwrite: bool,
     manifest_fields: Mapping[str, Any],
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> None:
     """Write and commit ``entries`` as the step directory ``final``.
 
@@ -46,6 +47,8 @@ def write_step(
         entries: the prepared entries; their tensors must not change until this returns.
         overwrite: replace an existing ``final`` (atomically: the old one goes only after).
         manifest_fields: extra manifest fields (metrics, retention settings).
+        extra_files: plain files a framework reads by name from the step (Hugging Face's
+            ``trainer_state.json``), by file name; hashed and listed like every other file.
 
     Raises:
         StepExistsError: without ``overwrite``, another writer committed ``final`` first (two
@@ -53,7 +56,7 @@ def write_step(
         StorageFullError: the disk filled up; the temporary directory was removed.
     """
     try:
-        _stage(final, step, entries, overwrite=overwrite, manifest_fields=manifest_fields)
+        _stage(final, step, entries, overwrite, manifest_fields, extra_files or {})
     except OSError as exc:
         if overwrite or exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not final.is_dir():
             raise
@@ -64,16 +67,26 @@ def write_step(
         ) from None
 
 
+def _bytes_writer(data: bytes) -> Callable[[BinaryIO], None]:
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return write
+
+
 def _stage(
     final: Path,
     step: int,
     entries: Sequence[Entry],
-    *,
     overwrite: bool,
     manifest_fields: Mapping[str, Any],
+    extra_files: Mapping[str, bytes],
 ) -> None:
     with staged_directory(final, overwrite=overwrite) as temp:
-        files: dict[str, FileRecord] = {}
+        files: dict[str, FileRecord] = {
+            name: write_hashed(temp / name, _bytes_writer(data))
+            for name, data in extra_files.items()
+        }
         state: dict[str, Any] = {"step": step, "entries": {}}
         for entry in entries:
             if entry.file_name is not None:

@@ -129,9 +129,10 @@ class StepInfo:
 def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]:
     """The manifest of the step directory ``path``, checked against the checkpoint schema.
 
-    Besides the common checks of :func:`~torchkeep.manifest.read_manifest`, the manifest must
-    record the step its directory is named after: ``name``, when ``path`` is another way to
-    reach the directory (a pinned ``/proc/self/fd`` entry), else ``path.name``.
+    Besides the common checks of :func:`~torchkeep.manifest.read_manifest`, a directory named
+    like a step must have its manifest record that step: ``name``, when ``path`` is another way
+    to reach the directory (a pinned ``/proc/self/fd`` entry), else ``path.name``. A directory
+    whose name a framework chose (Lightning's ``last.ckpt``) names no step, so any is accepted.
 
     Raises:
         TorchkeepFileNotFoundError: there is no manifest (never committed).
@@ -139,7 +140,8 @@ def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]
     """
     manifest = read_manifest(path, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",))
     name = path.name if name is None else name
-    if manifest["step"] != parse_step(name):
+    named_step = parse_step(name)
+    if named_step is not None and manifest["step"] != named_step:
         raise InvalidDocumentError(
             f"{path / MANIFEST_NAME} records step {manifest['step']} but its directory is "
             f"{name}; the step was renamed or damaged, so it is skipped"
