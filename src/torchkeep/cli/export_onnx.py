@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +22,11 @@ from ..model import load_model
 from ..model.bundle import example_input_specs
 from ..model.classpath import class_path_problem
 from ..model.config import MAX_NUMEL
+from ..model.tracing import example_call
 from ..onnx import OnnxReport, export_onnx
-from ..onnx.report import TABLE_COLUMNS
+from ..onnx.exporter import default_input_names
+from ..onnx.ranges import integer_ranges, random_values
+from ..onnx.report import has_lengths, table_columns
 from ..weights import load_weights
 from ._output import (
     EXIT_OK,
@@ -38,9 +42,25 @@ from ._output import (
 )
 
 
-def input_spec(text: str) -> torch.Tensor:
-    """``"1,3,32,32"`` or ``"4,16:int64"`` -> an example tensor of that shape and dtype."""
-    shape_text, _, dtype_name = text.partition(":")
+@dataclass(frozen=True)
+class InputSpec:
+    """One ``--input-shape``: an optional keyword, a shape and a dtype."""
+
+    name: str | None
+    shape: list[int]
+    dtype: torch.dtype
+
+
+def input_spec(text: str) -> InputSpec:
+    """``"1,3,32,32"``, ``"4,16:int64"`` or ``"input_ids=1,8:int64"`` (a keyword input)."""
+    keyword, sep, rest = text.partition("=")
+    name = keyword.strip() if sep else None
+    if name is not None and not name.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a keyword input is NAME=SHAPE[:DTYPE] with NAME a Python identifier "
+            "(e.g. input_ids=1,8:int64)"
+        )
+    shape_text, _, dtype_name = (rest if sep else text).partition(":")
     dtype = getattr(torch, dtype_name or "float32", None)
     try:
         shape = [int(part) for part in shape_text.split(",") if part.strip()]
@@ -48,19 +68,36 @@ def input_spec(text: str) -> torch.Tensor:
         shape = []
     if not shape or min(shape) < 1 or not isinstance(dtype, torch.dtype):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give positive sizes separated by commas, optionally ':dtype' "
-            "(e.g. 1,3,32,32 or 4,16:int64)"
+            f"{text!r}: give positive sizes separated by commas, optionally ':dtype' and a "
+            "leading 'name=' for a keyword input (e.g. 1,3,32,32 or input_ids=4,16:int64)"
         )
     if math.prod(shape) > MAX_NUMEL:  # the bound a bundle's recorded example inputs have
         raise argparse.ArgumentTypeError(
             f"{text!r}: {math.prod(shape):,} elements; an example input holds at most "
             f"{MAX_NUMEL:,} (a small batch is enough to export)"
         )
-    return example_tensor(shape, dtype)
+    return InputSpec(name, shape, dtype)
+
+
+def input_range(text: str) -> tuple[str, tuple[int, int]]:
+    """``"input_ids=0:50257"`` -> ``("input_ids", (0, 50257))`` (the high end excluded)."""
+    name, _, bounds = text.partition("=")
+    low, _, high = bounds.partition(":")
+    try:
+        values = (int(low), int(high))
+    except ValueError:
+        values = (0, 0)
+    if not name or values[0] >= values[1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=LOW:HIGH with integers LOW < HIGH (HIGH excluded), e.g. "
+            "input_ids=0:50257"
+        )
+    return name, values
 
 
 def example_tensor(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Random floats, or zeros for integer and bool dtypes, of ``shape``."""
+    """Random floats, or zeros for integer and bool dtypes, of ``shape`` (the integers are
+    replaced by random values in their range once the model is known, see :func:`_fill`)."""
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype)
     return torch.zeros(shape, dtype=dtype)
@@ -86,8 +123,24 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=input_spec,
         action="append",
         metavar="SHAPE[:DTYPE]",
-        help="shape of one example input, e.g. 1,3,32,32 (repeat once per input; int dtypes "
-        "give zeros); a bundle saved with example_inputs defaults to their shapes",
+        help="shape of one example input, e.g. 1,3,32,32; NAME=SHAPE[:DTYPE] passes it by "
+        "keyword (input_ids=1,8:int64). Repeat once per input; integer inputs get random "
+        "values in their range (--input-range, else derived from the model); a bundle saved "
+        "with example_inputs defaults to their shapes",
+    )
+    parser.add_argument(
+        "--input-range",
+        type=input_range,
+        action="append",
+        default=[],
+        metavar="NAME=LOW:HIGH",
+        help="values of an integer input (HIGH excluded), e.g. input_ids=0:50257; default: "
+        "from the model (config.vocab_size, its only embedding)",
+    )
+    parser.add_argument(
+        "--static-sequence",
+        action="store_true",
+        help="keep the sequence length of integer inputs fixed (dynamic by default)",
     )
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
     parser.add_argument("--static-batch", action="store_true", help="keep the batch size fixed")
@@ -144,10 +197,12 @@ def load_source(
 def print_report(report: OnnxReport) -> None:
     """The verification table and a one-line summary of what was written."""
     if report.verified:
-        rows = [diff.row() for diff in report.diffs]
+        rows = [diff.row(lengths=has_lengths(report.diffs)) for diff in report.diffs]
         title = f"onnxruntime vs PyTorch (rtol={report.rtol:g}, atol={report.atol:g})"
         numeric = ("batch", "max abs diff", "max rel diff")
-        print_table(title, TABLE_COLUMNS, rows, right_align=numeric)
+        print_table(title, table_columns(report.diffs), rows, right_align=numeric)
+    for line in report.details():
+        console.print(plain(line))
     batch = "dynamic batch" if report.dynamic_batch else "fixed batch"
     data = f", data in {', '.join(report.external_data)}" if report.external_data else ""
     console.print(
@@ -164,28 +219,61 @@ def print_report(report: OnnxReport) -> None:
         console.print("[yellow]not verified[/] (--no-verify)")
 
 
-def _example_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+def _example_inputs(args: argparse.Namespace) -> list[InputSpec]:
     """``--input-shape`` values, else the shapes a bundle recorded at save time."""
     if args.input_shape:
-        return tuple(args.input_shape)
+        return list(args.input_shape)
     if Path(args.source).is_dir():
         specs = example_input_specs(args.source)
         if specs:
-            return tuple(example_tensor(shape, dtype) for shape, dtype in specs)
+            return [InputSpec(None, shape, dtype) for shape, dtype in specs]
     raise ExportError(
         f"{args.source}: no example input shapes are known; give --input-shape (e.g. 1,3,32,32)"
     )
 
 
+def _fill(
+    model: nn.Module, specs: list[InputSpec], declared: dict[str, tuple[int, int]]
+) -> dict[str, torch.Tensor] | tuple[torch.Tensor, ...]:
+    """The example inputs: keyword ones as a dict (when any has a name), else positional; integer
+    inputs drawn at random from their range, so the trace never sees only zeros."""
+    keyword = [spec.name for spec in specs if spec.name is not None]
+    if keyword and len(keyword) != len(specs):
+        raise ExportError(
+            "give every --input-shape a NAME= (keyword inputs) or none (positional inputs)"
+        )
+    if len(set(keyword)) != len(keyword):
+        raise ExportError(f"--input-shape names repeat: {', '.join(keyword)}")
+    tensors = [example_tensor(spec.shape, spec.dtype) for spec in specs]
+    call = (
+        example_call(model, dict(zip(keyword, tensors, strict=True)))
+        if keyword
+        else example_call(model, tuple(tensors))
+    )
+    names = default_input_names(call)
+    ranges = integer_ranges(model, names, call.tensors(), declared)
+    generator = torch.Generator().manual_seed(0)
+    filled = [
+        random_values(list(x.shape), x, ranges.get(name), generator) if name in ranges else x
+        for name, x in zip(names, call.tensors(), strict=True)
+    ]
+    call = call.with_tensors(filled)
+    return call.kwargs if keyword else tuple(t for t in call.args if t is not None)
+
+
 def run(args: argparse.Namespace) -> int:
-    example_inputs = _example_inputs(args)
+    specs = _example_inputs(args)
     model = load_source(args.source, weights=args.weights, init_kwargs=args.init_kwargs)
+    declared = dict(args.input_range)
+    example_inputs = _fill(model, specs, declared)
     try:
         report = export_onnx(
             model,
             example_inputs,
             args.output,
             dynamic_batch=not args.static_batch,
+            dynamic_sequence=False if args.static_sequence else None,
+            input_ranges=declared or None,
             opset=args.opset,
             verify=not args.no_verify,
             rtol=args.rtol,

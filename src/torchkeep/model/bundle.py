@@ -125,6 +125,7 @@ def save_model(
     *,
     example_inputs: torch.Tensor | Sequence[Any] | None = None,
     init_args: Mapping[str, Any] | None = None,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
 ) -> Path:
     """Save a whole model as a bundle directory: class, constructor arguments, weights.
 
@@ -140,6 +141,8 @@ def save_model(
             size works (batch 1 included).
         init_args: constructor keyword arguments (JSON values). Needed when the class does
             not derive from :class:`Keepable` and its ``__init__`` has required parameters.
+        dynamic_shapes: ``torch.export`` dynamic shapes for the program, passed through
+            (default: a dynamic batch), e.g. to keep a sequence length dynamic.
 
     Returns:
         The bundle path.
@@ -157,7 +160,11 @@ def save_model(
     state = model.state_dict()
     st.validate_for_save(state)
     _check_target(path)
-    program = export_program(model, example_inputs) if example_inputs is not None else None
+    program = (
+        export_program(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        if example_inputs is not None
+        else None
+    )
     config: dict[str, Any] = {"class": class_path(type(model)), "init": init}
     if example_inputs is not None:
         config["example_inputs"] = _input_specs(example_inputs)

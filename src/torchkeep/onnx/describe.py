@@ -82,6 +82,11 @@ def _report_rows(text: str, path: Path) -> list[tuple[str, str]]:
     ]
     sizes = stored.get("verified_batch_sizes") or []
     rows.append(("verified batch sizes", ", ".join(map(str, sizes)) or "not verified"))
+    for lengths in stored.get("verified_lengths") or []:
+        sizes_text = ", ".join(f"{name}={size}" for name, size in sorted(lengths.items()))
+        rows.append(("verified lengths", sizes_text))
+    rows.extend((f"input {n}", values) for n, values in (stored.get("input_values") or {}).items())
+    rows.extend(("note", note) for note in stored.get("notes") or [])
     rows.append(("tolerance", f"rtol={stored.get('rtol')} atol={stored.get('atol')}"))
     for output, diffs in (stored.get("max_diffs") or {}).items():
         rows.append(

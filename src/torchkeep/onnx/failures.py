@@ -12,6 +12,8 @@ from ..errors import ExportError
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MISSING_OP = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)'")
 _TORCHSCRIPT_OP = re.compile(r"operator\b[^\n]*?\b(\w+::\w+)")
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+_BROKEN_VIEW = re.compile(r"Cannot view a tensor with shape")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s+(\S[^\n]*)')
 _TORCH_DIR = str(Path(torch.__file__).parent)
 
@@ -79,7 +81,26 @@ def explain(exc: BaseException, model_name: str, *, fallback: str | None = None)
     at = f" at {where}" if where else ""
     op = _missing_op(text)
     head = f"cannot export {model_name} to ONNX"
-    if is_data_dependent(exc):
+    unknown_output = _UNKNOWN_OUTPUT.search(text)
+    if unknown_output:
+        kind = unknown_output.group(1)
+        message = (
+            f"{head}: forward returns a {kind}, which is no tensor, tuple, list or dict and no "
+            "registered pytree type, so an exported graph cannot return it. A key-value cache "
+            "is the usual case: turn it off (model.config.use_cache = False, or use_cache=False "
+            "in forward), return only tensors from forward, or register the type with "
+            "torch.utils._pytree.register_pytree_node"
+        )
+    elif _BROKEN_VIEW.search(text) and "decompose" in text:
+        message = (
+            f"{head}: the exporter's decomposition turned a reshape into a view of a tensor "
+            f"whose strides no longer allow it{at}. torch 2.13 does this after "
+            "scaled_dot_product_attention: for a transformers model, use its eager attention "
+            '(config attn_implementation="eager", model.set_attn_implementation("eager"), or '
+            'from_pretrained(..., attn_implementation="eager")); in your own code, call '
+            ".contiguous() before the reshape"
+        )
+    elif is_data_dependent(exc):
         message = (
             f"{head}: forward branches on the value of a tensor (data-dependent control flow)"
             f"{at}. An exported graph cannot follow a Python `if` on tensor values: rewrite the "

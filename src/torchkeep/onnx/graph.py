@@ -54,3 +54,36 @@ def op_counts(model: onnx.ModelProto) -> Counter[str]:
     for node in nodes:
         counts[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
     return counts
+
+
+def dynamic_axes(model: onnx.ModelProto) -> dict[str, dict[int, str]]:
+    """Per graph input, its symbolic dimensions: ``{"input_ids": {0: "batch", 1: "sequence"}}``."""
+    axes = {}
+    for value in model.graph.input:
+        symbolic = {i: d for i, d in enumerate(value_dims(value)) if isinstance(d, str)}
+        if symbolic:
+            axes[value.name] = symbolic
+    return axes
+
+
+def name_dynamic_axes(model: onnx.ModelProto, wanted: dict[str, dict[int, str]]) -> None:
+    """Rename the symbolic dimensions of ``model`` to the names planned for its inputs.
+
+    The exporter names them itself when the inputs line up with its ``dynamic_shapes``; with an
+    absent (``None``) argument it leaves symbols such as ``s77``. Each symbol an input carries at a
+    planned axis is renamed everywhere it occurs (inputs, outputs, intermediate values), unless
+    that would merge two symbols into one name.
+    """
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        for axis, symbol in enumerate(value_dims(value)):
+            target = wanted.get(value.name, {}).get(axis)
+            if isinstance(symbol, str) and target and renames.setdefault(symbol, target) != target:
+                return
+    if len(set(renames.values())) != len(renames) or not renames:
+        return
+    graph = model.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]

@@ -16,6 +16,8 @@ REPORT_KEY = "torchkeep.report"
 """The ``metadata_props`` key under which the verification report is stored in the file."""
 
 TABLE_COLUMNS = ("batch", "output", "shape", "max abs diff", "max rel diff", "ok")
+LENGTHS_COLUMN = "lengths"
+"""The column after ``batch`` when a file has symbolic non-batch dimensions (a sequence)."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,15 @@ class OutputDiff:
     max_abs_diff: float
     max_rel_diff: float
     ok: bool
+    lengths: str = ""
+    """Sizes of the file's symbolic non-batch dimensions in this case, in name order ("8,5");
+    empty when it has none."""
 
-    def row(self) -> tuple[str, ...]:
-        """The cells of this diff in :data:`TABLE_COLUMNS` order."""
+    def row(self, *, lengths: bool = False) -> tuple[str, ...]:
+        """The cells of this diff in :func:`table_columns` order."""
         return (
             str(self.batch_size),
+            *((self.lengths,) if lengths else ()),
             self.output,
             "x".join(map(str, self.shape)) or "scalar",
             f"{self.max_abs_diff:.3g}",
@@ -46,10 +52,23 @@ class OutputDiff:
         )
 
 
+def has_lengths(diffs: Sequence[OutputDiff]) -> bool:
+    """True when some case changed a non-batch dimension (the table gets a lengths column)."""
+    return any(d.lengths for d in diffs)
+
+
+def table_columns(diffs: Sequence[OutputDiff]) -> tuple[str, ...]:
+    """:data:`TABLE_COLUMNS`, with :data:`LENGTHS_COLUMN` after ``batch`` when needed."""
+    if not has_lengths(diffs):
+        return TABLE_COLUMNS
+    return (TABLE_COLUMNS[0], LENGTHS_COLUMN, *TABLE_COLUMNS[1:])
+
+
 def format_table(diffs: Sequence[OutputDiff]) -> str:
     """The diffs as a plain-text table (for error messages and logs)."""
-    rows = [TABLE_COLUMNS, *(d.row() for d in diffs)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    columns = table_columns(diffs)
+    rows = [columns, *(d.row(lengths=has_lengths(diffs)) for d in diffs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
@@ -70,7 +89,14 @@ class OnnxReport:
         outputs: the graph's output names, in the order of the flattened model outputs.
         dynamic_batch: whether the first dimension of every input is dynamic in the file.
         export_batch_size: the batch size traced at export (2 when the example had batch 1).
+        dynamic_axes: per graph input, its symbolic dimensions in the file (axis -> name, e.g.
+            ``{"input_ids": {0: "batch", 1: "sequence"}}``).
         batch_sizes: the batch sizes verified in onnxruntime (empty without verification).
+        lengths: the sizes of symbolic non-batch dimensions verified besides the example's,
+            one mapping per case (``[{"sequence": 5}]``).
+        input_values: per input, what verification fed it (``"random integers in [0, 100)
+            (config.vocab_size)"``, ``"standard normal values"``).
+        notes: what torchkeep changed for the export (``use_cache`` turned off).
         diffs: one entry per output and verified batch size.
         rtol: relative tolerance used by the verification.
         atol: absolute tolerance used by the verification.
@@ -90,7 +116,11 @@ class OnnxReport:
     rtol: float
     atol: float
     fallback_reason: str | None = None
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = ()
+    lengths: list[dict[str, int]] = field(default_factory=list)
+    input_values: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     diffs: list[OutputDiff] = field(default_factory=list)
     external_data: list[str] = field(default_factory=list)
     size: int = 0
@@ -129,6 +159,13 @@ class OnnxReport:
             "dynamic_batch": self.dynamic_batch,
             "export_batch_size": self.export_batch_size,
             "verified_batch_sizes": list(self.batch_sizes),
+            "dynamic_axes": {
+                name: {str(axis): dim for axis, dim in axes.items()}
+                for name, axes in self.dynamic_axes.items()
+            },
+            "verified_lengths": self.lengths,
+            "input_values": self.input_values,
+            "notes": self.notes,
             "rtol": self.rtol,
             "atol": self.atol,
             "max_diffs": self.max_diffs(),
@@ -150,7 +187,21 @@ class OnnxReport:
             return f"{head}, not verified"
         sizes = ", ".join(map(str, self.batch_sizes))
         verdict = "within" if self.ok else "OUTSIDE"
+        extra = "".join(f"\n{line}" for line in self.details())
         return (
             f"{head}, verified at batch sizes {sizes}: {verdict} rtol={self.rtol:g} "
-            f"atol={self.atol:g}\n{format_table(self.diffs)}"
+            f"atol={self.atol:g}{extra}\n{format_table(self.diffs)}"
         )
+
+    def details(self) -> list[str]:
+        """Lines on dynamic non-batch dimensions, the values fed to each input, and notes."""
+        lines = []
+        other = sorted({n for axes in self.dynamic_axes.values() for a, n in axes.items() if a})
+        if other:
+            lines.append(f"dynamic dimensions besides the batch: {', '.join(other)}")
+        lines += [
+            f"input {name}: {values}"
+            for name, values in self.input_values.items()
+            if values != "standard normal values"
+        ]
+        return lines + [f"note: {note}" for note in self.notes]

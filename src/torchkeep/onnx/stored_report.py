@@ -54,6 +54,10 @@ SCHEMA = Object(
         "dynamic_batch": Bool(),
         "export_batch_size": _COUNT,
         "verified_batch_sizes": Array(_COUNT, max_len=_ITEMS),
+        "dynamic_axes": Map(Map(Str(), max_len=1024), max_len=_ITEMS),
+        "verified_lengths": Array(Map(_COUNT, max_len=1024), max_len=_ITEMS),
+        "input_values": Map(Str(), max_len=_ITEMS),
+        "notes": Array(Str(), max_len=_ITEMS),
         "rtol": _TOLERANCE,
         "atol": _TOLERANCE,
         "max_diffs": Map(

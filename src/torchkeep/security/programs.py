@@ -470,3 +470,51 @@ def _input_source(node: ast.expr) -> bool:
             return False
         node = node.value
     return isinstance(node, ast.Name) and node.id == "L"
+
+
+def is_program_member(name: str) -> bool:
+    """True for a member torch reads as an exported program (``models/*.json``, legacy JSON)."""
+    return bool(_PROGRAM_PATH.search(name)) and name.endswith(".json")
+
+
+def pytree_types(data: bytes) -> set[str]:
+    """The serialized type names the pytree specs of a program's JSON name (``in_spec``,
+    ``out_spec``), e.g. ``transformers.modeling_outputs.CausalLMOutputWithPast``.
+
+    ``torch.export.load`` looks each one up in the running process's pytree registry (it never
+    imports one); a caller checks them there first to name a missing one. Unparseable JSON or
+    specs give no names (the scan judges those).
+    """
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return set()
+    found: set[str] = set()
+    stack: list[tuple[str, object]] = [("", document)]
+    while stack:
+        key, value = stack.pop()
+        if key in _TREESPEC_KEYS and isinstance(value, str):
+            found |= _spec_types(value)
+        elif isinstance(value, dict):
+            stack.extend(value.items())
+        elif isinstance(value, list):
+            stack.extend((key, item) for item in value)
+    return found
+
+
+def _spec_types(text: str) -> set[str]:
+    try:
+        spec = json.loads(text)
+    except (ValueError, RecursionError):
+        return set()
+    nodes = [spec[1]] if isinstance(spec, list) and len(spec) == 2 else []
+    found = set()
+    while nodes:
+        node = nodes.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("type"), str):
+            found.add(node["type"])
+        children = node.get("children_spec")
+        nodes.extend(children if isinstance(children, list) else [])
+    return found
