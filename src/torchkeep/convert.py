@@ -92,6 +92,18 @@ def _weights(source: Path, destination: Path, options: _Options) -> Conversion:
     return conversion
 
 
+def _count_written(conversion: Conversion) -> Conversion:
+    """Fill in the tensors (and tied names) of a written step or bundle, from its headers."""
+    from .describe import describe
+
+    written = describe(conversion.destination)
+    conversion.tied = {
+        alias: target for target, aliases in written.tied.items() for alias in aliases
+    }
+    conversion.tensors = len(written.tensors) + len(conversion.tied)
+    return conversion
+
+
 def _to_directory(source: Path, destination: Path, options: _Options) -> Conversion:
     """A pickled whole model becomes a bundle; a tutorial checkpoint dict a checkpoint step.
 
@@ -110,11 +122,11 @@ def _to_directory(source: Path, destination: Path, options: _Options) -> Convers
             f"migrated a pickled whole model into the bundle {destination} (classes trusted: "
             f"{', '.join(options.allow) or 'torch.nn only'})"
         )
-        return conversion
+        return _count_written(conversion)
     step_dir = import_torch_checkpoint(source, destination, overwrite=options.force)
     conversion = Conversion(source, step_dir, fmt)
     conversion.notes.append(f"imported the checkpoint dict as {step_dir.name} of {destination}")
-    return conversion
+    return _count_written(conversion)
 
 
 ROUTES: dict[tuple[str, str], Route] = {

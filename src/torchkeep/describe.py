@@ -141,6 +141,12 @@ def _describe_pickled_model(path: Path, fmt: Format) -> Description:
     return description
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """``text``, cut to ``limit`` characters with ``...`` (a value such as a pickled RNG state
+    would otherwise fill a screen)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _describe_torch(path: Path) -> Description:
     fmt = detect_format(path)
     try:
@@ -161,7 +167,7 @@ def _describe_torch(path: Path) -> Description:
     if isinstance(content, dict):
         others = {k: v for k, v in content.items() if not isinstance(v, (dict, torch.Tensor))}
         if others:
-            description.sections["values"] = [(str(k), repr(v)) for k, v in others.items()]
+            description.sections["values"] = [(str(k), shorten(repr(v))) for k, v in others.items()]
     return description
 
 

@@ -123,5 +123,6 @@ def missing_dependency(package: str, extra: str, feature: str) -> MissingDepende
     """Build the error raised when an optional ``package`` needed by ``feature`` is absent."""
     return MissingDependencyError(
         f"{feature} needs the optional package {package!r}, which is not installed. "
-        f"Install it with: pip install 'torchkeep[{extra}]'"
+        f"Install it with: pip install 'torchkeep[{extra}]' (from a checkout of torchkeep: "
+        f"pip install -e '.[{extra}]')"
     )

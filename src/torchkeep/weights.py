@@ -22,12 +22,11 @@ from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import write_target
 from .storage.local import atomic_file
+from .unwrap import WRAPPER_PREFIXES, strip_prefixes, unwrap
 
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 # Keys under which training scripts commonly keep the model part of a checkpoint dict.
 MODEL_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "weights")
-# Prefixes added by wrappers: DataParallel/DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = {"module.": "DataParallel/DDP", "_orig_mod.": "torch.compile"}
 RESERVED_METADATA = ("format", "torchkeep.")
 
 PathLike = str | os.PathLike[str]
@@ -56,6 +55,9 @@ class LoadReport:
         mismatched: ``(key, stored_shape, model_shape)`` for keys whose shapes differ.
         source_key: the key of a checkpoint dict the weights came from, if any.
         renamed: ``stored key -> model key`` for wrapper prefixes that were fixed.
+        tied: ``model key -> key it was loaded through`` for keys the file lacks that share
+            their memory in the model with a key the file holds (an HF file of a model with
+            tied embeddings stores the shared tensor once).
         notes: one line per thing a user should know (prefix fixes, the key used, ...).
     """
 
@@ -67,6 +69,7 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     source_key: str | None = None
     renamed: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -107,7 +110,7 @@ def _state_of(model_or_state_dict: nn.Module | Stateful | Mapping[str, torch.Ten
     if isinstance(model_or_state_dict, Mapping):
         return model_or_state_dict
     if isinstance(model_or_state_dict, Stateful):
-        return model_or_state_dict.state_dict()
+        return unwrap(model_or_state_dict).state_dict()
     raise TypeError(
         f"save_weights takes a model or a state dict, not {type(model_or_state_dict).__name__}"
     )
@@ -284,9 +287,17 @@ def open_source(path: Path, device: torch.device) -> StoredTensors:
     Safetensors files are only parsed (their header fully validated); ``torch.save`` files are
     scanned and loaded weights-only, memory-mapped. Directories resolve to their weights file,
     which is hashed against its manifest first (in a checkpoint folder: of the newest step
-    whose weights are intact, with a warning for each newer one that is not).
+    whose weights are intact, with a warning for each newer one that is not). A
+    ``save_pretrained`` folder or a shard index (``*.index.json``) is read through
+    :mod:`torchkeep.pretrained`, its index checked against its shards first.
     """
     fmt = detect_format(path)  # a missing or impossible path is a typed error here
+    if fmt == Format.UNKNOWN:
+        from .pretrained import open_pretrained
+
+        pretrained = open_pretrained(path, device)
+        if pretrained is not None:
+            return pretrained
     if path.is_dir():
         return _directory_source(path, fmt, device)
     require_file(path)
@@ -316,8 +327,9 @@ def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str
     """Read a state dict from a weights file, checkpoint or bundle, never executing code.
 
     The format is recognised by content: safetensors (memory-mapped, read lazily), ``torch.save``
-    files (weights-only), the model part of a tutorial-style checkpoint dict, and torchkeep
-    checkpoint steps or model bundles. Tied tensors come back as one tensor under each name.
+    files (weights-only), the model part of a tutorial-style checkpoint dict, torchkeep
+    checkpoint steps or model bundles, ``save_pretrained`` folders and shard indexes (checked
+    against their shards first). Tied tensors come back as one tensor under each name.
 
     Args:
         path: the file or directory.
@@ -333,30 +345,20 @@ def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str
     return open_source(Path(path), device).load(device)
 
 
-def _normalised(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
-
-
 def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], list[str]]:
     """Map stored keys to model keys, fixing wrapper prefixes; return the map and notes."""
     wanted_set = set(wanted)
     mapping = {key: key for key in stored if key in wanted_set}
-    unmatched_wanted = {_normalised(k): k for k in wanted if k not in mapping}
+    unmatched_wanted = {strip_prefixes(k): k for k in wanted if k not in mapping}
     fixed: dict[str, int] = {}
     for key in stored:
         if key in mapping:
             continue
-        target = unmatched_wanted.pop(_normalised(key), None)
+        target = unmatched_wanted.pop(strip_prefixes(key), None)
         if target is not None:
             mapping[key] = target
-            stripped = key[: len(key) - len(_normalised(key))]
-            added = target[: len(target) - len(_normalised(target))]
+            stripped = key[: len(key) - len(strip_prefixes(key))]
+            added = target[: len(target) - len(strip_prefixes(target))]
             change = f"'{stripped}' -> '{added}'"
             fixed[change] = fixed.get(change, 0) + 1
     notes = [
@@ -381,8 +383,57 @@ def has_custom_loading(model: nn.Module) -> bool:
     return False
 
 
+def _memory_of(value: Any) -> object:
+    """What identifies the memory a state-dict value lives in: two keys with the same identity
+    are tied (one parameter under two names, or two views of the same bytes)."""
+    if not isinstance(value, torch.Tensor) or value.is_meta or value.data_ptr() == 0:
+        return ("object", id(value))
+    return (value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype)
+
+
+def _declared_ties(model: nn.Module) -> dict[str, str]:
+    """``tied key -> source key`` as the model declares them (transformers'
+    ``all_tied_weights_keys``/``_tied_weights_keys``), or nothing."""
+    for attribute in ("all_tied_weights_keys", "_tied_weights_keys"):
+        declared = getattr(model, attribute, None)
+        if isinstance(declared, Mapping):
+            return {str(k): str(v) for k, v in declared.items()}
+    return {}
+
+
+def _resolve_ties(report: LoadReport, model: nn.Module, expected: Mapping[str, Any]) -> None:
+    """Move missing keys that share memory with a loaded key from ``missing`` to ``tied``.
+
+    Ties are taken from the live model only (the same parameter under two names, or the same
+    bytes), never from the file: a file cannot make a key count as loaded. A tie the model
+    declares but does not have in memory stays missing, with a note saying how to fix it.
+    """
+    loaded_at: dict[object, str] = {}
+    for key in report.loaded:
+        loaded_at.setdefault(_memory_of(expected[key]), key)
+    declared = _declared_ties(model)
+    still_missing = []
+    for key in report.missing:
+        source = loaded_at.get(_memory_of(expected[key]))
+        if source is not None:
+            report.tied[key] = source
+        else:
+            still_missing.append(key)
+            if declared.get(key) in loaded_at.values():
+                report.notes.append(
+                    f"{key} is declared tied to {declared[key]} but does not share its memory; "
+                    "call model.tie_weights() before loading"
+                )
+    report.missing = still_missing
+    if report.tied:
+        report.notes.append(
+            f"{len(report.tied)} keys absent from the file share memory with loaded keys "
+            f"(tied): {_listing([f'{k} -> {v}' for k, v in report.tied.items()])}"
+        )
+
+
 def _build_report(
-    source: StoredTensors, expected: Mapping[str, Any]
+    source: StoredTensors, model: nn.Module, expected: Mapping[str, Any]
 ) -> tuple[LoadReport, dict[str, str]]:
     mapping, notes = _match_keys(list(source.shapes), list(expected))
     report = LoadReport(source.path, source.format, source_key=source.source_key)
@@ -402,6 +453,7 @@ def _build_report(
         else:
             usable[stored_key] = model_key
             report.loaded.append(model_key)
+    _resolve_ties(report, model, expected)
     return report, usable
 
 
@@ -455,9 +507,13 @@ def load_weights(
     """Load stored weights into ``model`` in place and report what happened.
 
     Reads safetensors, ``torch.save`` files (weights-only), tutorial-style checkpoint dicts
-    (their model part), checkpoints and bundles. Keys with a ``module.`` or ``_orig_mod.``
-    prefix from DataParallel/DDP or ``torch.compile`` are matched automatically. Values are read
-    straight into the parameters' memory where dtype and layout allow.
+    (their model part), checkpoints, bundles, ``save_pretrained`` folders and shard indexes
+    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``). A wrapped ``model``
+    (``torch.compile``, DataParallel, DDP) is filled through the module inside; stored keys
+    with a ``module.`` or ``_orig_mod.`` prefix are matched automatically. A key the file lacks
+    that shares its memory in ``model`` with a loaded key (tied embeddings) is reported in
+    ``report.tied``, not as missing. Values are read straight into the parameters' memory
+    where dtype and layout allow.
 
     Args:
         model: the module to fill.
@@ -478,8 +534,9 @@ def load_weights(
     """
     device = torch.device(map_location)
     source = open_source(Path(path), device)
+    model = unwrap(model)
     expected = model.state_dict(keep_vars=True)
-    report, usable = _build_report(source, expected)
+    report, usable = _build_report(source, model, expected)
     if strict and not report.ok:
         _raise_mismatch(report)
     if has_custom_loading(model):

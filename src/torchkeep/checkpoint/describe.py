@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..describe import DESCRIBERS, Description, describe
+from ..describe import DESCRIBERS, Description, describe, shorten
 from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
 from ..formats import Format
+from ..hashing import new_hasher
 from .layout import RNG_ENTRY, list_steps, read_state, read_step_manifest
+from .reader import _adopt_legacy_rng
 
 
 def _when(created: object) -> str:
@@ -19,18 +21,63 @@ def _when(created: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
 
 
-def _plain_values(step_dir: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+def _entries(step_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The step's entries as ``state.json`` records them, a 0.1.0 step's ``rng`` entry read as
+    the generator states (as ``restore`` reads it)."""
+    entries = dict(read_state(step_dir, manifest)["entries"])
+    _adopt_legacy_rng(manifest, entries)
+    return entries
+
+
+def _plain_values(entries: dict[str, Any]) -> list[tuple[str, str]]:
     """The entries saved as plain values (``epoch=3``), as stored in ``state.json``."""
-    state = read_state(step_dir, manifest)
     return [
-        (name, _shorten(json.dumps(entry["value"])))
-        for name, entry in state["entries"].items()
+        (name, shorten(json.dumps(entry["value"])))
+        for name, entry in entries.items()
         if entry["kind"] == "value" and name != RNG_ENTRY
     ]
 
 
-def _shorten(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+def _short_hash(node: object) -> str:
+    hasher = new_hasher()
+    hasher.update(json.dumps(node, sort_keys=True).encode())
+    return hasher.hexdigest()[:12]
+
+
+def _generator_summary(name: str, node: object, shapes: dict[str, list[int]]) -> str:
+    """One line for a generator's stored state: its kind, its size and a short hash (of the
+    JSON, and of the tensor file's content through the manifest), never the state itself."""
+    items = node.get("$tuple") if isinstance(node, dict) else None
+    if name == "python" and isinstance(items, list) and len(items) == 3:
+        words = items[1].get("$tuple") if isinstance(items[1], dict) else None
+        size = f"{len(words)} words" if isinstance(words, list) else "?"
+        return f"Python random (version {items[0]}), {size}, hash {_short_hash(node)}"
+    if name == "numpy" and isinstance(items, list) and items:
+        ref = items[1].get("$tensor") if len(items) > 1 and isinstance(items[1], dict) else None
+        return f"NumPy {items[0]}, {shapes.get(str(ref), ['?'])[0]} words, hash {_short_hash(node)}"
+    if isinstance(node, dict) and "$tensor" in node:
+        return f"torch CPU generator, {shapes.get(node['$tensor'], ['?'])[0]} bytes"
+    if isinstance(node, list):
+        return f"{len(node)} torch {name.upper()} device generators"
+    return f"{type(node).__name__}, hash {_short_hash(node)}"
+
+
+def _generator_rows(
+    entries: dict[str, Any], manifest: dict[str, Any], tensors: list[Any]
+) -> list[tuple[str, str]]:
+    """The ``random generators`` section: a summary per generator (the full state is hundreds
+    of numbers and means nothing to a reader)."""
+    entry = entries.get(RNG_ENTRY)
+    if entry is None or not isinstance(entry.get("value"), dict):
+        return []
+    file = entry.get("file")
+    stem = str(file).removesuffix(".safetensors")
+    shapes = {t.name.removeprefix(f"{stem}."): list(t.shape) for t in tensors}
+    rows = [(name, _generator_summary(name, node, shapes)) for name, node in entry["value"].items()]
+    record = manifest["files"].get(file) if file else None
+    if isinstance(record, dict):
+        rows.append(("tensor file", f"{file}, hash {str(record.get('hash'))[:12]}"))
+    return rows
 
 
 def _describe_step(path: Path) -> Description:
@@ -56,9 +103,13 @@ def _describe_step(path: Path) -> Description:
         ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
                        f"torch {manifest.get('torch_version')}"),
     ]  # fmt: skip
-    values = _plain_values(path, manifest)
+    entries = _entries(path, manifest)
+    values = _plain_values(entries)
     if values:
         description.sections["values"] = values
+    generators = _generator_rows(entries, manifest, description.tensors)
+    if generators:
+        description.sections["random generators"] = generators
     description.notes.append("hashes are not checked here; `torchkeep verify` checks them")
     return description
 

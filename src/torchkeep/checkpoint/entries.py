@@ -1,9 +1,10 @@
 """What one ``save`` holds: named entries, each a JSON skeleton plus its own tensor file.
 
 ``model=``, ``optimizer=``, ... and every keyword given to ``save`` become one entry. Objects
-with ``state_dict()`` are stored by their state (kind ``stateful``, loaded back into the object
-passed to ``restore``); everything else is stored as a value (kind ``value``, returned in
-``Restored.extra``). Tensors tied to one storage are written once.
+with ``state_dict()`` and ``torch.Generator`` objects are stored by their state (kind
+``stateful``, loaded back into the object passed to ``restore``); everything else is stored
+as a value (kind ``value``, returned in ``Restored.extra``). Tensors tied to one storage are
+written once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .. import tree
 from ..errors import UnsupportedValueError
 from ..formats import safetensors as st
+from ..unwrap import unwrap
 from ..weights import Stateful
 from .layout import ENTRY_NAME_PATTERN, RESERVED_PREFIX, STATE_LIMITS
 
@@ -46,6 +48,45 @@ class Entry:
     def file_name(self) -> str | None:
         """The tensor file of this entry, or None when it holds no tensor."""
         return f"{self.name}.safetensors" if self.tensors else None
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as a :class:`~torchkeep.Stateful` object: its state bytes and
+    device, put back in place by ``load_state_dict`` (``set_state`` on the same generator)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's device and a copy of its state bytes."""
+        return {"device": self.generator.device, "state": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        """Set the generator's state, after checking it was saved from one of the same kind."""
+        current = self.generator.get_state()
+        saved = state.get("state") if isinstance(state, Mapping) else None
+        device = state.get("device") if isinstance(state, Mapping) else None
+        if device != self.generator.device:
+            raise ValueError(
+                f"the saved generator was on {device}, this one is on {self.generator.device}; "
+                "pass a generator of the same device"
+            )
+        if not (
+            isinstance(saved, torch.Tensor)
+            and saved.dtype == torch.uint8
+            and tuple(saved.shape) == tuple(current.shape)
+        ):
+            shape = list(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise ValueError(
+                f"the saved generator state is {shape}, not {list(current.shape)} bytes like "
+                "this generator's; pass a generator of the kind that was saved"
+            )
+        self.generator.set_state(saved.cpu())
+
+
+def as_stateful(value: Any) -> Any:
+    """``value``, with a ``torch.Generator`` seen through :class:`GeneratorState`."""
+    return GeneratorState(value) if isinstance(value, torch.Generator) else value
 
 
 def check_name(name: object, *, internal: bool = False) -> str:
@@ -103,8 +144,10 @@ def prepare(name: str, value: Any, *, state_slot: bool = False, internal: bool =
         'stateful'
     """
     check_name(name, internal=internal)
+    value = as_stateful(value)
     stateful = isinstance(value, Stateful) or (state_slot and isinstance(value, Mapping))
-    state = value.state_dict() if isinstance(value, Stateful) else value
+    # A compiled or DDP-wrapped model is stored by the module inside, under its clean keys.
+    state = unwrap(value).state_dict() if isinstance(value, Stateful) else value
     flat = tree.flatten(state, root=name)
     unique, aliases = st.dedupe_tied(flat.tensors)
     try:

@@ -28,11 +28,12 @@ from ..errors import (
 )
 from ..paths import lookup
 from ..storage.local import remove_stale_temps, temp_sibling
+from ..unwrap import matching_view
 from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
 from .asynchronous import BackgroundWriter, Remover, SnapshotBuffers
 from .commit import write_step
-from .entries import Entry, prepare
+from .entries import Entry, as_stateful, prepare
 from .layout import (
     MAX_STEP,
     RNG_ENTRY,
@@ -193,7 +194,8 @@ class CheckpointManager:
                 state dicts); restored into the objects passed to :meth:`restore`.
             metrics: numbers stored in the manifest (``monitor`` ranks by one of them).
             overwrite: replace an existing step (atomically) instead of raising.
-            **extra: more stateful objects (a sampler) or plain values (``epoch=3``).
+            **extra: more stateful objects (a sampler, a ``torch.Generator`` such as a
+                DataLoader's) or plain values (``epoch=3``).
 
         Returns:
             The step directory (complete once ``wait()`` returns, with ``async_save``).
@@ -372,7 +374,7 @@ class CheckpointManager:
             # miss both the old step and the new one.
             listing = [info.step for info in candidates]
             if not raced and before == _stamp(self.directory) and listing == settled:
-                what = "a valid step" if step is None else f"a valid step {step!r}"
+                what = "valid step" if step is None else f"valid step {step!r}"
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no {what} (committed steps: "
                     f"{self.steps or 'none'}); check the directory, or start training from "
@@ -410,7 +412,10 @@ class CheckpointManager:
         Args:
             step: None for the latest valid step, ``"best"`` by ``monitor``, or a step number.
             model, optimizer, scheduler, scaler, **objects: objects with
-                ``load_state_dict()`` to fill from the entries of the same name.
+                ``load_state_dict()`` to fill from the entries of the same name; a
+                ``torch.Generator`` saved under a name gets its state set in place when
+                passed under that name. A wrapped model (``torch.compile``, DataParallel,
+                DDP) is filled through the module inside.
             restore_rng: put the random generators back as they were at the save.
             strict: a model must have exactly the saved keys and dtypes; ``False`` restores
                 the keys both have and converts dtypes (shapes must always match).
@@ -431,7 +436,7 @@ class CheckpointManager:
         """
         self.wait()
         targets = {
-            name: obj
+            name: as_stateful(obj)
             for name, obj in dict(
                 model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, **objects
             ).items()
@@ -439,6 +444,7 @@ class CheckpointManager:
         }
         loaded = self._load_first_valid(step)
         _check_targets(loaded, targets)
+        targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
         for name, obj in targets.items():
             precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
         extra = {
@@ -498,6 +504,15 @@ def _load_into(
             f"restored before it: {done}. Pass an object that matches the save, or leave it out "
             f"({name}=None)"
         ) from exc
+
+
+def _view(obj: Any, stored: Any) -> Any:
+    """A module (compiled, DDP-wrapped or plain) as the view whose keys match its stored
+    state's wrapper prefixes (see :func:`torchkeep.unwrap.matching_view`); other objects as
+    they are."""
+    if isinstance(obj, nn.Module) and isinstance(stored, Mapping):
+        return matching_view(obj, list(stored))
+    return obj
 
 
 def _stamp(directory: Path) -> tuple[int, int] | None:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from rich.console import Console, JustifyMethod
+from rich.console import Console, ConsoleDimensions, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -17,8 +17,26 @@ EXIT_PROBLEM = 1
 EXIT_ERROR = 2
 
 
+# The width of output that goes to a file or a pipe: lines are never wrapped there, so a long
+# tensor name or path stays whole for grep and logs (a COLUMNS setting still wins).
+UNWRAPPED_WIDTH = 1 << 16
+
+
 class _Console(Console):
-    """A rich console that leaves a closed pipe to the CLI's guard (rich would exit 1 itself)."""
+    """A rich console that leaves a closed pipe to the CLI's guard (rich would exit 1 itself)
+    and does not wrap output that is not going to a terminal."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        found = Console.size.fget(self)  # type: ignore[attr-defined]
+        columns = self._environ.get("COLUMNS", "")
+        if self._width is None and not self.is_terminal and not columns.isdigit():
+            return ConsoleDimensions(UNWRAPPED_WIDTH, found.height)
+        return found  # type: ignore[no-any-return]
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
     def on_broken_pipe(self) -> None:
         self.quiet = True

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..convert import ROUTES, convert
-from ._output import EXIT_OK, console, human_bytes, plain
+from ._output import EXIT_OK, console, human_bytes, plain, print_json
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, help="file to read")
     parser.add_argument("destination", type=Path, help="file or directory to write")
     parser.add_argument("--force", action="store_true", help="overwrite the destination")
+    parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.add_argument(
         "--allow",
         action="append",
@@ -38,6 +39,19 @@ def _size(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     done = convert(args.source, args.destination, force=args.force, allow=args.allow)
+    if args.json:
+        print_json(
+            {
+                "source": done.source,
+                "source_format": done.source_format.value,
+                "destination": done.destination,
+                "size": _size(done.destination),
+                "tensors": done.tensors,
+                "tied": done.tied,
+                "notes": done.notes,
+            }
+        )
+        return EXIT_OK
     size = human_bytes(_size(done.destination))
     console.print(
         plain(

@@ -34,6 +34,7 @@ from ..manifest import (
 )
 from ..paths import write_target
 from ..storage.local import staged_directory
+from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
 from .capture import captured_init_args, decode, encode, required_parameters
 from .classpath import import_class, require_class_path
@@ -154,6 +155,7 @@ def save_model(
     Example:
         >>> tk.save_model(model, "net.bundle", example_inputs=torch.randn(1, 3, 32, 32))
     """
+    model = unwrap(model)  # a torch.compile'd or DDP-wrapped model is saved as the module inside
     path = Path(path)
     init = _init_config(model, init_args)
     _check_rebuilds(model, init)

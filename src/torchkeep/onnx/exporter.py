@@ -26,6 +26,7 @@ from ..model.tracing import (
     without_kv_cache,
 )
 from ..paths import write_target
+from ..unwrap import unwrap
 from ._deps import EXPORT_PACKAGES, require
 from .failures import explain, is_data_dependent
 from .files import EXTERNAL_DATA_THRESHOLD, commit, save_staged, staging_folder
@@ -414,6 +415,7 @@ def export_onnx(
         >>> report.batch_sizes, report.max_diffs()
         ((1, 2, 7), {'output': {'max_abs_diff': 4.4e-08, 'max_rel_diff': 3.1e-06}})
     """
+    model = unwrap(model)  # a torch.compile'd or DDP-wrapped model exports the module inside
     require(*EXPORT_PACKAGES, feature="ONNX export")
     final = Path(path)
     write_target(final)  # the folder exists and the name can exist, before any export work
