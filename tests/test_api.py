@@ -12,7 +12,7 @@ import torchkeep as tk
 PUBLIC = {
     # verbs
     "save_weights", "load_weights", "load_state_dict",
-    "save_model", "load_model", "register_alias", "scan", "load_pickled_model",
+    "save_model", "load_model", "register_alias", "register_builder", "scan", "load_pickled_model",
     "migrate_pickled_model", "export_onnx", "verify",
     # classes and reports
     "CheckpointManager", "Restored", "Keepable", "Stateful",

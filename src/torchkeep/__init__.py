@@ -27,7 +27,14 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from .model import Keepable, load_model, migrate_pickled_model, register_alias, save_model
+from .model import (
+    Keepable,
+    load_model,
+    migrate_pickled_model,
+    register_alias,
+    register_builder,
+    save_model,
+)
 from .onnx import OnnxReport, export_onnx
 from .security import ScanReport, load_pickled_model, scan
 from .verify import VerifyReport, verify
@@ -73,6 +80,7 @@ __all__ = [
     "load_weights",
     "migrate_pickled_model",
     "register_alias",
+    "register_builder",
     "save_model",
     "save_weights",
     "scan",

@@ -25,6 +25,9 @@ from .schema import Int, Limits, Map, Number, Object, Schema, Str, load_json_doc
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+READABLE_VERSIONS = {"torchkeep.bundle": 2}
+"""The newest format version this torchkeep reads, per kind where it is above FORMAT_VERSION
+(a bundle with a ``builder`` record is version 2, see model/bundle.py)."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +160,11 @@ def read_manifest(
             f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
         )
-    if manifest["format_version"] > FORMAT_VERSION:
+    readable = READABLE_VERSIONS.get(manifest["format"], FORMAT_VERSION)
+    if manifest["format_version"] > readable:
         raise CorruptFileError(
             f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
-            f"up to {FORMAT_VERSION}. Upgrade torchkeep to read it"
+            f"up to {readable}. Upgrade torchkeep to read it"
         )
     if manifest["hash_algorithm"] != HASH_ALGORITHM:
         raise CorruptFileError(

@@ -3,9 +3,10 @@ optionally its program), written atomically with a manifest of content hashes. N
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from ..errors import (
     ChecksumMismatchError,
     FileFormatError,
     InitArgsError,
+    InvalidDocumentError,
     ModelClassNotFoundError,
+    TorchkeepError,
     UnsafeBundleError,
     UnsafeCheckpointError,
     first_line,
@@ -25,6 +28,7 @@ from ..formats import Format, detect_format
 from ..formats import safetensors as st
 from ..hashing import hash_file
 from ..manifest import (
+    FORMAT_VERSION,
     FileRecord,
     find_problems,
     read_manifest,
@@ -33,17 +37,40 @@ from ..manifest import (
     write_tensors,
 )
 from ..paths import write_target
+from ..schema import validate
 from ..storage.local import staged_directory
 from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
-from .capture import captured_init_args, decode, encode, required_parameters
-from .classpath import import_class, require_class_path
+from .builders import Builder, builder_for, builder_named
+from .builders.construct import (
+    buffer_cast,
+    build_without_init,
+    cast_buffers,
+    materialise,
+    rebuild_problems,
+    stored_numel,
+    summary,
+)
+from .capture import (
+    captured_init_args,
+    decode,
+    encode,
+    holds_config,
+    required_parameters,
+    resolve,
+)
+from .classpath import import_class, importable_module, require_class_path
 from .config import BundleConfig, read_config
 from .layout import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME, content_problems
 from .program import export_program, load_program
 
 _ALIASES: dict[str, str] = {}
 PathLike = str | os.PathLike[str]
+
+BUILDER_FORMAT_VERSION = 2
+"""The manifest ``format_version`` of a bundle whose ``config.json`` holds a ``builder`` record
+(torchkeep 0.2.0 and older cannot rebuild it, and refuse it by this version); bundles rebuilt
+from their class and arguments are still written as version 1 (:data:`FORMAT_VERSION`)."""
 
 
 def register_alias(old: str, new: str) -> None:
@@ -87,29 +114,105 @@ def _init_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[
                 f"{cls.__qualname__}.__init__ needs {', '.join(missing)}, which were not "
                 "recorded. Pass init_args={"
                 + ", ".join(f"{m!r}: ..." for m in missing)
-                + "} to save_model, or derive the class from tk.Keepable to record them"
+                + "} with JSON values (numbers, strings, lists, dicts) to save_model, or derive "
+                "the class from tk.Keepable to record them"
             )
     return config
 
 
-def _check_rebuilds(model: nn.Module, init: Mapping[str, Any]) -> None:
-    """Raise if the recorded arguments would build a model whose weights do not fit."""
-    cls = type(model)
+def _rebuilt(make: Callable[[], nn.Module], what: str) -> nn.Module:
+    """The model ``make`` builds the way :func:`load_model` builds it (weights on the meta
+    device), or, where that fails, a normal build (as the load falls back to)."""
     try:
-        with torch.device("meta"):
-            rebuilt = cls(*decode(init["args"]), **decode(init["kwargs"]))
+        return build_without_init(make)
+    except TorchkeepError:
+        raise
     except Exception:
-        return  # cannot be built on the meta device; load_model builds it directly
-    stored = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    fresh = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if stored != fresh:
-        differing = sorted(set(stored) ^ set(fresh)) or [k for k in stored if stored[k] != fresh[k]]
+        pass
+    try:
+        return make()
+    except TorchkeepError:
+        raise
+    except Exception as exc:
         raise InitArgsError(
-            f"{cls.__qualname__}(*{init['args']}, **{init['kwargs']}) would not rebuild this "
-            f"model (its weights differ in {', '.join(differing[:5])}): the constructor "
-            "arguments it was built with were not recorded. Pass init_args= to save_model, or "
-            "derive the class from tk.Keepable"
+            f"{what} cannot be rebuilt from what the bundle would record ({type(exc).__name__}: "
+            f"{first_line(exc)}), so nothing was written. Pass init_args= with the arguments "
+            "it was built with, or derive its class from tk.Keepable"
+        ) from exc
+
+
+def _check_rebuilds(model: nn.Module, rebuilt: nn.Module, recipe: str) -> dict[str, Any]:
+    """Raise unless ``rebuilt`` (what a load would build) takes ``model``'s weights and holds
+    the same non-persistent buffers: a bundle that would not load is never written. Returns
+    what ``config.json`` must add for the load to match: ``buffer_dtype`` when the model's
+    floating non-persistent buffers were cast after it was built."""
+    cast = buffer_cast(model, rebuilt)
+    if cast is not None:
+        cast_buffers(rebuilt, cast)
+    problems = rebuild_problems(model, rebuilt)
+    if type(rebuilt) is not type(model):
+        problems.insert(0, f"it builds a {class_path(type(rebuilt))}")
+    if problems:
+        raise InitArgsError(
+            f"{recipe} would not rebuild this {type(model).__qualname__} ({summary(problems)}), "
+            "so nothing was written. Pass init_args= with the arguments it was built with, or "
+            "derive its class from tk.Keepable"
         )
+    return {} if cast is None else {"buffer_dtype": str(cast).removeprefix("torch.")}
+
+
+def _model_config(model: nn.Module, init_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config.json`` for ``model`` (its class and arguments, or its builder's recipe), after
+    proving that a load rebuilds it."""
+    builder = builder_for(model)
+    if builder is not None:
+        return _builder_config(model, builder, init_args or {})
+    init = _init_config(model, init_args)
+    cls = type(model)
+    args, kwargs = _arguments(decode(init["args"]), decode(init["kwargs"]))
+    rebuilt = _rebuilt(lambda: cls(*args, **kwargs), cls.__name__)
+    recipe = f"{cls.__qualname__}(*{init['args']!r:.200}, **{init['kwargs']!r:.200})"
+    extra = _check_rebuilds(model, rebuilt, recipe)
+    return {"class": class_path(cls), "init": init, **extra}
+
+
+def _arguments(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Recorded constructor arguments with their config objects made (see capture.resolve)."""
+    return [resolve(a) for a in args], {k: resolve(v) for k, v in kwargs.items()}
+
+
+def _format_version(config: Mapping[str, Any]) -> int:
+    """The manifest format version of a bundle with this ``config.json``: the one place it is
+    chosen. A builder record, a recorded config object or a buffer cast (which torchkeep 0.2.0
+    would ignore) needs :data:`BUILDER_FORMAT_VERSION`."""
+    init = config["init"]
+    if {"builder", "buffer_dtype"} & set(config):
+        return BUILDER_FORMAT_VERSION
+    if holds_config(init["args"]) or holds_config(init["kwargs"]):
+        return BUILDER_FORMAT_VERSION
+    return FORMAT_VERSION
+
+
+def _builder_config(
+    model: nn.Module, builder: Builder, init_args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``config.json`` for a model a builder describes: its spec, checked against the builder's
+    schema and rebuilt before anything is written."""
+    spec = builder.record(model, init_args)
+    try:
+        validate(spec, builder.schema, source=f"the {builder.name!r} builder's spec")
+    except InvalidDocumentError as exc:
+        raise InitArgsError(f"{type(model).__qualname__} cannot be saved: {exc}") from None
+    encoded = encode(spec, f"{builder.name} spec")
+    decoded = decode(encoded)
+    rebuilt = _rebuilt(lambda: builder.build(decoded), type(model).__qualname__)
+    extra = _check_rebuilds(model, rebuilt, f"the {builder.name!r} builder's recipe")
+    return {
+        "class": class_path(type(model)),
+        "init": {"args": [], "kwargs": {}},
+        "builder": {"name": builder.name, "spec": encoded},
+        **extra,
+    }
 
 
 def _check_target(path: Path) -> None:
@@ -157,8 +260,7 @@ def save_model(
     """
     model = unwrap(model)  # a torch.compile'd or DDP-wrapped model is saved as the module inside
     path = Path(path)
-    init = _init_config(model, init_args)
-    _check_rebuilds(model, init)
+    config = _model_config(model, init_args)
     state = model.state_dict()
     st.validate_for_save(state)
     _check_target(path)
@@ -167,7 +269,6 @@ def save_model(
         if example_inputs is not None
         else None
     )
-    config: dict[str, Any] = {"class": class_path(type(model)), "init": init}
     if example_inputs is not None:
         config["example_inputs"] = _input_specs(example_inputs)
     unique, metadata = safetensors_payload(state)
@@ -179,7 +280,13 @@ def save_model(
         if program is not None:
             torch.export.save(program, str(staging / PROGRAM_NAME))
             files[PROGRAM_NAME] = FileRecord(*hash_file(staging / PROGRAM_NAME))
-        write_manifest(staging, kind=BUNDLE_KIND, files=files, model_class=config["class"])
+        write_manifest(
+            staging,
+            kind=BUNDLE_KIND,
+            files=files,
+            model_class=config["class"],
+            format_version=_format_version(config),
+        )
     return path
 
 
@@ -213,65 +320,78 @@ def _alias_target(name: str, aliases: Mapping[str, str]) -> str:
     return _ALIASES.get(name, name)
 
 
-def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append((module, name))
-    return [group for group in owners.values() if len(group) > 1]
-
-
-def _init_error(cls: type[nn.Module], problem: str) -> InitArgsError:
+def _init_error(name: str, problem: str) -> InitArgsError:
     return InitArgsError(
-        f"{cls.__qualname__} cannot be built from the 'init' arguments in the bundle's "
-        f"{CONFIG_NAME} ({problem}). If the class changed since the bundle was saved, load its "
-        "weights with tk.load_weights into a model you build"
+        f"{name} cannot be built from what the bundle's {CONFIG_NAME} records (its 'init' "
+        f"arguments or builder recipe: {problem}). If the class or library changed since the "
+        "bundle was saved, load its weights with tk.load_weights into a model you build"
     )
 
 
 def _build(
-    cls: type[nn.Module], config: BundleConfig, device: torch.device, weight_bytes: int
+    make: Callable[[], nn.Module], name: str, device: torch.device, header: st.Header
 ) -> nn.Module:
-    """Construct the model without initialising weights twice where possible (meta device).
+    """Construct the model without initialising its weights where possible.
 
-    Built on the meta device first, the model's size is known before any memory is taken: a
-    model larger than the ``weight_bytes`` the bundle's weights file holds cannot be what was
-    saved (the config's arguments were changed), so it is refused before it is allocated.
+    Built entirely on the meta device first, the model's size is known before any memory is
+    taken: a model larger than the bundle's weights file cannot be what was saved (the config
+    was changed), so it is refused before it is allocated. It is then built with its
+    parameters on the meta device (buffers computed for real); its weights get uninitialised
+    memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
+    fills. A constructor that cannot run that way is run normally on ``device``.
     """
-    args, kwargs = config.args, config.kwargs
+    size = stored_numel(make)
+    stored = sum(math.prod(e.shape) for e in header.entries.values())
+    if size is not None and size > stored:
+        raise _init_error(
+            name, f"they make a model of {size:,} elements, but its weights file holds {stored:,}"
+        )
     try:
-        with torch.device("meta"):
-            model = cls(*args, **kwargs)
+        model = build_without_init(make)
+    except TorchkeepError:
+        raise  # a recipe torchkeep itself refused (a hostile spec, a missing library)
     except Exception:
-        model = None  # an __init__ that needs real tensors: build it directly below
+        model = None  # an __init__ that needs real weights: build it directly below
     if model is not None:
-        persistent = set(model.state_dict())
-        all_meta = all(t.is_meta for t in [*model.parameters(), *model.buffers()])
-        non_persistent = any(n not in persistent for n, _ in model.named_buffers())
-        if all_meta and not non_persistent:
-            tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-            size = sum(t.numel() * t.element_size() for t in tensors)
-            if size > weight_bytes:
-                raise _init_error(
-                    cls,
-                    f"they make a model of {size:,} bytes, but its weights file holds "
-                    f"{weight_bytes:,}",
-                )
-            ties = _tie_groups(model)
-            try:
-                model.to_empty(device=device)
-            except Exception as exc:  # out of memory on the device
-                raise _init_error(cls, f"{type(exc).__name__}: {first_line(exc)}") from exc
-            for (first, first_name), *others in ties:
-                for module, name in others:
-                    module._parameters[name] = first._parameters[first_name]
-            return model
+        dtypes = {n: e.dtype for n, e in header.entries.items()}
+        dtypes.update({alias: dtypes[target] for alias, target in header.aliases.items()})
+        try:
+            materialise(model, device, dtypes)
+        except Exception as exc:  # out of memory on the device
+            raise _init_error(name, f"{type(exc).__name__}: {first_line(exc)}") from exc
+        return model
     try:
         with torch.device(device):
-            return cls(*args, **kwargs)
+            return make()
+    except TorchkeepError:
+        raise
     except Exception as exc:  # the recorded arguments do not fit the installed class
-        raise _init_error(cls, f"{type(exc).__name__}: {exc}") from exc
+        raise _init_error(name, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _build_with_builder(
+    path: Path, config: BundleConfig, device: torch.device, header: st.Header
+) -> tuple[nn.Module, Builder]:
+    """Rebuild a model from its builder's recipe, importing only installed code.
+
+    The class the bundle names is located first, without executing anything, and refused if it
+    would come from inside the bundle (the same guard as for any class); only then may the
+    builder import its library. The model built must be of exactly that class.
+    """
+    assert config.builder is not None
+    assert config.spec is not None
+    builder = builder_named(config.builder, str(path / CONFIG_NAME))
+    importable_module(config.class_path, path)
+    spec = config.spec
+    model = _build(lambda: builder.build(spec), config.class_path, device, header)
+    if class_path(type(model)) != config.class_path:
+        raise ModelClassNotFoundError(
+            f"the {builder.name!r} builder rebuilt bundle {path} as a "
+            f"{class_path(type(model))}, but its {CONFIG_NAME} names {config.class_path!r}: the "
+            "installed library builds that recipe differently. Install the library version the "
+            "bundle was saved with, or load its weights with tk.load_weights"
+        )
+    return model, builder
 
 
 def _verify(path: Path) -> BundleConfig:
@@ -358,15 +478,28 @@ def load_model(
             f"{type(aliases).__name__}"
         )
     config = _verify(path)
+    header = st.read_header(path / WEIGHTS_NAME)  # verified by _verify: bounded, hashed
+    if config.builder is not None:
+        model, builder = _build_with_builder(path, config, device, header)
+        load_weights(model, path / WEIGHTS_NAME, map_location=device)
+        if builder.tie is not None:
+            builder.tie(model)
+        return _cast(model, config).eval()
     target = _alias_target(config.class_path, aliases or {})
     try:
         cls = import_class(target, path)
     except ModelClassNotFoundError as exc:
         return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
-    header = st.read_header(path / WEIGHTS_NAME)  # verified by _verify: bounded, hashed
-    model = _build(cls, config, device, sum(e.nbytes for e in header.entries.values()))
+    args, kwargs = _arguments(config.args, config.kwargs)
+    model = _build(lambda: cls(*args, **kwargs), cls.__qualname__, device, header)
     load_weights(model, path / WEIGHTS_NAME, map_location=device)
-    return model.eval()
+    return _cast(model, config).eval()
+
+
+def _cast(model: nn.Module, config: BundleConfig) -> nn.Module:
+    if config.buffer_dtype is not None:
+        cast_buffers(model, config.buffer_dtype)
+    return model
 
 
 def _program_or_refuse(

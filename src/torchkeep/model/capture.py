@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .. import tree
-from ..errors import InitArgsError, UnsupportedValueError
+from ..errors import InitArgsError, InvalidDocumentError, UnsupportedValueError
+from ..schema import validate
+from .builders import transformers as hf
 
 _ATTRIBUTE = "_torchkeep_init_args"
+CONFIG_TAG = "$config"
+"""Tags a constructor argument that is a library config object (a transformers
+``PretrainedConfig``), stored as its spec: ``{"$config": {"model_type": ..., "config": ...}}``."""
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    """A config object recorded as a constructor argument, validated but not yet made (making
+    it imports the library; :func:`resolve` does, after the model's class was located)."""
+
+    spec: dict[str, Any]
 
 
 class _Unstorable:
@@ -30,6 +44,9 @@ def encode(value: object, name: str) -> object:
             "settings (numbers, strings, lists, dicts) and build the module inside __init__, or "
             "pass init_args= with JSON values to save_model"
         )
+    config = hf.config_value(value)
+    if config is not None:
+        return {CONFIG_TAG: tree.flatten(config, root=name).skeleton}
     try:
         flat = tree.flatten(value, root=name)
     except UnsupportedValueError as exc:
@@ -44,8 +61,37 @@ def encode(value: object, name: str) -> object:
 
 def decode(value: object, source: str = "a bundle's config.json") -> Any:
     """Inverse of :func:`encode`; a malformed value raises ``CorruptFileError`` naming
-    ``source``."""
+    ``source``. A recorded config object comes back as a :class:`LibraryConfig` (an argument,
+    or an entry of a list or object of arguments)."""
+    if isinstance(value, dict) and set(value) == {CONFIG_TAG}:
+        spec = tree.unflatten(value[CONFIG_TAG], {}, source=source)
+        validate(spec, hf.CONFIG_SCHEMA, source=source, fix="re-save it with tk.save_model")
+        return LibraryConfig(spec)
+    if isinstance(value, list) and any(_is_config(v) for v in value):
+        return [decode(v, f"{source}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and any(_is_config(v) for v in value.values()):
+        if any(str(k).startswith("$") for k in value):
+            raise InvalidDocumentError(f"{source}: recorded arguments hold a tagged key")
+        return {k: decode(v, f"{source}.{k}") for k, v in value.items()}
     return tree.unflatten(value, {}, source=source)
+
+
+def _is_config(value: object) -> bool:
+    return isinstance(value, dict) and set(value) == {CONFIG_TAG}
+
+
+def holds_config(value: object) -> bool:
+    """Whether recorded arguments hold a config object (the bundle is then format version 2:
+    older torchkeep cannot decode it)."""
+    if isinstance(value, list):
+        return any(_is_config(v) for v in value)
+    return isinstance(value, dict) and any(_is_config(v) for v in value.values())
+
+
+def resolve(value: Any) -> Any:
+    """``value``, with a :class:`LibraryConfig` made into its config object (this imports the
+    library it names, which must be installed)."""
+    return hf.make_config(value.spec) if isinstance(value, LibraryConfig) else value
 
 
 def _capture(
@@ -78,8 +124,10 @@ def _capture(
 
 
 def _wrap_init(cls: type[nn.Module]) -> None:
-    init = cls.__dict__.get("__init__")
-    if init is None or getattr(init, "_torchkeep_wrapped", False):
+    """Record the arguments of ``cls``'s ``__init__``: its own, or the one it inherits (so
+    ``class Mine(tk.Keepable, Base): pass`` records ``Base``'s arguments)."""
+    init = cls.__dict__.get("__init__") or cls.__init__
+    if getattr(init, "_torchkeep_wrapped", False):
         return
 
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -98,7 +146,9 @@ def _wrap_init(cls: type[nn.Module]) -> None:
 class Keepable:
     """Mixin that records the arguments ``__init__`` was called with, for :func:`save_model`.
 
-    Put it before ``nn.Module`` in the bases; every subclass is covered too. Arguments must
+    Put it before ``nn.Module`` (or the model class you derive from) in the bases; every
+    subclass is covered too, and a class without its own ``__init__`` records the arguments of
+    the one it inherits (``class Mine(tk.Keepable, Base): pass``). Arguments must
     be values :mod:`torchkeep.tree` stores as JSON (numbers, strings, ``None``, bytes, lists,
     tuples, dicts, torch dtypes, devices and sizes); anything else, such as a nested
     ``nn.Module`` or a tensor, is reported by name when the model is saved.

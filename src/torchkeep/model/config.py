@@ -4,14 +4,23 @@ Schema (every other key is ignored)::
 
     {"class": "package.module.Class",               # an absolute class path (classpath.py)
      "init": {"args": [...], "kwargs": {str: ...}},  # tagged JSON (torchkeep.tree)
-     "example_inputs": [{"shape": [int, ...], "dtype": "float32"}, ...]}   # optional
+     "example_inputs": [{"shape": [int, ...], "dtype": "float32"}, ...],  # optional
+     "builder": {"name": "transformers", "spec": {...}},   # optional (format version 2)
+     "buffer_dtype": "bfloat16"}   # optional (format version 2)
+
+``builder`` names the recipe that rebuilds a library's model (:mod:`.builders`); its ``spec`` is
+tagged JSON, checked against that builder's own schema, and ``class`` must then lie inside the
+builder's library (``transformers.`` for the transformers builder). ``buffer_dtype`` is the
+dtype the model's floating non-persistent buffers were cast to after it was built
+(``model.to(torch.bfloat16)``); a load casts them the same way.
 
 Bounds: 16 MiB, 64 levels of nesting, 64 example inputs of at most 16 dimensions and 2**26
-elements each.
+elements each; a builder's spec at most 1 MiB of JSON.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +42,7 @@ from ..schema import (
     validate,
 )
 from ..tree import MAX_INT_BITS
+from .builders import registry
 from .capture import decode
 from .classpath import class_path_problem
 from .layout import CONFIG_NAME
@@ -42,6 +52,7 @@ MAX_CONFIG_DEPTH = 64
 MAX_INPUTS = 64
 MAX_DIMS = 16
 MAX_NUMEL = 2**26
+MAX_SPEC_BYTES = 2**20
 FIX = "re-save it with tk.save_model, or restore it from a copy"
 
 DTYPES: dict[str, torch.dtype] = {
@@ -62,6 +73,9 @@ class BundleConfig:
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
     example_inputs: list[tuple[list[int], torch.dtype]] = field(default_factory=list)
+    builder: str | None = None
+    spec: dict[str, Any] | None = None
+    buffer_dtype: torch.dtype | None = None
 
 
 def _class_problem(value: object) -> str | None:
@@ -76,6 +90,11 @@ def _dtype_problem(name: str) -> str | None:
 def _numel_problem(shape: list[int]) -> str | None:
     numel = math.prod(shape)
     return None if numel <= MAX_NUMEL else f"has {numel} elements, more than {MAX_NUMEL}"
+
+
+def _spec_size_problem(spec: dict[str, Any]) -> str | None:
+    size = len(json.dumps(spec))
+    return None if size <= MAX_SPEC_BYTES else f"has {size} bytes of JSON (limit {MAX_SPEC_BYTES})"
 
 
 SCHEMA = Object(
@@ -93,6 +112,14 @@ SCHEMA = Object(
                 required=("shape", "dtype"),
             ),
             max_len=MAX_INPUTS,
+        ),
+        "buffer_dtype": Satisfies(Str(max_len=32), _dtype_problem),
+        "builder": Object(
+            {
+                "name": Str(max_len=64, pattern=registry.NAME_PATTERN),
+                "spec": Satisfies(Map(max_len=256), _spec_size_problem),
+            },
+            required=("name", "spec"),
         ),
     },
     required=("class", "init"),
@@ -130,7 +157,29 @@ def _decoded(document: dict[str, Any], path: Path) -> BundleConfig:
     inputs = [
         (list(spec["shape"]), DTYPES[spec["dtype"]]) for spec in document.get("example_inputs", [])
     ]
-    return BundleConfig(document["class"], init, args, kwargs, inputs)
+    builder, spec = _builder_record(document, path)
+    cast = document.get("buffer_dtype")
+    buffer_dtype = None if cast is None else DTYPES[cast]
+    return BundleConfig(document["class"], init, args, kwargs, inputs, builder, spec, buffer_dtype)
+
+
+def _builder_record(document: dict[str, Any], path: Path) -> tuple[str | None, Any]:
+    """The builder's name and decoded spec, checked against that builder's schema when this
+    process knows the builder (an unknown one is refused by :func:`load_model`)."""
+    record = document.get("builder")
+    if record is None:
+        return None, None
+    spec = decode_value(record["spec"], f"{path}: key 'builder.spec'")
+    builder = registry.known(record["name"])
+    if builder is not None:
+        validate(spec, builder.schema, source=f"{path}: key 'builder.spec'", fix=FIX)
+        prefix = builder.class_prefix
+        if prefix is not None and not document["class"].startswith(prefix):
+            raise InvalidDocumentError(
+                f"{path}: key 'class' is {document['class']!r}, outside the {prefix!r} package "
+                f"the {record['name']!r} builder rebuilds models from; {FIX}"
+            )
+    return record["name"], spec
 
 
 def validate_config(document: object, path: Path) -> BundleConfig:
