@@ -24,6 +24,7 @@ PUBLIC = {
     "UnsafeBundleError", "StorageFullError", "InvalidDocumentError", "UnreadableFileError",
     "MissingDependencyError", "ModelClassNotFoundError", "InitArgsError", "UnsupportedValueError",
     "ExportError", "ExportVerificationError", "ResourceLimitError", "IntegrationError",
+    "DistributedCheckpointError",
     "__version__",
 }  # fmt: skip
 
@@ -64,6 +65,7 @@ BUILTIN_BASE = {
     "UnsafeBundleError": ValueError,
     "InvalidDocumentError": ValueError,
     "ResourceLimitError": ValueError,
+    "DistributedCheckpointError": RuntimeError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
 }
 

@@ -110,6 +110,16 @@ class UnsupportedValueError(TorchkeepError, TypeError):
     """A value in training state cannot be stored without pickle; the message names its path."""
 
 
+class DistributedCheckpointError(TorchkeepError, RuntimeError):
+    """A collective checkpoint save or restore failed on one or more ranks; raised on every
+    rank. ``failures`` maps each rank that reported a cause to its exception (a rank that died
+    reports none: its peers see a lost connection or the group's timeout)."""
+
+    def __init__(self, message: str, failures: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, BaseException] = dict(failures or {})
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for summaries.
 

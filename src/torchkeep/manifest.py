@@ -127,6 +127,7 @@ def read_manifest(
     kind: str | None = None,
     fields: Mapping[str, Schema] | None = None,
     required: tuple[str, ...] = (),
+    max_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     """Read ``directory``'s manifest and check it against the manifest schema.
 
@@ -139,6 +140,7 @@ def read_manifest(
         kind: the ``format`` the manifest must declare (``"torchkeep.checkpoint"``).
         fields: schemas of the fields this kind adds (checked when present).
         required: which of those fields must be present.
+        max_version: the newest ``format_version`` of this kind the caller reads.
 
     Raises:
         TorchkeepFileNotFoundError: there is no manifest (the directory was never committed).
@@ -160,7 +162,7 @@ def read_manifest(
             f"{path} describes a {manifest['format'][:64]!r}, not a {kind!r}; "
             "point at the right directory"
         )
-    readable = READABLE_VERSIONS.get(manifest["format"], FORMAT_VERSION)
+    readable = max(max_version, READABLE_VERSIONS.get(manifest["format"], FORMAT_VERSION))
     if manifest["format_version"] > readable:
         raise CorruptFileError(
             f"{path} is of format version {manifest['format_version']}; this torchkeep reads "
@@ -229,13 +231,16 @@ def find_problems(
     kind: str | None = None,
     fields: Mapping[str, Schema] | None = None,
     required: tuple[str, ...] = (),
+    max_version: int = FORMAT_VERSION,
 ) -> list[str]:
     """List everything wrong with a committed directory; an empty list means it is intact.
 
-    ``kind``, ``fields`` and ``required`` are passed to :func:`read_manifest`.
+    ``kind``, ``fields``, ``required`` and ``max_version`` are passed to :func:`read_manifest`.
     """
     try:
-        manifest = read_manifest(directory, kind=kind, fields=fields, required=required)
+        manifest = read_manifest(
+            directory, kind=kind, fields=fields, required=required, max_version=max_version
+        )
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
     problems = (

@@ -24,7 +24,13 @@ def _when(created: object) -> str:
 def _entries(step_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The step's entries as ``state.json`` records them, a 0.1.0 step's ``rng`` entry read as
     the generator states (as ``restore`` reads it)."""
-    entries = dict(read_state(step_dir, manifest)["entries"])
+    if manifest.get("layout") == "sharded-v1":
+        from .distributed.layout import read_sharded_state
+
+        state = read_sharded_state(step_dir, manifest)
+    else:
+        state = read_state(step_dir, manifest)
+    entries = dict(state["entries"])
     _adopt_legacy_rng(manifest, entries)
     return entries
 
@@ -103,6 +109,8 @@ def _describe_step(path: Path) -> Description:
         ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
                        f"torch {manifest.get('torch_version')}"),
     ]  # fmt: skip
+    if manifest.get("layout") == "sharded-v1":
+        description.sections["sharded"] = _sharded_section(path, manifest)
     entries = _entries(path, manifest)
     values = _plain_values(entries)
     if values:
@@ -112,6 +120,24 @@ def _describe_step(path: Path) -> Description:
         description.sections["random generators"] = generators
     description.notes.append("hashes are not checked here; `torchkeep verify` checks them")
     return description
+
+
+def _sharded_section(path: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """Layout, world size, shard files and chunk counts of a sharded step."""
+    from .distributed.layout import RANK_PREFIX, read_sharded_state
+
+    state = read_sharded_state(path, manifest)
+    chunks: dict[str, int] = {}
+    for tensor in state["tensors"].values():
+        for chunk in tensor["chunks"]:
+            chunks[chunk["file"]] = chunks.get(chunk["file"], 0) + 1
+    shared = [k for k in state["tensors"] if not k.startswith(RANK_PREFIX)]
+    return [
+        ("layout", f"{manifest['layout']} (format version {manifest['format_version']})"),
+        ("world size", str(state["world_size"])),
+        ("ranks' files", ", ".join(f"{f}: {n} chunks" for f, n in sorted(chunks.items()))),
+        ("tensors", f"{len(shared)} global, {len(state['tensors']) - len(shared)} per rank"),
+    ]
 
 
 def _describe_folder(path: Path) -> Description:

@@ -51,6 +51,10 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
     "metrics": Map(
         Number(allow_nonfinite=True), key=Str(max_len=256), max_len=1000
     ),  # NaN/inf losses are recorded as they were
+    # sharded steps (torchkeep.checkpoint.distributed.layout): how the step is laid out and
+    # how many ranks wrote it
+    "layout": OneOf((Equals("single"), Equals("sharded-v1"))),
+    "world_size": Int(min=1, max=1 << 20),
     "retention": Object(
         {
             "keep_last": OneOf((Null(), Int(min=1))),
@@ -61,6 +65,10 @@ _MANIFEST_FIELDS: dict[str, Schema] = {
         }
     ),
 }
+# The newest checkpoint format version this torchkeep reads, per layout: sharded steps are
+# version 2 (torchkeep.checkpoint.distributed.layout.FORMAT_VERSION), single-process ones 1.
+LAYOUT_VERSIONS = {"single": 1, "sharded-v1": 2}
+MAX_FORMAT_VERSION = max(LAYOUT_VERSIONS.values())
 # ``state.json``: the JSON skeleton of every entry (see torchkeep.tree); tensors are elsewhere.
 ENTRY_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,199}"
 STATE_LIMITS = Limits(
@@ -138,7 +146,20 @@ def read_step_manifest(path: Path, *, name: str | None = None) -> dict[str, Any]
         TorchkeepFileNotFoundError: there is no manifest (never committed).
         CorruptFileError: the manifest is unreadable or invalid.
     """
-    manifest = read_manifest(path, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",))
+    manifest = read_manifest(
+        path,
+        kind=KIND,
+        fields=_MANIFEST_FIELDS,
+        required=("step",),
+        max_version=MAX_FORMAT_VERSION,
+    )
+    layout = manifest.get("layout", "single")
+    if manifest["format_version"] > LAYOUT_VERSIONS[layout]:
+        raise CorruptFileError(
+            f"{path / MANIFEST_NAME} is of format version {manifest['format_version']}; this "
+            f"torchkeep reads {layout} steps up to {LAYOUT_VERSIONS[layout]}. Upgrade torchkeep "
+            "to read it"
+        )
     name = path.name if name is None else name
     named_step = parse_step(name)
     if named_step is not None and manifest["step"] != named_step:
@@ -196,13 +217,26 @@ def read_step_info(path: Path) -> StepInfo | None:
 
 def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
     """Everything wrong with the step directory ``path`` (manifest, files, ``state.json``)."""
+    try:
+        manifest = read_step_manifest(path)
+    except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
+        return [str(exc)]
+    if manifest.get("layout") == "sharded-v1":
+        from .distributed.verify import sharded_step_problems
+
+        problems = sharded_step_problems(path, manifest, check_hashes=check_hashes)
+        return problems or _unlisted_entries(path, manifest["files"])
     problems = find_problems(
-        path, check_hashes=check_hashes, kind=KIND, fields=_MANIFEST_FIELDS, required=("step",)
+        path,
+        check_hashes=check_hashes,
+        kind=KIND,
+        fields=_MANIFEST_FIELDS,
+        required=("step",),
+        max_version=MAX_FORMAT_VERSION,
     )
     if problems:
         return problems
     try:
-        manifest = read_step_manifest(path)
         state = read_state(path, manifest)
         if check_hashes and RNG_ENTRY in state["entries"]:
             _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])

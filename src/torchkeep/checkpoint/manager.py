@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -108,6 +108,17 @@ class CheckpointManager:
             the background.
         save_rng: capture the random generators (Python, NumPy, torch CPU and CUDA) with
             every step and restore them on ``restore``.
+        distributed: write sharded steps from every rank of a torch.distributed job, with
+            ``save``/``restore`` (and this constructor) collective; None: when
+            torch.distributed is initialised with more than one rank.
+        process_group: the group the checkpoint collectives run on; None makes a gloo group
+            of its own (collective: create managers in the same order on every rank).
+        state_dict_options: ``StateDictOptions`` passed to ``get_state_dict`` and
+            ``set_state_dict`` for the model and optimizer.
+        timeout: seconds the checkpoint group waits for a peer before every rank raises
+            :class:`~torchkeep.DistributedCheckpointError`.
+        per_rank: entries whose state differs per rank (stored once per rank; others are
+            stored once and must be equal on every rank).
 
     Example:
         >>> with tk.CheckpointManager("ckpt", keep_last=2) as mgr:
@@ -128,6 +139,11 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         save_rng: bool = True,
+        distributed: bool | None = None,
+        process_group: Any = None,
+        state_dict_options: Any = None,
+        timeout: float = 600.0,
+        per_rank: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
         settings = {
@@ -146,6 +162,10 @@ class CheckpointManager:
         self._writer = BackgroundWriter()
         self._buffers = SnapshotBuffers()
         self._remover = Remover()
+        self._dist_settings = (state_dict_options, tuple(per_rank))
+        self._session = _distributed_session(
+            self.directory, distributed, process_group, timeout, self._dist_settings, save_rng
+        )
 
     # ----------------------------------------------------------------------------------------
     # what is on disk
@@ -210,7 +230,44 @@ class CheckpointManager:
             >>> mgr.save(500, model=model, optimizer=opt, metrics={"loss": 0.2}, epoch=4)
         """
         slots = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        if self._session is not None:
+            return self._save_distributed(step, slots, extra, metrics, overwrite)
         return self._save_entries(step, slots, extra, metrics=metrics, overwrite=overwrite)
+
+    def _save_distributed(
+        self,
+        step: int,
+        slots: Mapping[str, Any],
+        values: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        overwrite: bool,
+    ) -> Path:
+        """:meth:`save` on every rank of a distributed job (collective; sharded-v1 step)."""
+        from .distributed.session import snapshot
+
+        self.wait()
+        step = _check_step(step)
+        session = self._session
+        assert session is not None
+        prepared, error, fields = None, None, {}
+        try:
+            fields = {"metrics": _clean_metrics(metrics), "retention": self._retention_config}
+            prepared = session.prepare(slots, values)
+        except Exception as exc:  # raised on every rank by check()
+            error = exc
+        session.check(step, prepared, error, overwrite=overwrite)
+        assert prepared is not None
+
+        def commit() -> None:
+            session.write(step, prepared, overwrite=overwrite, fields=fields)
+            session.after_commit(lambda: self._apply_retention(step))
+
+        if not self.async_save:
+            commit()
+        else:
+            prepared.tensors = snapshot(prepared.tensors)
+            self._writer.submit(commit, label=f"save of checkpoint step {step}")
+        return step_path(self.directory, step)
 
     def _save_entries(
         self,
@@ -397,6 +454,7 @@ class CheckpointManager:
         scaler: Any = None,
         restore_rng: bool = True,
         strict: bool = True,
+        allow_world_size_change: bool = False,
         **objects: Any,
     ) -> Restored:
         """Load a step into the given objects, after verifying every file's hash.
@@ -442,6 +500,16 @@ class CheckpointManager:
             ).items()
             if obj is not None
         }
+        session = self._session or self._sharded_reader(step)
+        if session is not None:
+            done = session.restore(
+                lambda: self._candidates(step),
+                targets,
+                restore_rng=restore_rng,
+                strict=strict,
+                allow_world_size_change=allow_world_size_change,
+            )
+            return Restored(done.step, done.metrics, done.extra, done.path)
         loaded = self._load_first_valid(step)
         _check_targets(loaded, targets)
         targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
@@ -462,6 +530,19 @@ class CheckpointManager:
             rng.restore(loaded.value(RNG_ENTRY))
         return Restored(loaded.step, loaded.metrics, extra, loaded.path)
 
+    def _sharded_reader(self, step: int | Literal["best"] | None) -> Any:
+        """A session without a process group when the step to restore is sharded (a step
+        saved by N ranks restored in one process), else None."""
+        candidates, _ = self._candidates(step)
+        if not candidates or candidates[0].manifest.get("layout") != "sharded-v1":
+            return None
+        from .distributed.session import DistributedSession
+
+        options, per_rank = self._dist_settings
+        return DistributedSession(
+            self.directory, group=None, options=options, per_rank=per_rank, save_rng=self.save_rng
+        )
+
     def export_torch(
         self, step: int | Literal["best"] | None, path: str | os.PathLike[str]
     ) -> Path:
@@ -476,6 +557,45 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _distributed_session(
+    directory: Path,
+    distributed: bool | None,
+    process_group: Any,
+    timeout: float,
+    settings: tuple[Any, tuple[str, ...]],
+    save_rng: bool,
+) -> Any:
+    """The collective half of a distributed manager, or None for a single-process one.
+
+    Distributed when ``distributed`` is True, or None and torch.distributed is initialised with
+    more than one rank. Makes the manager's own gloo group (collective) unless one is given.
+    """
+    import torch.distributed as dist
+
+    running = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = running and dist.get_world_size() > 1
+    if not distributed:
+        return None
+    if not running:
+        raise ValueError(
+            "CheckpointManager(distributed=True) needs torch.distributed initialised first "
+            "(torch.distributed.init_process_group)"
+        )
+    from .distributed.collective import new_group
+    from .distributed.session import DistributedSession, entry_names_ok
+
+    options, per_rank = settings
+    group = process_group if process_group is not None else new_group(timeout)
+    return DistributedSession(
+        directory,
+        group=group,
+        options=options,
+        per_rank=entry_names_ok(per_rank),
+        save_rng=save_rng,
+    )
 
 
 def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:

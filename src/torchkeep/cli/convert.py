@@ -15,7 +15,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         "The source's format is recognised by its content, the destination's by its suffix "
         f"({routes}). To a file, a tutorial-style checkpoint dict converts its model part; to "
         "a directory it becomes a torchkeep checkpoint step, and a pickled whole model "
-        "becomes a bundle (its classes trusted with --allow)."
+        "becomes a bundle (its classes trusted with --allow). A sharded checkpoint step "
+        "(saved by several ranks) to a .safetensors file is merged into full tensors."
     )
     parser.add_argument("source", type=Path, help="file to read")
     parser.add_argument("destination", type=Path, help="file or directory to write")
@@ -37,7 +38,32 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def _sharded_step(path: Path) -> bool:
+    """True for a sharded checkpoint step (``torchkeep convert STEP out.safetensors``)."""
+    from ..checkpoint.layout import read_step_manifest
+    from ..errors import TorchkeepError
+
+    if not path.is_dir():
+        return False
+    try:
+        return read_step_manifest(path).get("layout") == "sharded-v1"
+    except TorchkeepError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
+    if _sharded_step(args.source):
+        from ..checkpoint import consolidate
+
+        merged = consolidate(args.source, args.destination, force=args.force)
+        console.print(
+            plain(
+                f"consolidated {args.source} (sharded, {merged.world_size} ranks) -> "
+                f"{merged.destination} ({human_bytes(_size(merged.destination))}): "
+                f"{merged.tensors} full tensors"
+            )
+        )
+        return EXIT_OK
     done = convert(args.source, args.destination, force=args.force, allow=args.allow)
     if args.json:
         print_json(

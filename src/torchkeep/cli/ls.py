@@ -10,7 +10,7 @@ from typing import Any
 from ..checkpoint import retention
 from ..checkpoint.layout import list_steps, step_problems, uncommitted_steps
 from ..errors import TorchkeepFileNotFoundError
-from ._output import EXIT_OK, console, human_bytes, labelled, print_json, print_table
+from ._output import EXIT_OK, console, human_bytes, labelled, plain, print_json, print_table
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,8 @@ def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
             "metrics": info.metrics,
             "problems": step_problems(info.path, check_hashes=check_hashes),
             "kept_by": kept_by.get(info.step, []),
+            "layout": info.manifest.get("layout", "single"),
+            "ranks": info.manifest.get("world_size", 1),
             "path": info.path,
         }
         for info in infos
@@ -70,6 +72,9 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
         ],
         right_align=["step", "size"],
     )
+    sharded = [f"{row['step']} ({row['ranks']} ranks)" for row in rows if row["layout"] != "single"]
+    if sharded:
+        console.print(plain(f"sharded steps, saved by several ranks: {', '.join(sharded)}"))
     for row in rows:
         for problem in row["problems"]:
             console.print(labelled(f"step {row['step']}: ", problem, style="red"), soft_wrap=True)

@@ -1,0 +1,223 @@
+"""DCP ``StorageReader`` of sharded-v1 steps, and a load planner that never unpickles.
+
+``read_metadata`` builds DCP's ``Metadata`` from the step's JSON documents (no ``.metadata``
+pickle exists). ``prepare_local_plan`` runs inside DCP's "plan" collective: there every rank
+hashes exactly the chunks it is about to read and raises on a mismatch, so a damaged shard
+makes every rank fail before ``read_data`` copies a single byte into a live tensor.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from ...errors import ChecksumMismatchError, CorruptFileError, UnsafeCheckpointError
+from ...hashing import hash_file
+from ..layout import STATE_NAME, read_step_manifest
+from .layout import is_sharded, read_sharded_state
+
+_DTYPES = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest and verified ``state.json`` of the sharded step at ``path``.
+
+    Raises:
+        TorchkeepFileNotFoundError: the step was never committed.
+        CorruptFileError: a document is invalid or ``state.json`` fails its hash.
+    """
+    manifest = read_step_manifest(path)
+    if not is_sharded(manifest):
+        raise CorruptFileError(
+            f"{path} is a single-process step, not a sharded one; restore it with "
+            "CheckpointManager in one process"
+        )
+    record = manifest["files"].get(STATE_NAME)
+    if record is None:
+        raise CorruptFileError(f"{path / 'manifest.json'} does not list {STATE_NAME}")
+    size, digest = hash_file(path / STATE_NAME)
+    if size != record["size"] or digest != record["hash"]:
+        raise ChecksumMismatchError(
+            f"{path / STATE_NAME} does not match its manifest (size or hash); the step is damaged"
+        )
+    return manifest, read_sharded_state(path, manifest)
+
+
+def build_metadata(state: dict[str, Any], source: Path) -> Metadata:
+    """DCP ``Metadata`` of a sharded step from its ``state.json`` index (no pickle)."""
+    described: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    storage: dict[MetadataIndex, dict[str, Any]] = {}
+    for key, tensor in state["tensors"].items():
+        dtype = _DTYPES.get(tensor["dtype"])
+        if dtype is None:
+            raise CorruptFileError(
+                f"{source}: tensor {key!r} has unknown dtype {tensor['dtype']!r}"
+            )
+        chunks = []
+        for chunk in tensor["chunks"]:
+            offsets = torch.Size(chunk["offsets"])
+            chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(chunk["sizes"])))
+            storage[MetadataIndex(key, offsets)] = {**chunk, "dtype": dtype}
+        described[key] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype),
+            size=torch.Size(tensor["shape"]),
+            chunks=chunks,
+        )
+    return Metadata(state_dict_metadata=described, storage_data=storage, storage_meta=StorageMeta())
+
+
+class TorchkeepStorageReader(StorageReader):
+    """Read a torchkeep sharded step with DCP on any number of ranks, verified, no pickle.
+
+    Use with ``torch.distributed.checkpoint.load(state_dict, storage_reader=reader,
+    planner=NoPickleLoadPlanner())``; DCP's planner reshards (a step written by 4 ranks loads
+    on 2, or on 1 with ``no_dist=True``).
+
+    Args:
+        path: the step directory (``ckpt/step-00000100``).
+        verify: hash every chunk a rank reads before it is used (on by default).
+
+    Raises (from ``dcp.load``, wrapped in DCP's ``CheckpointException``):
+        ChecksumMismatchError: a chunk or file does not match its recorded hash or size.
+        CorruptFileError: the step's documents are invalid.
+
+    Example:
+        >>> dcp.load(state, storage_reader=TorchkeepStorageReader("ckpt/step-00000100"),
+        ...          planner=NoPickleLoadPlanner())
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.verify = verify
+        self.manifest: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
+        self._storage: dict[MetadataIndex, dict[str, Any]] = {}
+        self._maps: dict[str, memoryview] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = Path(checkpoint_id)
+        self._close()
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP would retry per rank
+        self.manifest, self.state = read_index(self.path)
+        return build_metadata(self.state, self.path / STATE_NAME)
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self._storage = metadata.storage_data
+
+    def _mapped(self, name: str) -> memoryview:
+        """A private read-only mapping of shard ``name`` whose size matches the manifest."""
+        if name not in self._maps:
+            path = self.path / name
+            expected = self.manifest["files"][name]["size"]
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != expected:
+                    raise ChecksumMismatchError(
+                        f"{path} has {size} bytes, the manifest says {expected} (truncated or "
+                        "replaced); the step is damaged"
+                    )
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+            self._maps[name] = memoryview(mapped)
+        return self._maps[name]
+
+    def _chunk(self, record: dict[str, Any]) -> memoryview:
+        return self._mapped(record["file"])[record["offset"] : record["offset"] + record["length"]]
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        checked: set[tuple[str, int]] = set()
+        for item in plan.items:
+            record = self._storage[item.storage_index]
+            where = (record["file"], record["offset"])
+            if where in checked:
+                continue
+            try:
+                view = self._chunk(record)
+            except FileNotFoundError:
+                raise ChecksumMismatchError(
+                    f"{self.path / record['file']} is missing; the step is damaged"
+                ) from None
+            if self.verify and xxhash.xxh3_128_hexdigest(view) != record["hash"]:
+                raise ChecksumMismatchError(
+                    f"{self.path / record['file']}: the bytes of {item.storage_index.fqn!r} "
+                    "do not match their xxh3_128 hash (corrupted); the step is damaged"
+                )
+            checked.add(where)
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        for request in plan.items:
+            record = self._storage[request.storage_index]
+            chunk = self._stored(record)
+            boxes = zip(request.storage_offsets, request.lengths, strict=True)
+            for dim, (offset, length) in enumerate(boxes):
+                chunk = chunk.narrow(dim, offset, length)
+            target = planner.resolve_tensor(request).detach()
+            if target.size() != chunk.size():
+                raise CorruptFileError(
+                    f"{self.path}: {request.storage_index.fqn!r} holds {tuple(chunk.size())} "
+                    f"where {tuple(target.size())} is needed; the step is damaged"
+                )
+            target.copy_(chunk)
+            planner.commit_tensor(request, target)
+        self._close()
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _stored(self, record: dict[str, Any]) -> torch.Tensor:
+        dtype: torch.dtype = record["dtype"]
+        if not record["length"]:
+            return torch.empty(record["sizes"], dtype=dtype)
+        raw = torch.frombuffer(self._chunk(record), dtype=torch.uint8)
+        return raw.view(dtype).reshape(record["sizes"])
+
+    def _close(self) -> None:
+        self._maps.clear()  # tensors made from the maps were copied out; maps close on GC
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+class NoPickleLoadPlanner(DefaultLoadPlanner):
+    """DCP's ``DefaultLoadPlanner`` that refuses byte items instead of unpickling them.
+
+    DCP stores non-tensor values as ``torch.save`` bytes and loads them with
+    ``torch.load(weights_only=False)``; this planner raises
+    :class:`~torchkeep.UnsafeCheckpointError` instead (torchkeep steps hold no byte items).
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        raise UnsafeCheckpointError(
+            f"{read_item.dest_index.fqn!r} is a pickled DCP byte item; torchkeep never "
+            "unpickles checkpoint data (import a DCP checkpoint with "
+            "torchkeep.checkpoint.import_dcp)"
+        )

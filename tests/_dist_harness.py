@@ -1,0 +1,86 @@
+"""Start N processes of a torch.distributed job on CPU (gloo, file:// rendezvous) and collect
+what each one reports, killing stragglers after a deadline.
+
+A worker is a function ``fn(rank, world, ctx) -> value`` in :mod:`tests._dist_workers`;
+``ctx`` is a dict of the caller's arguments plus ``store`` (the rendezvous file). Its return
+value, or its traceback, comes back per rank. A rank that never reports (killed, hung past the
+deadline) is simply absent from the result, and its exit code says why.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+DEADLINE = 240.0
+
+
+@dataclass
+class Outcome:
+    """What each rank reported (``results``), the tracebacks of those that raised (``errors``)
+    and every process's exit code (None: it was still running at the deadline and killed)."""
+
+    results: dict[int, Any]
+    errors: dict[int, str]
+    exit_codes: dict[int, int | None]
+
+    def ok(self) -> dict[int, Any]:
+        """The results, after asserting that every rank reported one and none raised."""
+        assert not self.errors, "\n".join(self.errors.values())
+        assert len(self.results) == len(self.exit_codes), (self.results, self.exit_codes)
+        return self.results
+
+
+def _child(name: str, rank: int, world: int, ctx: dict[str, Any], out: Any) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from tests import _dist_workers
+
+        value = getattr(_dist_workers, name)(rank, world, ctx)
+    except BaseException:  # reported to the parent; nothing escapes the child silently
+        out.put((rank, "error", traceback.format_exc()))
+        return
+    out.put((rank, "ok", value))
+
+
+def run(name: str, world: int, ctx: dict[str, Any], *, deadline: float = DEADLINE) -> Outcome:
+    """Run worker ``name`` on ``world`` spawned processes and return their outcome."""
+    spawn = mp.get_context("spawn")
+    out = spawn.Queue()
+    store = Path(tempfile.mkdtemp(prefix="tk-pg-")) / "store"
+    ctx = {**ctx, "store": str(store)}
+    procs = [spawn.Process(target=_child, args=(name, r, world, ctx, out)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    end = time.monotonic() + deadline
+    while len(results) + len(errors) < world and time.monotonic() < end:
+        try:
+            rank, status, value = out.get(timeout=0.5)
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs):
+                break  # a killed rank never reports
+            continue
+        (results if status == "ok" else errors)[rank] = value
+    codes: dict[int, int | None] = {}
+    for rank, proc in enumerate(procs):
+        proc.join(timeout=max(1.0, end - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            codes[rank] = None
+        else:
+            codes[rank] = proc.exitcode
+    return Outcome(results, errors, codes)
