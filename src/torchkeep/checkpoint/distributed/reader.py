@@ -32,11 +32,9 @@ from torch.futures import Future
 from ...errors import ChecksumMismatchError, CorruptFileError, UnsafeCheckpointError
 from ...hashing import hash_file
 from ..layout import STATE_NAME, read_step_manifest
-from .layout import is_sharded, read_sharded_state
+from .layout import DTYPES, is_sharded, read_sharded_state
 
-_DTYPES = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
+_DTYPES = DTYPES
 
 
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,345 @@
+"""Round-2 attacks on the surfaces that read attacker-controlled files: DCP imports and sharded
+steps, builder bundles, save_pretrained folders and shard indexes, sealed trainer folders.
+
+The adversary controls the file or folder (and may rewrite its manifest consistently), not the
+installed packages. Every code-running payload is first proven live against the plain loader
+in the same test (tests/_live.py); then torchkeep is run on the same file, the canary must stay
+absent, and the refusal must come from torchkeep's own gate (its error type and message).
+Resource and memory-disclosure attacks (sizes the stored bytes do not back) are refused by the
+gate before anything is allocated or written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import torchkeep as tk
+from tests._live import PICKLE_LOAD, TORCH_LOAD, prove_live
+from torchkeep.checkpoint.distributed.dcp_import import read_dcp_metadata
+from torchkeep.checkpoint.distributed.writer import TorchkeepStorageWriter
+from torchkeep.cli import main
+from torchkeep.errors import InvalidDocumentError
+from torchkeep.hashing import hash_file
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+EMPTY_XXH3 = "99aa06d3014798d86001c324468d497f"  # xxh3_128 of no bytes
+
+
+def _quiet_dcp_save(state: dict[str, Any], **kwargs: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, no_dist=True, **kwargs)
+
+
+# ---- DCP .metadata: the allowlisted unpickler ----------------------------------------------
+
+
+def _reduce(module: str, name: str, arg: bytes) -> bytes:
+    """A protocol-2 pickle calling ``module.name(arg)``."""
+    return (
+        b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"C" + bytes([len(arg)]) + arg
+        + b"\x85R."
+    )  # fmt: skip
+
+
+def _system(canary: Path) -> bytes:
+    return _reduce("os", "system", f"touch {canary}".encode())
+
+
+def _exec(canary: Path) -> bytes:
+    # builtins is an allowlisted module (set, frozenset): the name must still be refused
+    code = f"open({str(canary)!r}, 'w').close()".encode()
+    return b"\x80\x02cbuiltins\nexec\nX" + len(code).to_bytes(4, "little") + code + b"\x85R."
+
+
+def _protocol_zero(canary: Path) -> bytes:
+    return f"cos\nsystem\n(S'touch {canary}'\ntR.".encode()
+
+
+def _inst(canary: Path) -> bytes:
+    return f"(S'touch {canary}'\nios\nsystem\n.".encode()
+
+
+def _nested(canary: Path) -> bytes:
+    # a bytes field unpickled by a second loads: the outer global must be refused
+    return _reduce("pickle", "loads", _system(canary))
+
+
+def _dotted_name(canary: Path) -> bytes:
+    # a protocol-4 dotted name inside an allowlisted module: metadata.os.system
+    arg = f"touch {canary}".encode()
+    module = b"torch.distributed.checkpoint.metadata\nos.system\n"
+    return b"\x80\x04c" + module + b"C" + bytes([len(arg)]) + arg + b"\x85R."
+
+
+@pytest.mark.parametrize(
+    "payload", [_system, _exec, _protocol_zero, _inst, _nested, _dotted_name], ids=lambda f: f.__name__
+)
+def test_dcp_metadata_that_runs_code_is_refused(
+    payload: Callable[[Path], bytes], tmp_path: Path
+) -> None:
+    canary = tmp_path / "canary"
+    source = tmp_path / "dcp"
+    _quiet_dcp_save({"x": torch.ones(2)}, checkpoint_id=str(source))
+    (source / ".metadata").write_bytes(payload(canary))
+    prove_live(PICKLE_LOAD, canary, path=source / ".metadata")
+    with pytest.raises(tk.UnsafeCheckpointError, match="DCP metadata never holds"):
+        tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
+    assert not canary.exists()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def _dcp_with(tmp_path: Path, change: Callable[[Any, Path], None]) -> Path:
+    """A real dcp.save checkpoint of two tensors whose Metadata ``change`` rewrites (pickled
+    with the same allowlisted classes, as a hostile writer would)."""
+    source = tmp_path / "dcp"
+    _quiet_dcp_save({"x": torch.arange(8.0), "y": torch.ones(3)}, checkpoint_id=str(source))
+    metadata = read_dcp_metadata(source)
+    change(metadata, source)
+    (source / ".metadata").write_bytes(pickle.dumps(metadata))
+    return source
+
+
+def _x_info(metadata: Any) -> Any:
+    return next(info for index, info in metadata.storage_data.items() if index.fqn == "x")
+
+
+def _huge_shape(metadata: Any, _: Path) -> None:
+    metadata.state_dict_metadata["x"].size = torch.Size([1 << 40])
+
+
+def _shape_beyond_its_chunk(metadata: Any, _: Path) -> None:
+    metadata.state_dict_metadata["x"].size = torch.Size([16])  # half never stored
+
+
+def _chunk_outside_the_shape(metadata: Any, _: Path) -> None:
+    chunk = metadata.state_dict_metadata["x"].chunks[0]
+    metadata.state_dict_metadata["x"].chunks[0] = type(chunk)(
+        offsets=torch.Size([4]), sizes=chunk.sizes
+    )
+
+
+def _overlapping_chunks(metadata: Any, _: Path) -> None:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    described = metadata.state_dict_metadata["x"]
+    described.size = torch.Size([12])
+    described.chunks = [
+        ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([8])),
+        ChunkStorageMetadata(offsets=torch.Size([4]), sizes=torch.Size([4])),
+    ]
+    # y's stored record backs the second chunk (every item byte is claimed once)
+    del metadata.state_dict_metadata["y"]
+    metadata.storage_data[MetadataIndex("x", [4])] = metadata.storage_data.pop(MetadataIndex("y", [0]))
+
+
+def _item_past_the_file(metadata: Any, _: Path) -> None:
+    _x_info(metadata).offset = 1 << 40
+
+
+def _negative_item_offset(metadata: Any, _: Path) -> None:
+    _x_info(metadata).offset = -10
+
+
+def _items_claim_more_than_stored(metadata: Any, _: Path) -> None:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    info = _x_info(metadata)
+    for i in range(64):  # one stored record claimed by many values
+        metadata.storage_data[MetadataIndex(f"copy{i}")] = info
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_huge_shape, "chunks of 8 elements for shape"),
+        (_shape_beyond_its_chunk, "chunks of 8 elements for shape"),
+        (_chunk_outside_the_shape, "outside its shape"),
+        (_overlapping_chunks, "overlapping chunks 0 and 1"),
+        (_item_past_the_file, "lies outside"),
+        (_negative_item_offset, "has no valid place"),
+        (_items_claim_more_than_stored, "more bytes than its files hold"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[1:],
+)
+def test_dcp_metadata_describing_unstored_bytes_is_refused_before_allocation(
+    change: Callable[[Any, Path], None], message: str, tmp_path: Path
+) -> None:
+    source = _dcp_with(tmp_path, change)
+    with pytest.raises(tk.CorruptFileError, match=message) as info:
+        tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
+    assert ".metadata" in str(info.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("where", ["../outside.distcp", "/etc/hostname", "link.distcp"])
+def test_dcp_items_outside_the_checkpoint_are_refused(where: str, tmp_path: Path) -> None:
+    def point(metadata: Any, source: Path) -> None:
+        real = next(source.glob("*.distcp"))
+        shutil.copy(real, tmp_path / "outside.distcp")
+        (source / "link.distcp").symlink_to(tmp_path / "outside.distcp")
+        _x_info(metadata).relative_path = where
+
+    source = _dcp_with(tmp_path, point)
+    with pytest.raises(tk.UnsafeCheckpointError, match="outside the checkpoint"):
+        tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
+
+
+def test_dcp_item_holding_another_tensor_than_described_is_a_typed_error(
+    tmp_path: Path,
+) -> None:
+    def swap(metadata: Any, _: Path) -> None:
+        x = _x_info(metadata)
+        y = next(info for index, info in metadata.storage_data.items() if index.fqn == "y")
+        x.offset, x.length, y.offset, y.length = y.offset, y.length, x.offset, x.length
+
+    source = _dcp_with(tmp_path, swap)
+    with pytest.raises(tk.CorruptFileError, match="not stored whole|does not hold the tensor"):
+        tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
+
+
+# ---- sharded steps: the state.json tensor index --------------------------------------------
+
+
+def _sharded_step(tmp_path: Path) -> Path:
+    """A one-rank sharded step written by torchkeep's own DCP StorageWriter."""
+    step = tmp_path / "ckpt" / "step-00000001"
+    step.parent.mkdir(parents=True)
+    state = {"model/w": torch.arange(6.0).reshape(2, 3), "model/b": torch.ones(3)}
+    _quiet_dcp_save(state, storage_writer=TorchkeepStorageWriter(step, step=1))
+    return step
+
+
+def _forge_index(step: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite ``state.json``'s tensor index and re-record it in the manifest consistently."""
+    state = json.loads((step / "state.json").read_text())
+    change(state["tensors"])
+    (step / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((step / "manifest.json").read_text())
+    size, digest = hash_file(step / "state.json")
+    manifest["files"]["state.json"] = {"size": size, "hash": digest}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _b(tensors: dict[str, Any]) -> dict[str, Any]:
+    chunk: dict[str, Any] = tensors["model/b"]["chunks"][0]
+    return chunk
+
+
+def _zero_length_chunk(tensors: dict[str, Any]) -> None:
+    _b(tensors).update(length=0, hash=EMPTY_XXH3)  # would return uninitialised memory
+
+
+def _zero_length_huge_chunk(tensors: dict[str, Any]) -> None:
+    _b(tensors).update(length=0, hash=EMPTY_XXH3, sizes=[1 << 24])
+    tensors["model/b"]["shape"] = [1 << 24]
+
+
+def _shape_larger_than_chunks(tensors: dict[str, Any]) -> None:
+    tensors["model/b"]["shape"] = [6]
+
+
+def _terabyte_shape(tensors: dict[str, Any]) -> None:
+    tensors["model/b"]["shape"] = [1 << 40]
+
+
+def _chunk_outside_shape(tensors: dict[str, Any]) -> None:
+    _b(tensors)["offsets"] = [2]
+
+
+def _duplicated_chunk(tensors: dict[str, Any]) -> None:
+    tensors["model/b"]["shape"] = [6]
+    tensors["model/b"]["chunks"].append(dict(_b(tensors)))
+
+
+def _wrong_rank(tensors: dict[str, Any]) -> None:
+    _b(tensors).update(offsets=[0, 0], sizes=[3, 1])
+
+
+def _chunk_in_the_index(tensors: dict[str, Any]) -> None:
+    _b(tensors).update(file="state.json", offset=0, length=12)
+
+
+def _unknown_dtype(tensors: dict[str, Any]) -> None:
+    tensors["model/b"]["dtype"] = "os.system"
+
+
+def _one_chunk_many_tensors(tensors: dict[str, Any]) -> None:
+    for i in range(200):  # the same stored bytes claimed by many tensors
+        tensors[f"model/copy{i}"] = json.loads(json.dumps(tensors["model/w"]))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_zero_length_chunk, "0 bytes for 3"),
+        (_zero_length_huge_chunk, "0 bytes for 16777216"),
+        (_shape_larger_than_chunks, "chunks of 3 elements for shape"),
+        (_terabyte_shape, "chunks of 3 elements for shape"),
+        (_chunk_outside_shape, "outside its shape"),
+        (_duplicated_chunk, "overlapping chunks 0 and 1"),
+        (_wrong_rank, "1 offsets|2 offsets"),
+        (_unknown_dtype, "unknown dtype"),
+        (_chunk_in_the_index, "not a listed shard"),
+        (_one_chunk_many_tensors, "more than the"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[1:],
+)
+def test_sharded_index_describing_unstored_bytes_is_refused_by_every_reader(
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    step = _sharded_step(tmp_path)
+    _forge_index(step, change)
+    target = tmp_path / "full.safetensors"
+    with pytest.raises(InvalidDocumentError, match=message) as info:
+        tk.checkpoint.consolidate(step, target)
+    assert "state.json" in str(info.value) and "the step is damaged" in str(info.value)
+    assert not target.exists()
+    report = tk.verify(step.parent)
+    assert not report.ok
+    assert main(["convert", str(step), str(target)]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_a_clean_sharded_step_still_consolidates(tmp_path: Path) -> None:
+    step = _sharded_step(tmp_path)
+    _forge_index(step, lambda tensors: None)
+    target = tmp_path / "full.safetensors"
+    assert tk.checkpoint.consolidate(step, target).tensors == 2
+    assert torch.equal(tk.load_state_dict(target)["model/b"], torch.ones(3))
+
+
+def test_chunk_overlap_check_on_large_layouts() -> None:
+    from torchkeep.checkpoint.distributed.layout import geometry_problem
+
+    def grid() -> list[tuple[list[int], list[int]]]:
+        return [([i, j], [1, 1]) for i in range(64) for j in range(64)]  # a 64 x 64 mesh
+
+    assert geometry_problem([64, 64], grid()) is None
+    assert geometry_problem([65536], [([i], [1]) for i in range(65536)]) is None
+    shuffled = grid()
+    shuffled[0], shuffled[-1] = shuffled[-1], shuffled[0]
+    assert geometry_problem([64, 64], [*shuffled, ([5, 5], [0, 1])]) is None  # empty: no overlap
+    twice = grid()
+    twice[-1] = ([0, 0], [1, 1])  # 4096 elements, but one cell twice and one never
+    assert geometry_problem([64, 64], twice) == "overlapping chunks 0 and 4095"
+
+
+_ = (io, os, TORCH_LOAD)
