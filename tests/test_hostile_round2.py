@@ -11,9 +11,7 @@ gate before anything is allocated or written.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import pickle
 import shutil
 import warnings
@@ -86,7 +84,9 @@ def _dotted_name(canary: Path) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "payload", [_system, _exec, _protocol_zero, _inst, _nested, _dotted_name], ids=lambda f: f.__name__
+    "payload",
+    [_system, _exec, _protocol_zero, _inst, _nested, _dotted_name],
+    ids=lambda f: f.__name__,
 )
 def test_dcp_metadata_that_runs_code_is_refused(
     payload: Callable[[Path], bytes], tmp_path: Path
@@ -143,7 +143,9 @@ def _overlapping_chunks(metadata: Any, _: Path) -> None:
     ]
     # y's stored record backs the second chunk (every item byte is claimed once)
     del metadata.state_dict_metadata["y"]
-    metadata.storage_data[MetadataIndex("x", [4])] = metadata.storage_data.pop(MetadataIndex("y", [0]))
+    metadata.storage_data[MetadataIndex("x", [4])] = metadata.storage_data.pop(
+        MetadataIndex("y", [0])
+    )
 
 
 def _item_past_the_file(metadata: Any, _: Path) -> None:
@@ -342,4 +344,106 @@ def test_chunk_overlap_check_on_large_layouts() -> None:
     assert geometry_problem([64, 64], twice) == "overlapping chunks 0 and 4095"
 
 
-_ = (io, os, TORCH_LOAD)
+# ---- builder bundles: a hostile transformers recipe -----------------------------------------
+
+
+@pytest.fixture
+def hf() -> Any:
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _m2m_config(hf: Any, **changes: Any) -> Any:
+    """A tiny M2M100 (sinusoidal positions: a non-persistent buffer sized by the config)."""
+    settings = dict(
+        vocab_size=32, d_model=8, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=8,
+        decoder_ffn_dim=8, encoder_attention_heads=1, decoder_attention_heads=1,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    return hf.M2M100Config(**{**settings, **changes})
+
+
+def _forge_bundle(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite ``config.json`` with ``edit`` and re-record the manifest consistently."""
+    from torchkeep.manifest import MANIFEST_NAME, FileRecord, read_manifest, write_manifest
+
+    document = json.loads((bundle / "config.json").read_text())
+    edit(document)
+    (bundle / "config.json").write_text(json.dumps(document))
+    manifest = read_manifest(bundle)
+    files = {n: FileRecord(*hash_file(bundle / n)) for n in manifest["files"]}
+    (bundle / MANIFEST_NAME).unlink()
+    write_manifest(
+        bundle, kind="torchkeep.bundle", files=files, format_version=manifest["format_version"]
+    )
+
+
+def test_a_recipe_whose_computed_buffers_dwarf_its_weights_is_refused_before_building(
+    hf: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep.model import bundle as bundle_module
+
+    bundle = tk.save_model(hf.M2M100Model(_m2m_config(hf)).eval(), tmp_path / "m2m")
+    positions = 1 << 22
+    _forge_bundle(
+        bundle,
+        lambda d: d["builder"]["spec"]["config"].update(max_position_embeddings=positions),
+    )
+    # the forged recipe really makes transformers compute a table far beyond the stored weights
+    with torch.device("meta"):
+        plain = hf.M2M100Model(_m2m_config(hf, max_position_embeddings=positions))
+    computed = sum(b.numel() for _, b in plain.named_buffers())
+    stored = sum(t.numel() for t in tk.load_state_dict(bundle / "model.safetensors").values())
+    assert computed > 1000 * stored
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was built before the size check")
+
+    monkeypatch.setattr(bundle_module, "build_without_init", never)
+    with pytest.raises(tk.InitArgsError, match="non-persistent buffers") as info:
+        tk.load_model(bundle)
+    assert f"{computed:,}" in str(info.value)
+
+
+def test_a_class_path_bundle_gets_the_same_computed_buffer_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep.formats import safetensors as st
+    from torchkeep.model import bundle as bundle_module
+
+    class Table(torch.nn.Module):  # an installed class that computes a table its args size
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.zeros(n), persistent=False)
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+    tk.save_weights(Table(4), tmp_path / "w.safetensors")
+    header = st.read_header(tmp_path / "w.safetensors")
+    monkeypatch.setattr(bundle_module, "build_without_init", lambda _: pytest.fail("built"))
+    n = 2 + bundle_module.MAX_COMPUTED_ELEMENTS + 1  # the recorded argument an attacker sets
+    with pytest.raises(tk.InitArgsError, match="non-persistent buffers"):
+        bundle_module._build(lambda: Table(n), "Table", torch.device("cpu"), header)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"per_layer_config": {"$dict": [[0, {"attn_implementation": "kernels-community/x"}]]}},
+         "per_layer_config.0.attn_implementation"),
+        ({"notes": [{"auto_map": {"AutoModel": "evil.Model"}}]}, "notes[0].auto_map"),
+        ({"notes": [[{"trust_remote_code": True}]]}, "notes[0][0].trust_remote_code"),
+        ({"sub": {"$dict": [[1, [{"_attn_implementation": "kernels-community/x"}]]]}},
+         "sub.1[0]._attn_implementation"),
+    ],
+    ids=["int-keyed", "in-a-list", "list-in-list", "int-key-then-list"],
+)  # fmt: skip
+def test_forbidden_transformers_keys_are_refused_at_any_depth(
+    extra: dict[str, Any], key: str, hf: Any, tmp_path: Path
+) -> None:
+    bundle = tk.save_model(hf.M2M100Model(_m2m_config(hf)).eval(), tmp_path / "m2m")
+    _forge_bundle(bundle, lambda d: d["builder"]["spec"]["config"].update(extra))
+    with pytest.raises(InvalidDocumentError, match="fetch or run code") as info:
+        tk.load_model(bundle)
+    assert repr(key) in str(info.value)
+    assert not tk.verify(bundle).ok

@@ -44,11 +44,12 @@ from ..weights import load_weights, safetensors_payload
 from .builders import Builder, builder_for, builder_named
 from .builders.construct import (
     buffer_cast,
+    MAX_COMPUTED_ELEMENTS,
     build_without_init,
+    built_size,
     cast_buffers,
     materialise,
     rebuild_problems,
-    stored_numel,
     summary,
 )
 from .capture import (
@@ -335,16 +336,25 @@ def _build(
 
     Built entirely on the meta device first, the model's size is known before any memory is
     taken: a model larger than the bundle's weights file cannot be what was saved (the config
-    was changed), so it is refused before it is allocated. It is then built with its
+    was changed), so it is refused before it is allocated, and so is one whose non-persistent
+    buffers (computed, not stored) exceed the file by more than :data:`MAX_COMPUTED_ELEMENTS`. It is then built with its
     parameters on the meta device (buffers computed for real); its weights get uninitialised
     memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
     fills. A constructor that cannot run that way is run normally on ``device``.
     """
-    size = stored_numel(make)
+    sizes = built_size(make)
+    size = None if sizes is None else sizes.stored
     stored = sum(math.prod(e.shape) for e in header.entries.values())
     if size is not None and size > stored:
         raise _init_error(
             name, f"they make a model of {size:,} elements, but its weights file holds {stored:,}"
+        )
+    if sizes is not None and sizes.computed > stored + MAX_COMPUTED_ELEMENTS:
+        raise _init_error(
+            name,
+            f"they make a model whose non-persistent buffers (computed at build, never stored) "
+            f"hold {sizes.computed:,} elements, more than its weights file's {stored:,} plus "
+            f"{MAX_COMPUTED_ELEMENTS:,}",
         )
     try:
         model = build_without_init(make)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,11 +48,24 @@ def build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def stored_numel(make: Callable[[], nn.Module]) -> int | None:
-    """Elements of the persistent state (what a weights file holds; tied tensors counted once)
-    of the model ``make`` builds, found by building it entirely on the meta device, where
-    nothing is allocated (a factory's ``torch.empty`` included); None if it cannot be built
-    there. Elements, not bytes: a model cast after it was built stores another dtype."""
+MAX_COMPUTED_ELEMENTS = 1 << 24
+"""Elements a bundle's model may compute at build beyond what its weights file stores (its
+non-persistent buffers: rotary frequencies, position ids, sinusoidal tables, causal masks)."""
+
+
+class BuiltSize(NamedTuple):
+    """Elements of a model built on the meta device: its persistent state (what a weights file
+    holds, tied tensors counted once) and its non-persistent buffers (computed at build)."""
+
+    stored: int
+    computed: int
+
+
+def built_size(make: Callable[[], nn.Module]) -> BuiltSize | None:
+    """The :class:`BuiltSize` of the model ``make`` builds, found by building it entirely on
+    the meta device, where nothing is allocated (a factory's ``torch.empty`` included); None if
+    it cannot be built there. Elements, not bytes: a model cast after it was built stores
+    another dtype."""
     try:
         with torch.device("meta"):
             model = make()
@@ -59,8 +73,13 @@ def stored_numel(make: Callable[[], nn.Module]) -> int | None:
         raise
     except Exception:
         return None
-    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    return sum(int(t.numel()) for t in tensors.values())
+    state, transient = _tensors(model)
+    stored = {id(t): t for t in state.values()}
+    computed = {id(t): t for t in transient.values() if id(t) not in stored}
+    return BuiltSize(
+        sum(int(t.numel()) for t in stored.values()),
+        sum(int(t.numel()) for t in computed.values()),
+    )
 
 
 def materialise(
