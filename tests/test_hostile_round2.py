@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchkeep as tk
-from tests._live import PICKLE_LOAD, TORCH_LOAD, prove_live
+from tests._live import PICKLE_LOAD, prove_live
 from torchkeep.checkpoint.distributed.dcp_import import read_dcp_metadata
 from torchkeep.checkpoint.distributed.writer import TorchkeepStorageWriter
 from torchkeep.cli import main
@@ -209,7 +209,7 @@ def test_dcp_item_holding_another_tensor_than_described_is_a_typed_error(
         x.offset, x.length, y.offset, y.length = y.offset, y.length, x.offset, x.length
 
     source = _dcp_with(tmp_path, swap)
-    with pytest.raises(tk.CorruptFileError, match="not stored whole|does not hold the tensor"):
+    with pytest.raises(tk.CorruptFileError, match=r"not stored whole|does not hold the tensor"):
         tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
 
 
@@ -311,7 +311,8 @@ def test_sharded_index_describing_unstored_bytes_is_refused_by_every_reader(
     target = tmp_path / "full.safetensors"
     with pytest.raises(InvalidDocumentError, match=message) as info:
         tk.checkpoint.consolidate(step, target)
-    assert "state.json" in str(info.value) and "the step is damaged" in str(info.value)
+    assert "state.json" in str(info.value)
+    assert "the step is damaged" in str(info.value)
     assert not target.exists()
     report = tk.verify(step.parent)
     assert not report.ok

@@ -43,8 +43,8 @@ from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
 from .builders import Builder, builder_for, builder_named
 from .builders.construct import (
-    buffer_cast,
     MAX_COMPUTED_ELEMENTS,
+    buffer_cast,
     build_without_init,
     built_size,
     cast_buffers,
@@ -337,8 +337,9 @@ def _build(
     Built entirely on the meta device first, the model's size is known before any memory is
     taken: a model larger than the bundle's weights file cannot be what was saved (the config
     was changed), so it is refused before it is allocated, and so is one whose non-persistent
-    buffers (computed, not stored) exceed the file by more than :data:`MAX_COMPUTED_ELEMENTS`. It is then built with its
-    parameters on the meta device (buffers computed for real); its weights get uninitialised
+    buffers (computed, not stored) exceed the file by more than :data:`MAX_COMPUTED_ELEMENTS`.
+    It is then built with its parameters on the meta device (buffers computed for real); its
+    weights get uninitialised
     memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
     fills. A constructor that cannot run that way is run normally on ``device``.
     """

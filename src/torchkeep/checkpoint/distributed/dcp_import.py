@@ -16,7 +16,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -88,7 +88,7 @@ def read_dcp_metadata(directory: Path) -> Any:
     return metadata
 
 
-def _int(value: object) -> bool:
+def _int(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0
 
 
