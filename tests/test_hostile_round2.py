@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchkeep as tk
-from tests._live import PICKLE_LOAD, prove_live
+from tests._live import PICKLE_LOAD, TORCH_LOAD, prove_live
 from torchkeep.checkpoint.distributed.dcp_import import read_dcp_metadata
 from torchkeep.checkpoint.distributed.writer import TorchkeepStorageWriter
 from torchkeep.cli import main
@@ -448,3 +448,163 @@ def test_forbidden_transformers_keys_are_refused_at_any_depth(
         tk.load_model(bundle)
     assert repr(key) in str(info.value)
     assert not tk.verify(bundle).ok
+
+
+# ---- save_pretrained folders and shard indexes ----------------------------------------------
+
+
+class _Payload:
+    """Pickles as a call of os.system (touches the canary when unpickled)."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.canary}",))
+
+
+def _sharded_folder(tmp_path: Path, *, kind: str = "safetensors") -> Path:
+    """A save_pretrained-style folder: nn.Linear(2, 2) in two shards and their index."""
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    layer = torch.nn.Linear(2, 2)
+    stem, suffix = ("model", "safetensors") if kind == "safetensors" else ("pytorch_model", "bin")
+    names = {
+        key: f"{stem}-0000{i + 1}-of-00002.{suffix}" for i, key in enumerate(("weight", "bias"))
+    }
+    for key, name in names.items():
+        if kind == "safetensors":
+            tk.save_weights({key: layer.state_dict()[key]}, folder / name)
+        else:
+            torch.save({key: layer.state_dict()[key]}, folder / name)
+    index = {"metadata": {"total_size": 24}, "weight_map": names}
+    (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _index_of(folder: Path) -> Path:
+    return next(folder.glob("*.index.json"))
+
+
+def _rewrite_map(folder: Path, **changes: str) -> None:
+    index = _index_of(folder)
+    document = json.loads(index.read_text())
+    document["weight_map"].update(changes)
+    index.write_text(json.dumps(document))
+
+
+def test_a_bin_shard_carrying_a_pickle_payload_is_scanned_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    canary = tmp_path / "canary"
+    folder = _sharded_folder(tmp_path, kind="bin")
+    shard = folder / "pytorch_model-00002-of-00002.bin"
+    torch.save({"bias": torch.zeros(2), "x": _Payload(canary)}, shard)
+    prove_live(TORCH_LOAD, canary, path=shard)
+    for source in (folder, _index_of(folder)):
+        with pytest.raises(tk.UnsafeCheckpointError, match=r"system"):
+            tk.load_weights(torch.nn.Linear(2, 2), source)
+        with pytest.raises(tk.UnsafeCheckpointError, match=r"system"):
+            tk.load_state_dict(source)
+        assert not canary.exists()
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(folder), str(out)]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+    assert not canary.exists()
+
+
+def _outside(tmp_path: Path, folder: Path) -> str:
+    shutil.copy(folder / "model-00001-of-00002.safetensors", tmp_path / "secret.safetensors")
+    return "../secret.safetensors"
+
+
+def _absolute(tmp_path: Path, folder: Path) -> str:
+    _outside(tmp_path, folder)
+    return str(tmp_path / "secret.safetensors")
+
+
+def _in_a_subfolder(tmp_path: Path, folder: Path) -> str:
+    (folder / "sub").mkdir()
+    shutil.copy(folder / "model-00001-of-00002.safetensors", folder / "sub" / "w.safetensors")
+    return "sub/w.safetensors"
+
+
+def _hidden(tmp_path: Path, folder: Path) -> str:
+    shutil.copy(folder / "model-00001-of-00002.safetensors", folder / ".w.safetensors")
+    return ".w.safetensors"
+
+
+@pytest.mark.parametrize(
+    "place", [_outside, _absolute, _in_a_subfolder, _hidden], ids=lambda f: f.__name__[1:]
+)
+def test_a_shard_named_outside_the_index_folder_is_refused_by_the_schema(
+    place: Callable[[Path, Path], str], tmp_path: Path
+) -> None:
+    folder = _sharded_folder(tmp_path)
+    _rewrite_map(folder, weight=place(tmp_path, folder))
+    with pytest.raises(InvalidDocumentError, match=r"weight_map\['weight'\]"):
+        tk.load_weights(torch.nn.Linear(2, 2), folder)
+
+
+def test_a_shard_linked_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = _sharded_folder(tmp_path)
+    shard = folder / "model-00001-of-00002.safetensors"
+    shard.rename(tmp_path / "elsewhere.safetensors")
+    shard.symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(tk.UnsafeCheckpointError, match="outside"):
+        tk.load_weights(torch.nn.Linear(2, 2), folder)
+    # a link that stays inside the folder is fine
+    (tmp_path / "elsewhere.safetensors").rename(folder / "real.safetensors")
+    shard.unlink()
+    shard.symlink_to(folder / "real.safetensors")
+    _rewrite_map(folder)  # unchanged map: the link's name is what the index names
+    assert tk.load_weights(torch.nn.Linear(2, 2), folder).ok
+
+
+def test_the_folder_weights_file_linked_out_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    tk.save_weights(torch.nn.Linear(2, 2), tmp_path / "outside.safetensors")
+    (folder / "model.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(tk.UnsafeCheckpointError, match="outside"):
+        tk.load_weights(torch.nn.Linear(2, 2), folder)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ('{"weight_map": {"weight": "a.safetensors", "weight": "b.safetensors"}}',
+         "repeats the key"),
+        ('{"weight_map": {"weight": "model.safetensors.index.json",'
+         ' "bias": "model-00002-of-00002.safetensors"}}', "not safetensors"),
+        ('{"weight_map": {"weight": "model-00002-of-00002.safetensors",'
+         ' "bias": "model-00002-of-00002.safetensors"}}', "no shard holds it"),
+        ('{"weight_map": {"weight": "model-00001-of-00002.safetensors",'
+         ' "bias": "model-00002-of-00002.safetensors", "ghost": "model-00002-of-00002.safetensors"}}',
+         "no shard holds it"),
+        ('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", "deeper than"),
+        ('{"weight_map": {"weight": ".."}}', r"weight_map\['weight'\]"),
+    ],
+    ids=["duplicate-key", "index-as-shard", "wrong-shard", "ghost", "deep", "dotdot"],
+)  # fmt: skip
+def test_an_index_that_disagrees_with_its_shards_is_refused_before_reading_tensors(
+    document: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchkeep.formats import safetensors as st
+
+    folder = _sharded_folder(tmp_path)
+    _index_of(folder).write_text(document)
+    monkeypatch.setattr(st, "read_into", lambda *a, **k: pytest.fail("tensors were read"))
+    with pytest.raises(tk.CorruptFileError, match=message):
+        tk.load_weights(torch.nn.Linear(2, 2), folder)
+
+
+def test_a_shard_that_is_a_torch_file_holding_a_whole_model_is_refused(tmp_path: Path) -> None:
+    # a shard must be a state dict: a pickled module is not unpickled to find one
+    folder = _sharded_folder(tmp_path, kind="bin")
+    torch.save(torch.nn.Linear(2, 2), folder / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(tk.UnsafeCheckpointError):
+        tk.load_weights(torch.nn.Linear(2, 2), folder)
