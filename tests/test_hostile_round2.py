@@ -583,7 +583,8 @@ def test_the_folder_weights_file_linked_out_is_refused(tmp_path: Path) -> None:
         ('{"weight_map": {"weight": "model-00002-of-00002.safetensors",'
          ' "bias": "model-00002-of-00002.safetensors"}}', "no shard holds it"),
         ('{"weight_map": {"weight": "model-00001-of-00002.safetensors",'
-         ' "bias": "model-00002-of-00002.safetensors", "ghost": "model-00002-of-00002.safetensors"}}',
+         ' "bias": "model-00002-of-00002.safetensors",'
+         ' "ghost": "model-00002-of-00002.safetensors"}}',
          "no shard holds it"),
         ('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}", "deeper than"),
         ('{"weight_map": {"weight": ".."}}', r"weight_map\['weight'\]"),
