@@ -609,3 +609,92 @@ def test_a_shard_that_is_a_torch_file_holding_a_whole_model_is_refused(tmp_path:
     torch.save(torch.nn.Linear(2, 2), folder / "pytorch_model-00002-of-00002.bin")
     with pytest.raises(tk.UnsafeCheckpointError):
         tk.load_weights(torch.nn.Linear(2, 2), folder)
+
+
+# ---- sealed trainer folders: last_valid_checkpoint on a hostile output_dir -------------------
+
+
+@pytest.fixture
+def hf_integration(hf: Any) -> Any:
+    from torchkeep.integrations import transformers as integration
+
+    return integration
+
+
+def _sealed_run(tmp_path: Path) -> tuple[Path, Path]:
+    """An output_dir with a sealed checkpoint-5 (a file and a sealed sub-folder)."""
+    from torchkeep.integrations import _seal
+
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    (checkpoint / "sub").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "sub" / "part.bin").write_bytes(b"ok")
+    _seal.seal(checkpoint)
+    return tmp_path / "out", checkpoint
+
+
+def test_a_sealed_subfolder_that_is_a_link_out_is_refused(
+    hf_integration: Any, tmp_path: Path
+) -> None:
+    from torchkeep.integrations import _seal
+
+    output_dir, checkpoint = _sealed_run(tmp_path)
+    assert hf_integration.last_valid_checkpoint(output_dir) == str(checkpoint)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "part.bin").write_bytes(b"anything")
+    _seal.seal(foreign)  # complete and valid on its own
+    shutil.rmtree(checkpoint / "sub")
+    (checkpoint / "sub").symlink_to(foreign)
+    with pytest.warns(UserWarning, match="is a link or not a folder"):
+        assert hf_integration.last_valid_checkpoint(output_dir) is None
+
+
+def test_sealed_subfolders_linking_back_end_at_once(hf_integration: Any, tmp_path: Path) -> None:
+    output_dir, checkpoint = _sealed_run(tmp_path)
+    shutil.rmtree(checkpoint / "sub")
+    (checkpoint / "sub").symlink_to(checkpoint)  # followed blindly: 40 levels, then ELOOP
+    problems = hf_integration.checkpoint_problems(checkpoint)
+    assert problems == [
+        f"{checkpoint / 'sub'} is listed as a sealed folder but is a link or not a folder"
+    ]
+
+
+def test_sealed_folders_nested_beyond_the_bound_are_refused(
+    hf_integration: Any, tmp_path: Path
+) -> None:
+    from torchkeep.integrations import _seal
+
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    deep = checkpoint.joinpath(*["d"] * (_seal.MAX_DEPTH + 1))
+    deep.mkdir(parents=True)
+    (deep / "x.bin").write_bytes(b"x")
+    _seal.seal(checkpoint)
+    assert any("folders deep" in p for p in hf_integration.checkpoint_problems(checkpoint))
+
+
+def test_a_checkpoint_folder_that_is_a_link_is_not_resumed_from(
+    hf_integration: Any, tmp_path: Path
+) -> None:
+    output_dir, checkpoint = _sealed_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-9"
+    elsewhere.parent.mkdir()
+    shutil.copytree(checkpoint, elsewhere, symlinks=True)
+    (output_dir / "checkpoint-9").symlink_to(elsewhere)
+    with pytest.warns(UserWarning, match="checkpoint-9 is a link"):
+        assert hf_integration.last_valid_checkpoint(output_dir) == str(checkpoint)
+
+
+@pytest.mark.parametrize("name", ["../secret.bin", "/etc/hostname", "sub/part.bin", ".hidden"])
+def test_a_sealed_manifest_listing_files_outside_the_folder_is_refused(
+    name: str, hf_integration: Any, tmp_path: Path
+) -> None:
+    output_dir, checkpoint = _sealed_run(tmp_path)
+    (tmp_path / "secret.bin").write_bytes(b"s")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = {"size": 1, "hash": "0" * 32}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    problems = hf_integration.checkpoint_problems(checkpoint)
+    assert any("is not a valid document" in p and "files" in p for p in problems), problems
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert hf_integration.last_valid_checkpoint(output_dir) is None
