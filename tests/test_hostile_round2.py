@@ -651,7 +651,7 @@ def test_a_sealed_subfolder_that_is_a_link_out_is_refused(
 
 
 def test_sealed_subfolders_linking_back_end_at_once(hf_integration: Any, tmp_path: Path) -> None:
-    output_dir, checkpoint = _sealed_run(tmp_path)
+    _, checkpoint = _sealed_run(tmp_path)
     shutil.rmtree(checkpoint / "sub")
     (checkpoint / "sub").symlink_to(checkpoint)  # followed blindly: 40 levels, then ELOOP
     problems = hf_integration.checkpoint_problems(checkpoint)
