@@ -698,3 +698,46 @@ def test_a_sealed_manifest_listing_files_outside_the_folder_is_refused(
     assert any("is not a valid document" in p and "files" in p for p in problems), problems
     with pytest.warns(UserWarning, match="incomplete"):
         assert hf_integration.last_valid_checkpoint(output_dir) is None
+
+
+# ---- Lightning: a hostile .ckpt given to the plugin or to convert_ckpt -----------------------
+
+
+@pytest.fixture
+def lightning_io() -> Any:
+    pytest.importorskip("lightning")
+    from torchkeep.integrations import lightning as integration
+
+    return integration
+
+
+def _hostile_ckpt(tmp_path: Path) -> tuple[Path, Path]:
+    canary = tmp_path / "canary"
+    ckpt = tmp_path / "epoch=1.ckpt"
+    layer = torch.nn.Linear(2, 2)
+    torch.save(
+        {"state_dict": layer.state_dict(), "epoch": 1, "hyper_parameters": {"x": _Payload(canary)}},
+        ckpt,
+    )
+    prove_live(TORCH_LOAD, canary, path=ckpt)
+    return ckpt, canary
+
+
+def test_convert_of_a_hostile_lightning_ckpt_is_refused_by_the_scan(
+    lightning_io: Any, tmp_path: Path
+) -> None:
+    ckpt, canary = _hostile_ckpt(tmp_path)
+    with pytest.raises(tk.UnsafeCheckpointError, match="system"):
+        lightning_io.convert_ckpt(ckpt, tmp_path / "new.ckpt")
+    assert not canary.exists()
+    assert not (tmp_path / "new.ckpt").exists()
+
+
+def test_the_plugin_never_unpickles_a_ckpt_file(lightning_io: Any, tmp_path: Path) -> None:
+    ckpt, canary = _hostile_ckpt(tmp_path)
+    plugin = lightning_io.TorchkeepCheckpointIO()
+    with pytest.raises(tk.FileFormatError, match="convert_ckpt"):
+        plugin.load_checkpoint(ckpt, weights_only=False)
+    with pytest.raises(tk.FileFormatError, match="convert_ckpt"):
+        lightning_io.load_from_checkpoint(torch.nn.Module, ckpt)
+    assert not canary.exists()
