@@ -12,6 +12,7 @@ gate before anything is allocated or written.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import warnings
@@ -740,4 +741,55 @@ def test_the_plugin_never_unpickles_a_ckpt_file(lightning_io: Any, tmp_path: Pat
         plugin.load_checkpoint(ckpt, weights_only=False)
     with pytest.raises(tk.FileFormatError, match="convert_ckpt"):
         lightning_io.load_from_checkpoint(torch.nn.Module, ckpt)
+    assert not canary.exists()
+
+
+# ---- programs whose outputs are registered pytree types ----------------------------------------
+
+_PROGRAM_CHILD = """
+import torchkeep as tk
+try:
+    tk.load_model({path!r}, trust_program=True)
+except tk.ModelClassNotFoundError as exc:
+    print("REFUSED", exc)
+import sys
+print("IMPORTED" if "rt2evil" in sys.modules else "NOT-IMPORTED")
+"""
+
+
+def test_a_program_output_type_naming_importable_code_is_never_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    class Out(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"a": x + 1}
+
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(Out(), (torch.ones(2),)), str(clean))
+    program = tmp_path / "program.pt2"
+    with zipfile.ZipFile(clean) as source, zipfile.ZipFile(program, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("models/model.json"):
+                data = data.replace(b'\\"builtins.dict\\"', b'\\"rt2evil.Out\\"')
+                assert b"rt2evil.Out" in data
+            target.writestr(info, data)
+    canary = tmp_path / "canary"
+    (tmp_path / "rt2evil.py").write_text(f"open({str(canary)!r}, 'w').close()\nclass Out: pass\n")
+    prove_live("import rt2evil", canary, cwd=tmp_path)  # importing the named module runs code
+    src = Path(tk.__file__).resolve().parents[1]
+    child = subprocess.run(
+        [sys.executable, "-c", _PROGRAM_CHILD.format(path=str(program))],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "REFUSED" in child.stdout, child.stdout + child.stderr
+    assert "rt2evil.Out" in child.stdout
+    assert "not registered" in child.stdout
+    assert "NOT-IMPORTED" in child.stdout
     assert not canary.exists()
