@@ -188,6 +188,15 @@ def test_dcp_metadata_describing_unstored_bytes_is_refused_before_allocation(
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_a_dcp_item_naming_an_impossible_file_is_a_typed_error(tmp_path: Path) -> None:
+    def point(metadata: Any, _: Path) -> None:
+        _x_info(metadata).relative_path = "a\x00b.distcp"
+
+    source = _dcp_with(tmp_path, point)
+    with pytest.raises(tk.CorruptFileError, match="names no readable file"):
+        tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("where", ["../outside.distcp", "/etc/hostname", "link.distcp"])
 def test_dcp_items_outside_the_checkpoint_are_refused(where: str, tmp_path: Path) -> None:
     def point(metadata: Any, source: Path) -> None:

@@ -117,10 +117,14 @@ def _checked_items(directory: Path, metadata: Any) -> dict[Any, tuple[Path, int,
         if getattr(info, "transform_descriptors", None):
             raise CorruptFileError(f"{directory}: items with stream transforms are not supported")
         path = directory / name
-        if not name or path.resolve().parent != home:
+        try:
+            inside = bool(name) and path.resolve().parent == home
+            if inside and path not in sizes:
+                sizes[path] = path.stat().st_size if path.is_file() else -1
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
+            raise CorruptFileError(f"{source}: item {index.fqn!r} names no readable file") from exc
+        if not inside:
             raise UnsafeCheckpointError(f"{directory}: an item points outside the checkpoint")
-        if path not in sizes:
-            sizes[path] = path.stat().st_size if path.is_file() else -1
         if offset + length > sizes[path]:
             raise CorruptFileError(f"{source}: item {index.fqn!r} lies outside {path.name}")
         spans[index] = (path, offset, length)
