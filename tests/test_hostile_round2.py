@@ -1,5 +1,6 @@
 """Round-2 attacks on the surfaces that read attacker-controlled files: DCP imports and sharded
-steps, builder bundles, save_pretrained folders and shard indexes, sealed trainer folders.
+steps, builder bundles, save_pretrained folders and shard indexes, sealed trainer folders,
+Lightning checkpoints, and programs whose outputs are registered pytree types.
 
 The adversary controls the file or folder (and may rewrite its manifest consistently), not the
 installed packages. Every code-running payload is first proven live against the plain loader
