@@ -25,6 +25,8 @@ from ..storage.local import fsync_dir, fsync_file, temp_sibling
 
 KIND = "torchkeep.sealed"
 _SUBFOLDERS = "sealed_folders"
+MAX_DEPTH = 32
+"""Levels of sealed sub-folders a check follows."""
 _FIELDS = {_SUBFOLDERS: Array(Str(max_len=255, pattern=FILE_NAME_PATTERN), max_len=10_000)}
 
 
@@ -56,15 +58,26 @@ def seal(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def problems(folder: Path) -> list[str]:
-    """Everything that makes the sealed ``folder`` incomplete or damaged (empty: intact)."""
+def problems(folder: Path, *, depth: int = 0) -> list[str]:
+    """Everything that makes the sealed ``folder`` incomplete or damaged (empty: intact).
+
+    A listed sub-folder must be a real folder inside ``folder`` (a link could lead out of it,
+    or back into it, which would make the check endless) and at most :data:`MAX_DEPTH` levels
+    deep.
+    """
     found = find_problems(folder, kind=KIND, fields=_FIELDS, required=(_SUBFOLDERS,))
     if found:
         return found
     manifest = read_manifest(folder, kind=KIND, fields=_FIELDS, required=(_SUBFOLDERS,))
     subfolders: list[str] = manifest[_SUBFOLDERS]
     for name in subfolders:
-        found += problems(folder / name)
+        sub = folder / name
+        if sub.is_symlink() or not sub.is_dir():
+            found.append(f"{sub} is listed as a sealed folder but is a link or not a folder")
+        elif depth >= MAX_DEPTH:
+            found.append(f"{sub} is sealed more than {MAX_DEPTH} folders deep")
+        else:
+            found += problems(sub, depth=depth + 1)
     listed = set(manifest["files"]) | set(subfolders) | {MANIFEST_NAME}
     found += [
         f"{folder / name} is not listed in {MANIFEST_NAME} (added after the seal)"

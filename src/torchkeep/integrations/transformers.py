@@ -89,6 +89,8 @@ def checkpoint_problems(folder: str | os.PathLike[str]) -> list[str]:
     anything else counts as incomplete.
     """
     path = Path(folder)
+    if path.is_symlink():
+        return [f"{path} is a link; a checkpoint folder must be a real folder of the output dir"]
     kind = declared_format(path)
     if kind == _seal.KIND:
         return _seal.problems(path)

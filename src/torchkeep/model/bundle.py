@@ -43,12 +43,13 @@ from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
 from .builders import Builder, builder_for, builder_named
 from .builders.construct import (
+    MAX_COMPUTED_BYTES,
     buffer_cast,
     build_without_init,
+    built_size,
     cast_buffers,
     materialise,
     rebuild_problems,
-    stored_bytes,
     summary,
 )
 from .capture import (
@@ -342,18 +343,28 @@ def _build(
 
     Built entirely on the meta device first, the model's size is known before any memory is
     taken: a model larger than the bundle's weights file cannot be what was saved (the config
-    was changed), so it is refused before it is allocated. It is then built with its
-    parameters on the meta device (buffers computed for real); its weights get uninitialised
+    was changed), so it is refused before it is allocated, and so is one whose non-persistent
+    buffers (computed, not stored) exceed the file by more than :data:`MAX_COMPUTED_BYTES`.
+    It is then built with its parameters on the meta device (buffers computed for real); its
+    weights get uninitialised
     memory on ``device``, in the stored dtypes (tied weights stay tied), which the weights file
     fills. A constructor that cannot run that way is run normally on ``device``.
     """
     dtypes = {n: e.dtype for n, e in header.entries.items()}
     dtypes.update({alias: dtypes[target] for alias, target in header.aliases.items()})
-    size = stored_bytes(make, dtypes)
+    sizes = built_size(make, dtypes)
+    size = None if sizes is None else sizes.stored
     stored = sum(e.nbytes for e in header.entries.values())
     if size is not None and size > stored:
         raise _init_error(
             name, f"they make a model of {size:,} bytes, but its weights file holds {stored:,}"
+        )
+    if sizes is not None and sizes.computed > stored + MAX_COMPUTED_BYTES:
+        raise _init_error(
+            name,
+            f"they make a model whose non-persistent buffers (computed at build, never stored) "
+            f"hold {sizes.computed:,} bytes, more than its weights file's {stored:,} plus "
+            f"{MAX_COMPUTED_BYTES:,}",
         )
     try:
         model = build_without_init(make)

@@ -11,16 +11,18 @@ global before anything is called. Each stored item is a ``torch.save`` record in
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
 from ...errors import CorruptFileError, UnsafeCheckpointError, first_line
 from ...formats import torch_zip
+from .layout import geometry_problem
 
 _METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
@@ -86,16 +88,73 @@ def read_dcp_metadata(directory: Path) -> Any:
     return metadata
 
 
-def _item(directory: Path, info: Any, scratch: Path) -> Any:
+def _int(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
+
+
+def _checked_items(directory: Path, metadata: Any) -> dict[Any, tuple[Path, int, int]]:
+    """Each stored item's file, offset and length, after proving the metadata describes only
+    bytes that exist: every item a non-negative span inside a regular file of ``directory``
+    (no link or ``..`` leading out), every tensor's chunks tiling it exactly once, each chunk
+    backed by an item of at least its raw size, and no more item bytes than the files hold.
+    So nothing is allocated beyond what is stored and no part of a tensor is left unfilled.
+
+    Raises:
+        UnsafeCheckpointError: an item lies outside the checkpoint.
+        CorruptFileError: the metadata is inconsistent (names the item or tensor).
+    """
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    home = directory.resolve()
+    source = directory / ".metadata"
+    spans: dict[Any, tuple[Path, int, int]] = {}
+    sizes: dict[Path, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        name = str(getattr(info, "relative_path", ""))
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (isinstance(index, MetadataIndex) and _int(offset) and _int(length)):
+            raise CorruptFileError(f"{source}: item {index!r:.100} has no valid place")
+        if getattr(info, "transform_descriptors", None):
+            raise CorruptFileError(f"{directory}: items with stream transforms are not supported")
+        path = directory / name
+        try:
+            inside = bool(name) and path.resolve().parent == home
+            if inside and path not in sizes:
+                sizes[path] = path.stat().st_size if path.is_file() else -1
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a link loop
+            raise CorruptFileError(f"{source}: item {index.fqn!r} names no readable file") from exc
+        if not inside:
+            raise UnsafeCheckpointError(f"{directory}: an item points outside the checkpoint")
+        if offset + length > sizes[path]:
+            raise CorruptFileError(f"{source}: item {index.fqn!r} lies outside {path.name}")
+        spans[index] = (path, offset, length)
+    if sum(length for _, _, length in spans.values()) > sum(sizes.values()):
+        raise CorruptFileError(f"{source}: its items claim more bytes than its files hold")
+    for fqn, described in metadata.state_dict_metadata.items():
+        if not isinstance(described, TensorStorageMetadata):
+            if MetadataIndex(fqn) not in spans:
+                raise CorruptFileError(f"{source}: value {fqn!r} has no stored item")
+            continue
+        itemsize = described.properties.dtype.itemsize
+        boxes = [(list(c.offsets), list(c.sizes)) for c in described.chunks]
+        problem = geometry_problem(list(described.size), boxes)
+        if problem is not None:
+            raise CorruptFileError(f"{source}: tensor {fqn!r} has {problem}")
+        for offsets, chunk_sizes in boxes:
+            span = spans.get(MetadataIndex(fqn, offsets))
+            if span is None or span[2] < math.prod(chunk_sizes) * itemsize:
+                raise CorruptFileError(
+                    f"{source}: the chunk of {fqn!r} at {offsets} is not stored whole"
+                )
+    return spans
+
+
+def _item(span: tuple[Path, int, int], scratch: Path) -> Any:
     """One stored item, read through the scanned weights-only loader."""
-    if getattr(info, "transform_descriptors", None):
-        raise CorruptFileError(f"{directory}: items with stream transforms are not supported")
-    source = directory / str(info.relative_path)
-    if source.resolve().parent != directory.resolve():
-        raise UnsafeCheckpointError(f"{directory}: an item points outside the checkpoint")
+    source, offset, length = span
     with open(source, "rb") as f:
-        f.seek(int(info.offset))
-        data = f.read(int(info.length))
+        f.seek(offset)
+        data = f.read(length)
     record = scratch / "item.pt"
     record.write_bytes(data)
     try:
@@ -111,29 +170,37 @@ def load_dcp(directory: str | os.PathLike[str]) -> dict[str, Any]:
         UnsafeCheckpointError: ``.metadata`` or an item would run code.
         CorruptFileError: the checkpoint is damaged.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
     directory = Path(directory)
     metadata = read_dcp_metadata(directory)
-    storage = metadata.storage_data or {}
-    by_fqn: dict[str, list[Any]] = {}
-    for index, info in storage.items():
-        by_fqn.setdefault(index.fqn, []).append((index, info))
+    spans = _checked_items(directory, metadata)
     flat: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tk-dcp-") as scratch:
         for fqn, described in metadata.state_dict_metadata.items():
-            if isinstance(described, TensorStorageMetadata):
-                full = torch.empty(tuple(described.size), dtype=described.properties.dtype)
-                for index, info in by_fqn.get(fqn, []):
-                    chunk = _item(directory, info, Path(scratch))
-                    box = full
-                    for dim, offset in enumerate(index.offset or ()):
-                        box = box.narrow(dim, int(offset), chunk.shape[dim])
-                    box.copy_(chunk)
-                flat[fqn] = full
-            else:
-                (_, info), *_ = by_fqn[fqn]
-                flat[fqn] = _item(directory, info, Path(scratch))
+            if not isinstance(described, TensorStorageMetadata):
+                flat[fqn] = _item(spans[MetadataIndex(fqn)], Path(scratch))
+                continue
+            full = torch.empty(tuple(described.size), dtype=described.properties.dtype)
+            for chunk_meta in described.chunks:
+                index = MetadataIndex(fqn, chunk_meta.offsets)
+                chunk = _item(spans[index], Path(scratch))
+                if not (
+                    isinstance(chunk, torch.Tensor)
+                    and chunk.shape == chunk_meta.sizes
+                    and chunk.dtype == full.dtype
+                ):
+                    raise CorruptFileError(
+                        f"{directory}: the chunk of {fqn!r} at {list(chunk_meta.offsets)} does "
+                        "not hold the tensor its metadata describes"
+                    )
+                box = full
+                for dim, (offset, size) in enumerate(
+                    zip(chunk_meta.offsets, chunk_meta.sizes, strict=True)
+                ):
+                    box = box.narrow(dim, int(offset), int(size))
+                box.copy_(chunk)
+            flat[fqn] = full
     return _unflatten(flat, metadata.planner_data)
 
 

@@ -34,11 +34,9 @@ from ...formats import safetensors as st
 from ...hashing import hash_file
 from ...storage.reading import FileEndedError, RangeReader
 from ..layout import STATE_NAME, read_step_manifest
-from .layout import is_sharded, read_sharded_state
+from .layout import DTYPES, is_sharded, read_sharded_state
 
-_DTYPES = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
+_DTYPES = DTYPES
 
 
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,12 +48,28 @@ def build_without_init(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def stored_bytes(make: Callable[[], nn.Module], dtypes: Mapping[str, torch.dtype]) -> int | None:
-    """Bytes of the persistent state (what a weights file holds; tied tensors counted once) of
-    the model ``make`` builds, each tensor in the dtype ``dtypes`` gives its name (the stored
-    one: a model cast after it was built stores another dtype than a fresh build's), found by
-    building it entirely on the meta device, where nothing is allocated (a factory's
-    ``torch.empty`` included); None if it cannot be built there."""
+MAX_COMPUTED_BYTES = 1 << 26
+"""Bytes a bundle's model may compute at build beyond what its weights file stores (its
+non-persistent buffers: rotary frequencies, position ids, sinusoidal tables, causal masks)."""
+
+
+class BuiltSize(NamedTuple):
+    """Bytes of a model built on the meta device: its persistent state (what a weights file
+    holds, tied tensors counted once, each in its stored dtype) and its non-persistent buffers
+    (computed at build, in their own dtype)."""
+
+    stored: int
+    computed: int
+
+
+def built_size(
+    make: Callable[[], nn.Module], dtypes: Mapping[str, torch.dtype]
+) -> BuiltSize | None:
+    """The :class:`BuiltSize` of the model ``make`` builds, each persistent tensor in the dtype
+    ``dtypes`` gives its name (the stored one: a model cast after it was built stores another
+    dtype than a fresh build's), found by building it entirely on the meta device, where
+    nothing is allocated (a factory's ``torch.empty`` included); None if it cannot be built
+    there."""
     try:
         with torch.device("meta"):
             model = make()
@@ -60,9 +77,13 @@ def stored_bytes(make: Callable[[], nn.Module], dtypes: Mapping[str, torch.dtype
         raise
     except Exception:
         return None
-    named = {id(t): (n, t) for n, t in model.state_dict(keep_vars=True).items()}
-    sizes = [int(t.numel()) * int(dtypes.get(n, t.dtype).itemsize) for n, t in named.values()]
-    return sum(sizes)
+    state, transient = _tensors(model)
+    stored = {id(t): (n, t) for n, t in state.items()}
+    computed = {id(t): t for t in transient.values() if id(t) not in stored}
+    return BuiltSize(
+        sum(int(t.numel()) * int(dtypes.get(n, t.dtype).itemsize) for n, t in stored.values()),
+        sum(int(t.numel()) * int(t.dtype.itemsize) for t in computed.values()),
+    )
 
 
 def materialise(

@@ -46,16 +46,29 @@ need their package installed); never a Hub kernel."""
 
 
 def _config_problem(config: Mapping[str, Any], where: str = "") -> str | None:
+    """The first forbidden key at any depth: in nested objects, in lists, and under keys that
+    are not names (an int-keyed ``per_layer_config`` entry is a config too)."""
     for key, value in config.items():
-        if not isinstance(key, str):
-            continue  # an int label id (id2label); only names can select code
-        if key in FORBIDDEN or (key.startswith("_") and key != "_name_or_path"):
+        name = f"{where}{key}"
+        if isinstance(key, str) and (
+            key in FORBIDDEN or (key.startswith("_") and key != "_name_or_path")
+        ):
             return (
-                f"holds key {where + key!r}, which makes transformers fetch or run code (or is "
+                f"holds key {name!r}, which makes transformers fetch or run code (or is "
                 "private to the library); a bundle records only plain settings"
             )
-        if isinstance(value, Mapping):
-            found = _config_problem(value, f"{where}{key}.")
+        found = _nested_problem(value, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _nested_problem(value: object, where: str) -> str | None:
+    if isinstance(value, Mapping):
+        return _config_problem(value, f"{where}.")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _nested_problem(item, f"{where}[{i}]")
             if found is not None:
                 return found
     return None
