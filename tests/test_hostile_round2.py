@@ -405,8 +405,11 @@ def test_a_recipe_whose_computed_buffers_dwarf_its_weights_is_refused_before_bui
     # the forged recipe really makes transformers compute a table far beyond the stored weights
     with torch.device("meta"):
         plain = hf.M2M100Model(_m2m_config(hf, max_position_embeddings=positions))
-    computed = sum(b.numel() for _, b in plain.named_buffers())
-    stored = sum(t.numel() for t in tk.load_state_dict(bundle / "model.safetensors").values())
+    computed = sum(b.numel() * b.element_size() for _, b in plain.named_buffers())
+    stored = sum(
+        t.numel() * t.element_size()
+        for t in tk.load_state_dict(bundle / "model.safetensors").values()
+    )
     assert computed > 1000 * stored
 
     def never(*args: Any, **kwargs: Any) -> None:
