@@ -94,3 +94,16 @@ def test_every_checkpoint_is_a_verified_sharded_step_without_pickle(
     assert entries["model"]["scope"] == entries["optimizer"]["scope"] == "sharded"
     assert entries["loops"]["scope"] == entries["hyper_parameters"]["scope"] == "replicated"
     assert entries["torchkeep.rng"]["scope"] == "per_rank"
+
+
+def test_unsupported_settings_are_refused_at_construction() -> None:
+    from torchkeep.integrations.lightning import TorchkeepModelParallelStrategy
+
+    with pytest.raises(ValueError, match="TorchkeepCheckpointIO"):
+        TorchkeepModelParallelStrategy(save_distributed_checkpoint=False)
+    with pytest.raises(ValueError, match="hparams"):
+        TorchkeepModelParallelStrategy(hparams="maybe")  # type: ignore[arg-type]
+    with pytest.raises(tk.UnsupportedValueError):
+        TorchkeepModelParallelStrategy(per_rank=("a/b",))
+    strategy = TorchkeepModelParallelStrategy(tensor_parallel_size=1, per_rank=("callbacks",))
+    assert strategy.per_rank == ("callbacks",)
