@@ -85,11 +85,18 @@ def test_every_checkpoint_is_a_verified_sharded_step_without_pickle(
                 with safe_open(str(path), "pt") as f:
                     assert list(f.keys())
         assert tk.verify(step).ok, step
-    assert main(["verify", str(out / "ckpt-part" / "last.ckpt")]) == 0
-    manifest = json.loads((out / "ckpt-part" / "last.ckpt" / "manifest.json").read_text())
+    last = out / "ckpt-part" / "last.ckpt"
+    assert main(["verify", str(last)]) == 0
+    assert main(["inspect", str(last)]) == 0
+    # convert merges the shards: the last step holds the run's final weights
+    assert main(["convert", str(last), str(out / "full.safetensors")]) == 0
+    full = load_file(str(out / "full.safetensors"))
+    for name, tensor in load_file(str(out / "final-part.st")).items():
+        assert torch.equal(full[f"model/{name}"], tensor), name
+    manifest = json.loads((last / "manifest.json").read_text())
     assert manifest["layout"] == "sharded-v1"
     assert manifest["world_size"] == 2
-    state = json.loads((out / "ckpt-part" / "last.ckpt" / "state.json").read_text())
+    state = json.loads((last / "state.json").read_text())
     entries = state["entries"]
     assert entries["model"]["scope"] == entries["optimizer"]["scope"] == "sharded"
     assert entries["loops"]["scope"] == entries["hyper_parameters"]["scope"] == "replicated"
