@@ -1,7 +1,8 @@
 """Start N processes of a torch.distributed job on CPU (gloo, file:// rendezvous) and collect
 what each one reports, killing stragglers after a deadline.
 
-A worker is a function ``fn(rank, world, ctx) -> value`` in :mod:`tests._dist_workers`;
+A worker is a function ``fn(rank, world, ctx) -> value`` in :mod:`tests._dist_workers` (or the
+module named by ``run(..., module=)``);
 ``ctx`` is a dict of the caller's arguments plus ``store`` (the rendezvous file). Its return
 value, or its traceback, comes back per rank. A rank that never reports (killed, hung past the
 deadline) is simply absent from the result, and its exit code says why.
@@ -39,28 +40,37 @@ class Outcome:
         return self.results
 
 
-def _child(name: str, rank: int, world: int, ctx: dict[str, Any], out: Any) -> None:
+def _child(module: str, name: str, rank: int, world: int, ctx: dict[str, Any], out: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
+        import importlib
+
         import torch
 
         torch.set_num_threads(1)
-        from tests import _dist_workers
-
-        value = getattr(_dist_workers, name)(rank, world, ctx)
+        value = getattr(importlib.import_module(module), name)(rank, world, ctx)
     except BaseException:  # reported to the parent; nothing escapes the child silently
         out.put((rank, "error", traceback.format_exc()))
         return
     out.put((rank, "ok", value))
 
 
-def run(name: str, world: int, ctx: dict[str, Any], *, deadline: float = DEADLINE) -> Outcome:
-    """Run worker ``name`` on ``world`` spawned processes and return their outcome."""
+def run(
+    name: str,
+    world: int,
+    ctx: dict[str, Any],
+    *,
+    deadline: float = DEADLINE,
+    module: str = "tests._dist_workers",
+) -> Outcome:
+    """Run worker ``name`` of ``module`` on ``world`` spawned processes; their outcome."""
     spawn = mp.get_context("spawn")
     out = spawn.Queue()
     store = Path(tempfile.mkdtemp(prefix="tk-pg-")) / "store"
     ctx = {**ctx, "store": str(store)}
-    procs = [spawn.Process(target=_child, args=(name, r, world, ctx, out)) for r in range(world)]
+    procs = [
+        spawn.Process(target=_child, args=(module, name, r, world, ctx, out)) for r in range(world)
+    ]
     for proc in procs:
         proc.start()
     results: dict[int, Any] = {}

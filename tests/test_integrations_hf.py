@@ -103,7 +103,8 @@ def _run_worker(mode: str, out: Path) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(SRC),
+        # the worker imports tests._source too: the repo root goes after the code under test
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).resolve().parents[1])]),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }

@@ -123,7 +123,8 @@ def _worker(mode: str, out: Path) -> None:
 
 
 def _run_worker(mode: str, out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    root = str(Path(__file__).resolve().parents[1])  # the worker imports tests._source too
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), root])}
     proc = subprocess.run(
         [sys.executable, __file__, mode, str(out)],
         capture_output=True,

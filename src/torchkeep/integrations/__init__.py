@@ -4,7 +4,8 @@ Each module is import-guarded and needs its extra; importing it without the fram
 :class:`~torchkeep.MissingDependencyError` with the install command:
 
 - :mod:`torchkeep.integrations.lightning` (``torchkeep[lightning]``): a ``CheckpointIO`` plugin
-  for ``Trainer`` and ``Fabric``;
+  for ``Trainer`` and ``Fabric``, and ``TorchkeepModelParallelStrategy`` (FSDP2/TP, sharded
+  steps; :mod:`torchkeep.integrations.lightning_sharded`);
 - :mod:`torchkeep.integrations.transformers` (``torchkeep[transformers]``): a seal callback and
   ``last_valid_checkpoint`` for the Hugging Face ``Trainer``, and a full-takeover trainer;
 - :mod:`torchkeep.integrations.accelerate` (``torchkeep[accelerate]``): ``save_state`` and

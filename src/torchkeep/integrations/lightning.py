@@ -10,15 +10,16 @@ captured with every save and restored on load, so a resumed run is bit-identical
 uninterrupted one.
 
 Needs ``pip install 'torchkeep[lightning]'``. Single-process and DDP strategies (the plugin runs
-on global rank 0); sharded strategies (FSDP, ``ModelParallelStrategy``) bypass ``CheckpointIO``
-and are not covered by this plugin.
+on global rank 0); sharded strategies (FSDP, ``ModelParallelStrategy``) bypass ``CheckpointIO``:
+for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
+:mod:`torchkeep.integrations.lightning_sharded`, re-exported here).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -36,10 +37,48 @@ require("lightning", extra="lightning", feature="torchkeep.integrations.lightnin
 
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 
-__all__ = ["TorchkeepCheckpointIO", "convert_ckpt", "load_from_checkpoint"]
+if TYPE_CHECKING:
+    from .lightning_sharded import TorchkeepModelParallelStrategy
+
+__all__ = [
+    "TorchkeepCheckpointIO",
+    "TorchkeepModelParallelStrategy",
+    "convert_ckpt",
+    "load_from_checkpoint",
+]
 
 # The keys of Lightning's checkpoint dict that hold the user's hyper-parameters.
 HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def __getattr__(name: str) -> Any:
+    """``TorchkeepModelParallelStrategy``, imported on first use (it needs torch.distributed)."""
+    if name == "TorchkeepModelParallelStrategy":
+        from .lightning_sharded import TorchkeepModelParallelStrategy
+
+        return TorchkeepModelParallelStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def encode_values(checkpoint: dict[Any, Any], policy: Literal["strict", "drop"]) -> dict[str, Any]:
+    """Lightning's checkpoint dict by entry name, its hyper-parameters encoded as data.
+
+    Raises:
+        UnsupportedValueError: (``"strict"``) a hyper-parameter cannot be stored, named by path.
+    """
+    values = {str(key): value for key, value in checkpoint.items()}
+    for key in HPARAM_KEYS:
+        if key in values:
+            values[key] = _hparams.encode(values[key], root=key, policy=policy)
+    return values
+
+
+def decode_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`encode_values`: Namespace and dataclass hyper-parameters back."""
+    for key in HPARAM_KEYS:
+        if key in values:
+            values[key] = _hparams.decode(values[key])
+    return values
 
 
 def _device(map_location: object) -> torch.device | None:
@@ -112,10 +151,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
     def _commit(
         self, checkpoint: dict[Any, Any], path: str | os.PathLike[str], *, capture_rng: bool
     ) -> None:
-        values = {str(key): value for key, value in checkpoint.items()}
-        for key in HPARAM_KEYS:
-            if key in values:
-                values[key] = _hparams.encode(values[key], root=key, policy=self.hparams)
+        values = encode_values(checkpoint, self.hparams)
         step = _steps.step_number(values.get("global_step"))
         _steps.save_values(path, values, step=step, capture_rng=capture_rng)
 
@@ -145,9 +181,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
         if not source.exists():
             raise TorchkeepFileNotFoundError(f"checkpoint {source} does not exist")
         values, states = _steps.load_values(source)
-        for key in HPARAM_KEYS:
-            if key in values:
-                values[key] = _hparams.decode(values[key])
+        values = decode_values(values)
         device = _device(map_location)
         if device is not None:
             values = _to_device(values, device)

@@ -82,7 +82,7 @@ def _digest(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         hasher.update(name.encode())
-        hasher.update(tensor.view(torch.uint8).reshape(-1).numpy().tobytes())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return hasher.hexdigest()
 
 
@@ -202,13 +202,23 @@ class DistributedSession:
                 )
 
     def write(
-        self, step: int, prepared: Prepared, *, overwrite: bool, fields: Mapping[str, Any]
+        self,
+        step: int,
+        prepared: Prepared,
+        *,
+        overwrite: bool,
+        fields: Mapping[str, Any],
+        path: Path | None = None,
     ) -> Path:
-        """Write and commit ``step`` on every rank (collective); the coordinator commits."""
-        final = step_path(self.directory, step)
+        """Write and commit ``step`` on every rank (collective); the coordinator commits.
+
+        ``path`` names the step directory when a framework chooses it (``last.ckpt``);
+        by default it is ``step-<n>`` in the session's directory.
+        """
+        final = step_path(self.directory, step) if path is None else path
         if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.directory)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(final.parent)
         writer = TorchkeepStorageWriter(
             final,
             state={"entries": prepared.entries},
@@ -285,6 +295,18 @@ class DistributedSession:
             f"{self.directory} holds no valid step to restore (tried "
             f"{[s for s, _ in steps] or 'none'}); "
             "check the directory, or start training from scratch"
+        )
+
+    def restore_at(
+        self, path: Path, targets: Mapping[str, Any], *, restore_rng: bool, strict: bool
+    ) -> RestoredState:
+        """Restore the step at ``path`` (a directory a framework named; collective, no
+        fallback): every rank verifies its chunks before anything changes, or all raise."""
+        loaded = self._try(path, targets, strict=strict, fallback=False, allow=False)
+        assert loaded is not None  # without fallback a bad step raises
+        manifest, state, templates, values = loaded
+        return self._apply(
+            path, manifest, state, templates, values, targets, restore_rng=restore_rng
         )
 
     def _try(
