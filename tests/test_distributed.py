@@ -193,6 +193,12 @@ def test_ddp_round_trip(tmp_path: Path) -> None:
         assert report["step"] == 2
         assert report["mismatch"] == [], rank
         assert report["rng_equal"], rank
+        # a distributed manager refuses a single-process step (intact: no fallback past it)
+        kind, message = report["single"]
+        assert kind == "FileFormatError", message
+        assert "single-process step" in message
+        assert "full_state_dict=True" in message
+        assert report["single_untouched"], rank
     # DDP's "module." prefix is not stored: the step restores into a plain module
     ctx = {"out": str(tmp_path), "dirs": [("ddp", "ddp-ref.safetensors")], "mode": "plain"}
     assert _dist_workers.restore_check(0, 1, ctx)["ddp"]["mismatch"] == []

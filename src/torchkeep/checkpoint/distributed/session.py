@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from ... import tree
 from ...errors import (
     CorruptFileError,
+    FileFormatError,
     StateDictMismatchError,
     StepExistsError,
     TorchkeepFileNotFoundError,
@@ -300,17 +301,24 @@ class DistributedSession:
         error: BaseException | None = None
         try:
             manifest, state = read_index(path)
-        except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+        except (FileFormatError, TorchkeepFileNotFoundError) as exc:
             error = exc
-        reports = collective.all_gather(None if error is None else first_line(error), self.group)
+        # an intact step of another layout (single-process) is no damage: never skipped
+        fatal = isinstance(error, FileFormatError) and not isinstance(error, CorruptFileError)
+        report = None if error is None else (first_line(error), fatal)
+        reports = collective.all_gather(report, self.group)
         bad = [(r, text) for r, text in enumerate(reports) if text is not None]
+        if any(text[1] for _r, text in bad):
+            if error is not None:
+                raise error
+            raise FileFormatError(next(text[0] for _r, text in bad if text[1]))
         if bad:
             if not fallback:
                 if error is not None:
                     raise error
-                raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0][1]}")
+                raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0][1][0]}")
             warnings.warn(
-                f"checkpoint step {path.name} is unusable and was skipped: {bad[0][1]}",
+                f"checkpoint step {path.name} is unusable and was skipped: {bad[0][1][0]}",
                 stacklevel=4,
             )
             return None
