@@ -8,7 +8,13 @@ Each rank holds ``1/4`` of a state of DTensors sharded ``Shard(0)`` (8 tensors o
 fsync, manifest, atomic rename), and ``dcp.load`` through ``FileSystemReader`` against
 ``TorchkeepStorageReader`` + ``NoPickleLoadPlanner`` (every chunk's hash verified before use).
 The time of one operation is that of its slowest rank; figures are the median of ``--repeat``
-runs, both writers alternating within each run, page cache warm.
+runs, both writers alternating within each run.
+
+Each save is loaded three times, with the page cache in a stated state for both tools alike:
+``after-save`` (as each writer leaves it: DCP writes through the page cache, torchkeep's
+direct-I/O shards are not cached), ``cold`` (every file of the step evicted with
+``posix_fadvise(DONTNEED)``, no root needed: the files are fsynced, their pages clean) and
+``warm`` (every file read once first).
 """
 
 from __future__ import annotations
@@ -28,6 +34,21 @@ from _harness import common_parser
 
 WORLD = 4
 KINDS = ("dcp", "torchkeep")
+CACHES = ("after-save", "cold", "warm")
+
+
+def _set_cache(step: Path, cache: str) -> None:
+    """Put every file of ``step`` in the page-cache state ``cache`` (see the module docstring)."""
+    for path in sorted(p for p in step.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if cache == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            elif cache == "warm":
+                while os.read(fd, 1 << 24):
+                    pass
+        finally:
+            os.close(fd)
 
 
 def _worker(rank: int, store: str, out: str, mib: int, repeats: int, queue: Any) -> None:
@@ -59,7 +80,8 @@ def _worker(rank: int, store: str, out: str, mib: int, repeats: int, queue: Any)
         state = {
             f"w{i}": distribute_tensor(torch.randn(rows, 1024), mesh, [Shard(0)]) for i in range(8)
         }
-        times: dict[str, list[float]] = {f"{k}_{op}": [] for k in KINDS for op in ("save", "load")}
+        ops = ("save", *(f"load/{cache}" for cache in CACHES))
+        times: dict[str, list[float]] = {f"{k}_{op}": [] for k in KINDS for op in ops}
         for run in range(repeats):
             for kind in KINDS:
                 path = Path(out) / f"{kind}-{run}" / "step-00000001"
@@ -72,19 +94,25 @@ def _worker(rank: int, store: str, out: str, mib: int, repeats: int, queue: Any)
                 start = time.perf_counter()
                 dcp.save(state, storage_writer=writer)
                 times[f"{kind}_save"].append(time.perf_counter() - start)
-                target = {
-                    k: distribute_tensor(torch.zeros(rows, 1024), mesh, [Shard(0)]) for k in state
-                }
-                if kind == "dcp":
-                    reader, planner = dcp.FileSystemReader(str(path)), None
-                else:
-                    reader, planner = TorchkeepStorageReader(path), NoPickleLoadPlanner()
-                dist.barrier()
-                start = time.perf_counter()
-                dcp.load(target, storage_reader=reader, planner=planner)
-                times[f"{kind}_load"].append(time.perf_counter() - start)
-                if not all(torch.equal(target[k].to_local(), state[k].to_local()) for k in state):
-                    raise AssertionError(f"{kind}: the loaded state differs from the saved one")
+                for cache in CACHES:
+                    if rank == 0:
+                        _set_cache(path, cache)
+                    target = {
+                        k: distribute_tensor(torch.zeros(rows, 1024), mesh, [Shard(0)])
+                        for k in state
+                    }
+                    if kind == "dcp":
+                        reader, planner = dcp.FileSystemReader(str(path)), None
+                    else:
+                        reader, planner = TorchkeepStorageReader(path), NoPickleLoadPlanner()
+                    dist.barrier()
+                    start = time.perf_counter()
+                    dcp.load(target, storage_reader=reader, planner=planner)
+                    times[f"{kind}_load/{cache}"].append(time.perf_counter() - start)
+                    if not all(
+                        torch.equal(target[k].to_local(), state[k].to_local()) for k in state
+                    ):
+                        raise AssertionError(f"{kind}: the loaded state differs from the saved one")
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(path.parent)
@@ -129,16 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [32] if args.quick else [256, 1024]
     print(f"{WORLD} gloo ranks, durable, slowest rank, median of {args.repeat} run(s), seconds")
     print(
-        f"{'state':>8} {'op':>5} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
+        f"{'state':>8} {'op':>16} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
     )
     for mib in sizes:
         slowest = run_case(mib, args.repeat, args.dir)
-        for op in ("save", "load"):
+        for op in ("save", *(f"load/{cache}" for cache in CACHES)):
             dcp_runs, tk_runs = slowest[f"dcp_{op}"], slowest[f"torchkeep_{op}"]
             ours, theirs = statistics.median(tk_runs), statistics.median(dcp_runs)
             runs = f"{[round(t, 2) for t in dcp_runs]} / {[round(t, 2) for t in tk_runs]}"
             print(
-                f"{mib:>5} MiB {op:>5} {theirs:>8.2f} {ours:>10.2f} {theirs / ours:>6.2f}x  {runs}"
+                f"{mib:>5} MiB {op:>16} {theirs:>8.2f} {ours:>10.2f} {theirs / ours:>6.2f}x  {runs}"
             )
 
 

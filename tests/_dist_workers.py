@@ -327,6 +327,19 @@ def ddp_roundtrip(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
             torch.get_rng_state(), load_file(str(rng_file(out, 2, rank)))["rng"]
         ),
     }
+    # a single-process step is refused on every rank, with the fix, and nothing changes
+    if rank == 0:
+        plain = parts(1, "plain")
+        tk.CheckpointManager(out / "single", distributed=False).save(1, model=plain["model"])
+    dist.barrier()
+    before = full_state(fresh)
+    try:
+        tk.CheckpointManager(out / "single").restore(model=fresh["model"])
+        report["single"] = "restored"
+    except tk.TorchkeepError as exc:
+        report["single"] = (type(exc).__name__, str(exc))
+    after = full_state(fresh)
+    report["single_untouched"] = all(torch.equal(before[k], after[k]) for k in after)
     dist.barrier()
     dist.destroy_process_group()
     return report

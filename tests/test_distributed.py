@@ -193,6 +193,12 @@ def test_ddp_round_trip(tmp_path: Path) -> None:
         assert report["step"] == 2
         assert report["mismatch"] == [], rank
         assert report["rng_equal"], rank
+        # a distributed manager refuses a single-process step (intact: no fallback past it)
+        kind, message = report["single"]
+        assert kind == "FileFormatError", message
+        assert "single-process step" in message
+        assert "full_state_dict=True" in message
+        assert report["single_untouched"], rank
     # DDP's "module." prefix is not stored: the step restores into a plain module
     ctx = {"out": str(tmp_path), "dirs": [("ddp", "ddp-ref.safetensors")], "mode": "plain"}
     assert _dist_workers.restore_check(0, 1, ctx)["ddp"]["mismatch"] == []
@@ -273,3 +279,37 @@ def test_fsdp_by_tensor_parallel_2x2_mesh(tmp_path: Path) -> None:
     ctx = {"out": str(tmp_path), "dirs": [("mesh", "mesh-ref.safetensors")], "mode": "plain"}
     report = _dist_workers.restore_check(0, 1, {**ctx, "only": ["model", "optimizer"]})
     assert report["mesh"]["mismatch"] == []
+
+
+def test_load_state_dict_and_export_torch_read_sharded_steps(
+    saved: tuple[Path, dict[int, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = saved
+    ckpt = out / "ckpt"
+    reference = load_file(str(out / "ref5.safetensors"))
+    model_ref = {k.split(".", 1)[1]: v for k, v in reference.items() if k.startswith("model.")}
+    assert model_ref
+    # one process, no process group: the step and the folder (newest step) give full tensors
+    for source in (ckpt / "step-00000005", ckpt):
+        got = tk.load_state_dict(source)
+        assert sorted(got) == sorted(model_ref), source
+        assert all(torch.equal(got[k], model_ref[k]) for k in got), source
+    # export_torch: the tutorial-style dict of full tensors, loadable weights-only
+    exported = tk.CheckpointManager(ckpt).export_torch(None, tmp_path / "latest.pt")
+    data = torch.load(exported, weights_only=True)
+    assert data["step"] == 5
+    assert all(torch.equal(data["model_state_dict"][k], model_ref[k]) for k in model_ref)
+    assert "state" in data["optimizer_state_dict"]
+    assert "scheduler_state_dict" in data
+    # a damaged chunk is refused before any tensor is returned
+    damaged = tmp_path / "damaged" / "step-00000005"
+    shutil.copytree(ckpt / "step-00000005", damaged)
+    shard = damaged / "shard-00000-of-00004.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[_model_chunk_offset(json.loads((damaged / "state.json").read_text()), shard.name)] ^= 1
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(tk.ChecksumMismatchError):
+        tk.load_state_dict(damaged)
+    with pytest.raises(tk.ChecksumMismatchError):
+        tk.CheckpointManager(damaged.parent).export_torch(5, tmp_path / "never.pt")
+    assert not (tmp_path / "never.pt").exists()

@@ -234,6 +234,10 @@ def _vanished(directory: Path, fd: int) -> bool:
 
 def _read_pinned(directory: Path, name: str) -> LoadedStep:
     manifest = read_step_manifest(directory, name=name)
+    if manifest.get("layout") == "sharded-v1":  # written by N ranks: full tensors, verified
+        from .distributed.full import read_sharded_step
+
+        return read_sharded_step(directory)
     state = _read_state(directory, manifest)
     _adopt_legacy_rng(manifest, state["entries"])
     files: dict[str, Path] = {}

@@ -1,7 +1,7 @@
 """Merge a sharded step into full tensors in one process, without a process group.
 
-DCP's own planner assembles every tensor from its chunks (the resharding path, here to one
-rank) and torchkeep's reader verifies each chunk's hash first. 0-dim tensors (Adam's ``step``)
+The tensors come from :func:`~torchkeep.checkpoint.distributed.full.full_tensors` (DCP's
+planner assembles them, every chunk verified first). 0-dim tensors (Adam's ``step``)
 come through as they are; DCP's ``consolidate_safetensors_files`` writes them as 0.
 """
 
@@ -11,15 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-from ...errors import CorruptFileError, DestinationExistsError
+from ...errors import DestinationExistsError
 from ...weights import save_weights
-from . import collective
-from .layout import RANK_PREFIX
-from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
+from .full import full_tensors
 
 
 @dataclass
@@ -59,25 +53,7 @@ def consolidate(
         raise DestinationExistsError(
             f"{destination} already exists; pass force=True (--force) to overwrite it"
         )
-    manifest, state = read_index(step)
-    full = {
-        key: torch.empty(tensor["shape"], dtype=_DTYPES[tensor["dtype"]])
-        for key, tensor in state["tensors"].items()
-        if not key.startswith(RANK_PREFIX) and tensor["dtype"] in _DTYPES
-    }
-    try:
-        with collective.single_process_quiet(None):
-            dcp_load(
-                full,
-                storage_reader=TorchkeepStorageReader(step),
-                planner=NoPickleLoadPlanner(),
-                no_dist=True,
-            )
-    except CheckpointException as exc:
-        cause = next(iter(collective.causes(exc).values()), exc)
-        if isinstance(cause, CorruptFileError):
-            raise type(cause)(str(cause)) from None
-        raise CorruptFileError(f"{step} could not be consolidated: {cause}") from None
+    manifest, state, full = full_tensors(step)
     save_weights(
         full,
         destination,

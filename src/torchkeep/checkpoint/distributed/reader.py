@@ -29,7 +29,12 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ...errors import ChecksumMismatchError, CorruptFileError, UnsafeCheckpointError
+from ...errors import (
+    ChecksumMismatchError,
+    CorruptFileError,
+    FileFormatError,
+    UnsafeCheckpointError,
+)
 from ...formats import safetensors as st
 from ...hashing import hash_file
 from ...storage.reading import FileEndedError, RangeReader
@@ -44,13 +49,18 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises:
         TorchkeepFileNotFoundError: the step was never committed.
+        FileFormatError: the step is a single-process one (not a CorruptFileError: it is
+            intact, so a restore does not fall back past it).
         CorruptFileError: a document is invalid or ``state.json`` fails its hash.
     """
     manifest = read_step_manifest(path)
     if not is_sharded(manifest):
-        raise CorruptFileError(
-            f"{path} is a single-process step, not a sharded one; restore it with "
-            "CheckpointManager in one process"
+        raise FileFormatError(
+            f"{path} is a single-process step (saved without torch.distributed), not a sharded "
+            "one. Restore it with a CheckpointManager in one process, or in a distributed job "
+            "load its weights with tk.load_state_dict(step) and "
+            "set_model_state_dict(model, weights, options=StateDictOptions("
+            "full_state_dict=True)); then save again from the distributed job"
         )
     record = manifest["files"].get(STATE_NAME)
     if record is None:

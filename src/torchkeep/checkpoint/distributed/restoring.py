@@ -1,0 +1,344 @@
+"""The distributed CheckpointManager's collective restore (sharded-v1 steps).
+
+Rank 0 lists the candidate steps and every rank tries them in that order; each step is
+checked against the live objects and every chunk verified on every rank before a byte reaches
+a live tensor, so a damaged step makes every rank fall back together.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+from ... import tree
+from ...errors import (
+    CorruptFileError,
+    FileFormatError,
+    StateDictMismatchError,
+    TorchkeepFileNotFoundError,
+    first_line,
+)
+from .. import precheck, rng
+from ..layout import RNG_ENTRY, StepInfo
+from . import collective
+from .base import SHARDED_SLOTS, SessionBase, optimizers
+from .layout import rank_key, tensor_key
+from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
+
+
+@dataclass
+class RestoredState:
+    """What a distributed restore loaded."""
+
+    step: int
+    path: Path
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class RestoringSession(SessionBase):
+    """The restore half of :class:`~torchkeep.checkpoint.distributed.session.DistributedSession`."""
+
+    def restore(
+        self,
+        candidates: Callable[[], tuple[list[StepInfo], bool]],
+        targets: Mapping[str, Any],
+        *,
+        restore_rng: bool,
+        strict: bool,
+        allow_world_size_change: bool,
+    ) -> RestoredState:
+        """Restore the first candidate step that verifies, on every rank alike (collective).
+
+        ``candidates`` runs on rank 0 only; its list is broadcast so that ranks never disagree
+        on which step is "latest".
+        """
+        listing = None
+        if self.rank == 0:
+            infos, fallback = candidates()
+            listing = ([(info.step, str(info.path)) for info in infos], fallback)
+        steps, fallback = collective.broadcast(listing, self.group)
+        for _step, path in steps:
+            path = Path(path)
+            loaded = self._try(
+                path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change
+            )
+            if loaded is None:
+                continue
+            manifest, state, templates, values = loaded
+            return self._apply(
+                path, manifest, state, templates, values, targets,
+                restore_rng=restore_rng,
+            )  # fmt: skip
+        from ...errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(
+            f"{self.directory} holds no valid step to restore (tried "
+            f"{[s for s, _ in steps] or 'none'}); "
+            "check the directory, or start training from scratch"
+        )
+
+    def restore_at(
+        self, path: Path, targets: Mapping[str, Any], *, restore_rng: bool, strict: bool
+    ) -> RestoredState:
+        """Restore the step at ``path`` (a directory a framework named; collective, no
+        fallback): every rank verifies its chunks before anything changes, or all raise."""
+        loaded = self._try(path, targets, strict=strict, fallback=False, allow=False)
+        assert loaded is not None  # without fallback a bad step raises
+        manifest, state, templates, values = loaded
+        return self._apply(
+            path, manifest, state, templates, values, targets, restore_rng=restore_rng
+        )
+
+    def _try(
+        self,
+        path: Path,
+        targets: Mapping[str, Any],
+        *,
+        strict: bool,
+        fallback: bool,
+        allow: bool,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Read, check and load one step into fresh templates; None to try the next one."""
+        error: BaseException | None = None
+        try:
+            manifest, state = read_index(path)
+        except (FileFormatError, TorchkeepFileNotFoundError) as exc:
+            error = exc
+        # an intact step of another layout (single-process) is no damage: never skipped
+        fatal = isinstance(error, FileFormatError) and not isinstance(error, CorruptFileError)
+        report = None if error is None else (first_line(error), fatal)
+        reports = collective.all_gather(report, self.group)
+        bad = [(r, text) for r, text in enumerate(reports) if text is not None]
+        if any(text[1] for _r, text in bad):
+            if error is not None:
+                raise error
+            raise FileFormatError(next(text[0] for _r, text in bad if text[1]))
+        if bad:
+            if not fallback:
+                if error is not None:
+                    raise error
+                raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0][1][0]}")
+            warnings.warn(
+                f"checkpoint step {path.name} is unusable and was skipped: {bad[0][1][0]}",
+                stacklevel=4,
+            )
+            return None
+        error = None
+        templates: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        try:
+            templates, values = self._templates(
+                path, manifest, state, targets, strict=strict, allow_world_size_change=allow
+            )
+        except Exception as exc:  # a mismatch on any rank: every rank raises, nothing changed
+            error = exc
+        collective.agree(error, self.group, f"the restore of {path}")
+        try:
+            with collective.single_process_quiet(self.group):
+                dcp_load(
+                    templates,
+                    storage_reader=TorchkeepStorageReader(path),
+                    planner=NoPickleLoadPlanner(),
+                    process_group=self.group,
+                    no_dist=self.group is None,
+                )
+        except (Exception, CheckpointException) as exc:
+            if fallback and collective.only_cause(exc, CorruptFileError):
+                cause = next(iter(collective.causes(exc).values()))
+                warnings.warn(
+                    f"checkpoint step {path.name} is unusable and was skipped (nothing was "
+                    f"loaded from it): {first_line(cause)}",
+                    stacklevel=4,
+                )
+                return None
+            if collective.only_cause(exc, CorruptFileError):
+                cause = next(iter(collective.causes(exc).values()))
+                raise type(cause)(str(cause)) from None
+            raise collective.translate(exc, f"the restore of {path}", me=self.rank) from None
+        error = None
+        if RNG_ENTRY in values:  # its tensors are loaded now (verified by their hashes)
+            try:
+                rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
+            except CorruptFileError as exc:
+                error = exc
+        collective.agree(error, self.group, f"the restore of {path}")
+        return manifest, state, templates, values
+
+    def _templates(
+        self,
+        path: Path,
+        manifest: Mapping[str, Any],
+        state: Mapping[str, Any],
+        targets: Mapping[str, Any],
+        *,
+        strict: bool,
+        allow_world_size_change: bool,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors DCP loads into (live sharded state, fresh memory for the rest), checked
+        against the step's index first; and the replicated entries' values built on them."""
+        index = state["tensors"]
+        entries = state["entries"]
+        templates: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        for name in targets:
+            if name not in entries or entries[name]["kind"] != "stateful":
+                saved = sorted(n for n, e in entries.items() if e["kind"] == "stateful")
+                raise StateDictMismatchError(
+                    f"cannot restore {path}: step has no stateful {name!r} (stateful entries: "
+                    f"{', '.join(saved) or 'none'})"
+                )
+        model = targets.get("model")
+        if model is not None:
+            msd, osd = get_state_dict(
+                model, optimizers(targets.get("optimizer")), options=self.options
+            )
+            sharded: dict[str, Any] = {"model": msd}
+            if targets.get("optimizer") is not None:
+                sharded["optimizer"] = osd
+            for name, live_state in sharded.items():
+                for flat_name, tensor in tree.flatten(live_state, root=name).tensors.items():
+                    key = tensor_key(name, flat_name)
+                    _check_fit(path, name, key, tensor, index.get(key))
+                    templates[key] = tensor
+                stored = {k for k in index if k.startswith(f"{name}/")}
+                missing = sorted(stored - set(templates))
+                if missing and strict and name == "model":
+                    raise StateDictMismatchError(
+                        f"cannot restore entry 'model' of {path}: nothing was changed; the step "
+                        f"holds {len(missing)} tensor(s) the model lacks, e.g. "
+                        f"{missing[0].split('/', 1)[1]!r}. Pass the model the step was saved "
+                        "from, or strict=False"
+                    )
+        elif targets.get("optimizer") is not None:
+            raise StateDictMismatchError(
+                "restoring optimizer= in a distributed step needs model= too"
+            )
+        same_world = state["world_size"] == self.world_size
+        per_rank = sorted(n for n in targets if entries[n]["scope"] == "per_rank")
+        if per_rank and not same_world and not allow_world_size_change:
+            raise StateDictMismatchError(
+                f"cannot restore {path}: nothing was changed; entries {per_rank} were saved per "
+                f"rank by {state['world_size']} ranks and this job has {self.world_size}. Pass "
+                "allow_world_size_change=True to leave them as they are"
+            )
+        for name, entry in entries.items():
+            if entry["scope"] == "sharded":
+                if name not in SHARDED_SLOTS and name in targets:
+                    live = tree.flatten(targets[name].state_dict(), root=name).tensors
+                    tensors: dict[str, torch.Tensor] = {}
+                    for flat_name, tensor in live.items():
+                        key = tensor_key(name, flat_name)
+                        _check_fit(path, name, key, tensor, index.get(key))
+                        tensors[flat_name] = templates[key] = tensor
+                    values[name] = tree.unflatten(
+                        entry["value"], tensors, source=f"{path} (entry {name!r})"
+                    )
+                continue
+            if entry["scope"] == "per_rank":
+                if not same_world:
+                    continue
+                skeleton = state["ranks"][self.rank].get(name)
+                prefix = rank_key(self.rank, name, "")
+            else:
+                skeleton = entry["value"]
+                prefix = tensor_key(name, "")
+            tensors = {}
+            for key, described in index.items():
+                if key.startswith(prefix):
+                    tensors[key[len(prefix) :]] = templates.setdefault(
+                        key, _empty(described, path, key)
+                    )
+            value = tree.unflatten(skeleton, tensors, source=f"{path} (entry {name!r})")
+            if name in targets:
+                precheck.check_target(name, path, value, targets[name], strict=strict)
+            values[name] = value
+        return templates, values
+
+    def _apply(
+        self,
+        path: Path,
+        manifest: Mapping[str, Any],
+        state: Mapping[str, Any],
+        templates: Mapping[str, torch.Tensor],
+        values: Mapping[str, Any],
+        targets: Mapping[str, Any],
+        *,
+        restore_rng: bool,
+    ) -> RestoredState:
+        entries = state["entries"]
+        saved_world = state["world_size"]
+        model = targets.get("model")
+        if model is not None:
+            sharded: dict[str, Any] = {}
+            for name in SHARDED_SLOTS:
+                if targets.get(name) is None:
+                    continue
+                prefix = tensor_key(name, "")
+                tensors = {
+                    k[len(prefix) :]: t for k, t in templates.items() if k.startswith(prefix)
+                }
+                sharded[name] = tree.unflatten(
+                    entries[name]["value"], tensors, source=f"{path} (entry {name!r})"
+                )
+            set_state_dict(
+                model,
+                optimizers(targets.get("optimizer")),
+                model_state_dict=sharded["model"],
+                optim_state_dict=sharded.get("optimizer", {}),
+                options=self.options,
+            )
+        for name, obj in targets.items():
+            if name in SHARDED_SLOTS or name not in values:
+                continue
+            obj.load_state_dict(values[name])
+        if restore_rng and RNG_ENTRY in entries:
+            if RNG_ENTRY in values:
+                rng.restore(values[RNG_ENTRY])
+            else:
+                warnings.warn(
+                    f"resumed on {self.world_size} rank(s) from a step saved by {saved_world}: "
+                    "the random generator states were not restored (they are per rank)",
+                    stacklevel=4,
+                )
+        extra = {
+            name: values[name]
+            for name, entry in entries.items()
+            if entry["kind"] == "value" and name != RNG_ENTRY and name in values
+        }
+        return RestoredState(state["step"], path, dict(manifest.get("metrics", {})), extra)
+
+
+def _empty(described: Mapping[str, Any], path: Path, key: str) -> torch.Tensor:
+
+    dtype = _DTYPES.get(described["dtype"])
+    if dtype is None:
+        raise CorruptFileError(f"{path}: tensor {key!r} has unknown dtype {described['dtype']!r}")
+    return torch.empty(described["shape"], dtype=dtype)
+
+
+def _check_fit(path: Path, entry: str, key: str, live: torch.Tensor, stored: Any) -> None:
+    """Raise unless the live tensor ``key`` has the global shape and dtype the step holds."""
+    name = key.split("/", 1)[1]
+    if stored is None:
+        raise StateDictMismatchError(
+            f"cannot restore entry {entry!r} of {path}: nothing was changed; the step has no "
+            f"{name!r}. Pass the objects the step was saved from"
+        )
+    if (
+        list(live.shape) != stored["shape"]
+        or str(live.dtype).removeprefix("torch.") != stored["dtype"]
+    ):
+        raise StateDictMismatchError(
+            f"cannot restore entry {entry!r} of {path}: nothing was changed; {name!r} is "
+            f"{stored['dtype']} {stored['shape']} in the step but {live.dtype} "
+            f"{list(live.shape)} here. Pass the objects the step was saved from"
+        )
