@@ -6,7 +6,8 @@
 # One venv per torch version, cached outside the clone in
 #   ${XDG_CACHE_HOME:-~/.cache}/torchkeep/compat/<version>-<hash>
 # where <hash> covers the version's requirements file and the [project] tables of pyproject.toml
-# (dependencies and extras), so a changed pin or dependency gets a fresh venv. Each venv is installed by ONE pip command: the pinned file plus
+# (dependencies and extras; not the release number), so a changed pin or dependency gets a fresh
+# venv. Each venv is installed by ONE pip command: the pinned file plus
 # the project (editable) with its test extras. The suite then runs with this clone's src/ first
 # on the path, so a venv made from another clone still tests this one.
 #
@@ -23,7 +24,8 @@ mkdir -p "$CACHE"
 venv_for() {
     local version=$1 req="requirements/compat-torch-$1.txt" key dir
     [[ -f $req ]] || { echo "no $req" >&2; return 2; }
-    key=$({ cat "$req"; sed -n '/^\[project/,/^\[tool/p' pyproject.toml; } | sha256sum | cut -c1-12)
+    key=$({ cat "$req"; sed -n '/^\[project/,/^\[tool/p' pyproject.toml | grep -v '^version ='; } \
+        | sha256sum | cut -c1-12)
     dir="$CACHE/$version-$key"
     if [[ ! -f $dir/.installed ]]; then
         rm -rf "$dir"

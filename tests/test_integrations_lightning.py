@@ -244,6 +244,7 @@ def test_load_from_checkpoint_rebuilds_the_module_with_its_hyper_parameters(
 
 def _resave_forever(path: str, checkpoint: dict[str, Any]) -> None:
     """Child: re-save ``last.ckpt`` again and again, each version marked by its number."""
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP thread pool
     io = TorchkeepCheckpointIO()
     version = 0
     while True:
@@ -252,6 +253,7 @@ def _resave_forever(path: str, checkpoint: dict[str, Any]) -> None:
         io.save_checkpoint({**checkpoint, "torchkeep_test_payload": payload}, path)
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
 def test_sigkill_during_last_ckpt_resaves_always_leaves_a_complete_checkpoint(
     tmp_path: Path,
 ) -> None:
