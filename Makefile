@@ -15,8 +15,8 @@ demo: $(STAMP)
 	$(VENV)/bin/torchkeep demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
