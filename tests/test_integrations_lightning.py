@@ -253,7 +253,6 @@ def _resave_forever(path: str, checkpoint: dict[str, Any]) -> None:
         io.save_checkpoint({**checkpoint, "torchkeep_test_payload": payload}, path)
 
 
-@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
 def test_sigkill_during_last_ckpt_resaves_always_leaves_a_complete_checkpoint(
     tmp_path: Path,
 ) -> None:

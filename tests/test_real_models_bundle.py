@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._source import SRC
 
-SRC = Path(tk.__file__).resolve().parents[1]
 COMPAT = "needs the newest-torch compat venv (timm/torchvision beside torch), see make test-compat"
 
 # The child: load each bundle, run it on the saved inputs, save the outputs, report ties.
@@ -30,6 +30,7 @@ CHILD = """
 import json, sys, torch, torchkeep as tk
 from pathlib import Path
 root = Path(sys.argv[1])
+torch.set_num_threads(1)  # as the parent computed its outputs: sums split alike
 jobs = json.loads((root / "jobs.json").read_text())
 inputs = tk.load_state_dict(root / "inputs.safetensors")
 outputs, report = {}, {}
@@ -69,8 +70,13 @@ def _round_trip_in_a_fresh_process(
         tk.save_model(model, tmp_path / name)
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert manifest["format_version"] == 2, "a builder bundle is format version 2"
-        with torch.no_grad():
-            out = model(**kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread here and in the child: sums split alike
+        try:
+            with torch.no_grad():
+                out = model(**kwargs)
+        finally:
+            torch.set_num_threads(threads)
         expected[name] = out if isinstance(out, torch.Tensor) else out[output]
         inputs.update({f"{name}.{key}": value for key, value in kwargs.items()})
         jobs[name] = {"inputs": list(kwargs), "output": output, "ties": ties}
