@@ -241,7 +241,14 @@ class Recorder:
 
 
 def _entries(directory: Path) -> dict[str, FileKey]:
-    return {p.name: _key(os.lstat(p)) for p in directory.iterdir()} if directory.is_dir() else {}
+    """Name -> identity of what ``directory`` holds; an entry that vanishes while it is listed
+    (a retired step the background deleter is removing) is left out."""
+    entries: dict[str, FileKey] = {}
+    if directory.is_dir():
+        for path in directory.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entries[path.name] = _key(os.lstat(path))
+    return entries
 
 
 def record(directory: Path, write: Callable[[], object]) -> Recorder:
