@@ -51,15 +51,25 @@ def require_modules(*names: str) -> None:
         )
 
 
-def require_transformers_with_torch() -> None:
-    """Skip unless transformers imports and sees torch: transformers 5 needs torch >= 2.6 and
-    under an older torch imports without its models."""
+needs_sharded_checkpoints = pytest.mark.skipif(
+    not compat.sharded_checkpoints_available(),
+    reason=f"torch {torch.__version__}: sharded checkpoints need torch >= "
+    + ".".join(map(str, compat.SHARDED_CHECKPOINTS_FROM))
+    + " (tests/test_compat.py checks the refusal under every torch)",
+)
+"""Marks the tests that write or restore sharded steps (``pytestmark`` of their modules)."""
+
+
+def require_transformers_with_torch() -> Any:
+    """The ``transformers`` module; skips unless it imports and sees torch: transformers 5
+    needs torch >= 2.6 and under an older torch imports without its models."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     if not transformers.utils.is_torch_available():
         pytest.skip(
             f"transformers {transformers.__version__} disables its torch models under torch "
             f"{torch.__version__} (it needs torch >= 2.6)"
         )
+    return transformers
 
 
 def save_torchscript(module: torch.nn.Module, path: Path) -> None:

@@ -34,6 +34,15 @@ class TiedLM(nn.Module):
         return self.head(self.norm(self.embed(tokens)))
 
 
+@pytest.fixture(scope="session")
+def transformers_models() -> None:
+    """Skips unless transformers' torch models are usable (``pytestmark`` of the modules that
+    build them: transformers 5 disables them under torch < 2.6)."""
+    from tests._compat import require_transformers_with_torch
+
+    require_transformers_with_torch()
+
+
 def assert_state_equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
     """Same keys, dtypes, shapes and bytes (NaN payloads and -0.0 included)."""
     assert list(a) == list(b) or sorted(a) == sorted(b)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import require_transformers_with_torch
 from tests._live import prove_live
 from torchkeep.errors import InvalidDocumentError
 from torchkeep.hashing import hash_file
@@ -399,7 +400,7 @@ def test_a_missing_library_is_a_typed_error_naming_what_to_install(
 
 @pytest.fixture(scope="module")
 def hf() -> Any:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers_with_torch()
     transformers.logging.set_verbosity_error()
     return transformers
 

@@ -33,3 +33,33 @@ def test_programs_load_only_under_an_examined_torch(monkeypatch: pytest.MonkeyPa
         tk.load_model(program, trust_program=True)
     assert called == []
     assert tk.load_model(program.parent) is not None
+
+
+def test_sharded_checkpoints_are_refused_under_an_older_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a torch older than 2.6, a distributed manager and the DCP writer and reader raise
+    DistributedCheckpointError naming the version, before anything is written or joined."""
+    from torchkeep.distributed import TorchkeepStorageReader, TorchkeepStorageWriter
+
+    monkeypatch.setattr(compat, "torch_version", lambda version=None: (2, 4))
+    assert not compat.sharded_checkpoints_available()
+    with pytest.raises(
+        tk.DistributedCheckpointError, match=r"needs torch >= 2\.6.*distributed=False"
+    ):
+        tk.CheckpointManager(tmp_path / "ckpt", distributed=True)
+    with pytest.raises(tk.DistributedCheckpointError, match=r"import_dcp needs torch >= 2\.6"):
+        tk.checkpoint.import_dcp(tmp_path / "dcp", tmp_path / "ckpt")
+    for engine in (TorchkeepStorageWriter, TorchkeepStorageReader):
+        with pytest.raises(tk.DistributedCheckpointError, match=r"needs torch >= 2\.6"):
+            engine(tmp_path / "step")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_distributed_manager_needs_a_process_group_where_sharding_is_available(
+    tmp_path: Path,
+) -> None:
+    if not compat.sharded_checkpoints_available():
+        pytest.skip(f"torch {torch.__version__}: sharded checkpoints need torch >= 2.6")
+    with pytest.raises(ValueError, match="init_process_group"):
+        tk.CheckpointManager(tmp_path / "ckpt", distributed=True)

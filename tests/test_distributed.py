@@ -15,14 +15,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 import torchkeep as tk
 from tests import _dist_harness as harness
 from tests import _dist_workers
+from tests._compat import needs_sharded_checkpoints
 from torchkeep.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [
+    needs_sharded_checkpoints,
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +184,8 @@ def test_dcp_huggingface_reader_reads_a_torchkeep_step(saved: tuple[Path, dict[i
         for key, t in state["tensors"].items()
         if key.startswith(("model/", "optimizer/"))
     }
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
     dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(step)), no_dist=True)
     assert len(wanted) == len(reference) - 2  # all but the DTensor "tp" and the lr
     for key, tensor in wanted.items():

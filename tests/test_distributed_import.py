@@ -12,7 +12,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchkeep as tk
+from tests._compat import needs_sharded_checkpoints
 from tests._live import prove_live
+
+pytestmark = needs_sharded_checkpoints
 
 DCP_LOAD = (
     "import torch.distributed.checkpoint as dcp\n"

@@ -26,6 +26,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchkeep as tk
+from tests._compat import (
+    needs_sharded_checkpoints,
+    require_transformers_with_torch,
+    skip_unless_programs_load,
+)
 from tests._live import PICKLE_LOAD, TORCH_LOAD, prove_live
 from torchkeep.checkpoint.distributed.dcp_import import read_dcp_metadata
 from torchkeep.checkpoint.distributed.writer import TorchkeepStorageWriter
@@ -90,6 +95,7 @@ def _dotted_name(canary: Path) -> bytes:
     [_system, _exec, _protocol_zero, _inst, _nested, _dotted_name],
     ids=lambda f: f.__name__,
 )
+@needs_sharded_checkpoints
 def test_dcp_metadata_that_runs_code_is_refused(
     payload: Callable[[Path], bytes], tmp_path: Path
 ) -> None:
@@ -179,6 +185,7 @@ def _items_claim_more_than_stored(metadata: Any, _: Path) -> None:
     ],
     ids=lambda v: getattr(v, "__name__", "")[1:],
 )
+@needs_sharded_checkpoints
 def test_dcp_metadata_describing_unstored_bytes_is_refused_before_allocation(
     change: Callable[[Any, Path], None], message: str, tmp_path: Path
 ) -> None:
@@ -189,6 +196,7 @@ def test_dcp_metadata_describing_unstored_bytes_is_refused_before_allocation(
     assert not (tmp_path / "ckpt").exists()
 
 
+@needs_sharded_checkpoints
 def test_a_dcp_item_naming_an_impossible_file_is_a_typed_error(tmp_path: Path) -> None:
     def point(metadata: Any, _: Path) -> None:
         _x_info(metadata).relative_path = "a\x00b.distcp"
@@ -199,6 +207,7 @@ def test_a_dcp_item_naming_an_impossible_file_is_a_typed_error(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("where", ["../outside.distcp", "/etc/hostname", "link.distcp"])
+@needs_sharded_checkpoints
 def test_dcp_items_outside_the_checkpoint_are_refused(where: str, tmp_path: Path) -> None:
     def point(metadata: Any, source: Path) -> None:
         real = next(source.glob("*.distcp"))
@@ -211,6 +220,7 @@ def test_dcp_items_outside_the_checkpoint_are_refused(where: str, tmp_path: Path
         tk.checkpoint.import_dcp(source, tmp_path / "ckpt")
 
 
+@needs_sharded_checkpoints
 def test_dcp_item_holding_another_tensor_than_described_is_a_typed_error(
     tmp_path: Path,
 ) -> None:
@@ -311,6 +321,7 @@ def _one_chunk_many_tensors(tensors: dict[str, Any]) -> None:
     ],
     ids=lambda v: getattr(v, "__name__", "")[1:],
 )
+@needs_sharded_checkpoints
 def test_sharded_index_describing_unstored_bytes_is_refused_by_every_reader(
     change: Callable[[dict[str, Any]], None],
     message: str,
@@ -332,6 +343,7 @@ def test_sharded_index_describing_unstored_bytes_is_refused_by_every_reader(
     assert not target.exists()
 
 
+@needs_sharded_checkpoints
 def test_a_clean_sharded_step_still_consolidates(tmp_path: Path) -> None:
     step = _sharded_step(tmp_path)
     _forge_index(step, lambda tensors: None)
@@ -361,7 +373,7 @@ def test_chunk_overlap_check_on_large_layouts() -> None:
 
 @pytest.fixture
 def hf() -> Any:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers_with_torch()
     transformers.logging.set_verbosity_error()
     return transformers
 
@@ -772,6 +784,7 @@ print("IMPORTED" if "rt2evil" in sys.modules else "NOT-IMPORTED")
 
 
 def test_a_program_output_type_naming_importable_code_is_never_imported(tmp_path: Path) -> None:
+    skip_unless_programs_load()
     import subprocess
     import sys
     import zipfile

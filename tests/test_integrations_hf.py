@@ -36,6 +36,9 @@ from torchkeep.integrations.transformers import (
     last_valid_checkpoint,
 )
 
+# transformers 5 disables its torch models under torch < 2.6 (tests/_compat.py)
+pytestmark = pytest.mark.usefixtures("transformers_models")
+
 
 class TokenData(torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __init__(self) -> None:

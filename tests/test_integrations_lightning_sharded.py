@@ -21,7 +21,10 @@ from safetensors.torch import load_file
 
 import torchkeep as tk
 from tests import _dist_harness
+from tests._compat import needs_sharded_checkpoints
 from torchkeep.cli import main
+
+pytestmark = needs_sharded_checkpoints
 
 WORKERS = "tests._lightning_sharded_workers"
 PICKLE_NAMES = (".pt", ".pth", ".bin", ".pkl", ".metadata", ".distcp")

@@ -24,7 +24,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.onnx
+# transformers 5 disables its torch models under torch < 2.6 (tests/_compat.py)
+pytestmark = [pytest.mark.onnx, pytest.mark.usefixtures("transformers_models")]
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]

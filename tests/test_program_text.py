@@ -21,6 +21,8 @@ from tests._source import SRC
 from torchkeep.model.program import export_program
 
 transformers = pytest.importorskip("transformers")
+# transformers 5 disables its torch models under torch < 2.6 (tests/_compat.py)
+pytestmark = pytest.mark.usefixtures("transformers_models")
 
 VOCAB = 100
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import require_transformers_with_torch
 from tests._source import SRC
 
 COMPAT = "needs the newest-torch compat venv (timm/torchvision beside torch), see make test-compat"
@@ -105,7 +106,7 @@ def _tokens(vocab: int, *shape: int) -> torch.Tensor:
 
 
 def test_transformers_models_as_built_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers_with_torch()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     vocab = 96

@@ -18,6 +18,8 @@ from ._live import TORCH_LOAD, prove_live
 from .conftest import assert_state_equal
 
 transformers = pytest.importorskip("transformers")
+# transformers 5 disables its torch models under torch < 2.6 (tests/_compat.py)
+pytestmark = pytest.mark.usefixtures("transformers_models")
 
 
 def _gpt2(seed: int, *, tied: bool = True) -> nn.Module:

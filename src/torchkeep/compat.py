@@ -16,6 +16,12 @@ installed torch's version, never by scattered ``hasattr`` checks:
   (a pickled ``nn.Module`` holds a ``set``); :data:`NEWER_WEIGHTS_ONLY_GLOBALS` adds them, and
   :func:`extra_safe_globals` extends the allowlist for one block (torch 2.4 has no
   ``torch.serialization.safe_globals`` context manager).
+- **sharded checkpoints** (a distributed ``CheckpointManager``, the DCP storage writer and
+  reader) need torch >= 2.6 (:data:`SHARDED_CHECKPOINTS_FROM`): they use the public DTensor and
+  FSDP2 APIs. Under an older torch they raise
+  :class:`~torchkeep.errors.DistributedCheckpointError` before touching anything. ``ls``,
+  ``inspect`` and ``verify`` of a sharded step work everywhere; reading its tensors in one
+  process (``convert``, ``load_state_dict``) goes through DCP and needs the same torch.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnsafeCheckpointError
+from .errors import DistributedCheckpointError, UnsafeCheckpointError
 
 OLDEST_SUPPORTED = (2, 4)
 """The oldest torch (major, minor) torchkeep supports and tests."""
@@ -112,3 +118,31 @@ def extra_safe_globals(objects: Sequence[Any]) -> Iterator[None]:
 def onnx_dynamo_export_available() -> bool:
     """True when ``torch.onnx.export`` takes ``dynamo=True`` (torch 2.5 and newer)."""
     return torch_version() >= (2, 5)
+
+
+SHARDED_CHECKPOINTS_FROM = (2, 6)
+"""The oldest torch (major, minor) for writing and restoring sharded steps: the first release
+whose DTensor (``torch.distributed.tensor``) and FSDP2 (``torch.distributed.fsdp.fully_shard``)
+APIs are public. The suite runs them under torch 2.13 and 2.15 and checks the refusal under 2.4."""
+
+
+def sharded_checkpoints_available() -> bool:
+    """True when the installed torch can write and restore sharded steps."""
+    return torch_version() >= SHARDED_CHECKPOINTS_FROM
+
+
+def require_sharded_checkpoints(what: str, fix: str = "Upgrade torch") -> None:
+    """Refuse ``what`` (a distributed manager, the DCP writer or reader) under a torch too old
+    for sharded checkpoints, before anything is read, written or joined.
+
+    Raises:
+        DistributedCheckpointError: the installed torch is older than
+            :data:`SHARDED_CHECKPOINTS_FROM`.
+    """
+    if sharded_checkpoints_available():
+        return
+    needed = ".".join(map(str, SHARDED_CHECKPOINTS_FROM))
+    raise DistributedCheckpointError(
+        f"{what} needs torch >= {needed} (public DTensor and FSDP2 APIs), and this is torch "
+        f"{torch.__version__}. {fix}"
+    )

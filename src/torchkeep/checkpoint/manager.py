@@ -598,6 +598,12 @@ def _distributed_session(
         distributed = running and dist.get_world_size() > 1
     if not distributed:
         return None
+    from ..compat import require_sharded_checkpoints
+
+    require_sharded_checkpoints(
+        "A distributed CheckpointManager",
+        "Upgrade torch, or pass distributed=False and save from one rank only",
+    )
     if not running:
         raise ValueError(
             "CheckpointManager(distributed=True) needs torch.distributed initialised first "

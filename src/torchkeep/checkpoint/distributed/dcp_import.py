@@ -254,12 +254,15 @@ def import_dcp(
 
     Raises:
         UnsafeCheckpointError: the checkpoint would run code; nothing was written.
+        DistributedCheckpointError: torch is older than 2.6 (see ``torchkeep.compat``).
 
     Example:
         >>> import_dcp("dcp_ckpt", "ckpt", step=100)
     """
+    from ...compat import require_sharded_checkpoints
     from ..manager import STATE_SLOTS, CheckpointManager
 
+    require_sharded_checkpoints("tk.checkpoint.import_dcp")
     state = load_dcp(dcp_dir)
     _restore_int_ids(state.get("optimizer"))
     slots = {name: state.pop(name) for name in STATE_SLOTS if isinstance(state.get(name), dict)}

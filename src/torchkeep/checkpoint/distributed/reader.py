@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from ...compat import require_sharded_checkpoints
 from ...errors import (
     ChecksumMismatchError,
     CorruptFileError,
@@ -118,6 +119,7 @@ class TorchkeepStorageReader(StorageReader):
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
         super().__init__()
+        require_sharded_checkpoints("TorchkeepStorageReader")
         self.path = Path(path)
         self.verify = verify
         self.manifest: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ..._version import __version__
+from ...compat import require_sharded_checkpoints
 from ...errors import StepExistsError, UnsupportedValueError
 from ...formats import safetensors as st
 from ...manifest import FileRecord, write_json, write_manifest
@@ -90,6 +91,7 @@ class TorchkeepStorageWriter(StorageWriter):
         direct_io: bool = True,
     ) -> None:
         super().__init__()
+        require_sharded_checkpoints("TorchkeepStorageWriter")
         self.path = Path(path)
         self.state = dict(state or {})
         self.rank_state = rank_state if rank_state is not None else {}
