@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,17 @@ class TiedLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.embed(tokens)))
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode() -> Iterator[None]:
+    """Lightning's ``Trainer(deterministic=True)`` turns torch's deterministic mode on for the
+    whole process; later tests must not inherit it (under torch 2.4 it cannot even clone a
+    float8 tensor)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @pytest.fixture(scope="session")
