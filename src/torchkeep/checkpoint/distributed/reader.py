@@ -47,18 +47,17 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises:
         TorchkeepFileNotFoundError: the step was never committed.
-        FileFormatError: the step is a single-process one (not a CorruptFileError: it is
-            intact, so a restore does not fall back past it).
+        FileFormatError: the step is a single-process one (``CheckpointManager.restore``
+            restores those on any number of ranks; this reader reads sharded steps).
         CorruptFileError: a document is invalid or ``state.json`` fails its hash.
     """
     manifest = read_step_manifest(path)
     if not is_sharded(manifest):
         raise FileFormatError(
             f"{path} is a single-process step (saved without torch.distributed), not a sharded "
-            "one. Restore it with a CheckpointManager in one process, or in a distributed job "
-            "load its weights with tk.load_state_dict(step) and "
-            "set_model_state_dict(model, weights, options=StateDictOptions("
-            "full_state_dict=True)); then save again from the distributed job"
+            "one. Restore it with CheckpointManager(folder).restore(...), which restores "
+            "single-process steps on any number of ranks, or load its weights with "
+            "tk.load_state_dict(step)"
         )
     record = manifest["files"].get(STATE_NAME)
     if record is None:
