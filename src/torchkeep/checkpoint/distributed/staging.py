@@ -6,13 +6,9 @@ its chunks into a private buffer, where they are hashed; ``read_data`` copies fr
 module makes that first pass cheap:
 
 - **spans**: the chunks of one file that lie next to each other (a rank's own shard is one
-  span) are read together, in pieces of :data:`PIECE` bytes, into one fresh buffer of
-  anonymous private memory per span;
-- **huge pages for disk reads**: a span that is not wholly in the page cache gets memory
-  aligned to 2 MiB and marked for transparent huge pages (``MADV_HUGEPAGE``): direct I/O into
-  fresh 4 KiB pages faults each page in on its own (2 s against 1.25 s for 256 MiB per rank,
-  4 ranks, measured here). A cached span gets 4 KiB pages: copies from the page cache into
-  fresh huge pages measured 4x slower on the same machine (3.7 s against 0.85 s);
+  span) are read together, in pieces of :data:`PIECE` bytes, into one fresh page-aligned
+  buffer of anonymous private memory per span (4 KiB pages: transparent huge pages measured
+  3-5x slower here in a fresh process, whose huge pages must all be backed anew);
 - **direct I/O into place**: a piece that is not in the page cache (a step just written with
   direct I/O, or read after a reboot) is read with ``O_DIRECT`` straight into the buffer, whose
   spans are laid out with the file's page alignment, so no bounce copy is made; a cached piece
@@ -26,7 +22,6 @@ changed on disk during the restore cannot slip unverified bytes in.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -46,7 +41,6 @@ PIECE = 4 << 20
 MERGE_GAP = 256 << 10
 """Chunks of one file at most this far apart are read as one span (the gap is read, unused)."""
 _PAGE = mmap.PAGESIZE
-_HUGE = 2 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -95,21 +89,14 @@ def _spans(chunks: Iterable[ChunkRef]) -> list[_Span]:
     return spans
 
 
-def allocate(nbytes: int, *, huge: bool) -> torch.Tensor:
-    """A fresh page-aligned ``uint8`` tensor of ``nbytes`` (``torch.empty`` where anonymous
-    maps are missing); with ``huge``, 2 MiB-aligned and marked for transparent huge pages."""
+def allocate(nbytes: int) -> torch.Tensor:
+    """A fresh page-aligned ``uint8`` tensor of ``nbytes`` (what direct I/O reads into);
+    ``torch.empty`` where anonymous maps are missing (direct I/O is off there)."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     if nbytes == 0 or os.name != "posix" or not flags:
         return torch.empty(nbytes, dtype=torch.uint8)
-    extra = _HUGE if huge else 0
-    memory = mmap.mmap(-1, nbytes + extra, flags=flags)  # private: shared memory gets no THP
-    whole = torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
-    skip = -whole.data_ptr() % _HUGE if huge else 0
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if huge and advice is not None:
-        with contextlib.suppress(OSError):  # no transparent huge pages: 4 KiB pages then
-            memory.madvise(advice, skip, nbytes)
-    return whole[skip : skip + nbytes]
+    memory = mmap.mmap(-1, nbytes, flags=flags)
+    return torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
 
 
 class _ShardFile:
@@ -196,8 +183,7 @@ def stage(
                 files[span.file] = _ShardFile(directory / span.file, sizes[span.file])
             handle = files[span.file]
             low, high = span.aligned
-            cached = handle.reader.cached(span.start, span.end - span.start)
-            buffer = allocate(high - low, huge=not cached)
+            buffer = allocate(high - low)
             _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
             for chunk in span.chunks:
                 begin = chunk.offset - low
