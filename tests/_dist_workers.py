@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import warnings
 from datetime import timedelta
@@ -273,11 +274,11 @@ def restore_check(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
                 entry["seen"] = "refused" if "allow_world_size_change" in str(exc) else str(exc)
                 mgr.restore(seen=seen, allow_world_size_change=True)
                 entry["seen_after_allow"] = seen.n
-        if ctx.get("explicit") and name != "ckpt":
+        if name in ctx.get("explicit", {}):  # a damaged step asked for by number
             fresh = parts(world, mode, zeros=True)
             untouched = full_state(fresh)
             try:
-                mgr.restore(5, **fresh)
+                mgr.restore(ctx["explicit"][name], **fresh)
             except tk.TorchkeepError as exc:
                 entry["explicit"] = type(exc).__name__
             after = full_state(fresh)
@@ -327,22 +328,39 @@ def ddp_roundtrip(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
             torch.get_rng_state(), load_file(str(rng_file(out, 2, rank)))["rng"]
         ),
     }
-    # a single-process step is refused on every rank, with the fix, and nothing changes
-    if rank == 0:
-        plain = parts(1, "plain")
-        tk.CheckpointManager(out / "single", distributed=False).save(1, model=plain["model"])
-    dist.barrier()
-    before = full_state(fresh)
-    try:
-        tk.CheckpointManager(out / "single").restore(model=fresh["model"])
-        report["single"] = "restored"
-    except tk.TorchkeepError as exc:
-        report["single"] = (type(exc).__name__, str(exc))
-    after = full_state(fresh)
-    report["single_untouched"] = all(torch.equal(before[k], after[k]) for k in after)
+    # a step saved by one process (single_steps) restores on every rank
+    single = Path(ctx["single"])
+    fresh = parts(world, "ddp", zeros=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = tk.CheckpointManager(single / "single").restore(**fresh)
+    report["single"] = {
+        "step": restored.step,
+        "epoch": restored.extra.get("epoch"),
+        "mismatch": compare(fresh, single / "single-ref.safetensors", rank),
+        "rng_warning": any("random generator" in str(w.message) for w in caught),
+    }
     dist.barrier()
     dist.destroy_process_group()
     return report
+
+
+def single_steps(out: Path) -> None:
+    """Steps 1 and 2 of a single-process manager (no torch.distributed) in ``out/single``,
+    their full states as ``single1-ref``/``single-ref.safetensors``, and a copy of the folder
+    whose step 2 has a flipped byte in a model tensor (``out/single-flipped``)."""
+    p = parts(1, "plain")
+    mgr = tk.CheckpointManager(out / "single", distributed=False, keep_last=None)
+    for step, ref in ((1, "single1-ref"), (2, "single-ref")):
+        train(p, 1)
+        mgr.save(step, metrics={"loss": 1.0 / step}, epoch=step, seen=Seen(7), **p)
+        save_file(full_state(p), str(out / f"{ref}.safetensors"))
+    damaged = out / "single-flipped"
+    shutil.copytree(out / "single", damaged)
+    weights = damaged / "step-00000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
 
 
 def mesh_2x2(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:

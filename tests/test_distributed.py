@@ -111,13 +111,32 @@ def _damaged_copies(out: Path) -> list[tuple[str, str]]:
     return dirs
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Steps of a single-process manager, their full states, and a damaged copy."""
+    out = tmp_path_factory.mktemp("single")
+    _dist_workers.single_steps(out)
+    return out
+
+
 def test_restore_on_two_ranks_resharded_and_damaged_steps_fall_back(
-    saved: tuple[Path, dict[int, Any]],
+    saved: tuple[Path, dict[int, Any]], single: Path
 ) -> None:
     out, _ = saved
-    dirs = [("ckpt", "ref5.safetensors"), *_damaged_copies(out)]
+    for name in ("single", "single-flipped"):  # steps saved without torch.distributed
+        shutil.copytree(single / name, out / name, dirs_exist_ok=True)
+    for ref in ("single-ref", "single1-ref"):
+        shutil.copy(single / f"{ref}.safetensors", out)
+    damaged = _damaged_copies(out)
+    dirs = [
+        ("ckpt", "ref5.safetensors"),
+        *damaged,
+        ("single", "single-ref.safetensors"),
+        ("single-flipped", "single1-ref.safetensors"),
+    ]
+    explicit = {**{kind: 5 for kind, _ in damaged}, "single-flipped": 2}
     results = harness.run(
-        "restore_check", 2, {"out": str(out), "dirs": dirs, "explicit": True, "seen": True}
+        "restore_check", 2, {"out": str(out), "dirs": dirs, "explicit": explicit, "seen": True}
     ).ok()
     for rank, report in results.items():
         assert report["ckpt"]["step"] == 5
@@ -127,7 +146,7 @@ def test_restore_on_two_ranks_resharded_and_damaged_steps_fall_back(
         # a per_rank= entry on another world size: refused unless allowed (then left alone)
         assert report["ckpt"]["seen"] == "refused"
         assert report["ckpt"]["seen_after_allow"] == -1
-        for kind, _ in dirs[1:]:
+        for kind, _ in damaged:
             entry = report[kind]
             assert entry["step"] == 3, (kind, rank)  # every rank fell back together
             assert entry["mismatch"] == [], (kind, rank)
@@ -135,6 +154,18 @@ def test_restore_on_two_ranks_resharded_and_damaged_steps_fall_back(
             # asked for explicitly, the damaged step raises on every rank, nothing changed
             assert entry["explicit"] == "ChecksumMismatchError", (kind, rank)
             assert entry["explicit_untouched"], (kind, rank)
+        # a step saved by one process restores on 2 FSDP2 ranks: full tensors resharded, the
+        # optimizer's index-keyed state re-keyed by name; the generators left, with a warning
+        entry = report["single"]
+        assert (entry["step"], entry["epoch"], entry["mismatch"]) == (2, 2, []), rank
+        assert entry["rng_warning"], rank
+        assert entry["seen"] == 7  # a replicated stateful entry
+        # damaged: every rank falls back together; asked for by number, every rank raises
+        entry = report["single-flipped"]
+        assert (entry["step"], entry["mismatch"]) == (1, []), rank
+        assert any("step-00000002" in w for w in entry["skipped"]), rank
+        assert entry["explicit"] == "ChecksumMismatchError", rank
+        assert entry["explicit_untouched"], rank
 
 
 def test_restore_in_one_process_without_a_group_and_without_pickle(
@@ -192,18 +223,16 @@ def test_dcp_huggingface_reader_reads_a_torchkeep_step(saved: tuple[Path, dict[i
         assert torch.equal(tensor, reference[key.replace("/", ".", 1)]), key
 
 
-def test_ddp_round_trip(tmp_path: Path) -> None:
-    results = harness.run("ddp_roundtrip", 2, {"out": str(tmp_path)}).ok()
+def test_ddp_round_trip(tmp_path: Path, single: Path) -> None:
+    results = harness.run("ddp_roundtrip", 2, {"out": str(tmp_path), "single": str(single)}).ok()
     for rank, report in results.items():
         assert report["step"] == 2
         assert report["mismatch"] == [], rank
         assert report["rng_equal"], rank
-        # a distributed manager refuses a single-process step (intact: no fallback past it)
-        kind, message = report["single"]
-        assert kind == "FileFormatError", message
-        assert "single-process step" in message
-        assert "full_state_dict=True" in message
-        assert report["single_untouched"], rank
+        # a step saved by one process restores on 2 DDP ranks, every tensor equal
+        entry = report["single"]
+        assert (entry["step"], entry["epoch"], entry["mismatch"]) == (2, 2, []), rank
+        assert entry["rng_warning"], rank
     # DDP's "module." prefix is not stored: the step restores into a plain module
     ctx = {"out": str(tmp_path), "dirs": [("ddp", "ddp-ref.safetensors")], "mode": "plain"}
     assert _dist_workers.restore_check(0, 1, ctx)["ddp"]["mismatch"] == []
@@ -299,9 +328,12 @@ def test_load_state_dict_and_export_torch_read_sharded_steps(
         got = tk.load_state_dict(source)
         assert sorted(got) == sorted(model_ref), source
         assert all(torch.equal(got[k], model_ref[k]) for k in got), source
-    # export_torch: the tutorial-style dict of full tensors, loadable weights-only
-    exported = tk.CheckpointManager(ckpt).export_torch(None, tmp_path / "latest.pt")
+    # export_torch: the tutorial-style dict of full tensors, loadable weights-only; the
+    # per_rank= entry (one value per rank) is left out, and a warning says so
+    with pytest.warns(UserWarning, match=r"per-rank entries \['seen'\]"):
+        exported = tk.CheckpointManager(ckpt).export_torch(None, tmp_path / "latest.pt")
     data = torch.load(exported, weights_only=True)
+    assert not any("seen" in key or "rng" in key for key in data)
     assert data["step"] == 5
     assert all(torch.equal(data["model_state_dict"][k], model_ref[k]) for k in model_ref)
     assert "state" in data["optimizer_state_dict"]

@@ -8,6 +8,7 @@ and torchkeep's reader verifies each chunk's hash before it is used. This is wha
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from ... import tree
 from ...errors import CorruptFileError, FileFormatError, first_line
 from ..entries import Kind
-from ..layout import STATE_NAME
+from ..layout import RNG_ENTRY, STATE_NAME
 from ..reader import LoadedStep
 from . import collective
 from .layout import RANK_PREFIX, tensor_key
@@ -89,10 +90,24 @@ def entry_values(
 
 def read_sharded_step(step: Path) -> LoadedStep:
     """The sharded step ``step`` as a :class:`~torchkeep.checkpoint.reader.LoadedStep` of
-    full tensors (what ``export_torch`` writes), every chunk verified; per-rank entries
-    (random generator states, ``per_rank=`` entries) are left out."""
+    full tensors (what ``export_torch`` writes), every chunk verified.
+
+    Per-rank entries are left out: they hold one value per rank, and one process has no rank
+    to take. The random generator states go silently (no reader of one process restores
+    another process's generators; ``export_torch`` leaves them out of any step); ``per_rank=``
+    entries are named in a ``UserWarning``, so that an export never drops user state unsaid.
+    """
     manifest, state, tensors = full_tensors(step)
     shared = {n: e for n, e in state["entries"].items() if e["scope"] != "per_rank"}
+    dropped = sorted(set(state["entries"]) - set(shared) - {RNG_ENTRY})
+    if dropped:
+        warnings.warn(
+            f"{step} was saved by {state['world_size']} ranks: its per-rank entries "
+            f"{dropped} hold one value per rank and are left out of what is read in one "
+            f"process; restore them with a distributed CheckpointManager on "
+            f"{state['world_size']} ranks",
+            stacklevel=3,
+        )
     flat: dict[str, dict[str, torch.Tensor]] = {}
     for name in shared:
         prefix = tensor_key(name, "")

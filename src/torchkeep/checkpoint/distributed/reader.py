@@ -2,9 +2,9 @@
 
 ``read_metadata`` builds DCP's ``Metadata`` from the step's JSON documents (no ``.metadata``
 pickle exists). ``prepare_local_plan`` runs inside DCP's "plan" collective: there every rank
-reads exactly the chunks it needs into memory of its own, hashes them and raises on a
-mismatch, so a damaged shard makes every rank fail before ``read_data`` copies a single byte
-into a live tensor; the bytes hashed are the bytes copied.
+reads exactly the chunks it needs into memory of its own (:mod:`.staging`), hashes them and
+raises on a mismatch, so a damaged shard makes every rank fail before ``read_data`` copies a
+single byte into a live tensor; the bytes hashed are the bytes copied.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -36,10 +35,9 @@ from ...errors import (
     FileFormatError,
     UnsafeCheckpointError,
 )
-from ...formats import safetensors as st
 from ...hashing import hash_file
-from ...storage.reading import FileEndedError, RangeReader
 from ..layout import STATE_NAME, read_step_manifest
+from . import staging
 from .layout import DTYPES, is_sharded, read_sharded_state
 
 _DTYPES = DTYPES
@@ -50,18 +48,17 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises:
         TorchkeepFileNotFoundError: the step was never committed.
-        FileFormatError: the step is a single-process one (not a CorruptFileError: it is
-            intact, so a restore does not fall back past it).
+        FileFormatError: the step is a single-process one (``CheckpointManager.restore``
+            restores those on any number of ranks; this reader reads sharded steps).
         CorruptFileError: a document is invalid or ``state.json`` fails its hash.
     """
     manifest = read_step_manifest(path)
     if not is_sharded(manifest):
         raise FileFormatError(
             f"{path} is a single-process step (saved without torch.distributed), not a sharded "
-            "one. Restore it with a CheckpointManager in one process, or in a distributed job "
-            "load its weights with tk.load_state_dict(step) and "
-            "set_model_state_dict(model, weights, options=StateDictOptions("
-            "full_state_dict=True)); then save again from the distributed job"
+            "one. Restore it with CheckpointManager(folder).restore(...), which restores "
+            "single-process steps on any number of ranks, or load its weights with "
+            "tk.load_state_dict(step)"
         )
     record = manifest["files"].get(STATE_NAME)
     if record is None:
@@ -125,8 +122,7 @@ class TorchkeepStorageReader(StorageReader):
         self.manifest: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self._storage: dict[MetadataIndex, dict[str, Any]] = {}
-        self._files: dict[str, RangeReader] = {}
-        self._chunks: dict[tuple[str, int], torch.Tensor] = {}
+        self._chunks: dict[tuple[str, int, int], torch.Tensor] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
@@ -142,54 +138,21 @@ class TorchkeepStorageReader(StorageReader):
     ) -> None:
         self._storage = metadata.storage_data
 
-    def _open(self, name: str) -> RangeReader:
-        """A reader of shard ``name``, whose size must match the manifest."""
-        if name not in self._files:
-            path = self.path / name
-            try:
-                reader = RangeReader(path)
-            except FileNotFoundError:
-                raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
-            size = os.path.getsize(path)
-            expected = self.manifest["files"][name]["size"]
-            if size != expected:
-                reader.close()
-                raise ChecksumMismatchError(
-                    f"{path} has {size} bytes, the manifest says {expected} (truncated or "
-                    "replaced); the step is damaged"
-                )
-            self._files[name] = reader
-        return self._files[name]
-
-    def _read_chunk(self, record: dict[str, Any]) -> torch.Tensor:
-        """The bytes of one stored chunk, read into memory of their own (large sequential
-        reads: the files were written with direct I/O and are usually not cached)."""
-        buffer = torch.empty(record["length"], dtype=torch.uint8)
-        if record["length"]:
-            view = st.tensor_bytes(buffer)
-            try:
-                self._open(record["file"]).read([view], record["offset"])
-            except FileEndedError:
-                raise ChecksumMismatchError(
-                    f"{self.path / record['file']} ended early (truncated while being read); "
-                    "the step is damaged"
-                ) from None
-        return buffer
-
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        needed = []
         for item in plan.items:
             record = self._storage[item.storage_index]
-            where = (record["file"], record["offset"])
-            if where in self._chunks:
-                continue
-            chunk = self._read_chunk(record)
-            if self.verify and xxhash.xxh3_128_hexdigest(st.tensor_bytes(chunk)) != record["hash"]:
-                raise ChecksumMismatchError(
-                    f"{self.path / record['file']}: the bytes of {item.storage_index.fqn!r} "
-                    "do not match their xxh3_128 hash (corrupted); the step is damaged"
+            needed.append(
+                staging.ChunkRef(
+                    record["file"],
+                    record["offset"],
+                    record["length"],
+                    record["hash"],
+                    item.storage_index.fqn,
                 )
-            self._chunks[where] = chunk
-        self._close_files()
+            )
+        sizes = {name: entry["size"] for name, entry in self.manifest["files"].items()}
+        self._chunks = staging.stage(self.path, needed, sizes, verify=self.verify)
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
@@ -218,18 +181,12 @@ class TorchkeepStorageReader(StorageReader):
     def _stored(self, record: dict[str, Any]) -> torch.Tensor:
         """A verified chunk (read by prepare_local_plan) as a tensor of its dtype and shape."""
         dtype: torch.dtype = record["dtype"]
-        raw = self._chunks[(record["file"], record["offset"])]
+        raw = self._chunks[(record["file"], record["offset"], record["length"])]
         if not record["length"]:
             return torch.empty(record["sizes"], dtype=dtype)
         return raw.view(dtype).reshape(record["sizes"])
 
-    def _close_files(self) -> None:
-        for reader in self._files.values():
-            reader.close()
-        self._files.clear()
-
     def _close(self) -> None:
-        self._close_files()
         self._chunks.clear()
 
     @classmethod

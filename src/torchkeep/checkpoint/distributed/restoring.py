@@ -2,7 +2,8 @@
 
 Rank 0 lists the candidate steps and every rank tries them in that order; each step is
 checked against the live objects and every chunk verified on every rank before a byte reaches
-a live tensor, so a damaged step makes every rank fall back together.
+a live tensor, so a damaged step makes every rank fall back together. A single-process step
+among the candidates is restored by :mod:`.single` under the same rules.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from ...errors import (
 )
 from .. import precheck, rng
 from ..layout import RNG_ENTRY, StepInfo
-from . import collective
+from ..reader import read_step
+from . import collective, single
 from .base import SHARDED_SLOTS, SessionBase, optimizers
-from .layout import rank_key, tensor_key
+from .layout import LAYOUT, rank_key, tensor_key
 from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
 
 
@@ -64,10 +66,21 @@ class RestoringSession(SessionBase):
         listing = None
         if self.rank == 0:
             infos, fallback = candidates()
-            listing = ([(info.step, str(info.path)) for info in infos], fallback)
+            listing = (
+                [(i.step, str(i.path), i.manifest.get("layout") == LAYOUT) for i in infos],
+                fallback,
+            )
         steps, fallback = collective.broadcast(listing, self.group)
-        for _step, path in steps:
+        for _step, path, sharded in steps:
             path = Path(path)
+            if not sharded:
+                done = self._try_single(
+                    path, targets, strict=strict, fallback=fallback,
+                    allow=allow_world_size_change, restore_rng=restore_rng,
+                )  # fmt: skip
+                if done is None:
+                    continue
+                return done
             loaded = self._try(
                 path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change
             )
@@ -82,7 +95,7 @@ class RestoringSession(SessionBase):
 
         raise CheckpointNotFoundError(
             f"{self.directory} holds no valid step to restore (tried "
-            f"{[s for s, _ in steps] or 'none'}); "
+            f"{[s for s, _, _ in steps] or 'none'}); "
             "check the directory, or start training from scratch"
         )
 
@@ -113,24 +126,7 @@ class RestoringSession(SessionBase):
             manifest, state = read_index(path)
         except (FileFormatError, TorchkeepFileNotFoundError) as exc:
             error = exc
-        # an intact step of another layout (single-process) is no damage: never skipped
-        fatal = isinstance(error, FileFormatError) and not isinstance(error, CorruptFileError)
-        report = None if error is None else (first_line(error), fatal)
-        reports = collective.all_gather(report, self.group)
-        bad = [(r, text) for r, text in enumerate(reports) if text is not None]
-        if any(text[1] for _r, text in bad):
-            if error is not None:
-                raise error
-            raise FileFormatError(next(text[0] for _r, text in bad if text[1]))
-        if bad:
-            if not fallback:
-                if error is not None:
-                    raise error
-                raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0][1][0]}")
-            warnings.warn(
-                f"checkpoint step {path.name} is unusable and was skipped: {bad[0][1][0]}",
-                stacklevel=4,
-            )
+        if not self._readable(path, error, fallback=fallback):
             return None
         error = None
         templates: dict[str, torch.Tensor] = {}
@@ -172,6 +168,56 @@ class RestoringSession(SessionBase):
                 error = exc
         collective.agree(error, self.group, f"the restore of {path}")
         return manifest, state, templates, values
+
+    def _readable(self, path: Path, error: BaseException | None, *, fallback: bool) -> bool:
+        """Whether every rank could read the step (collective): False when one could not and
+        ``fallback`` allows trying the next step (every rank warns alike), else raise."""
+        reports = collective.all_gather(None if error is None else first_line(error), self.group)
+        bad = [text for text in reports if text is not None]
+        if not bad:
+            return True
+        if not fallback:
+            if error is not None:
+                raise error
+            raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0]}")
+        warnings.warn(
+            f"checkpoint step {path.name} is unusable and was skipped: {bad[0]}", stacklevel=5
+        )
+        return False
+
+    def _try_single(
+        self,
+        path: Path,
+        targets: Mapping[str, Any],
+        *,
+        strict: bool,
+        fallback: bool,
+        allow: bool,
+        restore_rng: bool,
+    ) -> RestoredState | None:
+        """Restore a single-process step (:mod:`.single`): every rank reads and verifies it
+        whole and checks it against its objects before any rank loads; None to try the next
+        step (it is damaged on some rank and ``fallback`` allows)."""
+        error: BaseException | None = None
+        loaded = None
+        try:
+            loaded = read_step(path)
+        except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
+            error = exc
+        if not self._readable(path, error, fallback=fallback):
+            return None
+        assert loaded is not None  # every rank read it
+        checked = None
+        try:
+            checked = single.plan(
+                self, loaded, targets, strict=strict, allow_world_size_change=allow
+            )
+        except Exception as exc:  # a mismatch on any rank: every rank raises, nothing changed
+            error = exc
+        collective.agree(error, self.group, f"the restore of {path}")
+        assert checked is not None
+        extra = single.apply(self, checked, targets, strict=strict, restore_rng=restore_rng)
+        return RestoredState(loaded.step, path, loaded.metrics, extra)
 
     def _templates(
         self,
