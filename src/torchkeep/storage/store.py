@@ -64,6 +64,10 @@ class Store(Protocol):
         """Whether ``key`` exists now."""
         ...
 
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes; FileNotFoundError if absent."""
+        ...
+
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         """Keys below ``prefix`` (relative to the root) and their modification times, fresh."""
         ...
@@ -127,6 +131,9 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
 
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
@@ -257,6 +264,16 @@ class ObjectStore:
         self.fs.invalidate_cache(path)
         found: bool = self._call("existence check", key, lambda: self.fs.exists(path))
         return found
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        info = self._call(
+            "size lookup", key, lambda: self.fs.info(path), final=(FileNotFoundError,)
+        )
+        if info.get("type", "file") != "file":
+            raise FileNotFoundError(f"{self.url(key)} is not an object")
+        return int(info["size"])
 
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
