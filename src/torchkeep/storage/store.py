@@ -68,7 +68,7 @@ class Store(Protocol):
         """The size of ``key`` in bytes; FileNotFoundError if absent."""
         ...
 
-    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         """Keys below ``prefix`` (relative to the root) and their modification times, fresh."""
         ...
 
@@ -135,7 +135,7 @@ class LocalStore:
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
         found: dict[str, float] = {}
         if not base.is_dir():
@@ -275,7 +275,7 @@ class ObjectStore:
             raise FileNotFoundError(f"{self.url(key)} is not an object")
         return int(info["size"])
 
-    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
         self.fs.invalidate_cache(self.root)  # s3fs answers listings from a per-instance cache
 
@@ -307,7 +307,7 @@ class ObjectStore:
         self.fs.invalidate_cache(path)
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = sorted(self.keys(prefix))
+        keys = sorted(self.listing(prefix))
         if keys:
             paths = [self._path(key) for key in keys]
 
