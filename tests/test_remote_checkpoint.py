@@ -283,3 +283,13 @@ def test_orphans_are_removed_only_after_the_grace_period(s3_bucket: Bucket) -> N
     target, _, _ = _fresh()
     eager.restore(1, model=target)
     assert _same(target, model)
+
+
+def test_errors_name_the_step_url_not_the_private_copy(bucket: Bucket) -> None:
+    model, _, _ = _trained(seed=11)
+    mgr = _manager(bucket)
+    mgr.save(1, model=model)
+    with pytest.raises(tk.StateDictMismatchError) as caught:
+        mgr.restore(model=nn.Linear(3, 3))
+    assert f"{mgr.directory}/step-00000001" in str(caught.value)
+    assert "torchkeep-remote-" not in str(caught.value)
