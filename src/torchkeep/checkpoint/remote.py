@@ -73,6 +73,7 @@ class RemoteSteps:
         transfer: Transfer | None = None,
     ) -> None:
         self.store = ObjectStore(url, storage_options=storage_options, transfer=transfer)
+        self.store.exclusive_creator()  # refuse a back end that cannot commit, before any save
         self.url = self.store.url()
 
     def step_url(self, step: int) -> str:
@@ -85,7 +86,7 @@ class RemoteSteps:
     def committed(self) -> list[StepInfo]:
         """Every committed step, oldest first: one fresh listing, then each manifest read and
         checked against the schema (a step whose manifest is invalid is not listed)."""
-        keys = self.store.listing(maxdepth=2)
+        keys = self.store.keys(maxdepth=2)
         names = sorted(
             key.split("/", 1)[0]
             for key in keys
@@ -241,7 +242,7 @@ class RemoteSteps:
         now = time.time()
         referenced = {(step_name(info.step), info.manifest.get("data")) for info in committed}
         newest: dict[tuple[str, str], float] = {}
-        for key, modified in self.store.listing(maxdepth=3).items():
+        for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
             if len(parts) == 3 and parse_step(parts[0]) is not None and _is_save_id(parts[1]):
                 group = (parts[0], parts[1])

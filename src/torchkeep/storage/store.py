@@ -28,7 +28,7 @@ from ..hashing import new_hasher
 from ..manifest import FileRecord
 from . import objects
 from .local import atomic_file, temp_sibling
-from .remote import class_name, exclusive_create, filesystem, is_remote
+from .remote import ExclusiveCreate, class_name, exclusive_create, filesystem, is_remote
 from .stream import Span, write_stream
 from .transfer import Deadline, Transfer, attempt
 
@@ -68,7 +68,7 @@ class Store(Protocol):
         """The size of ``key`` in bytes; FileNotFoundError if absent."""
         ...
 
-    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         """Keys below ``prefix`` (relative to the root) and their modification times, fresh."""
         ...
 
@@ -135,7 +135,7 @@ class LocalStore:
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
-    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
         found: dict[str, float] = {}
         if not base.is_dir():
@@ -161,9 +161,8 @@ class ObjectStore:
     it belongs to (:meth:`deadline`, else ``transfer.deadline_s`` per call); final failures
     are :class:`~torchkeep.errors.RemoteStorageError`.
 
-    Raises:
-        StorageCapabilityError: the back end has no atomic exclusive create and
-            ``transfer.single_writer`` is False.
+    Reading and plain writes work on any fsspec back end; :meth:`create_exclusive` (a commit)
+    needs an adapter (:mod:`torchkeep.storage.remote`) or ``transfer.single_writer``.
     """
 
     def __init__(
@@ -176,7 +175,7 @@ class ObjectStore:
         self.transfer = transfer if transfer is not None else Transfer()
         self.fs, self.root = filesystem(url, storage_options)
         self._scheme = url.split("://", 1)[0]
-        self._create = exclusive_create(self.fs, url, single_writer=self.transfer.single_writer)
+        self._create: ExclusiveCreate | None = None
         self._local = threading.local()
 
     def _path(self, key: str) -> str:
@@ -248,12 +247,25 @@ class ObjectStore:
             deadline=self._deadline(),
         )
 
+    def exclusive_creator(self) -> ExclusiveCreate:
+        """This back end's exclusive create, checked once (writers that commit call it early).
+
+        Raises:
+            StorageCapabilityError: the back end has none and ``single_writer`` is False.
+        """
+        if self._create is None:
+            self._create = exclusive_create(
+                self.fs, self.url(), single_writer=self.transfer.single_writer
+            )
+        return self._create
+
     def create_exclusive(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        create = self.exclusive_creator()
         self._call(
             "exclusive create",
             key,
-            lambda: self._create(self.fs, path, data),
+            lambda: create(self.fs, path, data),
             final=(FileExistsError,),
         )
         with contextlib.suppress(Exception):
@@ -275,7 +287,7 @@ class ObjectStore:
             raise FileNotFoundError(f"{self.url(key)} is not an object")
         return int(info["size"])
 
-    def listing(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+    def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
         self.fs.invalidate_cache(self.root)  # s3fs answers listings from a per-instance cache
 
@@ -307,7 +319,7 @@ class ObjectStore:
         self.fs.invalidate_cache(path)
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = sorted(self.listing(prefix))
+        keys = sorted(self.keys(prefix))
         if keys:
             paths = [self._path(key) for key in keys]
 
