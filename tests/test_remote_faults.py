@@ -91,7 +91,12 @@ def test_stalled_upload_fails_at_the_deadline(s3_proxy: Proxied) -> None:
     proxy, bucket = s3_proxy
     stall_s = 60.0
     proxy.add("stall", method="PUT", seconds=stall_s, times=1)
-    mgr = _manager(bucket, transfer=tk.Transfer(deadline_s=2.0, retries=1))
+    patient_client = {**bucket.storage_options, "config_kwargs": {"read_timeout": 600}}
+    mgr = tk.CheckpointManager(
+        f"{bucket.url}/run",
+        storage_options=patient_client,  # botocore would wait; torchkeep's deadline must not
+        transfer=tk.Transfer(deadline_s=2.0, retries=1),
+    )
     started = time.monotonic()
     with pytest.raises(tk.RemoteStorageError, match="deadline"):
         mgr.save(1, model=_model(4))
