@@ -107,17 +107,13 @@ def test_layout_data_under_a_save_id_and_the_manifest_beside_it(bucket: Bucket) 
     assert info[0].manifest["data"] == save_ids.pop()
 
 
-def test_existing_step_is_refused_and_overwrite_is_refused_clearly(bucket: Bucket) -> None:
+def test_existing_step_is_refused(bucket: Bucket) -> None:
     model, _, _ = _trained(seed=3)
     mgr = _manager(bucket)
     mgr.save(1, model=model)
     before = _keys(bucket)
     with pytest.raises(tk.StepExistsError, match="step-00000001"):
         mgr.save(1, model=model)
-    with pytest.raises(tk.StorageCapabilityError, match="overwrite=True"):
-        mgr.save(1, model=model, overwrite=True)
-    with pytest.raises(tk.StorageCapabilityError, match="overwrite=True"):
-        mgr.save(2, model=model, overwrite=True)
     assert _keys(bucket) == before
 
 
@@ -168,13 +164,13 @@ def test_racing_writers_exactly_one_commits(
     s3_bucket: Bucket, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     both_uploaded = threading.Barrier(2, timeout=60)
-    original = RemoteSteps._create_manifest
+    original = RemoteSteps._commit_manifest
 
     def create_after_both_uploaded(self: RemoteSteps, *args: Any) -> None:
         both_uploaded.wait()  # both writers passed the existence check and uploaded their data
         original(self, *args)
 
-    monkeypatch.setattr(RemoteSteps, "_create_manifest", create_after_both_uploaded)
+    monkeypatch.setattr(RemoteSteps, "_commit_manifest", create_after_both_uploaded)
     models = [_trained(seed=10 + i)[0] for i in range(2)]
     outcomes: list[object] = [None, None]
 

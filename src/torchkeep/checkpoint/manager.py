@@ -50,7 +50,7 @@ from .layout import (
     uncommitted_steps,
 )
 from .reader import LoadedStep, StepVanishedError, read_step
-from .remote import RemoteSteps, refuse_overwrite, relabelled
+from .remote import RemoteSteps, relabelled
 
 STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
 # How often a reader looks for the newest step again after a concurrent writer retired the
@@ -366,17 +366,18 @@ class CheckpointManager:
     ) -> str:
         """:meth:`save` to object storage: checked and prepared here, uploaded and committed
         by :class:`~torchkeep.checkpoint.remote.RemoteSteps` (in the background when async)."""
-        refuse_overwrite(remote.url, overwrite)
-        if remote.exists(step):
+        if overwrite:
+            remote.store.replacer()  # a back end that cannot replace conditionally: refuse now
+        elif remote.exists(step):
             raise StepExistsError(
-                f"checkpoint step {step} already exists at {remote.step_url(step)}; save under "
-                "another step"
+                f"checkpoint step {step} already exists at {remote.step_url(step)}; pass "
+                "overwrite=True to replace it, or save under another step"
             )
         entries = self._prepare(dict(slots), dict(values))
         fields = {"metrics": _clean_metrics(metrics), "retention": self._retention_config}
 
         def commit(entries: list[Entry]) -> None:
-            remote.commit(step, entries, overwrite=False, manifest_fields=fields)
+            remote.commit(step, entries, overwrite=overwrite, manifest_fields=fields)
             self._apply_retention(step)
 
         if not self.async_save:

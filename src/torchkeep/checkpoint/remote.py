@@ -19,6 +19,7 @@ out like a local step and reads it with the local reader, which hashes every byt
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import secrets
 import tempfile
@@ -30,13 +31,13 @@ from typing import Any
 from ..errors import (
     CorruptFileError,
     StepExistsError,
-    StorageCapabilityError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
 )
 from ..formats import safetensors as st
 from ..manifest import (
     DATA_PREFIX_PATTERN,
+    MANIFEST_LIMITS,
     MANIFEST_NAME,
     FileRecord,
     json_bytes,
@@ -155,22 +156,25 @@ class RemoteSteps:
         overwrite: bool,
         manifest_fields: Mapping[str, Any],
     ) -> None:
-        """Upload ``entries`` as ``step`` and commit it with an exclusive manifest.
+        """Upload ``entries`` as ``step`` and commit it by its manifest, created exclusively
+        (or, with ``overwrite``, replaced only if it did not change since it was read).
 
         Raises:
-            StepExistsError: the step exists (checked first), or another writer committed it
-                while this one uploaded (this save's data is deleted).
-            StorageCapabilityError: ``overwrite=True`` (no conditional replace yet).
+            StepExistsError: the step exists and ``overwrite`` is False, or another writer
+                committed (or replaced) it while this one uploaded; this save's data is deleted.
+            StorageCapabilityError: ``overwrite=True`` on a back end without a conditional
+                replace.
             RemoteStorageError: the store failed for good or the deadline passed; no
                 manifest was created by this save.
         """
-        refuse_overwrite(self.url, overwrite)
         name = step_name(step)
+        key = f"{name}/{MANIFEST_NAME}"
         with self.store.deadline():
-            if self.exists(step):
+            previous = self._previous(step) if overwrite else None
+            if previous is None and self.exists(step):
                 raise StepExistsError(
-                    f"checkpoint step {step} already exists at {self.step_url(step)}; save "
-                    "under another step"
+                    f"checkpoint step {step} already exists at {self.step_url(step)}; pass "
+                    "overwrite=True to replace it, or save under another step"
                 )
             save_id = secrets.token_hex(_SAVE_ID_BYTES)
             prefix = f"{name}/{save_id}"
@@ -183,14 +187,31 @@ class RemoteSteps:
             manifest = manifest_document(
                 kind=KIND,
                 files=files,
-                source=self.store.url(f"{name}/{MANIFEST_NAME}"),
+                source=self.store.url(key),
                 step=step,
                 data=save_id,
                 **manifest_fields,
             )
             # From here on the data is never deleted on error: a create whose answer was lost
             # may have committed it. An uncommitted prefix is an orphan for a later save.
-            self._create_manifest(step, prefix, json_bytes(manifest))
+            self._commit_manifest(step, prefix, json_bytes(manifest), previous)
+            if previous is not None and previous[1] is not None:
+                with contextlib.suppress(Exception):  # an orphan for a later save otherwise
+                    self.store.delete_prefix(f"{name}/{previous[1]}")
+
+    def _previous(self, step: int) -> tuple[str, str | None] | None:
+        """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
+        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        self.store.replacer()  # refuse overwrite=True on a back end that cannot do it
+        try:
+            version = self.store.version(key)  # first: a change after it fails the replace
+            document = json.loads(self.store.read(key, start=0, end=MANIFEST_LIMITS.max_bytes))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON: replaced all the same, its data is left as an orphan
+            return version, None
+        data = document.get("data") if isinstance(document, dict) else None
+        return version, data if isinstance(data, str) and _is_save_id(data) else None
 
     def _upload(self, prefix: str, step: int, entries: Sequence[Entry]) -> dict[str, FileRecord]:
         files: dict[str, FileRecord] = {}
@@ -204,19 +225,24 @@ class RemoteSteps:
         files[STATE_NAME] = self.store.write(f"{prefix}/{STATE_NAME}", state)
         return files
 
-    def _create_manifest(self, step: int, prefix: str, manifest: bytes) -> None:
+    def _commit_manifest(
+        self, step: int, prefix: str, manifest: bytes, previous: tuple[str, str | None] | None
+    ) -> None:
         key = f"{step_name(step)}/{MANIFEST_NAME}"
         try:
-            self.store.create_exclusive(key, manifest)
+            if previous is None:
+                self.store.create_exclusive(key, manifest)
+            else:
+                self.store.replace_if(key, manifest, previous[0])
             return
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):
             pass
         try:
             existing = self.store.read(key)
         except FileNotFoundError:
-            existing = None  # committed and retired again meanwhile: not ours either way
+            existing = None  # retired meanwhile: not ours either way
         if existing == manifest:
-            return  # our create succeeded; its answer was lost and the retry saw our object
+            return  # our write succeeded; its answer was lost and the retry saw our object
         with contextlib.suppress(Exception):
             self.store.delete_prefix(prefix)
         raise StepExistsError(
@@ -284,9 +310,9 @@ class RemoteSteps:
                         f"{name}/{manifest['data']}/{file}", local / file, record["size"]
                     )
                 except FileNotFoundError:
-                    if not self.exists(step):
+                    if self._replaced(step, local / MANIFEST_NAME):
                         raise StepVanishedError(
-                            f"{self.step_url(step)} was retired while it was read"
+                            f"{self.step_url(step)} was retired or replaced while it was read"
                         ) from None
                     raise CorruptFileError(
                         f"{self.step_url(step)}/{manifest['data']}/{file} is missing; the step "
@@ -294,15 +320,12 @@ class RemoteSteps:
                     ) from None
         return local
 
-
-def refuse_overwrite(url: str, overwrite: bool) -> None:
-    """Raise when ``overwrite=True`` is asked of object storage (not supported yet)."""
-    if overwrite:
-        raise StorageCapabilityError(
-            f"{url}: overwrite=True is not supported on object storage yet (replacing a "
-            "committed step needs a conditional replace of its manifest); save under another "
-            "step, or retire the step first"
-        )
+    def _replaced(self, step: int, used: Path) -> bool:
+        """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""
+        try:
+            return self.store.read(f"{step_name(step)}/{MANIFEST_NAME}") != used.read_bytes()
+        except FileNotFoundError:
+            return True
 
 
 def _is_save_id(name: str) -> bool:

@@ -51,6 +51,67 @@ EXCLUSIVE_CREATE: dict[str, ExclusiveCreate] = {
 }
 
 
+ReplaceIf = Callable[[Any, str, bytes, str], None]
+"""``replace(fs, path, data, version)``: write ``path`` only if it still is at ``version``
+(else ``FileExistsError``); versions come from :func:`object_version`."""
+
+
+def _s3_replace_if(fs: Any, path: str, data: bytes, version: str) -> None:
+    """PutObject with ``If-Match: <ETag>`` (S3 answers 412 when the object changed)."""
+    from .transfer import status_of
+
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+    except OSError as exc:
+        if status_of(exc) == "412":
+            raise FileExistsError(f"{path} changed since version {version}") from exc
+        raise
+    fs.invalidate_cache(path)
+
+
+def _check_then_replace(fs: Any, path: str, data: bytes, version: str) -> None:
+    """A replace that is conditional only if no one else writes (memory://, single writer)."""
+    if object_version(fs, path) != version:
+        raise FileExistsError(f"{path} changed since version {version}")
+    fs.pipe_file(path, data)
+
+
+def object_version(fs: Any, path: str) -> str:
+    """What changes whenever ``path`` is written: its ETag, else its modification time."""
+    info = fs.info(path)
+    for field in ("ETag", "generation", "created", "mtime", "LastModified"):
+        if info.get(field) is not None:
+            return str(info[field])
+    return f"size={info.get('size')}"
+
+
+# Conditional replace (overwrite=True on object storage), by fully qualified class name.
+REPLACE_IF: dict[str, ReplaceIf] = {
+    "s3fs.core.S3FileSystem": _s3_replace_if,
+    "fsspec.implementations.memory.MemoryFileSystem": _check_then_replace,  # tests only
+}
+
+
+def replace_if(fs: Any, url: str, *, single_writer: bool) -> ReplaceIf:
+    """How to replace an object on ``fs`` only if it did not change since it was read.
+
+    Raises:
+        StorageCapabilityError: the back end has no conditional replace here and the caller
+            did not declare a single writer.
+    """
+    adapter = REPLACE_IF.get(class_name(fs))
+    if adapter is not None:
+        return adapter
+    if single_writer:
+        return _check_then_replace
+    raise StorageCapabilityError(
+        f"{url}: overwrite=True needs a conditional replace (S3's If-Match), which torchkeep "
+        f"does not have for {class_name(fs)}; save under another step, or pass "
+        "transfer=tk.Transfer(single_writer=True) if only one process ever writes there"
+    )
+
+
 def url_scheme(location: object) -> str | None:
     """The scheme of a remote URL (``"s3"``), or None for a local path (``file://`` too)."""
     if not isinstance(location, str):

@@ -28,7 +28,16 @@ from ..hashing import new_hasher
 from ..manifest import FileRecord
 from . import objects
 from .local import atomic_file, temp_sibling
-from .remote import ExclusiveCreate, class_name, exclusive_create, filesystem, is_remote
+from .remote import (
+    ExclusiveCreate,
+    ReplaceIf,
+    class_name,
+    exclusive_create,
+    filesystem,
+    is_remote,
+    object_version,
+    replace_if,
+)
 from .stream import Span, write_stream
 from .transfer import Deadline, Transfer, attempt
 
@@ -176,6 +185,7 @@ class ObjectStore:
         self.fs, self.root = filesystem(url, storage_options)
         self._scheme = url.split("://", 1)[0]
         self._create: ExclusiveCreate | None = None
+        self._replace: ReplaceIf | None = None
         self._local = threading.local()
 
     def _path(self, key: str) -> str:
@@ -258,6 +268,43 @@ class ObjectStore:
                 self.fs, self.url(), single_writer=self.transfer.single_writer
             )
         return self._create
+
+    def replacer(self) -> ReplaceIf:
+        """This back end's conditional replace (for ``overwrite=True``), checked once.
+
+        Raises:
+            StorageCapabilityError: the back end has none and ``single_writer`` is False.
+        """
+        if self._replace is None:
+            self._replace = replace_if(
+                self.fs, self.url(), single_writer=self.transfer.single_writer
+            )
+        return self._replace
+
+    def version(self, key: str) -> str:
+        """What changes whenever ``key`` is written (its ETag on S3); FileNotFoundError if
+        absent."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        found: str = self._call(
+            "version lookup",
+            key,
+            lambda: object_version(self.fs, path),
+            final=(FileNotFoundError,),
+        )
+        return found
+
+    def replace_if(self, key: str, data: bytes, version: str) -> None:
+        """Replace ``key`` with ``data`` only if it is still at ``version``; else
+        FileExistsError."""
+        path = self._path(key)
+        replace = self.replacer()
+        self._call(
+            "conditional replace",
+            key,
+            lambda: replace(self.fs, path, data, version),
+            final=(FileExistsError, FileNotFoundError),
+        )
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         path = self._path(key)
