@@ -116,6 +116,19 @@ def remote_or_none(
     return None
 
 
+def refuse_url(location: str | os.PathLike[str]) -> None:
+    """Refuse a URL where only a local path works (ONNX export writes local files).
+
+    Raises:
+        StorageCapabilityError: ``location`` is a URL.
+    """
+    if is_url(location):
+        raise StorageCapabilityError(
+            f"{location}: ONNX export writes local files only (the exporter and onnx save the "
+            "model and its external data as files); export to a local path, then upload it"
+        )
+
+
 def remote_for(
     location: str | os.PathLike[str],
     storage_options: StorageOptions | None,
