@@ -159,6 +159,23 @@ def test_diff_and_convert_between_url_and_local(bucket: Bucket, tmp_path: Path, 
         convert(url, f"{bucket.url}/net.pt", storage_options=options)
 
 
+def test_convert_to_a_remote_checkpoint_folder_restores(
+    memory_bucket: Bucket, tmp_path: Path, net: Net
+) -> None:
+    """A tutorial checkpoint dict becomes a step the remote CheckpointManager restores."""
+    torch.save({"epoch": 5, "model_state_dict": net.state_dict()}, tmp_path / "old.pt")
+    run = f"{memory_bucket.url}/run"
+    done = convert(tmp_path / "old.pt", run)
+    assert done.destination == f"{run}/step-00000005"
+    manager = tk.CheckpointManager(run)
+    assert manager.steps == [5]
+    fresh = Net()
+    assert manager.restore(model=fresh).extra["epoch"] == 5
+    assert_state_equal(fresh.state_dict(), net.state_dict())
+    with pytest.raises(tk.DestinationExistsError):  # a committed step is never replaced
+        convert(tmp_path / "old.pt", run)
+
+
 # --------------------------------------------------------------------------------------------
 # damaged, missing and hostile objects
 

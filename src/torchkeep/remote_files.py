@@ -41,7 +41,7 @@ from .errors import (
     TorchkeepError,
     TorchkeepFileNotFoundError,
 )
-from .manifest import MANIFEST_NAME, FileRecord, json_bytes, read_manifest
+from .manifest import MANIFEST_LIMITS, MANIFEST_NAME, FileRecord, json_bytes, read_manifest
 from .storage.remote import is_remote
 from .storage.stream import Span
 
@@ -191,7 +191,9 @@ def naming(local: Path, url: str) -> Iterator[None]:
 def _object_size(store: ObjectStore, key: str) -> int:
     """The size of object ``key`` (one HEAD, retried and bounded like every store call)."""
     path = f"{store.root}/{key}"
-    size: int = store._call("size lookup", key, lambda: int(store.fs.size(path)))
+    size: int = store._call(
+        "size lookup", key, lambda: int(store.fs.size(path)), final=(FileNotFoundError,)
+    )
     return size
 
 
@@ -205,11 +207,16 @@ def _safe_relative(key: str, url: str) -> Path:
     return Path(*parts)
 
 
-def _download(store: ObjectStore, key: str, destination: Path, size: int) -> None:
+def _download(store: ObjectStore, key: str, destination: Path, claimed: int | None = None) -> None:
+    """Copy object ``key`` to ``destination``; where a manifest ``claimed`` a size, at most one
+    byte more than that (a longer object leaves a longer file, which the local size check
+    refuses, and a hostile manifest cannot make it read more). A missing object leaves no file
+    (the local check reports it missing)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        store.download(key, destination, size)
-    except FileNotFoundError:  # gone since listed: the local check reports it missing
+        size = _object_size(store, key)
+        store.download(key, destination, size if claimed is None else min(size, claimed))
+    except FileNotFoundError:
         destination.unlink(missing_ok=True)
 
 
@@ -231,7 +238,7 @@ def _mirror_committed(
     """
     local.mkdir(parents=True, exist_ok=True)
     manifest_key = f"{prefix}/{MANIFEST_NAME}"
-    _download(store, manifest_key, local / MANIFEST_NAME, _object_size(store, manifest_key))
+    _download(store, manifest_key, local / MANIFEST_NAME, MANIFEST_LIMITS.max_bytes)
     try:
         manifest = read_manifest(local)
     except TorchkeepError:
@@ -257,7 +264,7 @@ def _mirror(store: ObjectStore, remote: Remote, local: Path) -> None:
             "and the storage options (endpoint, credentials)"
         )
     if name in keys:
-        _download(store, name, local, _object_size(store, name))
+        _download(store, name, local)
         return
     if f"{name}/{MANIFEST_NAME}" in keys:
         _mirror_committed(store, remote, name, keys, local)
@@ -272,7 +279,7 @@ def _mirror(store: ObjectStore, remote: Remote, local: Path) -> None:
         )
     for key in keys:  # any other folder (a save_pretrained folder): every object
         relative = _safe_relative(key[len(name) + 1 :], remote.url)
-        _download(store, key, local / relative, _object_size(store, key))
+        _download(store, key, local / relative)
 
 
 def _mirror_checkpoint(remote: Remote, local: Path) -> None:
@@ -348,7 +355,7 @@ class _Committed:
 def _committed(store: ObjectStore, key: str) -> _Committed | None:
     """The folder whose manifest is ``key``, or None when there is none."""
     try:
-        document = json.loads(store.read(key))
+        document = json.loads(store.read(key, start=0, end=MANIFEST_LIMITS.max_bytes))
     except FileNotFoundError:
         return None
     except ValueError:

@@ -51,6 +51,13 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def url_keywords(args: argparse.Namespace, *locations: Path | str) -> dict[str, Any]:
+    """``{"storage_options": ...}`` for a library call when a location is a URL, else nothing
+    (a local path is passed exactly as before)."""
+    options = storage_options(args, *locations)
+    return {} if options is None else {"storage_options": options}
+
+
 def storage_options(args: argparse.Namespace, *locations: Path | str) -> dict[str, Any] | None:
     """The ``--storage-option`` values, or None when no location is a URL.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..convert import ROUTES, convert
 from ._output import EXIT_OK, console, human_bytes, plain, print_json
-from ._remote import add_storage_options, location, storage_options
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +56,8 @@ def _sharded_step(path: Path | str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = storage_options(args, args.source, args.destination)
-    if options is None and _sharded_step(args.source):
+    keywords = url_keywords(args, args.source, args.destination)
+    if not keywords and _sharded_step(args.source):
         from ..checkpoint import consolidate
 
         merged = consolidate(args.source, args.destination, force=args.force)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         args.destination,
         force=args.force,
         allow=args.allow,
-        storage_options=options,
+        **keywords,
     )
     if args.json:
         print_json(

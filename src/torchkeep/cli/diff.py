@@ -6,7 +6,7 @@ import argparse
 
 from ..compare import DiffReport, Status, diff_files
 from ._output import EXIT_OK, EXIT_PROBLEM, console, plain, print_json, print_table, tolerance
-from ._remote import add_storage_options, location, storage_options
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +68,8 @@ def _print(report: DiffReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = storage_options(args, args.a, args.b)
-    report = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol, storage_options=options)
+    keywords = url_keywords(args, args.a, args.b)
+    report = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol, **keywords)
     if args.json:
         print_json(report.to_json())
     else:

@@ -7,7 +7,7 @@ from collections import Counter
 
 from ..describe import Description, describe
 from ._output import EXIT_OK, console, human_bytes, plain, print_json, print_table
-from ._remote import add_storage_options, location, storage_options
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def _print(description: Description, limit: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    description = describe(args.path, storage_options=storage_options(args, args.path))
+    description = describe(args.path, **url_keywords(args, args.path))
     if args.json:
         print_json(description.to_json())
     else:

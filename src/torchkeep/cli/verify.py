@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 from ..verify import verify
 from ._output import EXIT_OK, EXIT_PROBLEM, console, labelled, print_json, print_table
-from ._remote import add_storage_options, location, storage_options
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = verify(args.path, storage_options=storage_options(args, args.path))
+    report = verify(args.path, **url_keywords(args, args.path))
     if args.json:
         print_json(
             {
