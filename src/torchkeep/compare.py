@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .remote_files import StorageOptions, check_options_used, is_url
+from .remote_files import StorageOptions, check_options_used
+from .storage.remote import is_remote
 from .weights import load_state_dict
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def diff_files(
         >>> diff_files("before.pt", "after.safetensors", atol=1e-6).only_in_b
     """
     check_options_used((a, b), storage_options, transfer)
-    sides = [str(p) if is_url(p) else Path(p) for p in (a, b)]
+    sides = [str(p) if is_remote(p) else Path(p) for p in (a, b)]
     states = [
         load_state_dict(p, storage_options=storage_options, transfer=transfer)
         if isinstance(p, str)

@@ -57,11 +57,6 @@ _SAFE_NAME = re.compile(r"[^/\\\x00]{1,255}")
 _STEP_MANIFEST = re.compile(r"step-[0-9]+/" + re.escape(MANIFEST_NAME))
 
 
-def is_url(location: object) -> bool:
-    """True when ``location`` is a URL handled by fsspec (``s3://``, ``memory://``), not a path."""
-    return is_remote(location)
-
-
 @dataclass(frozen=True)
 class Remote:
     """A URL with the options that reach it.
@@ -106,7 +101,7 @@ def remote_or_none(
         StorageCapabilityError: ``storage_options`` or ``transfer`` given with a local path
             (a ``ValueError``).
     """
-    if is_url(location):
+    if is_remote(location):
         return Remote(str(location), storage_options, transfer)
     if storage_options or transfer is not None:
         raise StorageCapabilityError(
@@ -122,7 +117,7 @@ def refuse_url(location: str | os.PathLike[str]) -> None:
     Raises:
         StorageCapabilityError: ``location`` is a URL.
     """
-    if is_url(location):
+    if is_remote(location):
         raise StorageCapabilityError(
             f"{location}: ONNX export writes local files only (the exporter and onnx save the "
             "model and its external data as files); export to a local path, then upload it"
@@ -136,7 +131,7 @@ def remote_for(
 ) -> Remote | None:
     """A :class:`Remote` for a URL, None for a local path: for functions taking two locations,
     where the options go to whichever of them is a URL."""
-    return Remote(str(location), storage_options, transfer) if is_url(location) else None
+    return Remote(str(location), storage_options, transfer) if is_remote(location) else None
 
 
 def check_options_used(
@@ -146,7 +141,7 @@ def check_options_used(
 ) -> None:
     """Refuse ``storage_options``/``transfer`` when no location is a URL (see
     :func:`remote_or_none`)."""
-    if not any(is_url(location) for location in locations):
+    if not any(is_remote(location) for location in locations):
         for location in locations:
             remote_or_none(location, storage_options, transfer)
 
@@ -188,15 +183,6 @@ def naming(local: Path, url: str) -> Iterator[None]:
 # reading
 
 
-def _object_size(store: ObjectStore, key: str) -> int:
-    """The size of object ``key`` (one HEAD, retried and bounded like every store call)."""
-    path = f"{store.root}/{key}"
-    size: int = store._call(
-        "size lookup", key, lambda: int(store.fs.size(path)), final=(FileNotFoundError,)
-    )
-    return size
-
-
 def _safe_relative(key: str, url: str) -> Path:
     parts = key.split("/")
     if not all(_SAFE_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
@@ -214,7 +200,7 @@ def _download(store: ObjectStore, key: str, destination: Path, claimed: int | No
     (the local check reports it missing)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        size = _object_size(store, key)
+        size = store.size(key)
         store.download(key, destination, size if claimed is None else min(size, claimed))
     except FileNotFoundError:
         destination.unlink(missing_ok=True)

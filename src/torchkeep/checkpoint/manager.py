@@ -50,7 +50,7 @@ from .layout import (
     uncommitted_steps,
 )
 from .reader import LoadedStep, StepVanishedError, read_step
-from .remote import RemoteSteps, refuse_overwrite
+from .remote import RemoteSteps, refuse_overwrite, relabelled
 
 STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
 # How often a reader looks for the newest step again after a concurrent writer retired the
@@ -602,25 +602,15 @@ class CheckpointManager:
             )
             return Restored(done.step, done.metrics, done.extra, done.path)
         loaded = self._load_first_valid(step)
-        _check_targets(loaded, targets)
-        targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
-        for name, obj in targets.items():
-            precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
-        extra = {
-            name: loaded.value(name)
-            for name, (kind, _) in loaded.entries.items()
-            if kind == "value" and name != RNG_ENTRY
-        }
-        # Objects whose state cannot be checked go first: if one refuses its state, everything
-        # that was checked is still untouched.
-        restored: list[str] = []
-        for name in sorted(targets, key=lambda n: precheck.checkable(targets[n])):
-            _load_into(loaded, name, targets[name], strict=strict, restored=restored)
-            restored.append(name)
-        if restore_rng and RNG_ENTRY in loaded.entries:
-            rng.restore(loaded.value(RNG_ENTRY))
-        where = loaded.path if self._remote is None else self._remote.step_url(loaded.step)
-        return Restored(loaded.step, loaded.metrics, extra, where)
+        if self._remote is None:
+            extra = _apply(loaded, targets, restore_rng=restore_rng, strict=strict)
+            return Restored(loaded.step, loaded.metrics, extra, loaded.path)
+        url = self._remote.step_url(loaded.step)
+        try:
+            extra = _apply(loaded, targets, restore_rng=restore_rng, strict=strict)
+        except TorchkeepError as exc:  # name the step by its URL, not its private local copy
+            raise relabelled(exc, loaded.path, url) from exc
+        return Restored(loaded.step, loaded.metrics, extra, url)
 
     def _sharded_reader(self, step: int | Literal["best"] | None) -> Any:
         """A session without a process group when the step to restore is sharded (a step
@@ -649,6 +639,33 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _apply(
+    loaded: LoadedStep, targets: dict[str, Any], *, restore_rng: bool, strict: bool
+) -> dict[str, Any]:
+    """Check ``loaded`` against every target, then load it into them; return the plain values.
+
+    Nothing is changed before every check has passed.
+    """
+    _check_targets(loaded, targets)
+    targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
+    for name, obj in targets.items():
+        precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
+    extra = {
+        name: loaded.value(name)
+        for name, (kind, _) in loaded.entries.items()
+        if kind == "value" and name != RNG_ENTRY
+    }
+    # Objects whose state cannot be checked go first: if one refuses its state, everything
+    # that was checked is still untouched.
+    restored: list[str] = []
+    for name in sorted(targets, key=lambda n: precheck.checkable(targets[n])):
+        _load_into(loaded, name, targets[name], strict=strict, restored=restored)
+        restored.append(name)
+    if restore_rng and RNG_ENTRY in loaded.entries:
+        rng.restore(loaded.value(RNG_ENTRY))
+    return extra
 
 
 def _remote_steps(

@@ -73,6 +73,7 @@ class RemoteSteps:
         transfer: Transfer | None = None,
     ) -> None:
         self.store = ObjectStore(url, storage_options=storage_options, transfer=transfer)
+        self.store.exclusive_creator()  # refuse a back end that cannot commit, before any save
         self.url = self.store.url()
 
     def step_url(self, step: int) -> str:
@@ -135,7 +136,7 @@ class RemoteSteps:
         try:
             manifest = read_step_manifest(local)
         except TorchkeepError as exc:
-            raise _relabelled(exc, local, self.step_url(step)) from None
+            raise relabelled(exc, local, self.step_url(step)) from None
         if "data" not in manifest:
             raise CorruptFileError(
                 f"{self.step_url(step)}/{MANIFEST_NAME} names no data prefix (its 'data' field); "
@@ -268,7 +269,7 @@ class RemoteSteps:
             try:
                 return read_step(local)
             except TorchkeepError as exc:
-                raise _relabelled(exc, local, self.step_url(step)) from None
+                raise relabelled(exc, local, self.step_url(step)) from None
 
     def fetch(self, step: int, scratch: Path) -> Path:
         """Copy ``step`` into ``scratch/step-<n>/`` laid out as a local step (not verified:
@@ -308,7 +309,7 @@ def _is_save_id(name: str) -> bool:
     return re.fullmatch(DATA_PREFIX_PATTERN, name) is not None
 
 
-def _relabelled(exc: TorchkeepError, local: Path, url: str) -> TorchkeepError:
+def relabelled(exc: TorchkeepError, local: Path, url: str) -> TorchkeepError:
     """``exc`` with the private local copy's path in its message replaced by the step URL."""
     message = str(exc).replace(str(local), url)
     try:

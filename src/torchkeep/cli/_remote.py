@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StorageCapabilityError
-from ..remote_files import is_url
+from ..storage.remote import is_remote
 
 
 def location(text: str) -> Path | str:
     """An argparse ``type``: a URL stays text, anything else becomes a local path."""
-    return text if is_url(text) else Path(text)
+    return text if is_remote(text) else Path(text)
 
 
 def _option(text: str) -> tuple[str, Any]:

@@ -28,7 +28,7 @@ from ..hashing import new_hasher
 from ..manifest import FileRecord
 from . import objects
 from .local import atomic_file, temp_sibling
-from .remote import class_name, exclusive_create, filesystem, is_remote
+from .remote import ExclusiveCreate, class_name, exclusive_create, filesystem, is_remote
 from .stream import Span, write_stream
 from .transfer import Deadline, Transfer, attempt
 
@@ -62,6 +62,10 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` exists now."""
+        ...
+
+    def size(self, key: str) -> int:
+        """The size of ``key`` in bytes; FileNotFoundError if absent."""
         ...
 
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
@@ -128,6 +132,9 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
         found: dict[str, float] = {}
@@ -154,9 +161,8 @@ class ObjectStore:
     it belongs to (:meth:`deadline`, else ``transfer.deadline_s`` per call); final failures
     are :class:`~torchkeep.errors.RemoteStorageError`.
 
-    Raises:
-        StorageCapabilityError: the back end has no atomic exclusive create and
-            ``transfer.single_writer`` is False.
+    Reading and plain writes work on any fsspec back end; :meth:`create_exclusive` (a commit)
+    needs an adapter (:mod:`torchkeep.storage.remote`) or ``transfer.single_writer``.
     """
 
     def __init__(
@@ -169,7 +175,7 @@ class ObjectStore:
         self.transfer = transfer if transfer is not None else Transfer()
         self.fs, self.root = filesystem(url, storage_options)
         self._scheme = url.split("://", 1)[0]
-        self._create = exclusive_create(self.fs, url, single_writer=self.transfer.single_writer)
+        self._create: ExclusiveCreate | None = None
         self._local = threading.local()
 
     def _path(self, key: str) -> str:
@@ -241,12 +247,25 @@ class ObjectStore:
             deadline=self._deadline(),
         )
 
+    def exclusive_creator(self) -> ExclusiveCreate:
+        """This back end's exclusive create, checked once (writers that commit call it early).
+
+        Raises:
+            StorageCapabilityError: the back end has none and ``single_writer`` is False.
+        """
+        if self._create is None:
+            self._create = exclusive_create(
+                self.fs, self.url(), single_writer=self.transfer.single_writer
+            )
+        return self._create
+
     def create_exclusive(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        create = self.exclusive_creator()
         self._call(
             "exclusive create",
             key,
-            lambda: self._create(self.fs, path, data),
+            lambda: create(self.fs, path, data),
             final=(FileExistsError,),
         )
         with contextlib.suppress(Exception):
@@ -257,6 +276,16 @@ class ObjectStore:
         self.fs.invalidate_cache(path)
         found: bool = self._call("existence check", key, lambda: self.fs.exists(path))
         return found
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        info = self._call(
+            "size lookup", key, lambda: self.fs.info(path), final=(FileNotFoundError,)
+        )
+        if info.get("type", "file") != "file":
+            raise FileNotFoundError(f"{self.url(key)} is not an object")
+        return int(info["size"])
 
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
         base = self._path(prefix)
