@@ -397,3 +397,18 @@ def test_cli_without_s3fs_says_how_to_install(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "pip install 'torchkeep[remote]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_refused_read_is_one_line_naming_the_url(
+    s3_proxy: tuple[FaultProxy, Bucket], net: Net, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy, bucket = s3_proxy
+    url = f"{bucket.url}/net.safetensors"
+    tk.save_weights(net, url, storage_options=bucket.storage_options)
+    proxy.add("forbid", method="GET")
+    code, out, err = cli("inspect", url, *options_flags(bucket), capsys=capsys)
+    assert code == 2
+    assert err.startswith("error: ")
+    assert url in err
+    assert "refused" in err
+    assert "Traceback" not in err + out
