@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import (
     CorruptFileError,
     StepExistsError,
+    StorageCapabilityError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
 )
@@ -326,6 +327,17 @@ class RemoteSteps:
             return self.store.read(f"{step_name(step)}/{MANIFEST_NAME}") != used.read_bytes()
         except FileNotFoundError:
             return True
+
+
+def refuse_overwrite(url: str, overwrite: bool) -> None:
+    """Raise when ``overwrite=True`` is asked of a remote writer that has no conditional
+    replace (``torchkeep convert --force`` into a bucket's checkpoint folder)."""
+    if overwrite:
+        raise StorageCapabilityError(
+            f"{url}: replacing an existing checkpoint step this way is not supported on object "
+            "storage; write to another step, or save it with CheckpointManager.save(..., "
+            "overwrite=True), which replaces a step conditionally"
+        )
 
 
 def _is_save_id(name: str) -> bool:
