@@ -3,9 +3,9 @@
 Uploads take the same spans as the local streaming writer (:mod:`torchkeep.storage.stream`):
 the bytes are copied into parts of ``Transfer.part_size``, hashed on the way, and on S3 sent as
 a multipart upload with up to ``Transfer.max_concurrency`` parts in flight, so one upload holds
-at most ``part_size * max_concurrency`` bytes (plus the part being filled). The object appears
-only when the upload is completed; a failed upload is aborted. An object that fits in one part
-is sent with one PUT. Other back ends get the object in one ``pipe_file`` call.
+at most ``part_size * max_concurrency`` bytes of parts (plus the one being filled). The object
+appears only when the upload is completed; a failed upload is aborted. An object that fits in
+one part is sent with one PUT. Other back ends get the object in one ``pipe_file`` call.
 
 Downloads fetch ranges of ``part_size`` concurrently straight into a local file.
 """
@@ -135,10 +135,16 @@ def _multipart(target: _Target, head: list[bytes], rest: Iterable[bytes]) -> Non
 
     try:
         with ThreadPoolExecutor(transfer.max_concurrency, "torchkeep-upload") as pool:
-            for number, data in enumerate(_chain(head, rest), start=1):
-                while not slots.acquire(timeout=1.0):  # at most max_concurrency parts held
+            numbered = enumerate(_chain(head, rest), start=1)
+            while True:
+                # A slot first, then the next part's bytes: at most max_concurrency parts held
+                while not slots.acquire(timeout=1.0):
                     _raise_first_failure(futures)
-                futures.append(pool.submit(send, number, data))
+                item = next(numbered, None)
+                if item is None:
+                    slots.release()
+                    break
+                futures.append(pool.submit(send, *item))
                 _raise_first_failure(futures)
             done = [future.result() for future in futures]
         parts = [{"PartNumber": n, "ETag": out["ETag"]} for n, out in enumerate(done, start=1)]

@@ -339,20 +339,23 @@ class ObjectStore:
         self.fs.invalidate_cache(self.root)  # s3fs answers listings from a per-instance cache
 
         def find() -> dict[str, Any]:
+            # No maxdepth here: s3fs walks "directories" for one (a LIST per step), while a
+            # plain find is one paginated listing of every key below ``base``.
             try:
-                found: dict[str, Any] = self.fs.find(
-                    base, maxdepth=maxdepth, withdirs=False, detail=True
-                )
+                found: dict[str, Any] = self.fs.find(base, withdirs=False, detail=True)
             except FileNotFoundError:
                 return {}
             return found
 
         entries = self._call("listing", prefix, find)
         cut = len(self.root) + 1
+        depth = base.count("/") + (maxdepth if maxdepth is not None else 1 << 30)
         return {
             name[cut:]: _modified(info)
             for name, info in entries.items()
-            if name.startswith(self.root + "/") and info.get("type", "file") == "file"
+            if name.startswith(self.root + "/")
+            and info.get("type", "file") == "file"
+            and name.count("/") <= depth
         }
 
     def delete(self, key: str) -> None:
