@@ -217,3 +217,22 @@ def test_sigkilled_saves_never_leave_a_listed_step_that_fails_verification(
         worker.wait(timeout=60)
         worker.stdout.close()
     assert outcomes.count("killed") >= 1
+
+
+def test_listing_is_one_paginated_list_and_one_get_per_manifest(s3_proxy: Proxied) -> None:
+    proxy, bucket = s3_proxy
+    mgr = _manager(bucket, keep_last=None)
+    for step in (1, 2, 3):
+        mgr.save(step, model=_model(7))
+    first = len(proxy.log)
+    assert mgr.steps == [1, 2, 3]
+    log = proxy.log[first:]
+    assert len([r for r in log if "list-type" in r.query]) == 1
+    assert sorted(
+        r.path.rsplit("/", 2)[1] for r in log if r.method == "GET" and "list-type" not in r.query
+    ) == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+    assert not [r for r in log if r.method == "HEAD"]
