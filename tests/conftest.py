@@ -13,6 +13,9 @@ from torch import nn
 
 from torchkeep.models import Net, small_vgg
 
+# Remote-storage fixtures: moto S3 server, fault proxy, memory:// (tests/remote/fixtures.py).
+pytest_plugins = ["tests.remote.fixtures"]
+
 # CI replays the same examples on every run (a failure there is reproducible, never a flake);
 # developers' runs explore new ones. Each fuzz test still sets its own example count.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -28,6 +28,7 @@ PUBLIC = {
     "BuilderNameError",
     "DistributedCheckpointError",
     "CachePolicyError",
+    "StorageCapabilityError", "RemoteStorageError", "Transfer",
     "__version__",
 }  # fmt: skip
 
@@ -73,6 +74,8 @@ BUILTIN_BASE = {
     "DistributedCheckpointError": RuntimeError,
     "UnreadableFileError": (ValueError, OSError),  # damaged content and an I/O failure alike
     "CachePolicyError": ValueError,
+    "StorageCapabilityError": ValueError,
+    "RemoteStorageError": OSError,
 }
 
 

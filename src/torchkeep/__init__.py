@@ -20,9 +20,11 @@ from .errors import (
     InvalidDocumentError,
     MissingDependencyError,
     ModelClassNotFoundError,
+    RemoteStorageError,
     ResourceLimitError,
     StateDictMismatchError,
     StepExistsError,
+    StorageCapabilityError,
     StorageFullError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
@@ -41,6 +43,7 @@ from .model import (
 )
 from .onnx import OnnxReport, export_onnx
 from .security import ScanReport, load_pickled_model, scan
+from .storage.transfer import Transfer
 from .verify import VerifyReport, verify
 from .weights import LoadReport, Stateful, load_state_dict, load_weights, save_weights
 
@@ -66,15 +69,18 @@ __all__ = [
     "MissingDependencyError",
     "ModelClassNotFoundError",
     "OnnxReport",
+    "RemoteStorageError",
     "ResourceLimitError",
     "Restored",
     "ScanReport",
     "StateDictMismatchError",
     "Stateful",
     "StepExistsError",
+    "StorageCapabilityError",
     "StorageFullError",
     "TorchkeepError",
     "TorchkeepFileNotFoundError",
+    "Transfer",
     "UnreadableFileError",
     "UnsafeBundleError",
     "UnsafeCheckpointError",

@@ -13,11 +13,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .remote_files import StorageOptions, check_options_used
+from .storage.remote import is_remote
 from .weights import load_state_dict
+
+if TYPE_CHECKING:
+    from .storage.transfer import Transfer
 
 CHUNK_ELEMENTS = 1 << 20
 
@@ -80,8 +85,8 @@ class DiffReport:
         tensors: one entry per common key, in the first file's order.
     """
 
-    a: Path
-    b: Path
+    a: Path | str
+    b: Path | str
     rtol: float
     atol: float
     only_in_a: list[str] = field(default_factory=list)
@@ -184,7 +189,7 @@ def diff_state_dicts(
     *,
     rtol: float = 0.0,
     atol: float = 0.0,
-    paths: tuple[Path, Path] = (Path("a"), Path("b")),
+    paths: tuple[Path | str, Path | str] = (Path("a"), Path("b")),
 ) -> DiffReport:
     """Compare two state dicts key by key.
 
@@ -216,17 +221,22 @@ def diff_files(
     *,
     rtol: float = 0.0,
     atol: float = 0.0,
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
 ) -> DiffReport:
     """Compare the state dicts stored in two files of any readable format.
 
     Either side may be safetensors, a ``torch.save`` file (the model part of a checkpoint
-    dict), a checkpoint or a bundle; nothing is executed and tensors are read lazily.
+    dict), a checkpoint or a bundle; nothing is executed and tensors are read lazily. Either
+    side may be a URL (read as :func:`load_state_dict` reads one).
 
     Args:
-        a: the first file.
-        b: the second file.
+        a: the first file (or URL).
+        b: the second file (or URL).
         rtol: relative tolerance.
         atol: absolute tolerance.
+        storage_options: options of the fsspec filesystem of whichever side is a URL.
+        transfer: a :class:`Transfer` for whichever side is a URL.
 
     Returns:
         A :class:`DiffReport`; ``report.equal`` says whether they match.
@@ -234,7 +244,12 @@ def diff_files(
     Example:
         >>> diff_files("before.pt", "after.safetensors", atol=1e-6).only_in_b
     """
-    a, b = Path(a), Path(b)
-    return diff_state_dicts(
-        load_state_dict(a), load_state_dict(b), rtol=rtol, atol=atol, paths=(a, b)
-    )
+    check_options_used((a, b), storage_options, transfer)
+    sides = [str(p) if is_remote(p) else Path(p) for p in (a, b)]
+    states = [
+        load_state_dict(p, storage_options=storage_options, transfer=transfer)
+        if isinstance(p, str)
+        else load_state_dict(p)
+        for p in sides
+    ]
+    return diff_state_dicts(*states, rtol=rtol, atol=atol, paths=(sides[0], sides[1]))

@@ -7,10 +7,13 @@ that does it, so a new route is one function and one entry.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,8 +23,20 @@ from .formats import Format, detect_format
 from .formats import safetensors as st
 from .model import migrate_pickled_model
 from .paths import lookup
+from .remote_files import (
+    Remote,
+    StorageOptions,
+    check_options_used,
+    commit_folder,
+    local_copy,
+    remote_for,
+    upload_file,
+)
 from .security import scan
 from .weights import RESERVED_METADATA, TORCH_SUFFIXES, open_source, save_weights
+
+if TYPE_CHECKING:
+    from .storage.transfer import Transfer
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
@@ -48,8 +63,8 @@ class Conversion:
             left behind).
     """
 
-    source: Path
-    destination: Path
+    source: Path | str
+    destination: Path | str
     source_format: Format
     tensors: int = 0
     tied: dict[str, str] = field(default_factory=dict)
@@ -166,6 +181,8 @@ def convert(
     *,
     force: bool = False,
     allow: Sequence[str] = (),
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
 ) -> Conversion:
     """Convert a stored model to another format, keeping every tensor bit for bit.
 
@@ -177,12 +194,18 @@ def convert(
     its classes lie under ``allow``. Tied weights stay tied. Nothing in the source is executed
     unless allowed; the destination is written atomically.
 
+    Either side may be a URL: a source is fetched first (as :func:`load_state_dict` fetches
+    one); a destination is converted into a private temporary folder and uploaded, a file as
+    one object, a bundle or checkpoint step committed by its manifest created last.
+
     Args:
-        source: the file to read.
-        destination: the file or directory to write.
+        source: the file to read (or its URL).
+        destination: the file or directory to write (or its URL).
         force: overwrite ``destination`` if it exists (a checkpoint folder is added to; with
-            ``force`` a step of the same number is replaced).
+            ``force`` a step of the same number is replaced; not on object storage).
         allow: module prefixes whose classes a pickled whole model may use.
+        storage_options: options of the fsspec filesystem of whichever side is a URL.
+        transfer: a :class:`Transfer` for whichever side is a URL.
 
     Returns:
         A :class:`Conversion` saying what was written and what was left behind.
@@ -191,7 +214,49 @@ def convert(
         >>> convert("checkpoint.pt", "model.safetensors").notes
         ["converted the 'model_state_dict' entry of the checkpoint dict; ..."]
     """
-    source, destination = Path(source), Path(destination)
+    check_options_used((source, destination), storage_options, transfer)
+    target = remote_for(destination, storage_options, transfer)
+    with contextlib.ExitStack() as stack:
+        local_source = stack.enter_context(local_copy(source, storage_options, transfer))
+        if target is None:
+            done = _convert(local_source, Path(destination), force, allow)
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="torchkeep-upload-"))
+            local = Path(folder) / target.name
+            done = _convert(local_source, local, force, allow)
+            _publish(done, local, target, force)
+    if target is not None:
+        done.destination = str(done.destination).replace(str(local), target.url)
+    if local_source != Path(source):
+        done.source = str(source)
+        done.notes = [note.replace(str(local_source), str(source)) for note in done.notes]
+    return done
+
+
+def _publish(done: Conversion, local: Path, target: Remote, force: bool) -> None:
+    """Upload what :func:`_convert` wrote at ``local`` to the URL ``target``."""
+    from .checkpoint.remote import refuse_overwrite
+    from .model.layout import BUNDLE_KIND
+
+    if local.is_file():
+        if not force and target.store().exists(target.name):
+            raise DestinationExistsError(
+                f"{target.url} already exists; pass force=True (--force) to overwrite it"
+            )
+        upload_file(local, target)
+    elif Path(done.destination) != local:  # a step of a checkpoint folder
+        refuse_overwrite(target.url, force)
+        step = Path(done.destination)
+        commit_folder(
+            step,
+            Remote(f"{target.url}/{step.name}", target.storage_options, target.transfer),
+        )
+    else:
+        commit_folder(local, target, replace=BUNDLE_KIND if force else None)
+
+
+def _convert(source: Path, destination: Path, force: bool, allow: Sequence[str]) -> Conversion:
+    """:func:`convert` between local paths."""
     lookup(destination)  # a name no file can have is a typed error before any work
     route_key = (_kind_of_source(source), _kind_of_destination(destination))
     route = ROUTES.get(route_key)

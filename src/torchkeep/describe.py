@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,10 @@ from .errors import FileFormatError, UnsafeCheckpointError
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import require_exists
+from .remote_files import StorageOptions, fetched, remote_or_none
+
+if TYPE_CHECKING:
+    from .storage.transfer import Transfer
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Description:
         notes: free-form remarks (deprecations, warnings).
     """
 
-    path: Path
+    path: Path | str
     format: Format
     size: int
     tensors: list[TensorInfo] = field(default_factory=list)
@@ -179,11 +183,21 @@ DESCRIBERS: dict[Format, Callable[[Path], Description]] = {
 }
 
 
-def describe(path: str | os.PathLike[str]) -> Description:
+def describe(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
+) -> Description:
     """Describe what ``path`` holds (format, tensors, metadata, ...) without loading tensor data.
 
+    A URL is fetched first into a private temporary folder (a folder: its manifest and the
+    files it lists) and described by the same code; the description names the URL.
+
     Args:
-        path: a weights file, checkpoint, bundle, program or ONNX file.
+        path: a weights file, checkpoint, bundle, program or ONNX file, or its URL.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (parallel reads, retries, deadline).
 
     Returns:
         A :class:`Description`.
@@ -191,7 +205,19 @@ def describe(path: str | os.PathLike[str]) -> Description:
     Example:
         >>> describe("net.safetensors").parameter_count
     """
-    path = Path(path)
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is not None:
+        with fetched(remote) as local:
+            description = _describe(local)
+        here = str(local)
+        description.path = remote.url
+        description.notes = [note.replace(here, remote.url) for note in description.notes]
+        return description
+    return _describe(Path(path))
+
+
+def _describe(path: Path) -> Description:
+    """:func:`describe` of a local path."""
     if stat.S_ISREG(require_exists(path).st_mode):
         require_file(path)  # an empty file gets its own message
     fmt = detect_format(path)

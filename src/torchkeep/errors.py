@@ -134,6 +134,32 @@ class CachePolicyError(TorchkeepError, ValueError):
     """A ``cache=`` argument names no cache policy (``"keep"``, ``"drop"`` or ``"auto"``)."""
 
 
+class StorageCapabilityError(TorchkeepError, ValueError):
+    """A storage back end cannot keep a promise torchkeep needs (an exclusive create, a
+    conditional replace); the message names the URL, the missing capability and the way out."""
+
+
+class RemoteStorageError(TorchkeepError, OSError):
+    """An object-store operation failed for good: refused (403), still failing after its
+    retries, or past the save's deadline. ``url``, ``operation``, ``attempts`` and ``status``
+    (the last HTTP status or error name, None when unknown) say which and how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str = "",
+        operation: str = "",
+        attempts: int = 0,
+        status: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.operation = operation
+        self.attempts = attempts
+        self.status = status
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for summaries.
 

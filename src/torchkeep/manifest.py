@@ -87,8 +87,13 @@ def write_json(path: Path, value: object, *, sort_keys: bool = True) -> FileReco
 
     ``sort_keys=False`` keeps the dicts' own order (needed where order is data).
     """
-    data = (json.dumps(value, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n").encode()
+    data = json_bytes(value, sort_keys=sort_keys)
     return write_hashed(path, lambda f: _ignore(f.write(data)))
+
+
+def json_bytes(value: object, *, sort_keys: bool = True) -> bytes:
+    """``value`` encoded as torchkeep writes JSON documents (indented, a final newline)."""
+    return (json.dumps(value, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n").encode()
 
 
 def _ignore(_: object) -> None:
@@ -108,10 +113,29 @@ def write_manifest(
     ``format_version`` defaults to the version this torchkeep writes for ``kind``; a writer of
     a newer layout passes its own (it must be one :mod:`torchkeep.format_versions` lists).
     """
+    manifest = manifest_document(
+        kind=kind,
+        files=files,
+        format_version=format_version,
+        source=directory / MANIFEST_NAME,
+        **fields,
+    )
+    write_json(directory / MANIFEST_NAME, manifest)
+
+
+def manifest_document(
+    *,
+    kind: str,
+    files: Mapping[str, FileRecord],
+    format_version: int | None = None,
+    source: Path | str = MANIFEST_NAME,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The manifest :func:`write_manifest` writes, as a dict (object stores upload it)."""
     versions = VERSIONED_KINDS[kind]
     version = versions.writes if format_version is None else format_version
-    check_version(versions, version, source=directory / MANIFEST_NAME)
-    manifest = {
+    check_version(versions, version, source=source)
+    return {
         "format": kind,
         "format_version": version,
         "created": time.time(),
@@ -121,11 +145,11 @@ def write_manifest(
         "files": {name: record.to_json() for name, record in sorted(files.items())},
         **fields,
     }
-    write_json(directory / MANIFEST_NAME, manifest)
 
 
 # A file listed in a manifest: a plain name inside the directory (no separator, not hidden).
 FILE_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,254}"
+DATA_PREFIX_PATTERN = "[0-9a-f]{16}"
 MANIFEST_LIMITS = Limits(max_bytes=16 << 20, max_depth=32, allow_nonfinite=True)
 _FILE_RECORD = Object(
     {"size": Int(), "hash": Str(max_len=128, pattern="[0-9a-f]+")}, required=("size", "hash")
@@ -138,6 +162,8 @@ _COMMON_FIELDS: dict[str, Schema] = {
     "torch_version": Str(max_len=64),
     "hash_algorithm": Str(max_len=64),
     "files": Map(_FILE_RECORD, key=Str(max_len=255, pattern=FILE_NAME_PATTERN), max_len=10_000),
+    # on object storage: the per-save id prefix (next to the manifest) holding the files
+    "data": Str(max_len=32, pattern=DATA_PREFIX_PATTERN),
 }
 _COMMON_REQUIRED = ("format", "format_version", "created", "hash_algorithm", "files")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint.layout import parse_step, step_problems
 from .errors import FileFormatError, TorchkeepError
@@ -12,6 +13,10 @@ from .formats import Format, detect_format
 from .manifest import find_problems, read_manifest
 from .model.config import read_config
 from .model.layout import content_problems
+from .remote_files import StorageOptions, fetched, remote_or_none
+
+if TYPE_CHECKING:
+    from .storage.transfer import Transfer
 
 
 @dataclass
@@ -19,15 +24,16 @@ class VerifyReport:
     """What :func:`verify` found.
 
     Attributes:
-        path: the path checked.
+        path: the path checked (the URL, for one on object storage).
         format: what it is (a checkpoint step, a checkpoint folder or a model bundle).
         checked: every directory checked, with its problems (missing, truncated or corrupted
-            files, a missing or bad manifest); an empty list means intact.
+            files, a missing or bad manifest); an empty list means intact. Keys are paths, or
+            URLs for a URL.
     """
 
-    path: Path
+    path: Path | str
     format: Format
-    checked: dict[Path, list[str]] = field(default_factory=dict)
+    checked: dict[Path | str, list[str]] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -61,7 +67,12 @@ def _bundle_problems(path: Path) -> list[str]:
     return problems
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyReport:
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
+) -> VerifyReport:
     """Hash every file of a checkpoint step, checkpoint folder or model bundle.
 
     The manifest and, in a checkpoint step, ``state.json`` are checked against their schemas
@@ -71,8 +82,15 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     never leaves one; a damaged step might); temporary directories of interrupted saves are
     not steps and are skipped.
 
+    A URL (``s3://bucket/run1``) is fetched first into a private temporary folder: a bundle or
+    step as its manifest and the files it lists; a checkpoint folder as its committed steps (on
+    object storage a step without a manifest is an upload in progress, not a step). Every byte
+    is then hashed by the same checks as on disk, and the report names URLs.
+
     Args:
-        path: a ``step-<n>`` directory, a checkpoint folder or a model bundle.
+        path: a ``step-<n>`` directory, a checkpoint folder or a model bundle, or its URL.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (parallel reads, retries, deadline).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True when nothing is wrong.
@@ -80,13 +98,31 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     Raises:
         TorchkeepFileNotFoundError: ``path`` does not exist.
         FileFormatError: ``path`` is not one of the directories above.
+        RemoteStorageError: for a URL, a read failed for good or the deadline passed.
 
     Example:
         >>> report = tk.verify("ckpt")
         >>> report.ok, report.problems
         (True, [])
     """
-    path = Path(path)
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is None:
+        return _verify(Path(path))
+    with fetched(remote) as local:
+        report = _verify(local)
+    here, url = str(local), remote.url
+    return VerifyReport(
+        url,
+        report.format,
+        {
+            str(checked).replace(here, url): [p.replace(here, url) for p in problems]
+            for checked, problems in report.checked.items()
+        },
+    )
+
+
+def _verify(path: Path) -> VerifyReport:
+    """:func:`verify` of a local path."""
     fmt = detect_format(path)  # a missing or impossible path is a typed error here
     if fmt == Format.BUNDLE:
         return VerifyReport(path, fmt, {path: _bundle_problems(path)})

@@ -6,11 +6,12 @@ import contextlib
 import json
 import os
 import stat
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,9 +23,13 @@ from .format_versions import WEIGHTS, WEIGHTS_KEY
 from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import write_target
+from .remote_files import Remote, StorageOptions, fetched, remote_or_none, upload_file, upload_spans
 from .storage.cache import CachePolicy, check_cache_policy
 from .storage.local import atomic_file
 from .unwrap import WRAPPER_PREFIXES, strip_prefixes, unwrap
+
+if TYPE_CHECKING:
+    from .storage.transfer import Transfer
 
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 # Keys under which training scripts commonly keep the model part of a checkpoint dict.
@@ -49,7 +54,7 @@ class LoadReport:
     """What :func:`load_weights` did.
 
     Attributes:
-        path: the file read.
+        path: the file read (the URL, for one on object storage).
         format: the format recognised from the file's content.
         loaded: model keys that received stored values.
         missing: model keys the file has no value for.
@@ -63,7 +68,7 @@ class LoadReport:
         notes: one line per thing a user should know (prefix fixes, the key used, ...).
     """
 
-    path: Path
+    path: Path | str
     format: Format
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -160,12 +165,16 @@ def save_weights(
     *,
     metadata: Mapping[str, str] | None = None,
     cache: CachePolicy = "auto",
-) -> Path:
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
+) -> Path | str:
     """Save a model's weights (or a state dict) atomically.
 
     ``.pt``/``.pth``/``.bin``/``.ckpt`` paths get a ``torch.save`` zip that loads with
     ``torch.load(weights_only=True)``; every other path gets safetensors. Tied weights are
     stored once and come back tied. The file appears at ``path`` only when complete and on disk.
+    A URL (``s3://bucket/net.safetensors``, any fsspec URL) gets the same bytes as one object,
+    streamed from the tensors' memory as a multipart upload that appears whole or not at all.
 
     Args:
         model_or_state_dict: an ``nn.Module`` (or anything with ``state_dict()``) or a mapping
@@ -178,36 +187,56 @@ def save_weights(
             would, then drop; drop from the start for a file over half the available
             memory). Every policy is equally durable. A ``torch.save`` file is always
             written through the cache.
+        storage_options: for a URL, options of its fsspec filesystem (credentials,
+            ``endpoint_url``...).
+        transfer: for a URL, a :class:`Transfer` (part size, parallelism, retries, deadline).
 
     Returns:
-        The path written.
+        The path written (the URL, for a URL).
 
     Raises:
         CachePolicyError: ``cache`` names no policy.
+        RemoteStorageError: an upload failed for good or the transfer's deadline passed.
 
     Example:
         >>> tk.save_weights(model, "net.safetensors", metadata={"epoch": "3"})
     """
-    path = Path(path)
+    remote = remote_or_none(path, storage_options, transfer)
+    path = Path(path) if remote is None else PurePosixPath(remote.name)
     cache = check_cache_policy(cache)
     tensors = _state_of(model_or_state_dict)
     st.validate_for_save(tensors, header=path.suffix not in TORCH_SUFFIXES)
     user_metadata = _check_metadata(metadata)
-    existing = write_target(path)
-    if existing is not None and stat.S_ISDIR(existing.st_mode):
-        raise FileFormatError(f"cannot write weights to {path}: it is a directory")
+    if remote is None:
+        existing = write_target(Path(path))
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise FileFormatError(f"cannot write weights to {path}: it is a directory")
     if path.suffix in TORCH_SUFFIXES:
         if user_metadata:
             raise ValueError(
                 f"metadata cannot be stored in a torch.save file ({path.name}); "
                 "save to a .safetensors path to keep it"
             )
-        torch_zip.save(_detach_views(tensors), path)
-        return path
+        if remote is not None:
+            return _save_torch_zip_remote(_detach_views(tensors), remote)
+        torch_zip.save(_detach_views(tensors), Path(path))
+        return Path(path)
     unique, file_metadata = safetensors_payload(tensors, user_metadata)
+    if remote is not None:
+        upload_spans(remote, st.encode(unique, file_metadata))
+        return remote.url
     with atomic_file(path) as f:
         st.write_file(f, unique, metadata=file_metadata, cache=cache)
-    return path
+    return Path(path)
+
+
+def _save_torch_zip_remote(tensors: Mapping[str, torch.Tensor], remote: Remote) -> str:
+    """A ``torch.save`` file is written by torch to a private temporary file, then uploaded."""
+    with tempfile.TemporaryDirectory(prefix="torchkeep-upload-") as folder:
+        local = Path(folder) / remote.name
+        torch_zip.save(tensors, local)
+        upload_file(local, remote)
+    return remote.url
 
 
 def safetensors_payload(
@@ -337,7 +366,13 @@ def open_source(path: Path, device: torch.device) -> StoredTensors:
 
 
 @gc_paused()
-def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: PathLike,
+    *,
+    map_location: Device = "cpu",
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
+) -> dict[str, torch.Tensor]:
     """Read a state dict from a weights file, checkpoint or bundle, never executing code.
 
     The format is recognised by content: safetensors (memory-mapped, read lazily), ``torch.save``
@@ -345,18 +380,30 @@ def load_state_dict(path: PathLike, *, map_location: Device = "cpu") -> dict[str
     checkpoint steps or model bundles, ``save_pretrained`` folders and shard indexes (checked
     against their shards first). Tied tensors come back as one tensor under each name.
 
+    A URL (``s3://...``, any fsspec URL) is fetched first (a folder: its manifest, then the
+    files it lists) into a private temporary folder, and read by exactly the same checks.
+
     Args:
-        path: the file or directory.
+        path: the file or directory, or its URL.
         map_location: device for the returned tensors.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (parallel reads, retries, deadline).
 
     Returns:
         A dict of names to tensors.
+
+    Raises:
+        RemoteStorageError: for a URL, a read failed for good or the deadline passed.
 
     Example:
         >>> model.load_state_dict(tk.load_state_dict("net.safetensors"))
     """
     device = torch.device(map_location)
-    return open_source(Path(path), device).load(device)
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is None:
+        return open_source(Path(path), device).load(device)
+    with fetched(remote) as local:
+        return open_source(local, device).load(device)
 
 
 def _match_keys(stored: list[str], wanted: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -521,7 +568,13 @@ def _load_or_roll_back(model: nn.Module, state: dict[str, torch.Tensor], path: P
 
 @gc_paused()
 def load_weights(
-    model: nn.Module, path: PathLike, *, strict: bool = True, map_location: Device = "cpu"
+    model: nn.Module,
+    path: PathLike,
+    *,
+    strict: bool = True,
+    map_location: Device = "cpu",
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
 ) -> LoadReport:
     """Load stored weights into ``model`` in place and report what happened.
 
@@ -532,27 +585,44 @@ def load_weights(
     with a ``module.`` or ``_orig_mod.`` prefix are matched automatically. A key the file lacks
     that shares its memory in ``model`` with a loaded key (tied embeddings) is reported in
     ``report.tied``, not as missing. Values are read straight into the parameters' memory
-    where dtype and layout allow.
+    where dtype and layout allow. A URL is fetched first into a private temporary folder and
+    read by exactly the same checks, all of them before the first parameter changes.
 
     Args:
         model: the module to fill.
-        path: the weights file or directory.
+        path: the weights file or directory, or its URL (``s3://bucket/net.safetensors``).
         strict: raise :class:`StateDictMismatchError` (before changing anything) if any key is
             missing, unexpected or of another shape. With ``strict=False`` only the keys that
             fit are loaded; either way every check runs before the first byte changes, and a
             model whose own loading code (hooks, ``set_extra_state``) raises gets every
             parameter and buffer back as it was.
         map_location: where intermediate tensors of ``torch.save`` files are placed.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (parallel reads, retries, deadline).
 
     Returns:
         A :class:`LoadReport` listing loaded, missing, unexpected and mismatched keys.
+
+    Raises:
+        RemoteStorageError: for a URL, a read failed for good or the deadline passed.
 
     Example:
         >>> report = tk.load_weights(model, "net.safetensors", strict=False)
         >>> report.missing
     """
     device = torch.device(map_location)
-    source = open_source(Path(path), device)
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is None:
+        return _load_weights(model, Path(path), strict, device)
+    with fetched(remote) as local:
+        report = _load_weights(model, local, strict, device)
+    report.path = remote.url
+    return report
+
+
+def _load_weights(model: nn.Module, path: Path, strict: bool, device: torch.device) -> LoadReport:
+    """:func:`load_weights` of a local path."""
+    source = open_source(path, device)
     model = unwrap(model)
     expected = model.state_dict(keep_vars=True)
     report, usable = _build_report(source, model, expected)

@@ -25,7 +25,20 @@ from .entries import Entry
 from .layout import KIND, STATE_NAME, parse_step
 
 
-def _tensor_metadata(entry: Entry) -> dict[str, str]:
+def state_document(step: int, entries: Sequence[Entry]) -> dict[str, Any]:
+    """``state.json`` of a step: the skeleton and file of every entry (written unsorted)."""
+    return {
+        "format_version": CHECKPOINT.writes,
+        "step": step,
+        "entries": {
+            entry.name: {"kind": entry.kind, "file": entry.file_name, "value": entry.skeleton}
+            for entry in entries
+        },
+    }
+
+
+def tensor_metadata(entry: Entry) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of an entry's tensor file."""
     metadata = {"format": "pt", "torchkeep.version": __version__}
     if entry.aliases:
         metadata[st.ALIASES_KEY] = json.dumps(entry.aliases, sort_keys=True)
@@ -121,20 +134,11 @@ def _stage(
             name: write_hashed(temp / name, _bytes_writer(data))
             for name, data in extra_files.items()
         }
-        state: dict[str, Any] = {
-            "format_version": CHECKPOINT.writes,
-            "step": step,
-            "entries": {},
-        }
         for entry in entries:
             if entry.file_name is not None:
                 files[entry.file_name] = write_tensors(
-                    temp / entry.file_name, entry.tensors, _tensor_metadata(entry), cache=cache
+                    temp / entry.file_name, entry.tensors, tensor_metadata(entry), cache=cache
                 )
-            state["entries"][entry.name] = {
-                "kind": entry.kind,
-                "file": entry.file_name,
-                "value": entry.skeleton,
-            }
+        state = state_document(step, entries)
         files[STATE_NAME] = write_json(temp / STATE_NAME, state, sort_keys=False)
         write_manifest(temp, kind=KIND, files=files, step=step, **manifest_fields)

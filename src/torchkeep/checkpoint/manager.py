@@ -22,6 +22,7 @@ from ..errors import (
     FormatVersionError,
     StateDictMismatchError,
     StepExistsError,
+    StorageCapabilityError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
@@ -30,6 +31,8 @@ from ..errors import (
 from ..paths import lookup
 from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import remove_stale_temps, temp_sibling
+from ..storage.remote import is_remote
+from ..storage.transfer import Transfer
 from ..unwrap import matching_view
 from ..weights import has_custom_loading, undo_on_error
 from . import precheck, retention, rng
@@ -47,6 +50,7 @@ from .layout import (
     uncommitted_steps,
 )
 from .reader import LoadedStep, StepVanishedError, read_step
+from .remote import RemoteSteps, relabelled
 
 STATE_SLOTS = ("model", "optimizer", "scheduler", "scaler")
 # How often a reader looks for the newest step again after a concurrent writer retired the
@@ -62,13 +66,13 @@ class Restored:
         step: the step restored.
         metrics: the metrics saved with it.
         extra: the plain values saved with it (``epoch=3`` -> ``extra["epoch"]``).
-        path: the step directory.
+        path: the step directory (its URL on object storage).
     """
 
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
+    path: Path | str | None = None
 
 
 def _check_step(step: object) -> int:
@@ -155,8 +159,11 @@ class CheckpointManager:
         timeout: float = 600.0,
         per_rank: Sequence[str] = (),
         cache: CachePolicy = "auto",
+        storage_options: Mapping[str, Any] | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
-        self.directory = Path(directory)
+        self._remote = _remote_steps(directory, storage_options, transfer, distributed)
+        self.directory: Path | str = Path(directory) if self._remote is None else self._remote.url
         self.cache = check_cache_policy(cache)
         settings = {
             "keep_last": keep_last,
@@ -175,17 +182,42 @@ class CheckpointManager:
         self._buffers = SnapshotBuffers()
         self._remover = Remover()
         self._dist_settings = (state_dict_options, tuple(per_rank))
-        self._session = _distributed_session(
-            self.directory, distributed, process_group, timeout, self._dist_settings, save_rng
-        )
+        self._session = None
+        if self._remote is None:
+            self._session = _distributed_session(
+                self._dir, distributed, process_group, timeout, self._dist_settings, save_rng
+            )
 
     # ----------------------------------------------------------------------------------------
-    # what is on disk
+    # what is on disk (or in the bucket)
+
+    @property
+    def _dir(self) -> Path:
+        """The local checkpoint folder (only for a manager on a local path)."""
+        assert isinstance(self.directory, Path), "a local-only path was taken for a URL"
+        return self.directory
+
+    def _committed(self) -> list[StepInfo]:
+        """The committed steps, oldest first, from the disk or a fresh listing of the bucket."""
+        if self._remote is not None:
+            return self._remote.committed()
+        return _list_committed(self._dir)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        """What changes with every commit and retirement (None for buckets: the listings are
+        compared instead)."""
+        return None if self._remote is not None else _stamp(self._dir)
+
+    def _read(self, info: StepInfo) -> LoadedStep:
+        """Read and verify a listed step (a bucket's through a private local copy)."""
+        if self._remote is not None:
+            return self._remote.read(info.step)
+        return read_step(info.path)
 
     @property
     def steps(self) -> list[int]:
         """Committed steps, oldest first (contents are verified by ``restore``/``verify``)."""
-        return [info.step for info in _list_committed(self.directory)]
+        return [info.step for info in self._committed()]
 
     @property
     def latest_step(self) -> int | None:
@@ -198,7 +230,7 @@ class CheckpointManager:
         """The committed step with the best ``monitor`` metric, or None."""
         if self.monitor is None:
             return None
-        return retention.best_step(_list_committed(self.directory), self.monitor, self.mode)
+        return retention.best_step(self._committed(), self.monitor, self.mode)
 
     # ----------------------------------------------------------------------------------------
     # saving
@@ -214,7 +246,7 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         **extra: Any,
-    ) -> Path:
+    ) -> Path | str:
         """Save training state as ``step``; committed atomically, then retention runs.
 
         Everything is validated before the first byte is written. With ``async_save`` this
@@ -230,7 +262,8 @@ class CheckpointManager:
                 DataLoader's) or plain values (``epoch=3``).
 
         Returns:
-            The step directory (complete once ``wait()`` returns, with ``async_save``).
+            The step directory, or its URL on object storage (complete once ``wait()``
+            returns, with ``async_save``).
 
         Raises:
             StepExistsError: ``step`` exists and ``overwrite`` is False.
@@ -244,6 +277,10 @@ class CheckpointManager:
         slots = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         if self._session is not None:
             return self._save_distributed(step, slots, extra, metrics, overwrite)
+        if self._remote is not None:
+            self.wait()
+            step = _check_step(step)
+            return self._save_remote(self._remote, step, slots, extra, metrics, overwrite)
         return self._save_entries(step, slots, extra, metrics=metrics, overwrite=overwrite)
 
     def _save_distributed(
@@ -279,7 +316,7 @@ class CheckpointManager:
         else:
             prepared.tensors = snapshot(prepared.tensors)
             self._writer.submit(commit, label=f"save of checkpoint step {step}")
-        return step_path(self.directory, step)
+        return step_path(self._dir, step)
 
     def _save_entries(
         self,
@@ -298,7 +335,7 @@ class CheckpointManager:
         """
         self.wait()
         step = _check_step(step)
-        final = step_path(self.directory, step)
+        final = step_path(self._dir, step)
         if lookup(final) is not None and not overwrite:  # a path no file can have: typed
             raise StepExistsError(
                 f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
@@ -306,8 +343,8 @@ class CheckpointManager:
             )
         entries = self._prepare(dict(slots), dict(values))
         fields = {"metrics": _clean_metrics(metrics)}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.directory)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self._dir)
         if not self.async_save:
             self._commit(final, step, entries, overwrite, fields)
             return final
@@ -317,6 +354,38 @@ class CheckpointManager:
             label=f"save of checkpoint step {step}",
         )
         return final
+
+    def _save_remote(
+        self,
+        remote: RemoteSteps,
+        step: int,
+        slots: Mapping[str, Any],
+        values: Mapping[str, Any],
+        metrics: Mapping[str, Any] | None,
+        overwrite: bool,
+    ) -> str:
+        """:meth:`save` to object storage: checked and prepared here, uploaded and committed
+        by :class:`~torchkeep.checkpoint.remote.RemoteSteps` (in the background when async)."""
+        if overwrite:
+            remote.store.replacer()  # a back end that cannot replace conditionally: refuse now
+        elif remote.exists(step):
+            raise StepExistsError(
+                f"checkpoint step {step} already exists at {remote.step_url(step)}; pass "
+                "overwrite=True to replace it, or save under another step"
+            )
+        entries = self._prepare(dict(slots), dict(values))
+        fields = {"metrics": _clean_metrics(metrics), "retention": self._retention_config}
+
+        def commit(entries: list[Entry]) -> None:
+            remote.commit(step, entries, overwrite=overwrite, manifest_fields=fields)
+            self._apply_retention(step)
+
+        if not self.async_save:
+            commit(entries)
+        else:
+            snapshot = self._buffers.snapshot(entries)
+            self._writer.submit(lambda: commit(snapshot), label=f"save of checkpoint step {step}")
+        return remote.step_url(step)
 
     def _prepare(self, slots: dict[str, Any], extra: dict[str, Any]) -> list[Entry]:
         taken = sorted(set(extra) & {name for name, value in slots.items() if value is not None})
@@ -353,8 +422,12 @@ class CheckpointManager:
         The step just ``committed`` is always kept: a folder holding newer steps (an earlier
         run's, or planted ones) must not make every save delete itself at once.
         """
-        infos = _list_committed(self.directory)
+        infos = self._committed()
         kept = self.policy.keep(infos) | {committed}
+        if self._remote is not None:
+            self._remote.retire([info for info in infos if info.step not in kept])
+            self._remote.clean_orphans([info for info in infos if info.step in kept])
+            return
         retired = [_retire(info) for info in infos if info.step not in kept]
         self._remover.remove([path for path in retired if path is not None])
 
@@ -395,7 +468,7 @@ class CheckpointManager:
 
     def _candidates(self, step: int | Literal["best"] | None) -> tuple[list[StepInfo], bool]:
         """Steps to try in order, and whether falling back past the first is allowed."""
-        infos = _list_committed(self.directory)
+        infos = self._committed()
         if step is None:
             return infos[::-1], True
         if step == "best":
@@ -405,8 +478,8 @@ class CheckpointManager:
             return ranker.ranked(infos), True
         wanted = _check_step(step)
         matching = [info for info in infos if info.step == wanted]
-        if not matching:
-            _raise_if_newer_format(step_path(self.directory, wanted))
+        if not matching and self._remote is None:
+            _raise_if_newer_format(step_path(self._dir, wanted))
         return matching, False
 
     def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
@@ -419,14 +492,14 @@ class CheckpointManager:
         skipped: set[int] = set()
         settled: list[int] | None = None
         for _ in range(RACE_ROUNDS):
-            before = _stamp(self.directory)
+            before = self._stamp()
             candidates, fallback = self._candidates(step)
             raced = False
             for info in candidates:
                 if info.step in skipped:
                     continue
                 try:
-                    loaded = read_step(info.path)
+                    loaded = self._read(info)
                 except StepVanishedError:
                     raced = True  # a writer moved on meanwhile: list the steps again
                     break
@@ -439,14 +512,14 @@ class CheckpointManager:
                         stacklevel=3,
                     )
                 else:
-                    if step is None:
-                        _warn_damaged_newer(self.directory, loaded.step)
+                    if step is None and self._remote is None:
+                        _warn_damaged_newer(self._dir, loaded.step)
                     return loaded
             # No step worked. Trust that only when the folder did not change meanwhile and two
             # listings in a row agree: a listing taken while a writer commits and retires can
             # miss both the old step and the new one.
             listing = [info.step for info in candidates]
-            if not raced and before == _stamp(self.directory) and listing == settled:
+            if not raced and before == self._stamp() and listing == settled:
                 what = "valid step" if step is None else f"valid step {step!r}"
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no {what} (committed steps: "
@@ -530,24 +603,15 @@ class CheckpointManager:
             )
             return Restored(done.step, done.metrics, done.extra, done.path)
         loaded = self._load_first_valid(step)
-        _check_targets(loaded, targets)
-        targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
-        for name, obj in targets.items():
-            precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
-        extra = {
-            name: loaded.value(name)
-            for name, (kind, _) in loaded.entries.items()
-            if kind == "value" and name != RNG_ENTRY
-        }
-        # Objects whose state cannot be checked go first: if one refuses its state, everything
-        # that was checked is still untouched.
-        restored: list[str] = []
-        for name in sorted(targets, key=lambda n: precheck.checkable(targets[n])):
-            _load_into(loaded, name, targets[name], strict=strict, restored=restored)
-            restored.append(name)
-        if restore_rng and RNG_ENTRY in loaded.entries:
-            rng.restore(loaded.value(RNG_ENTRY))
-        return Restored(loaded.step, loaded.metrics, extra, loaded.path)
+        if self._remote is None:
+            extra = _apply(loaded, targets, restore_rng=restore_rng, strict=strict)
+            return Restored(loaded.step, loaded.metrics, extra, loaded.path)
+        url = self._remote.step_url(loaded.step)
+        try:
+            extra = _apply(loaded, targets, restore_rng=restore_rng, strict=strict)
+        except TorchkeepError as exc:  # name the step by its URL, not its private local copy
+            raise relabelled(exc, loaded.path, url) from exc
+        return Restored(loaded.step, loaded.metrics, extra, url)
 
     def _sharded_reader(self, step: int | Literal["best"] | None) -> Any:
         """A session without a process group when the step to restore is sharded (a step
@@ -559,7 +623,7 @@ class CheckpointManager:
 
         options, per_rank = self._dist_settings
         return DistributedSession(
-            self.directory, group=None, options=options, per_rank=per_rank, save_rng=self.save_rng
+            self._dir, group=None, options=options, per_rank=per_rank, save_rng=self.save_rng
         )
 
     def export_torch(
@@ -576,6 +640,63 @@ class CheckpointManager:
 
         self.wait()
         return export_torch_checkpoint(self._load_first_valid(step), Path(path))
+
+
+def _apply(
+    loaded: LoadedStep, targets: dict[str, Any], *, restore_rng: bool, strict: bool
+) -> dict[str, Any]:
+    """Check ``loaded`` against every target, then load it into them; return the plain values.
+
+    Nothing is changed before every check has passed.
+    """
+    _check_targets(loaded, targets)
+    targets = {name: _view(obj, loaded.entries[name][1]) for name, obj in targets.items()}
+    for name, obj in targets.items():
+        precheck.check_target(name, loaded.path, loaded.entries[name][1], obj, strict=strict)
+    extra = {
+        name: loaded.value(name)
+        for name, (kind, _) in loaded.entries.items()
+        if kind == "value" and name != RNG_ENTRY
+    }
+    # Objects whose state cannot be checked go first: if one refuses its state, everything
+    # that was checked is still untouched.
+    restored: list[str] = []
+    for name in sorted(targets, key=lambda n: precheck.checkable(targets[n])):
+        _load_into(loaded, name, targets[name], strict=strict, restored=restored)
+        restored.append(name)
+    if restore_rng and RNG_ENTRY in loaded.entries:
+        rng.restore(loaded.value(RNG_ENTRY))
+    return extra
+
+
+def _remote_steps(
+    directory: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None,
+    transfer: Transfer | None,
+    distributed: bool | None,
+) -> RemoteSteps | None:
+    """The object-store back end for a URL, None for a local path.
+
+    Raises:
+        ValueError: ``storage_options``/``transfer`` with a local path.
+        StorageCapabilityError: the back end cannot commit safely, or ``distributed=True``.
+    """
+    if not is_remote(directory):
+        if storage_options or transfer is not None:
+            raise ValueError(
+                f"storage_options and transfer apply to URLs (s3://...), not to the local path "
+                f"{directory}"
+            )
+        return None
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed or (distributed is None and several):
+        raise StorageCapabilityError(
+            f"{directory}: sharded (distributed=True) checkpoints on object storage are not "
+            "supported yet; save from one process, or to a shared local filesystem"
+        )
+    return RemoteSteps(str(directory), storage_options=storage_options, transfer=transfer)
 
 
 def _distributed_session(

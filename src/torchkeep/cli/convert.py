@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..convert import ROUTES, convert
 from ._output import EXIT_OK, console, human_bytes, plain, print_json
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +19,10 @@ def register(parser: argparse.ArgumentParser) -> None:
         "becomes a bundle (its classes trusted with --allow). A sharded checkpoint step "
         "(saved by several ranks) to a .safetensors file is merged into full tensors."
     )
-    parser.add_argument("source", type=Path, help="file to read")
-    parser.add_argument("destination", type=Path, help="file or directory to write")
+    parser.add_argument("source", type=location, help="file to read (or its URL)")
+    parser.add_argument(
+        "destination", type=location, help="file or directory to write (or its URL)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite the destination")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.add_argument(
@@ -30,6 +33,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="module prefix whose classes a pickled whole model may use (repeatable); "
         "see `torchkeep scan`",
     )
+    add_storage_options(parser)
 
 
 def _size(path: Path) -> int:
@@ -38,12 +42,12 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _sharded_step(path: Path) -> bool:
+def _sharded_step(path: Path | str) -> bool:
     """True for a sharded checkpoint step (``torchkeep convert STEP out.safetensors``)."""
     from ..checkpoint.layout import read_step_manifest
     from ..errors import TorchkeepError
 
-    if not path.is_dir():
+    if isinstance(path, str) or not path.is_dir():
         return False
     try:
         return read_step_manifest(path).get("layout") == "sharded-v1"
@@ -52,7 +56,8 @@ def _sharded_step(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    if _sharded_step(args.source):
+    keywords = url_keywords(args, args.source, args.destination)
+    if not keywords and _sharded_step(args.source):
         from ..checkpoint import consolidate
 
         merged = consolidate(args.source, args.destination, force=args.force)
@@ -64,25 +69,33 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_OK
-    done = convert(args.source, args.destination, force=args.force, allow=args.allow)
+    done = convert(
+        args.source,
+        args.destination,
+        force=args.force,
+        allow=args.allow,
+        **keywords,
+    )
     if args.json:
         print_json(
             {
                 "source": done.source,
                 "source_format": done.source_format.value,
                 "destination": done.destination,
-                "size": _size(done.destination),
+                "size": None if isinstance(done.destination, str) else _size(done.destination),
                 "tensors": done.tensors,
                 "tied": done.tied,
                 "notes": done.notes,
             }
         )
         return EXIT_OK
-    size = human_bytes(_size(done.destination))
+    # a URL's bytes are in the bucket, not here
+    remote = isinstance(done.destination, str)
+    shown = "" if remote else f" ({human_bytes(_size(Path(done.destination)))})"
     console.print(
         plain(
-            f"converted {done.source} ({done.source_format.value}) -> {done.destination} "
-            f"({size}): {done.tensors} tensors, {len(done.tied)} tied"
+            f"converted {done.source} ({done.source_format.value}) -> {done.destination}"
+            f"{shown}: {done.tensors} tensors, {len(done.tied)} tied"
         )
     )
     for note in done.notes:

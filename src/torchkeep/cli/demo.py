@@ -41,7 +41,8 @@ def _weights_step(workdir: Path) -> None:
     console.rule("[bold]1. Weights: save a state_dict and load it back")
     torch.manual_seed(0)
     model = Net()
-    path = save_weights(model, workdir / "net.safetensors", metadata={"source": "demo"})
+    path = workdir / "net.safetensors"
+    save_weights(model, path, metadata={"source": "demo"})
     console.print(f"saved {path.name} ({human_bytes(path.stat().st_size)}), atomically")
     fresh = Net()
     report = load_weights(fresh, path)
@@ -84,7 +85,8 @@ def _model_step(workdir: Path) -> None:
     console.rule("[bold]2. Whole model: a bundle (no pickle) with a program that needs no code")
     torch.manual_seed(0)
     model = Net().eval()
-    bundle = save_model(model, workdir / "net.bundle", example_inputs=torch.randn(1, 3, 32, 32))
+    bundle = workdir / "net.bundle"
+    save_model(model, bundle, example_inputs=torch.randn(1, 3, 32, 32))
     files = ", ".join(sorted(p.name for p in bundle.iterdir()))
     console.print(f"saved {bundle.name}/ ({files}), atomically, with content hashes")
     torch.manual_seed(1)

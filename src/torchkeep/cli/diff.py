@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..compare import DiffReport, Status, diff_files
 from ._output import EXIT_OK, EXIT_PROBLEM, console, plain, print_json, print_table, tolerance
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -14,8 +14,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         "Keys only in one file, dtype and shape changes, and the largest absolute difference "
         "per tensor. Values match when |a - b| <= atol + rtol * |b| (NaN matches NaN)."
     )
-    parser.add_argument("a", type=Path, help="first file")
-    parser.add_argument("b", type=Path, help="second file")
+    parser.add_argument("a", type=location, help="first file (or its URL)")
+    parser.add_argument("b", type=location, help="second file (or its URL)")
     parser.add_argument(
         "--rtol", type=tolerance, default=0.0, help="relative tolerance (default 0)"
     )
@@ -23,6 +23,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--atol", type=tolerance, default=0.0, help="absolute tolerance (default 0)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_storage_options(parser)
 
 
 def _print(report: DiffReport) -> None:
@@ -67,7 +68,8 @@ def _print(report: DiffReport) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol)
+    keywords = url_keywords(args, args.a, args.b)
+    report = diff_files(args.a, args.b, rtol=args.rtol, atol=args.atol, **keywords)
     if args.json:
         print_json(report.to_json())
     else:

@@ -40,6 +40,7 @@ from ._output import (
     print_table,
     tolerance,
 )
+from ._remote import location
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "source",
         help="the model: module:Class (or module:factory function) to build it, then --weights",
     )
-    parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "-o", "--output", type=location, required=True, help="the .onnx file to write (local)"
+    )
     parser.add_argument(
         "--weights", type=Path, help="weights loaded into the model (safetensors or torch.save)"
     )

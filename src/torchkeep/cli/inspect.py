@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 from ..describe import Description, describe
 from ._output import EXIT_OK, console, human_bytes, plain, print_json, print_table
+from ._remote import add_storage_options, location, url_keywords
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", type=Path, help="file or directory to describe")
+    parser.add_argument(
+        "path", type=location, help="file or directory to describe, or its URL (s3://...)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (every tensor)")
     parser.add_argument(
         "--limit",
@@ -20,6 +22,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tensor rows to show in the table (default 50; 0 for all)",
     )
+    add_storage_options(parser)
 
 
 def _summary(description: Description) -> list[tuple[str, str]]:
@@ -70,7 +73,7 @@ def _print(description: Description, limit: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    description = describe(args.path)
+    description = describe(args.path, **url_keywords(args, args.path))
     if args.json:
         print_json(description.to_json())
     else:

@@ -10,15 +10,20 @@ from typing import Any
 from ..checkpoint import retention
 from ..checkpoint.layout import list_steps, step_problems, uncommitted_steps
 from ..errors import TorchkeepFileNotFoundError
+from ..remote_files import Remote, fetched
 from ._output import EXIT_OK, console, human_bytes, labelled, plain, print_json, print_table
+from ._remote import add_storage_options, location, storage_options
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", type=Path, help="the checkpoint folder")
+    parser.add_argument(
+        "directory", type=location, help="the checkpoint folder, or its URL (s3://...)"
+    )
     parser.add_argument("--json", action="store_true", help="print the steps as JSON")
     parser.add_argument(
         "--no-hash", action="store_true", help="check file sizes only (faster for big steps)"
     )
+    add_storage_options(parser)
 
 
 def _local_time(created: float) -> str:
@@ -33,31 +38,39 @@ def _metric(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else repr(value)
 
 
-def _rows(directory: Path, check_hashes: bool) -> list[dict[str, Any]]:
+def _rows(directory: Path, check_hashes: bool, shown: Path | str) -> list[dict[str, Any]]:
+    """One row per committed step; paths in it name ``shown`` (a URL for a fetched copy)."""
     infos = list_steps(directory)
     policy = retention.from_config(infos[-1].manifest.get("retention")) if infos else None
     kept_by = policy.kept_by(infos) if policy is not None else {}
+    here, there = str(directory), str(shown)
     return [
         {
             "step": info.step,
             "time": _local_time(info.created),
             "size": info.size,
             "metrics": info.metrics,
-            "problems": step_problems(info.path, check_hashes=check_hashes),
+            "problems": [
+                problem.replace(here, there)
+                for problem in step_problems(info.path, check_hashes=check_hashes)
+            ],
             "kept_by": kept_by.get(info.step, []),
             "layout": info.manifest.get("layout", "single"),
             "ranks": info.manifest.get("world_size", 1),
-            "path": info.path,
+            "path": info.path if shown == directory else f"{there}/{info.path.name}",
         }
         for info in infos
     ]
 
 
-def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
-    """Print the table of steps in ``directory`` and any problem found."""
-    rows = _rows(directory, check_hashes)
+def print_steps(
+    directory: Path, *, check_hashes: bool = True, shown: Path | str | None = None
+) -> None:
+    """Print the table of steps in ``directory`` and any problem found (naming the folder
+    ``shown``, when it is a local copy of a URL)."""
+    rows = _rows(directory, check_hashes, directory if shown is None else shown)
     print_table(
-        f"checkpoints in {directory}",
+        f"checkpoints in {directory if shown is None else shown}",
         ["step", "time", "size", "metrics", "valid", "kept by"],
         [
             (
@@ -87,14 +100,23 @@ def print_steps(directory: Path, *, check_hashes: bool = True) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    directory: Path = args.directory
+    directory: Path | str = args.directory
+    options = storage_options(args, directory)
+    if isinstance(directory, str):  # a URL: its committed steps, fetched and checked here
+        with fetched(Remote(directory, options)) as local:
+            return _list(local, args, directory)
     if not directory.is_dir():
         raise TorchkeepFileNotFoundError(f"{directory} is not a folder; check the path")
+    return _list(directory, args, directory)
+
+
+def _list(directory: Path, args: argparse.Namespace, shown: Path | str) -> int:
     if not args.json:
-        print_steps(directory, check_hashes=not args.no_hash)
+        print_steps(directory, check_hashes=not args.no_hash, shown=shown)
         return EXIT_OK
-    rows = _rows(directory, check_hashes=not args.no_hash)
+    rows = _rows(directory, not args.no_hash, shown)
     for row in rows:
         row["valid"] = not row["problems"]
-    print_json({"directory": directory, "steps": rows, "uncommitted": uncommitted_steps(directory)})
+    uncommitted = uncommitted_steps(directory)
+    print_json({"directory": shown, "steps": rows, "uncommitted": uncommitted})
     return EXIT_OK

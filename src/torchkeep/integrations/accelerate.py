@@ -120,7 +120,7 @@ def save_state(
     _check_single_process(accelerator)
     objects = _objects(accelerator, model, optimizer, scheduler, dataloader)
     with CheckpointManager(directory, keep_last=keep_last) as manager:
-        return manager.save(step, metrics=metrics, **objects, **extra)
+        return Path(manager.save(step, metrics=metrics, **objects, **extra))  # a local folder
 
 
 def load_state(

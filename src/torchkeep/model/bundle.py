@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from ..manifest import (
     write_tensors,
 )
 from ..paths import write_target
+from ..remote_files import Remote, StorageOptions, commit_folder, fetched, remote_or_none
 from ..schema import validate
 from ..storage.cache import CachePolicy, check_cache_policy
 from ..storage.local import staged_directory
@@ -64,6 +66,9 @@ from .classpath import import_class, importable_module, require_class_path
 from .config import BundleConfig, read_config
 from .layout import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME, content_problems
 from .program import export_program, load_program
+
+if TYPE_CHECKING:
+    from ..storage.transfer import Transfer
 
 _ALIASES: dict[str, str] = {}
 PathLike = str | os.PathLike[str]
@@ -232,12 +237,19 @@ def save_model(
     init_args: Mapping[str, Any] | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
     cache: CachePolicy = "auto",
-) -> Path:
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
+) -> Path | str:
     """Save a whole model as a bundle directory: class, constructor arguments, weights.
 
     The bundle appears at ``path`` complete or not at all (an existing bundle there is
     replaced). With ``example_inputs`` it also holds ``program.pt2``, a ``torch.export``
     program with a dynamic batch dimension that runs without the model's class.
+
+    At a URL (``s3://bucket/net.bundle``) the bundle is built in a private temporary folder
+    with every check above, then uploaded under a fresh data prefix and committed by creating
+    its ``manifest.json`` exclusively last; a bundle already there disappears (its manifest
+    deleted) before the new one is committed, and its data is deleted after.
 
     Args:
         model: the model. Its class must be importable where it is loaded, unless a program
@@ -251,18 +263,25 @@ def save_model(
             (default: a dynamic batch), e.g. to keep a sequence length dynamic.
         cache: what the save leaves in the page cache, as for :func:`save_weights`
             (``"keep"``, ``"drop"`` or ``"auto"``); equally durable either way.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (part size, parallelism, retries, deadline).
 
     Returns:
-        The bundle path.
+        The bundle path (the URL, for a URL).
 
     Raises:
         CachePolicyError: ``cache`` names no policy.
         InitArgsError: constructor arguments are missing or not JSON (the message names them).
         ExportError: ``torch.export`` cannot export the model.
+        DestinationExistsError: the URL holds a committed folder that is not a bundle.
+        RemoteStorageError: an upload failed for good or the transfer's deadline passed.
 
     Example:
         >>> tk.save_model(model, "net.bundle", example_inputs=torch.randn(1, 3, 32, 32))
     """
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is not None:
+        return _save_model_remote(model, remote, example_inputs, init_args, dynamic_shapes, cache)
     model = unwrap(model)  # a torch.compile'd or DDP-wrapped model is saved as the module inside
     path = Path(path)
     cache = check_cache_policy(cache)
@@ -296,6 +315,29 @@ def save_model(
             format_version=version,
         )
     return path
+
+
+def _save_model_remote(
+    model: nn.Module,
+    remote: Remote,
+    example_inputs: torch.Tensor | Sequence[Any] | None,
+    init_args: Mapping[str, Any] | None,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None,
+    cache: CachePolicy,
+) -> str:
+    """:func:`save_model` to a URL: built locally by the same code, then committed remotely."""
+    with tempfile.TemporaryDirectory(prefix="torchkeep-upload-") as folder:
+        local = Path(folder) / remote.name
+        save_model(
+            model,
+            local,
+            example_inputs=example_inputs,
+            init_args=init_args,
+            dynamic_shapes=dynamic_shapes,
+            cache=cache,
+        )
+        commit_folder(local, remote, replace=BUNDLE_KIND)
+    return remote.url
 
 
 def _input_specs(example_inputs: torch.Tensor | Sequence[Any]) -> list[dict[str, Any]]:
@@ -442,6 +484,8 @@ def load_model(
     map_location: torch.device | str = "cpu",
     aliases: Mapping[str, str] | None = None,
     trust_program: bool = False,
+    storage_options: StorageOptions | None = None,
+    transfer: Transfer | None = None,
 ) -> nn.Module:
     """Load a bundle saved by :func:`save_model`; never unpickles anything by default.
 
@@ -459,12 +503,18 @@ def load_model(
     origin, and even then only after :func:`scan` finds nothing beyond torch's allowlist.
     A ``.pt2`` file may also be passed directly (with ``trust_program=True``).
 
+    A URL (``s3://bucket/net.bundle``) is fetched first into a private temporary folder: its
+    manifest, then exactly the files it lists (an object in its data prefix that the manifest
+    does not list is refused as an unlisted local file is); every check above then runs on it.
+
     Args:
-        path: the bundle directory (or a ``.pt2`` program).
+        path: the bundle directory (or a ``.pt2`` program), or its URL.
         map_location: device for the model.
         aliases: ``{"old.module.Net": "new.module.Net"}`` for classes that moved (adds to
             :func:`register_alias`).
         trust_program: allow falling back to the program when the class is missing.
+        storage_options: for a URL, options of its fsspec filesystem.
+        transfer: for a URL, a :class:`Transfer` (parallel reads, retries, deadline).
 
     Returns:
         The model in eval mode, or the program's module (a callable ``nn.Module``).
@@ -481,6 +531,12 @@ def load_model(
         >>> model = tk.load_model("net.bundle")
         >>> model = tk.load_model("net.bundle", aliases={"old.Net": "new.Net"})
     """
+    remote = remote_or_none(path, storage_options, transfer)
+    if remote is not None:
+        with fetched(remote) as local:
+            return load_model(
+                local, map_location=map_location, aliases=aliases, trust_program=trust_program
+            )
     path = Path(path)
     device = torch.device(map_location)
     if detect_format(path) == Format.PT2:  # a missing or impossible path is a typed error here

@@ -20,7 +20,7 @@ def migrate_pickled_model(
     allow: Iterable[str] = (),
     example_inputs: torch.Tensor | Sequence[Any] | None = None,
     init_args: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """Scan, load (weights-only, ``allow`` extended) and re-save a pickled model as a bundle.
 
     Args:

@@ -27,6 +27,7 @@ from ..model.tracing import (
     without_kv_cache,
 )
 from ..paths import write_target
+from ..remote_files import refuse_url
 from ..unwrap import unwrap
 from ._deps import EXPORT_PACKAGES, require
 from .failures import explain, is_data_dependent
@@ -412,6 +413,7 @@ def export_onnx(
 
     Raises:
         MissingDependencyError: onnx, onnxscript or onnxruntime is not installed.
+        StorageCapabilityError: ``path`` is a URL (ONNX export writes local files only).
         ExportError: the model cannot be exported (the message names the op or line and the fix).
         ExportVerificationError: the exported model's outputs differ beyond tolerance.
 
@@ -420,6 +422,7 @@ def export_onnx(
         >>> report.batch_sizes, report.max_diffs()
         ((1, 2, 7), {'output': {'max_abs_diff': 4.4e-08, 'max_rel_diff': 3.1e-06}})
     """
+    refuse_url(path)
     model = unwrap(model)  # a torch.compile'd or DDP-wrapped model exports the module inside
     require(*EXPORT_PACKAGES, feature="ONNX export")
     final = Path(path)

@@ -1,0 +1,353 @@
+"""Checkpoint steps on object storage, committed without a rename.
+
+Layout under the root URL (``s3://bucket/run``)::
+
+    step-00000007/manifest.json                   the commit marker, created exclusively last
+    step-00000007/3f9a1c02d4e5f607/state.json     data under a per-save id (``data`` in the
+    step-00000007/3f9a1c02d4e5f607/model.safetensors  manifest; ``files`` keys are plain names)
+
+Saving: refuse an existing step; upload every file under a fresh save id (tensor files streamed
+and hashed on the way); create ``manifest.json`` exclusively. If it exists by then, compare: the
+same bytes mean our own create succeeded and its answer was lost (success); other bytes mean
+another writer committed first (our save id is deleted, :class:`StepExistsError`). A writer that
+dies at any point leaves no manifest, so no step; its data is an orphan that a later save
+deletes once it is older than the grace period. Retention deletes the manifest first (the step
+disappears at once), then the data. Reading copies the step into a private local folder laid
+out like a local step and reads it with the local reader, which hashes every byte before use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    CorruptFileError,
+    StepExistsError,
+    StorageCapabilityError,
+    TorchkeepError,
+    TorchkeepFileNotFoundError,
+)
+from ..formats import safetensors as st
+from ..manifest import (
+    DATA_PREFIX_PATTERN,
+    MANIFEST_LIMITS,
+    MANIFEST_NAME,
+    FileRecord,
+    json_bytes,
+    manifest_document,
+)
+from ..storage.store import ObjectStore
+from ..storage.transfer import Transfer
+from .commit import state_document, tensor_metadata
+from .entries import Entry
+from .layout import KIND, STATE_NAME, StepInfo, parse_step, read_step_manifest, step_path
+from .reader import LoadedStep, StepVanishedError, read_step
+
+_SAVE_ID_BYTES = 8  # 16 hex digits: DATA_PREFIX_PATTERN
+
+
+def step_name(step: int) -> str:
+    """The key prefix of ``step`` (``step-00000007``)."""
+    return step_path(Path(), step).name
+
+
+class RemoteSteps:
+    """The committed steps under one object-store URL: list, save, read, retire, clean.
+
+    Raises:
+        StorageCapabilityError: the back end cannot create exclusively (and no single writer
+            was declared).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        transfer: Transfer | None = None,
+    ) -> None:
+        self.store = ObjectStore(url, storage_options=storage_options, transfer=transfer)
+        self.store.exclusive_creator()  # refuse a back end that cannot commit, before any save
+        self.url = self.store.url()
+
+    def step_url(self, step: int) -> str:
+        """The URL of ``step``'s prefix."""
+        return self.store.url(step_name(step))
+
+    # ------------------------------------------------------------------------------------
+    # listing
+
+    def committed(self) -> list[StepInfo]:
+        """Every committed step, oldest first: one fresh listing, then each manifest read and
+        checked against the schema (a step whose manifest is invalid is not listed)."""
+        keys = self.store.keys(maxdepth=2)
+        names = sorted(
+            key.split("/", 1)[0]
+            for key in keys
+            if key.endswith("/" + MANIFEST_NAME) and key.count("/") == 1
+        )
+        infos = []
+        with tempfile.TemporaryDirectory(prefix="torchkeep-list-") as scratch:
+            for name in names:
+                step = parse_step(name)
+                if step is None:
+                    continue
+                try:
+                    manifest = self._manifest(step, Path(scratch))
+                except (TorchkeepFileNotFoundError, CorruptFileError):
+                    continue  # retired meanwhile, or not a valid step
+                infos.append(
+                    StepInfo(
+                        step=step,
+                        path=Path(name),
+                        created=float(manifest["created"]),
+                        metrics={k: float(v) for k, v in manifest.get("metrics", {}).items()},
+                        size=sum(record["size"] for record in manifest["files"].values()),
+                        manifest=manifest,
+                    )
+                )
+        return infos
+
+    def exists(self, step: int) -> bool:
+        """Whether ``step`` has a manifest now (valid or not)."""
+        return self.store.exists(f"{step_name(step)}/{MANIFEST_NAME}")
+
+    def _manifest(self, step: int, scratch: Path) -> dict[str, Any]:
+        """Fetch and check ``step``'s manifest into ``scratch/step-<n>/`` (which it creates).
+
+        Raises:
+            StepVanishedError: there is no manifest (now).
+            CorruptFileError: the manifest is invalid or names no data prefix.
+        """
+        name = step_name(step)
+        local = scratch / name
+        local.mkdir(exist_ok=True)
+        try:
+            data = self.store.read(f"{name}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            raise StepVanishedError(f"{self.step_url(step)} has no {MANIFEST_NAME}") from None
+        (local / MANIFEST_NAME).write_bytes(data)
+        try:
+            manifest = read_step_manifest(local)
+        except TorchkeepError as exc:
+            raise relabelled(exc, local, self.step_url(step)) from None
+        if "data" not in manifest:
+            raise CorruptFileError(
+                f"{self.step_url(step)}/{MANIFEST_NAME} names no data prefix (its 'data' field); "
+                "the step is damaged or was not written by torchkeep, so it is skipped"
+            )
+        return manifest
+
+    # ------------------------------------------------------------------------------------
+    # saving
+
+    def commit(
+        self,
+        step: int,
+        entries: Sequence[Entry],
+        *,
+        overwrite: bool,
+        manifest_fields: Mapping[str, Any],
+    ) -> None:
+        """Upload ``entries`` as ``step`` and commit it by its manifest, created exclusively
+        (or, with ``overwrite``, replaced only if it did not change since it was read).
+
+        Raises:
+            StepExistsError: the step exists and ``overwrite`` is False, or another writer
+                committed (or replaced) it while this one uploaded; this save's data is deleted.
+            StorageCapabilityError: ``overwrite=True`` on a back end without a conditional
+                replace.
+            RemoteStorageError: the store failed for good or the deadline passed; no
+                manifest was created by this save.
+        """
+        name = step_name(step)
+        key = f"{name}/{MANIFEST_NAME}"
+        with self.store.deadline():
+            previous = self._previous(step) if overwrite else None
+            if previous is None and self.exists(step):
+                raise StepExistsError(
+                    f"checkpoint step {step} already exists at {self.step_url(step)}; pass "
+                    "overwrite=True to replace it, or save under another step"
+                )
+            save_id = secrets.token_hex(_SAVE_ID_BYTES)
+            prefix = f"{name}/{save_id}"
+            try:
+                files = self._upload(prefix, step, entries)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.store.delete_prefix(prefix)
+                raise
+            manifest = manifest_document(
+                kind=KIND,
+                files=files,
+                source=self.store.url(key),
+                step=step,
+                data=save_id,
+                **manifest_fields,
+            )
+            # From here on the data is never deleted on error: a create whose answer was lost
+            # may have committed it. An uncommitted prefix is an orphan for a later save.
+            self._commit_manifest(step, prefix, json_bytes(manifest), previous)
+            if previous is not None and previous[1] is not None:
+                with contextlib.suppress(Exception):  # an orphan for a later save otherwise
+                    self.store.delete_prefix(f"{name}/{previous[1]}")
+
+    def _previous(self, step: int) -> tuple[str, str | None] | None:
+        """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
+        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        self.store.replacer()  # refuse overwrite=True on a back end that cannot do it
+        try:
+            version = self.store.version(key)  # first: a change after it fails the replace
+            document = json.loads(self.store.read(key, start=0, end=MANIFEST_LIMITS.max_bytes))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not JSON: replaced all the same, its data is left as an orphan
+            return version, None
+        data = document.get("data") if isinstance(document, dict) else None
+        return version, data if isinstance(data, str) and _is_save_id(data) else None
+
+    def _upload(self, prefix: str, step: int, entries: Sequence[Entry]) -> dict[str, FileRecord]:
+        files: dict[str, FileRecord] = {}
+        for entry in entries:
+            if entry.file_name is not None:
+                spans = st.encode(entry.tensors, tensor_metadata(entry))
+                files[entry.file_name] = self.store.write_stream(
+                    f"{prefix}/{entry.file_name}", spans
+                )
+        state = json_bytes(state_document(step, entries), sort_keys=False)
+        files[STATE_NAME] = self.store.write(f"{prefix}/{STATE_NAME}", state)
+        return files
+
+    def _commit_manifest(
+        self, step: int, prefix: str, manifest: bytes, previous: tuple[str, str | None] | None
+    ) -> None:
+        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        try:
+            if previous is None:
+                self.store.create_exclusive(key, manifest)
+            else:
+                self.store.replace_if(key, manifest, previous[0])
+            return
+        except (FileExistsError, FileNotFoundError):
+            pass
+        try:
+            existing = self.store.read(key)
+        except FileNotFoundError:
+            existing = None  # retired meanwhile: not ours either way
+        if existing == manifest:
+            return  # our write succeeded; its answer was lost and the retry saw our object
+        with contextlib.suppress(Exception):
+            self.store.delete_prefix(prefix)
+        raise StepExistsError(
+            f"checkpoint step {step} was committed at {self.step_url(step)} by another writer "
+            "while this one was uploading it; this save was discarded. Save under another step"
+        )
+
+    # ------------------------------------------------------------------------------------
+    # retention and cleaning
+
+    def retire(self, infos: Sequence[StepInfo]) -> None:
+        """Delete steps: each manifest first (the step disappears at once), then its data."""
+        for info in infos:
+            name = step_name(info.step)
+            self.store.delete(f"{name}/{MANIFEST_NAME}")
+            self.store.delete_prefix(name)
+
+    def clean_orphans(self, committed: Sequence[StepInfo]) -> list[str]:
+        """Delete save-id prefixes no committed manifest references and incomplete multipart
+        uploads, once older than ``Transfer.orphan_grace_s`` (a writer may still be
+        uploading); return the URLs of what was deleted."""
+        grace = self.store.transfer.orphan_grace_s
+        now = time.time()
+        referenced = {(step_name(info.step), info.manifest.get("data")) for info in committed}
+        newest: dict[tuple[str, str], float] = {}
+        for key, modified in self.store.keys(maxdepth=3).items():
+            parts = key.split("/")
+            if len(parts) == 3 and parse_step(parts[0]) is not None and _is_save_id(parts[1]):
+                group = (parts[0], parts[1])
+                newest[group] = max(newest.get(group, float("-inf")), modified)
+        removed = []
+        for (name, save_id), modified in sorted(newest.items()):
+            if (name, save_id) not in referenced and now - modified > grace:
+                self.store.delete_prefix(f"{name}/{save_id}")
+                removed.append(self.store.url(f"{name}/{save_id}"))
+        return removed + self.store.abort_stale_uploads(grace)
+
+    # ------------------------------------------------------------------------------------
+    # reading
+
+    def read(self, step: int) -> LoadedStep:
+        """Copy ``step`` into a private local folder and read it with every byte verified.
+
+        Raises:
+            StepVanishedError: the step was retired while it was read.
+            CorruptFileError: a file is missing, has the wrong size or fails its hash.
+        """
+        with tempfile.TemporaryDirectory(prefix="torchkeep-remote-") as scratch:
+            local = self.fetch(step, Path(scratch))
+            try:
+                return read_step(local)
+            except TorchkeepError as exc:
+                raise relabelled(exc, local, self.step_url(step)) from None
+
+    def fetch(self, step: int, scratch: Path) -> Path:
+        """Copy ``step`` into ``scratch/step-<n>/`` laid out as a local step (not verified:
+        the local reader or verifier hashes it); return that folder."""
+        name = step_name(step)
+        with self.store.deadline():
+            manifest = self._manifest(step, scratch)
+            local = scratch / name
+            for file, record in manifest["files"].items():
+                try:
+                    self.store.download(
+                        f"{name}/{manifest['data']}/{file}", local / file, record["size"]
+                    )
+                except FileNotFoundError:
+                    if self._replaced(step, local / MANIFEST_NAME):
+                        raise StepVanishedError(
+                            f"{self.step_url(step)} was retired or replaced while it was read"
+                        ) from None
+                    raise CorruptFileError(
+                        f"{self.step_url(step)}/{manifest['data']}/{file} is missing; the step "
+                        "is damaged"
+                    ) from None
+        return local
+
+    def _replaced(self, step: int, used: Path) -> bool:
+        """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""
+        try:
+            return self.store.read(f"{step_name(step)}/{MANIFEST_NAME}") != used.read_bytes()
+        except FileNotFoundError:
+            return True
+
+
+def refuse_overwrite(url: str, overwrite: bool) -> None:
+    """Raise when ``overwrite=True`` is asked of a remote writer that has no conditional
+    replace (``torchkeep convert --force`` into a bucket's checkpoint folder)."""
+    if overwrite:
+        raise StorageCapabilityError(
+            f"{url}: replacing an existing checkpoint step this way is not supported on object "
+            "storage; write to another step, or save it with CheckpointManager.save(..., "
+            "overwrite=True), which replaces a step conditionally"
+        )
+
+
+def _is_save_id(name: str) -> bool:
+    return re.fullmatch(DATA_PREFIX_PATTERN, name) is not None
+
+
+def relabelled(exc: TorchkeepError, local: Path, url: str) -> TorchkeepError:
+    """``exc`` with the private local copy's path in its message replaced by the step URL."""
+    message = str(exc).replace(str(local), url)
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return exc
