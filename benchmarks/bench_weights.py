@@ -8,7 +8,9 @@ Two cases: ``large`` (1 GiB: 16 float32 tensors of 4096 x 4096) and ``small`` (2
   ``save_weights(..., cache="drop")`` (direct I/O, nothing left in the page cache);
 - load into model: ``load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
 - lazy load + touch: ``load_state_dict(p)`` against the peers' loaders, each followed by a
-  ``sum()`` of every tensor so lazily mapped data is really read.
+  ``sum()`` of every tensor so lazily mapped data is really read; ``safe_open`` is
+  safetensors' lazy reader (``get_tensor`` of each name in turn, on the file ``save_file``
+  wrote), measured for this operation only.
 
 Each load is measured in three page-cache states: right after the save (each tool loads the
 file it has just saved, the cache as that save left it), cold (the page cache dropped first:
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,12 +46,13 @@ from _harness import (
 from torchkeep import load_state_dict, load_weights, save_weights
 from torchkeep.storage import local
 
-TOOLS = ("torchkeep", "safetensors", "torch", "torchkeep drop")
+TOOLS = ("torchkeep", "safetensors", "torch", "torchkeep drop", "safe_open")
 SUFFIX = {
     "torchkeep": ".safetensors",
     "torchkeep drop": ".drop.safetensors",
     "torch": ".pt",
     "safetensors": ".st.safetensors",
+    "safe_open": ".so.safetensors",
 }
 SAVE, LOAD_INTO, LAZY = "durable save", "load into model", "lazy load + touch"
 _SMALL_ROWS = (1, 32, 64, 96, 128, 48, 80, 16, 112, 37)  # x 64 float32: ~15.7 KB on average
@@ -100,6 +104,7 @@ def save(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
         "torchkeep drop": lambda: save_weights(model, path, cache="drop"),
         "torch": lambda: torch.save(model.state_dict(), path),
         "safetensors": lambda: save_file(model.state_dict(), path),
+        "safe_open": lambda: save_file(model.state_dict(), path),
     }
 
     def run() -> None:
@@ -128,14 +133,21 @@ def load_into_model(tool: str, path: str, case: str, quick: bool) -> Callable[[]
 
 def lazy_load(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
     """Load a state dict from ``path`` with ``tool``, then sum every tensor (reads all data)."""
-    loaders: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-        "torch": lambda: torch.load(path, weights_only=True),
-        "safetensors": lambda: load_file(path),
+
+    def lazily() -> Iterator[torch.Tensor]:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                yield f.get_tensor(name)
+
+    loaders: dict[str, Callable[[], Iterable[torch.Tensor]]] = {
+        "torch": lambda: torch.load(path, weights_only=True).values(),
+        "safetensors": lambda: load_file(path).values(),
+        "safe_open": lazily,
     }
-    load = loaders.get(tool, lambda: load_state_dict(path))
+    load = loaders.get(tool, lambda: load_state_dict(path).values())
 
     def run() -> None:
-        for tensor in load().values():
+        for tensor in load():
             tensor.sum()
 
     return run
@@ -148,9 +160,12 @@ _TARGETS = {LOAD_INTO: "bench_weights:load_into_model", LAZY: "bench_weights:laz
 
 def _plan(tool: str, operations: list[str], states: list[str]) -> list[tuple[str, str]]:
     """(operation, state) pairs to measure for ``tool``; ``torchkeep drop`` differs from
-    ``torchkeep`` only in how it saves, so it is loaded only right after its own save."""
+    ``torchkeep`` only in how it saves, so it is loaded only right after its own save;
+    ``safe_open`` is a lazy reader, measured only for the lazy load."""
     if tool == "torchkeep drop":
         states = [state for state in states if state == AFTER_SAVE]
+    if tool == "safe_open":
+        operations = [op for op in operations if op == LAZY]
     return [(op, state) for state in states for op in operations]
 
 
@@ -175,7 +190,9 @@ def run_case(
             for operation, state in _plan(tool, operations, states):
                 if state == AFTER_SAVE or not Path(path).exists():
                     print(f"  {case:5} {SAVE:17} {tool}", flush=True)
-                    runs.add(case, nbytes, SAVE, "", tool, measure("bench_weights:save", **args))
+                    saved = measure("bench_weights:save", **args)
+                    if tool != "safe_open":  # the same save_file as safetensors' row
+                        runs.add(case, nbytes, SAVE, "", tool, saved)
                 print(f"  {case:5} {operation:17} {state:16} {tool}", flush=True)
                 warm = [path] if state == WARM else []
                 run = measure(_TARGETS[operation], cold=state == COLD, warm=warm, **args)

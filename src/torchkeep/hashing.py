@@ -7,13 +7,20 @@ an attacker who can rewrite both a file and its manifest; nothing stored beside 
 
 from __future__ import annotations
 
+import collections
+import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import xxhash
 
+from .storage.reading import FileEndedError, RangeReader
+
 HASH_ALGORITHM = "xxh3_128"
 _READ_CHUNK = 8 << 20
+_READERS = 2  # threads reading ahead (preadv releases the GIL)
+_IN_FLIGHT = 4  # chunks read ahead of the hash: 32 MiB, plus one 8 MiB bounce buffer per thread
 
 
 class Hasher(Protocol):
@@ -31,13 +38,49 @@ def new_hasher() -> Hasher:
 
 
 def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """Return ``(size, hexdigest)`` of the file at ``path``, read in chunks."""
+    """Return ``(size, hexdigest)`` of the file at ``path``, read in chunks.
+
+    The chunks are read by :class:`~torchkeep.storage.reading.RangeReader`, two threads ahead
+    of the hash: from the page cache where the file is cached, else with direct I/O, which
+    reads an uncached file (one just written with direct I/O, or after the cache was dropped)
+    faster than buffered reads here and leaves the page cache as it was. Bytes past the size
+    the file had when it was opened (it grew, or shrank, while being hashed) are read plainly,
+    so the result covers whatever the file held up to its end, as a plain read would.
+    """
     hasher = new_hasher()
-    size = 0
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            hasher.update(view[:n])
-            size += n
-    return size, hasher.hexdigest()
+    buffers = [memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(_IN_FLIGHT)]
+    with open(path, "rb", buffering=0) as f, RangeReader(path) as reader:
+        position = _hash_range(reader, hasher, buffers, os.fstat(f.fileno()).st_size)
+        f.seek(position)
+        while n := f.readinto(buffers[0]):
+            hasher.update(buffers[0][:n])
+            position += n
+    return position, hasher.hexdigest()
+
+
+def _hash_range(reader: RangeReader, hasher: Hasher, buffers: list[memoryview], size: int) -> int:
+    """Hash the file's first ``size`` bytes in order, reading up to ``len(buffers)`` chunks
+    ahead; return ``size``, or where the file ended early (the start of the chunk it cut)."""
+    offsets = range(0, size, _READ_CHUNK)
+
+    def read(index: int) -> memoryview:
+        chunk = buffers[index % len(buffers)][: min(_READ_CHUNK, size - offsets[index])]
+        reader.read([chunk], offsets[index])
+        return chunk
+
+    with ThreadPoolExecutor(_READERS) as pool:
+        ahead = min(len(buffers), len(offsets))
+        pending: collections.deque[Future[memoryview]] = collections.deque(
+            pool.submit(read, index) for index in range(ahead)
+        )
+        for index in range(len(offsets)):
+            try:
+                chunk = pending.popleft().result()
+            except FileEndedError:  # it shrank while being read: the caller reads on plainly
+                for future in pending:
+                    future.cancel()
+                return offsets[index]  # leaving the pool waits for reads still running
+            hasher.update(chunk)  # only then may this buffer take the next chunk
+            if index + len(buffers) < len(offsets):
+                pending.append(pool.submit(read, index + len(buffers)))
+    return size

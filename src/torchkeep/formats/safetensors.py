@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
 import math
+import operator
 import os
+import reprlib
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
@@ -79,6 +82,23 @@ class TensorEntry(NamedTuple):
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+_new_entry = functools.partial(tuple.__new__, TensorEntry)  # TensorEntry(*fields), in C
+_DTYPE_FIELD = operator.itemgetter("dtype")
+_SHAPE_FIELD = operator.itemgetter("shape")
+_OFFSETS_FIELD = operator.itemgetter("data_offsets")
+_ENTRY_DTYPE = operator.attrgetter("dtype")
+_ITEMSIZE = operator.attrgetter("itemsize")
+_ENTRY_SHAPE = operator.attrgetter("shape")
+_ENTRY_BEGIN = operator.attrgetter("begin")
+_ENTRY_END = operator.attrgetter("end")
+_ENTRY_BEGIN_END = operator.attrgetter("begin", "end")
+_COLUMN_MAX_DIMS = 64
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 200
+_BRIEF.maxlist = 16
+_BRIEF.maxlong = 60
 
 
 @dataclass(frozen=True)
@@ -272,76 +292,132 @@ def _corrupt(path: Path, problem: str) -> CorruptFileError:
 def _parse_entries(
     path: Path, header: Mapping[str, object], data_start: int, data_len: int
 ) -> dict[str, TensorEntry]:
-    """Validate every header entry in one pass.
+    """Validate every header entry.
 
-    Well-formed entries take a short inline path (one dict lookup per field, C-level checks
-    of the shape); anything else goes to :func:`_parse_entry_thoroughly`, which names what
-    is wrong. Both accept exactly the same entries.
+    A well-formed header is checked by :func:`_parse_columns`, column by column, in C-level
+    builtins with no Python code per entry. A header it does not accept whole is checked
+    again entry by entry by :func:`_parse_entry_thoroughly`, which names what is wrong; the
+    column checks accept only entries the thorough ones accept.
     """
-    entries: dict[str, TensorEntry] = {}
-    dtypes, make, prod = DTYPE_NAMES, TensorEntry, math.prod
-    for name, raw in header.items():
-        try:
-            dtype = dtypes[raw["dtype"]]  # type: ignore[index]
-            shape = raw["shape"]  # type: ignore[index]
-            begin, end = raw["data_offsets"]  # type: ignore[index]
-        except (KeyError, TypeError, ValueError):
-            pass
-        else:
-            if (
-                type(raw) is dict
-                and type(shape) is list
-                and type(begin) is int
-                and type(end) is int
-                and 0 <= begin <= end <= data_len
-                and list(map(type, shape)).count(int) == len(shape)  # no bools, no floats
-                and min(shape, default=1) > 0  # zero sizes: the thorough path
-                and prod(shape) * dtype.itemsize == end - begin
-            ):
-                entries[name] = make(
-                    name, dtype, tuple(shape), data_start + begin, data_start + end
-                )
-                continue
-        entries[name] = _parse_entry_thoroughly(path, name, raw, data_start, data_len)
+    entries = _parse_columns(path, header, data_start, data_len)
+    if entries is None:
+        entries = {
+            name: _parse_entry_thoroughly(path, name, raw, data_start, data_len)
+            for name, raw in header.items()
+        }
     return entries
+
+
+def _parse_columns(
+    path: Path, header: Mapping[str, object], data_start: int, data_len: int
+) -> dict[str, TensorEntry] | None:
+    """The entries of ``header`` if every one passes the column checks, else None.
+
+    Each field of every entry is gathered into a list with ``map`` and checked for all entries
+    at once (types by ``set(map(type, ...))``, bounds by ``min``/``max``, sizes by comparing
+    lists): 20,000 entries take a few milliseconds, against ~30 ms for a Python loop over them.
+    A shape of more than ``_COLUMN_MAX_DIMS`` dimensions, or one with a dimension longer than
+    the data section, is left to the thorough checks, so no product here grows large; an entry
+    with no elements is checked thoroughly as well (its shape is not bounded by its bytes).
+    """
+    names = list(header)
+    raws: list[Any] = list(header.values())
+    try:  # a field missing, an entry that is not an object, an unknown or unhashable dtype
+        dtypes = list(map(DTYPE_NAMES.__getitem__, map(_DTYPE_FIELD, raws)))
+        shapes = list(map(_SHAPE_FIELD, raws))
+        offsets = list(map(_OFFSETS_FIELD, raws))
+    except (KeyError, TypeError):
+        return None
+    if not (
+        set(map(type, shapes)) <= {list}
+        and set(map(type, offsets)) <= {list}
+        and set(map(len, offsets)) <= {2}
+        and max(map(len, shapes), default=0) <= _COLUMN_MAX_DIMS
+    ):
+        return None
+    dims = list(itertools.chain.from_iterable(shapes))
+    bounds = list(itertools.chain.from_iterable(offsets))
+    if not (
+        set(map(type, dims)) <= {int}  # not bool, not float
+        and set(map(type, bounds)) <= {int}
+        and min(dims, default=0) >= 0
+        and max(dims, default=0) <= data_len
+        and min(bounds, default=0) >= 0
+        and max(bounds, default=0) <= data_len
+    ):
+        return None
+    begins, ends = bounds[0::2], bounds[1::2]
+    counts = list(map(math.prod, shapes))
+    nbytes = map(operator.mul, counts, map(_ITEMSIZE, dtypes))
+    if list(nbytes) != list(map(operator.sub, ends, begins)):  # so also begin <= end
+        return None
+    for index in itertools.compress(range(len(counts)), map(operator.not_, counts)):
+        _parse_entry_thoroughly(path, names[index], raws[index], data_start, data_len)
+    fields = zip(
+        names,
+        dtypes,
+        map(tuple, shapes),
+        map(operator.add, begins, itertools.repeat(data_start)),
+        map(operator.add, ends, itertools.repeat(data_start)),
+        strict=True,
+    )
+    return dict(zip(names, map(_new_entry, fields), strict=True))
+
+
+def _element_count(shape: Iterable[int]) -> int | None:
+    """The product of the non-zero dimensions of ``shape``, or None once it passes what torch
+    can count (looking no further: a product of millions of dimensions would take hours)."""
+    count = 1
+    for dim in shape:
+        if dim:
+            count *= dim
+            if count > _MAX_ELEMENTS:
+                return None
+    return count
+
+
+def _brief(value: object) -> str:
+    """``repr(value)``, shortened for an error message (a hostile header may hold huge values)."""
+    return _BRIEF.repr(value)
 
 
 def _parse_entry_thoroughly(
     path: Path, name: str, raw: object, data_start: int, data_len: int
 ) -> TensorEntry:
+    shown = _brief(name)
     if not isinstance(raw, dict):
-        raise _corrupt(path, f"entry {name!r} is not an object")
+        raise _corrupt(path, f"entry {shown} is not an object")
     dtype_name = raw.get("dtype")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPE_NAMES:
-        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype_name!r}")
+        raise _corrupt(path, f"tensor {shown} has unknown dtype {_brief(dtype_name)}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise _corrupt(path, f"tensor {shown} has an invalid shape {_brief(shape)}")
+    if _element_count(shape) is None:
         # Even with a zero dimension (no data), torch cannot represent such a shape.
-        raise _corrupt(path, f"tensor {name!r} has a shape {shape} too large for a tensor")
+        raise _corrupt(path, f"tensor {shown} has a shape {_brief(shape)} too large for a tensor")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _corrupt(path, f"tensor {shown} has invalid data_offsets {_brief(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise _corrupt(
             path,
-            f"tensor {name!r} has data_offsets {offsets} outside the {data_len}-byte data section",
+            f"tensor {shown} has data_offsets {offsets} outside the {data_len}-byte data section",
         )
     dtype = DTYPE_NAMES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if expected != end - begin:
         raise _corrupt(
             path,
-            f"tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected} bytes "
-            f"but its data_offsets span {end - begin}",
+            f"tensor {shown} of shape {_brief(shape)} and dtype {dtype_name} needs {expected} "
+            f"bytes but its data_offsets span {end - begin}",
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -412,22 +488,26 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 def _check_coverage(
     path: Path, entries: Mapping[str, TensorEntry], data_start: int, file_size: int
 ) -> None:
-    """Tensors must tile the data section exactly: no overlaps, no holes, nothing after."""
+    """Tensors must tile the data section exactly: no overlaps, no holes, nothing after.
+
+    In offset order, each tensor must begin where the one before it ends (the first at the
+    data section's start) and the last end at the end of the file; both are checked as one
+    comparison of lists, and only a file that fails it is walked to name the problem.
+    """
+    ordered = sorted(entries.values(), key=_ENTRY_BEGIN_END)  # linear if already in order
+    ends = list(map(_ENTRY_END, ordered))
+    if [data_start, *ends[:-1]] == list(map(_ENTRY_BEGIN, ordered)) and (
+        ends[-1] if ends else data_start
+    ) == file_size:
+        return
     position = data_start
-    ordered: Iterable[TensorEntry] = entries.values()
-    spans = [(entry.begin, entry.end) for entry in ordered]
-    if spans != sorted(spans):  # files written in offset order (all writers here) skip the sort
-        ordered = sorted(ordered, key=lambda e: (e.begin, e.end))
     for entry in ordered:
         if entry.begin < position:
-            raise _corrupt(path, f"tensor {entry.name!r} overlaps the tensor before it")
+            raise _corrupt(path, f"tensor {_brief(entry.name)} overlaps the tensor before it")
         if entry.begin > position:
-            raise _corrupt(path, f"there are unused bytes before tensor {entry.name!r}")
+            raise _corrupt(path, f"there are unused bytes before tensor {_brief(entry.name)}")
         position = entry.end
-    if position != file_size:
-        raise _corrupt(
-            path, f"the tensors end at byte {position} but the file has {file_size} bytes"
-        )
+    raise _corrupt(path, f"the tensors end at byte {position} but the file has {file_size} bytes")
 
 
 def _parse_aliases(
@@ -441,9 +521,11 @@ def _parse_aliases(
         raise _corrupt(path, f"metadata {ALIASES_KEY!r} is not an object")
     for alias, target in aliases.items():
         if not isinstance(target, str) or target not in entries:
-            raise _corrupt(path, f"tied name {alias!r} points to missing tensor {target!r}")
+            raise _corrupt(
+                path, f"tied name {_brief(alias)} points to missing tensor {_brief(target)}"
+            )
         if alias in entries:
-            raise _corrupt(path, f"tied name {alias!r} is also stored as a tensor")
+            raise _corrupt(path, f"tied name {_brief(alias)} is also stored as a tensor")
     return dict(aliases)
 
 
@@ -451,6 +533,11 @@ def _map_file(header: Header) -> torch.Tensor:
     """Map the whole file privately (copy-on-write) as a flat uint8 tensor; pages load lazily."""
     storage = torch.UntypedStorage.from_file(str(header.path), False, header.file_size)
     return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+def _typed(mapped: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All of ``mapped`` that fits, viewed as elements of ``dtype``."""
+    return mapped[: len(mapped) // dtype.itemsize * dtype.itemsize].view(dtype)
 
 
 def _viewer(mapped: torch.Tensor) -> Callable[[TensorEntry], torch.Tensor]:
@@ -463,10 +550,41 @@ def _viewer(mapped: torch.Tensor) -> Callable[[TensorEntry], torch.Tensor]:
             return mapped[entry.begin : entry.end].clone().view(entry.dtype).view(entry.shape)
         whole = typed.get(entry.dtype)
         if whole is None:
-            whole = typed[entry.dtype] = mapped[: len(mapped) // size * size].view(entry.dtype)
+            whole = typed[entry.dtype] = _typed(mapped, entry.dtype)
         return whole.as_strided(entry.shape, _contiguous_strides(entry.shape), entry.begin // size)
 
     return view
+
+
+def _views(mapped: torch.Tensor, entries: Collection[TensorEntry]) -> list[torch.Tensor]:
+    """Every entry, in order, as a view of ``mapped`` (the whole file).
+
+    The same views as :func:`_viewer` gives, made without Python code per tensor when every
+    tensor is aligned to its element size (as every writer here aligns them): one
+    ``as_strided`` per tensor, driven by ``map`` over the columns of each dtype.
+    """
+    dtypes = list(map(_ENTRY_DTYPE, entries))
+    begins = list(map(_ENTRY_BEGIN, entries))
+    itemsizes = list(map(_ITEMSIZE, dtypes))
+    if any(map(operator.mod, begins, itemsizes)):
+        return list(map(_viewer(mapped), entries))
+    shapes = list(map(_ENTRY_SHAPE, entries))
+    columns = list(
+        zip(
+            shapes,
+            map(_contiguous_strides, shapes),
+            map(operator.floordiv, begins, itemsizes),
+            strict=True,
+        )
+    )
+    made = {
+        dtype: itertools.starmap(
+            _typed(mapped, dtype).as_strided,
+            itertools.compress(columns, map(operator.is_, dtypes, itertools.repeat(dtype))),
+        )
+        for dtype in set(dtypes)
+    }
+    return list(map(next, map(made.__getitem__, dtypes)))  # each dtype's views, in file order
 
 
 @functools.lru_cache(maxsize=4096)
@@ -493,12 +611,11 @@ def load_tensors(
     result: dict[str, torch.Tensor] = {}
     if header.file_size > 0 and header.entries:
         source = _read_whole(header) if read_uncached else None
-        view = _viewer(source if source is not None else _map_file(header))
-        for name, entry in header.entries.items():
-            tensor = view(entry)
-            if device is not None and device.type != "cpu":
-                tensor = tensor.to(device)
-            result[name] = tensor
+        mapped = source if source is not None else _map_file(header)
+        tensors = _views(mapped, header.entries.values())
+        if device is not None and device.type != "cpu":
+            tensors = [tensor.to(device) for tensor in tensors]
+        result = dict(zip(header.entries, tensors, strict=True))
     for alias, target in header.aliases.items():
         result[alias] = result[target]
     return result
