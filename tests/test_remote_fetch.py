@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torchkeep as tk
 from tests.remote.proxy import FaultProxy
 from tests.remote.server import Bucket
+from tests.test_remote_infra import raw
 from tests.test_remote_io import cli, data_prefix, flip, options_flags
 from torchkeep.checkpoint.remote import RemoteSteps
 from torchkeep.describe import describe
@@ -207,3 +209,25 @@ def test_stalled_read_ends_at_the_deadline_of_the_whole_fetch(
     with pytest.raises(tk.RemoteStorageError, match="deadline"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tk.load_state_dict(run, storage_options=options, transfer=tk.Transfer(deadline_s=3))
+
+
+def test_proxy_hold_releases_gets_only_together(s3_proxy: tuple[FaultProxy, Bucket]) -> None:
+    """The ``hold`` fault itself: a lone GET waits (and then passes), two concurrent GETs of
+    different objects pass together and are counted as read at once (a dud would let the
+    concurrency test above pass vacuously)."""
+    proxy, bucket = s3_proxy
+    name = bucket.url.removeprefix("s3://")
+    lone = proxy.add("hold", method="GET", path="/lone$", count=2, seconds=0.2, times=1)
+    assert raw(proxy.endpoint, "GET", f"/{name}/lone")[0] == 404  # held, then forwarded
+    assert (lone.fired, proxy.max_objects_read_at_once) == (1, 1)
+    proxy.add("hold", method="GET", path="/pair-", count=2, seconds=600)
+    threads = [
+        threading.Thread(target=raw, args=(proxy.endpoint, "GET", f"/{name}/pair-{i}"))
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status for r in proxy.log[-2:]] == [404, 404]
+    assert proxy.max_objects_read_at_once == 2
