@@ -235,8 +235,8 @@ def download_many(
             return None
         if info.get("type", "file") != "file":
             return None
-        found = int(info["size"])
-        return found if fetch.limit is None else min(found, fetch.limit)
+        found = int(info["size"])  # what to read: the object, to one byte past the limit
+        return found if fetch.limit is None else min(found, fetch.limit + 1)
 
     step = transfer.part_size
     missing: set[Path] = set()
@@ -250,11 +250,10 @@ def download_many(
                 else:
                     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
                     files[fetch] = (os.open(fetch.destination, flags, 0o600), found)
-            # The last range of each object asks one byte more (see Fetch.limit).
             ranges = [
-                pool.submit(_read_range, fs, fetch, fd, start, min(start + step, found + 1), call)
-                for fetch, (fd, found) in files.items()
-                for start in range(0, max(found, 1), step)
+                pool.submit(_read_range, fs, fetch, fd, start, min(start + step, wanted), call)
+                for fetch, (fd, wanted) in files.items()
+                for start in range(0, wanted, step)
             ]
             try:
                 missing.update(gone for gone in (f.result() for f in ranges) if gone is not None)
