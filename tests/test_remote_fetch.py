@@ -231,3 +231,27 @@ def test_proxy_hold_releases_gets_only_together(s3_proxy: tuple[FaultProxy, Buck
         thread.join()
     assert [r.status for r in proxy.log[-2:]] == [404, 404]
     assert proxy.max_objects_read_at_once == 2
+
+
+def test_truncated_multi_range_object_is_damage_not_a_storage_error(s3_bucket: Bucket) -> None:
+    """A step's data object shorter than its manifest says, read in several ranges, is a damaged
+    step (the local size check names it; the previous step is loaded), not a read past the
+    object's end refused by the store."""
+    run, opts = f"{s3_bucket.url}/run", s3_bucket.storage_options
+    transfer = tk.Transfer(part_size=5 << 20, deadline_s=120)
+    layer = torch.nn.Linear(1200, 1200, bias=False)  # 5.8 MB: two ranges of 5 MiB
+    with tk.CheckpointManager(run, storage_options=opts, transfer=transfer) as manager:
+        manager.save(1, model=layer)
+        older = layer.weight.detach().clone()
+        with torch.no_grad():
+            layer.weight.add_(1)
+        manager.save(2, model=layer)
+    key = f"run/step-00000002/{data_prefix(s3_bucket, 'run/step-00000002')}/model.safetensors"
+    store = RemoteSteps(run, storage_options=opts).store
+    head = store.read(key.removeprefix("run/"), start=0, end=1 << 20)
+    store.write(key.removeprefix("run/"), head)
+    with pytest.warns(UserWarning, match="checkpoint step 2 is unusable") as caught:
+        loaded = tk.load_state_dict(run, storage_options=opts, transfer=transfer)
+    assert torch.equal(loaded["weight"], older)
+    message = str(caught[0].message)
+    assert f"{run}/step-00000002/model.safetensors is missing or has another size" in message
