@@ -90,17 +90,17 @@ def test_reader_that_loses_the_old_data_to_a_replace_reads_again(
     mgr = tk.CheckpointManager(url, storage_options=s3_bucket.storage_options)
     mgr.save(1, model=_model(5), version="old")
     newer = _model(6)
-    original = ObjectStore.download
+    original = ObjectStore.download_many
     replaced: list[bool] = []
 
-    def replace_then_download(self: ObjectStore, *args: Any) -> None:
+    def replace_then_download(self: ObjectStore, *args: Any) -> set[str]:
         if not replaced:  # the reader has the old manifest; a writer replaces the step now
             replaced.append(True)
             writer = tk.CheckpointManager(url, storage_options=s3_bucket.storage_options)
             writer.save(1, model=newer, overwrite=True, version="new")
-        original(self, *args)
+        return original(self, *args)
 
-    monkeypatch.setattr(ObjectStore, "download", replace_then_download)
+    monkeypatch.setattr(ObjectStore, "download_many", replace_then_download)
     target = nn.Linear(5, 3)
     restored = mgr.restore(model=target)
     assert restored.extra["version"] == "new"

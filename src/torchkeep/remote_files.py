@@ -28,11 +28,13 @@ import os
 import re
 import secrets
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import lazy
 from .errors import (
     ChecksumMismatchError,
     CorruptFileError,
@@ -46,6 +48,9 @@ from .storage.remote import is_remote
 from .storage.stream import Span
 
 if TYPE_CHECKING:
+    from .checkpoint.layout import StepInfo
+    from .checkpoint.lazy import Fetch
+    from .checkpoint.remote import RemoteSteps
     from .storage.store import ObjectStore
     from .storage.transfer import Transfer
 
@@ -193,17 +198,36 @@ def _safe_relative(key: str, url: str) -> Path:
     return Path(*parts)
 
 
-def _download(store: ObjectStore, key: str, destination: Path, claimed: int | None = None) -> None:
-    """Copy object ``key`` to ``destination``; where a manifest ``claimed`` a size, at most one
-    byte more than that (a longer object leaves a longer file, which the local size check
-    refuses, and a hostile manifest cannot make it read more). A missing object leaves no file
-    (the local check reports it missing)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
+def _mirror_committed(
+    store: ObjectStore, remote: Remote, prefix: str, keys: Iterable[str], local: Path
+) -> None:
+    """Fetch a committed folder: its manifest, then the files it lists from its data prefix
+    (concurrently; each at most one byte more than the size the manifest records, so a
+    longer object leaves a longer file, which the local size check refuses, and a hostile
+    manifest cannot make it read more; a missing object leaves no file, which the local
+    check reports).
+
+    Objects under the data prefix that the manifest does not list become empty placeholders,
+    so the local checks refuse them by name as they refuse an unlisted local file; objects
+    under other prefixes (uploads of saves that never committed) are not part of the folder.
+    """
+    local.mkdir(parents=True, exist_ok=True)
+    manifest_key = f"{prefix}/{MANIFEST_NAME}"
+    store.download_many({manifest_key: (local / MANIFEST_NAME, MANIFEST_LIMITS.max_bytes)})
     try:
-        size = store.size(key)
-        store.download(key, destination, size if claimed is None else min(size, claimed))
-    except FileNotFoundError:
-        destination.unlink(missing_ok=True)
+        manifest = read_manifest(local)
+    except TorchkeepError:
+        return  # the local reader will say what is wrong with it
+    data = manifest.get("data")
+    base = f"{prefix}/{data}/" if data else f"{prefix}/"
+    listed = manifest["files"]
+    store.download_many(
+        {base + name: (local / name, int(record["size"])) for name, record in listed.items()}
+    )
+    unlisted = [k for k in keys if k.startswith(base) and k[len(base) :] not in listed]
+    for key in unlisted[:MAX_OBJECTS]:
+        if key != manifest_key:
+            _placeholder(local, _safe_relative(key[len(base) :], remote.url))
 
 
 def _placeholder(local: Path, relative: Path) -> None:
@@ -213,35 +237,9 @@ def _placeholder(local: Path, relative: Path) -> None:
     path.touch()
 
 
-def _mirror_committed(
-    store: ObjectStore, remote: Remote, prefix: str, keys: Iterable[str], local: Path
-) -> None:
-    """Fetch a committed folder: its manifest, then the files it lists from its data prefix.
-
-    Objects under the data prefix that the manifest does not list become empty placeholders,
-    so the local checks refuse them by name as they refuse an unlisted local file; objects
-    under other prefixes (uploads of saves that never committed) are not part of the folder.
-    """
-    local.mkdir(parents=True, exist_ok=True)
-    manifest_key = f"{prefix}/{MANIFEST_NAME}"
-    _download(store, manifest_key, local / MANIFEST_NAME, MANIFEST_LIMITS.max_bytes)
-    try:
-        manifest = read_manifest(local)
-    except TorchkeepError:
-        return  # the local reader will say what is wrong with it
-    data = manifest.get("data")
-    base = f"{prefix}/{data}/" if data else f"{prefix}/"
-    listed = manifest["files"]
-    for name, record in listed.items():
-        _download(store, base + name, local / name, int(record["size"]))
-    unlisted = [k for k in keys if k.startswith(base) and k[len(base) :] not in listed]
-    for key in unlisted[:MAX_OBJECTS]:
-        if key != manifest_key:
-            _placeholder(local, _safe_relative(key[len(base) :], remote.url))
-
-
-def _mirror(store: ObjectStore, remote: Remote, local: Path) -> None:
-    """Lay out ``remote`` under ``local`` as the local folder (or file) would be."""
+def _mirror(store: ObjectStore, remote: Remote, local: Path, sizes_only: bool) -> Fetch | None:
+    """Lay out ``remote`` under ``local`` as the local folder (or file) would be; for a
+    checkpoint folder, return what fetches a step's files when a reader needs them."""
     name = remote.name
     keys = [k for k in store.keys(name) if k == name or k.startswith(name + "/")]
     if not keys:
@@ -250,44 +248,95 @@ def _mirror(store: ObjectStore, remote: Remote, local: Path) -> None:
             "and the storage options (endpoint, credentials)"
         )
     if name in keys:
-        _download(store, name, local)
-        return
+        store.download_many({name: (local, None)})
+        return None
     if f"{name}/{MANIFEST_NAME}" in keys:
         _mirror_committed(store, remote, name, keys, local)
-        return
+        return None
     if any(_STEP_MANIFEST.fullmatch(k[len(name) + 1 :]) for k in keys):
-        _mirror_checkpoint(remote, local)
-        return
+        return _mirror_checkpoint(remote, local, sizes_only)
     if len(keys) > MAX_OBJECTS:
         raise CorruptFileError(
             f"{remote.url} holds more than {MAX_OBJECTS} objects; torchkeep reads folders of "
             "at most that many"
         )
-    for key in keys:  # any other folder (a save_pretrained folder): every object
-        relative = _safe_relative(key[len(name) + 1 :], remote.url)
-        _download(store, key, local / relative)
+    wanted = {}  # any other folder (a save_pretrained folder): every object
+    for key in keys:
+        path = local / _safe_relative(key[len(name) + 1 :], remote.url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wanted[key] = (path, None)
+    store.download_many(wanted)
+    return None
 
 
-def _mirror_checkpoint(remote: Remote, local: Path) -> None:
-    """A checkpoint folder: each committed step as the checkpoint layer fetches it (on object
-    storage a step without a manifest is a save in progress or a crashed one, not a step)."""
+class _StepsOnDemand:
+    """What fetches a step of a remote checkpoint folder's local copy when a reader needs it
+    (:func:`torchkeep.checkpoint.lazy.need`): its files, concurrently, after deleting the files
+    of the step fetched before (its manifest stays), so one step's files are on disk at a time.
+
+    With ``sizes`` (every object's size, from one listing) no data is read: each file gets an
+    empty, sparse stand-in of its object's size instead (none for a missing object), enough
+    for the local size checks (``ls --no-hash``), never for reading.
+    """
+
+    def __init__(
+        self, steps: RemoteSteps, infos: Iterable[StepInfo], sizes: Mapping[str, int] | None
+    ) -> None:
+        self.steps, self.sizes = steps, sizes
+        self.infos = {info.path: info for info in infos}
+        self.present: Path | None = None
+
+    def __call__(self, folder: Path) -> None:
+        info = self.infos.get(folder)
+        if info is None or folder == self.present:
+            return
+        if self.present is not None:
+            for entry in self.present.iterdir():
+                if entry.name != MANIFEST_NAME:
+                    entry.unlink()
+            self.present = None
+        if self.sizes is None:
+            self.steps.fetch_files(info.step, info.manifest, folder)  # missing: reader says so
+        else:
+            self._stand_ins(info, self.sizes)
+        self.present = folder
+
+    @staticmethod
+    def _stand_ins(info: StepInfo, sizes: Mapping[str, int]) -> None:
+        for name in info.manifest["files"]:
+            size = sizes.get(f"{info.path.name}/{info.manifest['data']}/{name}")
+            if size is not None:
+                with open(info.path / name, "wb") as f:
+                    f.truncate(size)
+
+
+def _mirror_checkpoint(remote: Remote, local: Path, sizes_only: bool) -> Fetch:
+    """A checkpoint folder: its committed steps' manifests now (on object storage a step
+    without a manifest is a save in progress or a crashed one, not a step), each step's files
+    when a reader needs them (with ``sizes_only``, stand-ins of their sizes)."""
     from .checkpoint.remote import RemoteSteps
 
     steps = RemoteSteps(
         remote.url, storage_options=remote.storage_options, transfer=remote.transfer
     )
     local.mkdir(parents=True, exist_ok=True)
-    for info in steps.committed():
-        steps.fetch(info.step, local)
+    infos = steps.committed(keep=local)
+    return _StepsOnDemand(steps, infos, steps.store.sizes() if sizes_only else None)
 
 
 @contextlib.contextmanager
-def fetched(remote: Remote) -> Iterator[Path]:
+def fetched(remote: Remote, *, sizes_only: bool = False) -> Iterator[Path]:
     """Download ``remote`` into a private temporary folder and yield its local path.
 
-    The local path ends with the URL's own name; errors raised inside the block name the URL
-    instead of it. Everything is deleted when the block ends (tensors memory-mapped from a
-    fetched file stay readable: the mapping outlives the name).
+    A file or a committed folder (bundle, step) is fetched whole before the block runs. A
+    checkpoint folder is fetched as its committed steps' manifests; each step's files arrive
+    when a reader of the block needs them (:mod:`torchkeep.checkpoint.lazy`), one step on disk
+    at a time. With ``sizes_only`` a step's files are empty stand-ins of the objects' sizes
+    (from one listing; no data object is read): only for size checks.
+
+    The local path ends with the URL's own name; errors and warnings raised inside the block
+    name the URL instead of it. Everything is deleted when the block ends (tensors
+    memory-mapped from a fetched file stay readable: the mapping outlives the name).
 
     Raises:
         TorchkeepFileNotFoundError: nothing is at the URL.
@@ -297,10 +346,25 @@ def fetched(remote: Remote) -> Iterator[Path]:
     store = remote.store()
     with tempfile.TemporaryDirectory(prefix="torchkeep-fetch-") as folder:
         local = Path(folder) / remote.name
-        with naming(local, remote.url):
+        with naming(local, remote.url), _warnings_naming(local, remote.url):
             with store.deadline():
-                _mirror(store, remote, local)
-            yield local
+                on_demand = _mirror(store, remote, local, sizes_only)
+            with lazy.fetching(on_demand) if on_demand else contextlib.nullcontext():
+                yield local
+
+
+@contextlib.contextmanager
+def _warnings_naming(local: Path, url: str) -> Iterator[None]:
+    """Re-issue the warnings of the block with ``local`` replaced by ``url`` in the text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            held = list(caught)
+    for w in held:
+        text = str(w.message).replace(str(local), url)
+        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint.layout import parse_step, step_problems
+from .checkpoint.lazy import need
 from .errors import FileFormatError, TorchkeepError
 from .formats import Format, detect_format
 from .manifest import find_problems, read_manifest
@@ -134,7 +135,9 @@ def _verify(path: Path) -> VerifyReport:
             (c for c in path.iterdir() if c.is_dir() and parse_step(c.name) is not None),
             key=lambda c: parse_step(c.name) or 0,
         )
-        report.checked = {step_dir: step_problems(step_dir) for step_dir in steps}
+        for step_dir in steps:
+            need(step_dir)  # a remote folder's copy fetches this step now (one at a time)
+            report.checked[step_dir] = step_problems(step_dir)
         return report
     if path.is_dir() and parse_step(path.name) is not None:
         return VerifyReport(path, Format.CHECKPOINT_STEP, {path: step_problems(path)})

@@ -6,10 +6,14 @@ Every request is forwarded to the upstream unless a :class:`Fault` matches it fi
 - ``"forbid"``: answer ``403 AccessDenied`` without forwarding (a permanent refusal);
 - ``"lose"``: forward the request (the upstream does the work), then lose the response: answer
   ``500 InternalError`` (``reply=500``) or drop the connection with no answer (``reply=None``);
-- ``"stall"``: hold the request for ``seconds`` before forwarding it (a hung upload).
+- ``"stall"``: hold the request for ``seconds`` before forwarding it (a hung upload);
+- ``"hold"``: hold each matching request until ``count`` of them have arrived (or ``seconds``
+  passed), then forward them all: a client that sends them one after another waits
+  ``seconds`` and never has two in flight; one that sends them concurrently is not slowed.
 
 The proxy logs every request (method, path, query, the action taken, the status returned) in
-arrival order, and counts UploadPart requests in flight (current and maximum).
+arrival order, and counts UploadPart requests in flight (current and maximum) and the object
+GETs in flight for different objects at once (maximum).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-Action = Literal["slowdown", "forbid", "lose", "stall"]
+Action = Literal["slowdown", "forbid", "lose", "stall", "hold"]
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "te"}
 _ERRORS = {
@@ -52,6 +56,7 @@ class Fault:
     times: int | None = None
     seconds: float = 0.0
     reply: int | None = 500
+    count: int = 2
     matched: int = field(default=0, init=False)
     fired: int = field(default=0, init=False)
 
@@ -86,6 +91,13 @@ class Request:
         """True for S3 UploadPart (a PUT carrying ``partNumber`` and ``uploadId``)."""
         return self.method == "PUT" and "partNumber" in self.query and "uploadId" in self.query
 
+    @property
+    def is_object_get(self) -> bool:
+        """True for S3 GetObject (a GET of ``/bucket/key``, not a listing of the bucket)."""
+        return (
+            self.method == "GET" and "/" in self.path.strip("/") and "list-type" not in self.query
+        )
+
 
 class FaultProxy:
     """A running proxy: ``endpoint`` to point clients at, ``faults`` to add rules, ``log``."""
@@ -97,7 +109,10 @@ class FaultProxy:
         self.log: list[Request] = []
         self.parts_in_flight = 0
         self.max_parts_in_flight = 0
+        self.max_objects_read_at_once = 0
+        self._gets: list[Request] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -139,12 +154,26 @@ class FaultProxy:
             if entry.is_upload_part:
                 self.parts_in_flight += 1
                 self.max_parts_in_flight = max(self.max_parts_in_flight, self.parts_in_flight)
+            if entry.is_object_get:
+                self._gets.append(entry)
+                reading = len({r.path for r in self._gets})
+                self.max_objects_read_at_once = max(self.max_objects_read_at_once, reading)
         return entry, fault
 
     def _release(self, entry: Request) -> None:
-        if entry.is_upload_part:
-            with self._lock:
+        with self._lock:
+            if entry.is_upload_part:
                 self.parts_in_flight -= 1
+            if entry.is_object_get:
+                self._gets.remove(entry)
+
+    def _hold(self, fault: Fault) -> None:
+        """Wait until ``fault.count`` requests matched it (or ``fault.seconds`` passed)."""
+        with self._arrived:
+            self._arrived.notify_all()
+            self._arrived.wait_for(
+                lambda: fault.fired >= fault.count or self._stop.is_set(), fault.seconds
+            )
 
     def forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -164,6 +193,8 @@ class FaultProxy:
     def stop(self) -> None:
         """Wake stalled requests, stop serving, close the socket."""
         self._stop.set()
+        with self._arrived:
+            self._arrived.notify_all()
         self._server.shutdown()
         self._server.server_close()
 
@@ -227,6 +258,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return _error(fault.action)
             if fault is not None and fault.action == "stall" and proxy._stop.wait(fault.seconds):
                 return None
+            if fault is not None and fault.action == "hold":
+                proxy._hold(fault)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             headers["Content-Length"] = str(len(body))
             status, upstream_headers, data = proxy.forward(self.command, self.path, headers, body)

@@ -12,6 +12,7 @@ from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
 from ..formats import Format
 from ..hashing import new_hasher
 from .layout import RNG_ENTRY, list_steps, read_state, read_step_manifest
+from .lazy import need
 from .reader import _adopt_legacy_rng
 
 
@@ -146,6 +147,7 @@ def _describe_folder(path: Path) -> Description:
         raise TorchkeepFileNotFoundError(f"{path} holds no committed checkpoint step")
     skipped: list[str] = []
     for info in reversed(steps):
+        need(info.path)  # a remote folder's copy fetches this step now
         try:
             description = _describe_step(info.path)
         except CorruptFileError as exc:

@@ -28,6 +28,7 @@ from ..errors import (
 from ..formats import Format
 from ..manifest import MANIFEST_NAME, file_problem, read_manifest
 from .layout import STATE_NAME, list_steps, read_state, read_step_manifest
+from .lazy import need
 from .reader import read_tensors
 
 MODEL_FILE = "model.safetensors"
@@ -87,6 +88,7 @@ def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
         raise TorchkeepFileNotFoundError(f"{folder} holds no committed checkpoint step")
     failures: list[tuple[int, CorruptFileError | TorchkeepFileNotFoundError]] = []
     for info in reversed(steps):
+        need(info.path)  # a remote folder's copy fetches this step now
         try:
             return _verified_step(info.path)
         except (CorruptFileError, TorchkeepFileNotFoundError) as exc:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import re
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -85,9 +86,13 @@ class RemoteSteps:
     # ------------------------------------------------------------------------------------
     # listing
 
-    def committed(self) -> list[StepInfo]:
+    def committed(self, keep: Path | None = None) -> list[StepInfo]:
         """Every committed step, oldest first: one fresh listing, then each manifest read and
-        checked against the schema (a step whose manifest is invalid is not listed)."""
+        checked against the schema (a step whose manifest is invalid is not listed).
+
+        With ``keep``, the manifests of the listed steps stay in ``keep/step-<n>/`` (a local
+        copy of the folder without its data: :meth:`fetch_files` adds a step's files).
+        """
         keys = self.store.keys(maxdepth=2)
         names = sorted(
             key.split("/", 1)[0]
@@ -96,18 +101,20 @@ class RemoteSteps:
         )
         infos = []
         with tempfile.TemporaryDirectory(prefix="torchkeep-list-") as scratch:
+            folder = Path(scratch) if keep is None else keep
             for name in names:
                 step = parse_step(name)
                 if step is None:
                     continue
                 try:
-                    manifest = self._manifest(step, Path(scratch))
+                    manifest = self._manifest(step, folder)
                 except (TorchkeepFileNotFoundError, CorruptFileError):
+                    shutil.rmtree(folder / name, ignore_errors=True)
                     continue  # retired meanwhile, or not a valid step
                 infos.append(
                     StepInfo(
                         step=step,
-                        path=Path(name),
+                        path=folder / name if keep is not None else Path(name),
                         created=float(manifest["created"]),
                         metrics={k: float(v) for k, v in manifest.get("metrics", {}).items()},
                         size=sum(record["size"] for record in manifest["files"].values()),
@@ -300,26 +307,39 @@ class RemoteSteps:
 
     def fetch(self, step: int, scratch: Path) -> Path:
         """Copy ``step`` into ``scratch/step-<n>/`` laid out as a local step (not verified:
-        the local reader or verifier hashes it); return that folder."""
-        name = step_name(step)
+        the local reader or verifier hashes it); return that folder.
+
+        Raises:
+            StepVanishedError: the step was retired or replaced while it was read.
+            CorruptFileError: a file the manifest lists is missing.
+        """
         with self.store.deadline():
             manifest = self._manifest(step, scratch)
-            local = scratch / name
-            for file, record in manifest["files"].items():
-                try:
-                    self.store.download(
-                        f"{name}/{manifest['data']}/{file}", local / file, record["size"]
-                    )
-                except FileNotFoundError:
-                    if self._replaced(step, local / MANIFEST_NAME):
-                        raise StepVanishedError(
-                            f"{self.step_url(step)} was retired or replaced while it was read"
-                        ) from None
-                    raise CorruptFileError(
-                        f"{self.step_url(step)}/{manifest['data']}/{file} is missing; the step "
-                        "is damaged"
-                    ) from None
+            local = scratch / step_name(step)
+            missing = self.fetch_files(step, manifest, local)
+            if missing and self._replaced(step, local / MANIFEST_NAME):
+                raise StepVanishedError(
+                    f"{self.step_url(step)} was retired or replaced while it was read"
+                )
+        if missing:
+            raise CorruptFileError(f"{missing[0]} is missing; the step is damaged")
         return local
+
+    def fetch_files(self, step: int, manifest: Mapping[str, Any], local: Path) -> list[str]:
+        """Copy the files ``manifest`` lists into ``local`` (the step's local copy),
+        concurrently: at most ``Transfer.max_concurrency`` requests in flight, all within one
+        deadline. Not verified: the local reader or verifier hashes them. Return the URLs of
+        listed files that are missing (no local file is left for them).
+        """
+        base = f"{step_name(step)}/{manifest['data']}"
+        with self.store.deadline():
+            missing = self.store.download_many(
+                {
+                    f"{base}/{file}": (local / file, record["size"])
+                    for file, record in manifest["files"].items()
+                }
+            )
+        return sorted(self.store.url(key) for key in missing)
 
     def _replaced(self, step: int, used: Path) -> bool:
         """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""

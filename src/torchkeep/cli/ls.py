@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import retention
-from ..checkpoint.layout import list_steps, step_problems, uncommitted_steps
+from ..checkpoint.layout import StepInfo, list_steps, step_problems, uncommitted_steps
+from ..checkpoint.lazy import need
 from ..errors import TorchkeepFileNotFoundError
+from ..manifest import file_problem
 from ..remote_files import Remote, fetched
 from ._output import EXIT_OK, console, human_bytes, labelled, plain, print_json, print_table
 from ._remote import add_storage_options, location, storage_options
@@ -38,7 +41,31 @@ def _metric(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else repr(value)
 
 
-def _rows(directory: Path, check_hashes: bool, shown: Path | str) -> list[dict[str, Any]]:
+Problems = Callable[[StepInfo], list[str]]
+
+
+def _step_problems(check_hashes: bool) -> Problems:
+    """Everything wrong with a step (sizes only without ``check_hashes``)."""
+
+    def problems(info: StepInfo) -> list[str]:
+        need(info.path)  # a remote folder's copy fetches this step now (one at a time)
+        return step_problems(info.path, check_hashes=check_hashes)
+
+    return problems
+
+
+def _size_problems(info: StepInfo) -> list[str]:
+    """The files of a step whose size is not the manifest's (a URL's ``ls --no-hash``: its
+    copy has stand-ins of the objects' sizes and no data; ``state.json`` is not read)."""
+    need(info.path)
+    problems = (
+        file_problem(info.path, name, record, check_hash=False)
+        for name, record in info.manifest["files"].items()
+    )
+    return [problem for problem in problems if problem is not None]
+
+
+def _rows(directory: Path, problems: Problems, shown: Path | str) -> list[dict[str, Any]]:
     """One row per committed step; paths in it name ``shown`` (a URL for a fetched copy)."""
     infos = list_steps(directory)
     policy = retention.from_config(infos[-1].manifest.get("retention")) if infos else None
@@ -50,10 +77,7 @@ def _rows(directory: Path, check_hashes: bool, shown: Path | str) -> list[dict[s
             "time": _local_time(info.created),
             "size": info.size,
             "metrics": info.metrics,
-            "problems": [
-                problem.replace(here, there)
-                for problem in step_problems(info.path, check_hashes=check_hashes)
-            ],
+            "problems": [problem.replace(here, there) for problem in problems(info)],
             "kept_by": kept_by.get(info.step, []),
             "layout": info.manifest.get("layout", "single"),
             "ranks": info.manifest.get("world_size", 1),
@@ -64,11 +88,17 @@ def _rows(directory: Path, check_hashes: bool, shown: Path | str) -> list[dict[s
 
 
 def print_steps(
-    directory: Path, *, check_hashes: bool = True, shown: Path | str | None = None
+    directory: Path,
+    *,
+    check_hashes: bool = True,
+    shown: Path | str | None = None,
+    problems: Problems | None = None,
 ) -> None:
     """Print the table of steps in ``directory`` and any problem found (naming the folder
-    ``shown``, when it is a local copy of a URL)."""
-    rows = _rows(directory, check_hashes, directory if shown is None else shown)
+    ``shown``, when it is a local copy of a URL; ``problems`` checks a step instead of
+    :func:`step_problems`)."""
+    check = _step_problems(check_hashes) if problems is None else problems
+    rows = _rows(directory, check, directory if shown is None else shown)
     print_table(
         f"checkpoints in {directory if shown is None else shown}",
         ["step", "time", "size", "metrics", "valid", "kept by"],
@@ -102,19 +132,21 @@ def print_steps(
 def run(args: argparse.Namespace) -> int:
     directory: Path | str = args.directory
     options = storage_options(args, directory)
-    if isinstance(directory, str):  # a URL: its committed steps, fetched and checked here
-        with fetched(Remote(directory, options)) as local:
-            return _list(local, args, directory)
+    if isinstance(directory, str):  # a URL: its committed steps' manifests, then per step
+        # --no-hash reads no data (the sizes come from one listing); else one step at a time
+        with fetched(Remote(directory, options), sizes_only=args.no_hash) as local:
+            check = _size_problems if args.no_hash else _step_problems(True)
+            return _list(local, args, directory, check)
     if not directory.is_dir():
         raise TorchkeepFileNotFoundError(f"{directory} is not a folder; check the path")
-    return _list(directory, args, directory)
+    return _list(directory, args, directory, _step_problems(not args.no_hash))
 
 
-def _list(directory: Path, args: argparse.Namespace, shown: Path | str) -> int:
+def _list(directory: Path, args: argparse.Namespace, shown: Path | str, check: Problems) -> int:
     if not args.json:
-        print_steps(directory, check_hashes=not args.no_hash, shown=shown)
+        print_steps(directory, shown=shown, problems=check)
         return EXIT_OK
-    rows = _rows(directory, not args.no_hash, shown)
+    rows = _rows(directory, check, shown)
     for row in rows:
         row["valid"] = not row["problems"]
     uncommitted = uncommitted_steps(directory)

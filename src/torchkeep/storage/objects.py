@@ -7,7 +7,8 @@ at most ``part_size * max_concurrency`` bytes of parts (plus the one being fille
 appears only when the upload is completed; a failed upload is aborted. An object that fits in
 one part is sent with one PUT. Other back ends get the object in one ``pipe_file`` call.
 
-Downloads fetch ranges of ``part_size`` concurrently straight into a local file.
+Downloads fetch the ranges of ``part_size`` of one or many objects through one pool of
+``Transfer.max_concurrency`` threads, straight into local files.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..hashing import new_hasher
@@ -182,48 +185,114 @@ def abort_multipart(fs: Any, bucket: str, key: str, upload_id: str) -> None:
         fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
 
 
-def download(
-    fs: Any,
-    path: str,
-    url: str,
-    destination: str | os.PathLike[str],
-    size: int,
-    *,
-    transfer: Transfer,
-    deadline: Deadline,
-) -> None:
-    """Copy the object ``path`` (expected to hold ``size`` bytes) into a new local file.
+@dataclass(frozen=True)
+class Fetch:
+    """One object to copy into a new local file.
 
-    Ranges of ``part_size`` are fetched concurrently (up to ``max_concurrency``). The caller
-    hashes the file before using it: this only moves bytes.
+    Attributes:
+        path: the object's path on the filesystem.
+        url: its URL, for messages.
+        destination: the local file to create (it must not exist).
+        limit: read at most this many bytes plus one (a size a manifest records: an object
+            longer than it leaves a longer file, which the caller's size check refuses, and a
+            hostile manifest cannot make it read more); None reads the whole object.
+    """
+
+    path: str
+    url: str
+    destination: Path
+    limit: int | None = None
+
+
+def download_many(
+    fs: Any, fetches: Sequence[Fetch], *, transfer: Transfer, deadline: Deadline
+) -> set[Path]:
+    """Copy the objects of ``fetches`` into new local files, concurrently.
+
+    Every object's size is looked up, then the ranges of ``part_size`` of every object are
+    read, all through one pool: at most ``max_concurrency`` requests are in flight in total,
+    whichever files they belong to, and every one is bounded by ``deadline``. The caller
+    hashes the files before using them: this only moves bytes.
+
+    Returns:
+        The destinations of objects that do not exist (no local file is left for them).
 
     Raises:
-        RemoteStorageError: a read failed for good or the deadline passed.
-        FileNotFoundError: the object is gone.
+        RemoteStorageError: a read failed for good or the deadline passed (the reads not yet
+            started are cancelled).
     """
-    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def fetch(start: int) -> None:
-        # The last range asks for one byte more: an object longer than the manifest says
-        # leaves a longer file, which the caller's size check refuses.
-        end = min(start + transfer.part_size, size + 1)
-        data = attempt(
-            lambda: fs.cat_file(path, start=start, end=end),
-            url=url,
-            operation=f"read of bytes {start}-{end}",
+    def call(fetch: Fetch, operation: str, run: Callable[[], T]) -> T:
+        return attempt(
+            run,
+            url=fetch.url,
+            operation=operation,
             transfer=transfer,
             deadline=deadline,
             final=(FileNotFoundError,),
         )
-        os.pwrite(fd, data, start)
 
+    def size(fetch: Fetch) -> int | None:
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(fetch.path)
+        try:
+            info = call(fetch, "size lookup", lambda: fs.info(fetch.path))
+        except FileNotFoundError:
+            return None
+        if info.get("type", "file") != "file":
+            return None
+        found = int(info["size"])  # what to read: the object, to one byte past the limit
+        return found if fetch.limit is None else min(found, fetch.limit + 1)
+
+    step = transfer.part_size
+    missing: set[Path] = set()
+    with ThreadPoolExecutor(transfer.max_concurrency, "torchkeep-download") as pool:
+        sizes = list(pool.map(size, fetches))
+        files: dict[Fetch, tuple[int, int]] = {}
+        try:
+            for fetch, found in zip(fetches, sizes, strict=True):
+                if found is None:
+                    missing.add(fetch.destination)
+                else:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                    files[fetch] = (os.open(fetch.destination, flags, 0o600), found)
+            ranges = [
+                pool.submit(_read_range, fs, fetch, fd, start, min(start + step, wanted), call)
+                for fetch, (fd, wanted) in files.items()
+                for start in range(0, wanted, step)
+            ]
+            try:
+                missing.update(gone for gone in (f.result() for f in ranges) if gone is not None)
+            except BaseException:
+                for future in ranges:
+                    future.cancel()
+                wait(ranges)  # no read may still write to a descriptor closed below
+                raise
+        finally:
+            for fd, _ in files.values():
+                os.close(fd)
+    for destination in missing:  # absent, or deleted between the size lookup and the read
+        destination.unlink(missing_ok=True)
+    return missing
+
+
+def _read_range(
+    fs: Any,
+    fetch: Fetch,
+    fd: int,
+    start: int,
+    end: int,
+    call: Callable[[Fetch, str, Callable[[], bytes]], bytes],
+) -> Path | None:
+    """Copy bytes ``[start, end)`` of the object into ``fd``; return the destination when the
+    object is gone."""
     try:
-        starts = range(0, max(size, 1), transfer.part_size)
-        if len(starts) == 1:
-            fetch(0)
-            return
-        with ThreadPoolExecutor(min(transfer.max_concurrency, len(starts))) as pool:
-            for future in [pool.submit(fetch, start) for start in starts]:
-                future.result()
-    finally:
-        os.close(fd)
+        data = call(
+            fetch,
+            f"read of bytes {start}-{end}",
+            lambda: fs.cat_file(fetch.path, start=start, end=end),
+        )
+    except FileNotFoundError:
+        return fetch.destination
+    os.pwrite(fd, data, start)
+    return None

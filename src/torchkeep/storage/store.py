@@ -232,15 +232,22 @@ class ObjectStore:
         return data
 
     def download(self, key: str, destination: Path, size: int) -> None:
-        objects.download(
-            self.fs,
-            self._path(key),
-            self.url(key),
-            destination,
-            size,
-            transfer=self.transfer,
-            deadline=self._deadline(),
+        if self.download_many({key: (destination, size)}):
+            raise FileNotFoundError(f"{self.url(key)} does not exist")
+
+    def download_many(self, wanted: Mapping[str, tuple[Path, int | None]]) -> set[str]:
+        """Copy objects into new local files concurrently (``key: (destination, limit)``;
+        at most ``limit`` bytes plus one of each, None: all of it) with at most
+        ``transfer.max_concurrency`` requests in flight in total, every one bounded by the
+        current deadline; return the keys that do not exist."""
+        fetches = [
+            objects.Fetch(self._path(key), self.url(key), destination, limit)
+            for key, (destination, limit) in wanted.items()
+        ]
+        gone = objects.download_many(
+            self.fs, fetches, transfer=self.transfer, deadline=self._deadline()
         )
+        return {key for key, (destination, _) in wanted.items() if destination in gone}
 
     def write(self, key: str, data: bytes) -> FileRecord:
         buffer = bytearray(data)  # a copy with a stable address for the span
@@ -335,6 +342,13 @@ class ObjectStore:
         return int(info["size"])
 
     def keys(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, float]:
+        return {key: _modified(info) for key, info in self._listing(prefix, maxdepth).items()}
+
+    def sizes(self, prefix: str = "", *, maxdepth: int | None = None) -> dict[str, int]:
+        """Keys below ``prefix`` and their sizes in bytes, from one fresh listing."""
+        return {key: int(info["size"]) for key, info in self._listing(prefix, maxdepth).items()}
+
+    def _listing(self, prefix: str, maxdepth: int | None) -> dict[str, Any]:
         base = self._path(prefix)
         self.fs.invalidate_cache(self.root)  # s3fs answers listings from a per-instance cache
 
@@ -351,7 +365,7 @@ class ObjectStore:
         cut = len(self.root) + 1
         depth = base.count("/") + (maxdepth if maxdepth is not None else 1 << 30)
         return {
-            name[cut:]: _modified(info)
+            name[cut:]: info
             for name, info in entries.items()
             if name.startswith(self.root + "/")
             and info.get("type", "file") == "file"
