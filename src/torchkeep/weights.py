@@ -474,9 +474,12 @@ def _resolve_ties(report: LoadReport, model: nn.Module, expected: Mapping[str, A
     bytes), never from the file: a file cannot make a key count as loaded. A tie the model
     declares but does not have in memory stays missing, with a note saying how to fix it.
     """
+    if not report.missing:  # nothing to resolve: skip walking every loaded key
+        return
     loaded_at: dict[object, str] = {}
     for key in report.loaded:
         loaded_at.setdefault(_memory_of(expected[key]), key)
+    loaded_keys = set(loaded_at.values())
     declared = _declared_ties(model)
     still_missing = []
     for key in report.missing:
@@ -485,7 +488,7 @@ def _resolve_ties(report: LoadReport, model: nn.Module, expected: Mapping[str, A
             report.tied[key] = source
         else:
             still_missing.append(key)
-            if declared.get(key) in loaded_at.values():
+            if declared.get(key) in loaded_keys:
                 report.notes.append(
                     f"{key} is declared tied to {declared[key]} but does not share its memory; "
                     "call model.tie_weights() before loading"
