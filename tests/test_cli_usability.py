@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from torch import nn
 import torchkeep as tk
 from tests._source import SRC
 from torchkeep.cli import main
+from torchkeep.cli._output import RULE_WIDTH, _Console
 from torchkeep.convert import convert
 from torchkeep.models import Net
 
@@ -108,6 +110,20 @@ def test_output_to_a_pipe_is_not_wrapped(tmp_path: Path) -> None:
     assert any(name in line for line in result.stdout.splitlines())
     narrow = _cli("inspect", str(path), env={"COLUMNS": "60"})  # an explicit width still wins
     assert not any(name in line for line in narrow.stdout.splitlines())
+
+
+def test_rules_off_a_terminal_stay_readable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's section rules are not drawn 65,536 characters wide into a log or a pipe,
+    while a table beside them is still not wrapped."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    console = _Console(file=out, highlight=False)
+    console.rule("[bold]1. Weights")
+    console.print("x" * 300)
+    rule, text = out.getvalue().splitlines()
+    assert "1. Weights" in rule
+    assert len(rule) == RULE_WIDTH
+    assert text == "x" * 300
 
 
 def _prepare_every_command(tmp_path: Path) -> dict[str, list[str]]:

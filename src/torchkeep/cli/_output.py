@@ -8,7 +8,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from rich.align import AlignMethod
 from rich.console import Console, ConsoleDimensions, JustifyMethod
+from rich.rule import Rule
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -20,6 +23,9 @@ EXIT_ERROR = 2
 # The width of output that goes to a file or a pipe: lines are never wrapped there, so a long
 # tensor name or path stays whole for grep and logs (a COLUMNS setting still wins).
 UNWRAPPED_WIDTH = 1 << 16
+
+# A rule (a section heading of the demo) has no natural width: off a terminal it is drawn this wide.
+RULE_WIDTH = 100
 
 
 class _Console(Console):
@@ -37,6 +43,18 @@ class _Console(Console):
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    def rule(
+        self,
+        title: str | Text = "",
+        *,
+        characters: str = "\u2500",
+        style: str | Style = "rule.line",
+        align: AlignMethod = "center",
+    ) -> None:
+        """A horizontal rule, as wide as the terminal, or :data:`RULE_WIDTH` off a terminal."""
+        line = Rule(title, characters=characters, style=style, align=align)
+        self.print(line, width=RULE_WIDTH if self.width == UNWRAPPED_WIDTH else None)
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
