@@ -5,7 +5,8 @@ Two cases: ``large`` (1 GiB: 16 float32 tensors of 4096 x 4096) and ``small`` (2
 
 - durable save: ``save_weights`` (temp file, fsync, rename; the default ``cache="auto"``)
   against the peers' save followed by an fsync of the file; ``torchkeep drop`` is
-  ``save_weights(..., cache="drop")`` (direct I/O, nothing left in the page cache);
+  ``save_weights(..., cache="drop")`` (direct I/O, nothing left in the page cache) and
+  ``torchkeep keep`` is ``cache="keep"`` (everything left in the page cache);
 - load into model: ``load_weights(model, p)`` against ``model.load_state_dict(peer_load(p))``;
 - lazy load + touch: ``load_state_dict(p)`` against the peers' loaders, each followed by a
   ``sum()`` of every tensor so lazily mapped data is really read; ``safe_open`` is
@@ -46,10 +47,11 @@ from _harness import (
 from torchkeep import load_state_dict, load_weights, save_weights
 from torchkeep.storage import local
 
-TOOLS = ("torchkeep", "safetensors", "torch", "torchkeep drop", "safe_open")
+TOOLS = ("torchkeep", "safetensors", "torch", "torchkeep drop", "torchkeep keep", "safe_open")
 SUFFIX = {
     "torchkeep": ".safetensors",
     "torchkeep drop": ".drop.safetensors",
+    "torchkeep keep": ".keep.safetensors",
     "torch": ".pt",
     "safetensors": ".st.safetensors",
     "safe_open": ".so.safetensors",
@@ -102,6 +104,7 @@ def save(tool: str, path: str, case: str, quick: bool) -> Callable[[], None]:
     writers: dict[str, Callable[[], object]] = {
         "torchkeep": lambda: save_weights(model, path),
         "torchkeep drop": lambda: save_weights(model, path, cache="drop"),
+        "torchkeep keep": lambda: save_weights(model, path, cache="keep"),
         "torch": lambda: torch.save(model.state_dict(), path),
         "safetensors": lambda: save_file(model.state_dict(), path),
         "safe_open": lambda: save_file(model.state_dict(), path),
@@ -159,10 +162,11 @@ _TARGETS = {LOAD_INTO: "bench_weights:load_into_model", LAZY: "bench_weights:laz
 
 
 def _plan(tool: str, operations: list[str], states: list[str]) -> list[tuple[str, str]]:
-    """(operation, state) pairs to measure for ``tool``; ``torchkeep drop`` differs from
-    ``torchkeep`` only in how it saves, so it is loaded only right after its own save;
+    """(operation, state) pairs to measure for ``tool``; ``torchkeep drop`` and ``torchkeep
+    keep`` differ from ``torchkeep`` only in how they save, so they are loaded only right
+    after their own save;
     ``safe_open`` is a lazy reader, measured only for the lazy load."""
-    if tool == "torchkeep drop":
+    if tool in ("torchkeep drop", "torchkeep keep"):
         states = [state for state in states if state == AFTER_SAVE]
     if tool == "safe_open":
         operations = [op for op in operations if op == LAZY]
