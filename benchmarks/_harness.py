@@ -184,6 +184,8 @@ def print_states(title: str, results: Sequence[Result], tools: Sequence[str]) ->
     """One row per (case, operation, state): each tool's median time, the first tool's speed
     ratio to each other tool (other time / first time: above 1 means the first is faster) and
     each tool's peak extra memory."""
+    measured = {r.tool for r in results}
+    tools = [tool for tool in tools if tool in measured]  # columns only for tools that ran
     peers = tools[1:]
     found = {(r.case, r.operation, r.state, r.tool): r.summary for r in results}
     rows = list(dict.fromkeys((r.case, r.operation, r.state) for r in results))
@@ -200,7 +202,7 @@ def print_states(title: str, results: Sequence[Result], tools: Sequence[str]) ->
         peaks = " / ".join(f"{s.peak_rss / 2**20:.0f}" if s else "—" for s in got)
         spread = max((s.spread for s in got if s), default=0.0)
         table.add_row(case, operation, state, *times, *ratios, peaks, f"{spread:.0%}")
-    Console(width=200, highlight=False).print(table)
+    Console(width=320, highlight=False).print(table)  # wide enough that no header is cut
     print(f"peak MiB: extra resident memory, {' / '.join(tools)}; spread: (max - min) / median")
 
 
