@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import warnings
 from collections.abc import Callable
@@ -644,6 +645,30 @@ def test_fuzzed_documents_raise_only_typed_errors(
         assert main(["ls", str(directory)]) == 0
         assert main(["inspect", str(directory)]) in (0, 2)
     shutil.rmtree(directory.parent)
+
+
+@pytest.mark.parametrize("numpy_state", [None, [], "MT19937"])
+def test_a_malformed_numpy_generator_state_is_refused_before_any_generator_changes(
+    tmp_path: Path, numpy_state: object
+) -> None:
+    """A step whose NumPy generator state is null (or another non-tuple) is skipped by the
+    prechecks: restore falls back, and not even Python's or torch's generator is touched
+    (a null once reached restore, which set both and then failed with a TypeError)."""
+    directory, _ = _folder(tmp_path)
+    step_dir = directory / "step-00000002"
+    state = json.loads((step_dir / "state.json").read_text())
+    assert "numpy" in state["entries"]["torchkeep.rng"]["value"]
+    state["entries"]["torchkeep.rng"]["value"]["numpy"] = numpy_state
+    _rewrite(step_dir, "state.json", json.dumps(state))
+    mgr = tk.CheckpointManager(directory, keep_last=None)
+    random.seed(123)
+    torch.manual_seed(123)
+    before = (random.getstate(), torch.get_rng_state().tolist())
+    with pytest.raises(tk.InvalidDocumentError, match="'numpy' state"):
+        mgr.restore(step=2)
+    assert (random.getstate(), torch.get_rng_state().tolist()) == before
+    with pytest.warns(UserWarning, match="step 2 is unusable"):
+        assert mgr.restore().step == 1
 
 
 def test_entries_a_step_does_not_list_are_reported_by_verify(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def _problem(state: object) -> str | None:
     if not _byte_state(state["torch"], torch.get_rng_state().numel()):
         return "the 'torch' state is not a CPU generator state (uint8 tensor of its size)"
     numpy = state.get("numpy")
-    if numpy is not None and not (
+    if "numpy" in state and not (  # present means a tuple: None is as malformed as anything
         isinstance(numpy, tuple)
         and len(numpy) == 5
         and numpy[0] == "MT19937"
