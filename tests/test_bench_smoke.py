@@ -51,3 +51,19 @@ def test_checkpoint_bench_reports_restore_beside_torch(tmp_path: Path) -> None:
         ("restore", "right after save", "torch"),
     }
     assert "vs torch" in stdout
+
+
+def test_cache_floor_bench_measures_each_floor_and_gives_a_verdict(tmp_path: Path) -> None:
+    stdout, results = _run_bench(tmp_path, "cache_floor")
+    operations = {(r["operation"], r["tool"]) for r in results["bench_cache_floor"]}
+    assert operations == {
+        ("cached write", "floor"),
+        ("cached write + fsync", "floor"),
+        ("direct write + fsync", "floor"),
+        ("read, not cached (direct)", "floor"),
+        ("read, cached", "floor"),
+        ("durable save", "safetensors"),
+        ("load right after its save", "safetensors"),
+    }
+    assert "best possible save that keeps its file cached" in stdout
+    assert "best possible load after a save that does not" in stdout
