@@ -65,7 +65,8 @@ def test_four_ranks_save_a_sharded_step_under_its_save_id(saved: Saved) -> None:
     keys = saved.keys("run/step-00000005")
     assert "manifest.json" in keys
     data = {key.split("/")[0] for key in keys if key != "manifest.json"}
-    assert len(data) == 1 and re.fullmatch("[0-9a-f]{16}", data.pop())
+    assert len(data) == 1
+    assert re.fullmatch("[0-9a-f]{16}", data.pop())
     assert sorted(key.split("/", 1)[1] for key in keys if key != "manifest.json") == [
         "shard-00000-of-00004.safetensors",
         "shard-00001-of-00004.safetensors",
@@ -102,7 +103,9 @@ def test_retention_deletes_the_manifest_first_then_the_data(saved: Saved) -> Non
         assert report["kept"] == [2, 3], rank
     assert [key.split("/")[0] for key in saved.keys("kept")].count("step-00000001") == 0
     log = saved.proxy.requests(path="/kept/")
-    manifest_gone = [r.n for r in log if r.method == "DELETE" and "step-00000001/manifest" in r.path]
+    manifest_gone = [
+        r.n for r in log if r.method == "DELETE" and "step-00000001/manifest" in r.path
+    ]
     assert len(manifest_gone) == 1
     # the data goes in one bulk delete (POST ?delete on the bucket) after the manifest's
     bulk = [r.n for r in saved.proxy.requests("POST") if "delete" in r.query]
@@ -113,14 +116,17 @@ def test_retention_deletes_the_manifest_first_then_the_data(saved: Saved) -> Non
     puts = [r for r in log if r.method in ("PUT", "POST") and "step-00000001" in r.path]
     created = [r.n for r in puts if r.path.endswith("manifest.json")]
     shards = [r.n for r in puts if "/shard-" in r.path]
-    assert len(created) == 1 and shards and max(shards) < created[0]
+    assert len(created) == 1
+    assert shards
+    assert max(shards) < created[0]
 
 
 def test_restore_on_two_ranks_reads_only_each_ranks_ranges(saved: Saved) -> None:
     start = len(saved.proxy.log)
     outcome = harness.run("restore", 2, saved.ctx(), deadline=DEADLINE, module=MODULE)
     for rank, report in outcome.ok().items():
-        assert report["step"] == 5 and report["epoch"] == 2, rank
+        assert report["step"] == 5, rank
+        assert report["epoch"] == 2, rank
         assert report["mismatch"] == [], rank
         assert report["path"] == f"{saved.url}/run/step-00000005"
     shard_sizes = {
@@ -146,16 +152,19 @@ def test_restore_on_two_ranks_reads_only_each_ranks_ranges(saved: Saved) -> None
 
 def test_restore_in_one_process_without_a_group(saved: Saved) -> None:
     report = workers.restore(0, 1, saved.ctx())
-    assert report["step"] == 5 and report["epoch"] == 2
+    assert report["step"] == 5
+    assert report["epoch"] == 2
     assert report["mismatch"] == []
 
 
 def test_restore_on_four_ranks_then_a_flipped_byte_falls_back_on_every_rank(saved: Saved) -> None:
     outcome = harness.run("restore", 4, saved.ctx(flip=True), deadline=DEADLINE, module=MODULE)
     for rank, report in outcome.ok().items():
-        assert report["step"] == 5 and report["mismatch"] == [], rank
+        assert report["step"] == 5, rank
+        assert report["mismatch"] == [], rank
         fallback = report["fallback"]
-        assert fallback["step"] == 3 and fallback["mismatch"] == [], rank
+        assert fallback["step"] == 3, rank
+        assert fallback["mismatch"] == [], rank
         assert any("step 5" in text or "step-00000005" in text for text in fallback["skipped"])
         assert report["explicit"] in ("ChecksumMismatchError", "CorruptFileError"), rank
         assert report["explicit_untouched"], rank
