@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 
+import torchkeep as tk
 from tests import _dist_harness as harness
 from tests import _remote_sharded_workers as workers
 from tests._compat import needs_sharded_checkpoints
 from tests.remote.proxy import FaultProxy, fault_proxy
 from tests.remote.server import create_bucket, s3_options
+from torchkeep.cli import main
 
 pytestmark = [
     needs_sharded_checkpoints,
@@ -155,6 +157,28 @@ def test_restore_in_one_process_without_a_group(saved: Saved) -> None:
     assert report["step"] == 5
     assert report["epoch"] == 2
     assert report["mismatch"] == []
+
+
+def test_ls_inspect_verify_fetch_sharded_steps_from_the_bucket(
+    saved: Saved, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = f"{saved.url}/run"
+    assert tk.verify(run, storage_options=saved.options).ok
+    options = [
+        *("--storage-option", f"endpoint_url={saved.proxy.endpoint}"),
+        *("--storage-option", "key=testing", "--storage-option", "secret=testing"),
+    ]
+    assert main(["ls", run, *options]) == 0
+    listed = capsys.readouterr().out
+    assert "step-00000003" in listed
+    assert "step-00000005" in listed
+    assert "step-00000004" not in listed
+    assert main(["verify", f"{run}/step-00000005", *options]) == 0
+    capsys.readouterr()
+    assert main(["inspect", f"{run}/step-00000005", *options]) == 0
+    shown = capsys.readouterr().out
+    assert "sharded-v1" in shown
+    assert "shard-00003-of-00004.safetensors:" in shown
 
 
 def test_restore_on_four_ranks_then_a_flipped_byte_falls_back_on_every_rank(saved: Saved) -> None:

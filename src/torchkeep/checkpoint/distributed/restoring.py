@@ -24,14 +24,17 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from ... import tree
 from ...errors import (
     CorruptFileError,
+    DistributedCheckpointError,
     FileFormatError,
     StateDictMismatchError,
+    TorchkeepError,
     TorchkeepFileNotFoundError,
     first_line,
 )
 from .. import precheck, rng
 from ..layout import RNG_ENTRY, STATE_NAME, StepInfo
 from ..reader import read_step
+from ..remote import relabelled
 from . import collective, single
 from .base import SHARDED_SLOTS, SessionBase, optimizers
 from .layout import LAYOUT, rank_key, tensor_key
@@ -146,8 +149,14 @@ class RestoringSession(SessionBase):
                 unreadable = exc  # damaged or retired meanwhile: the next step, if allowed
             except Exception as exc:  # the store failed for good: every rank raises
                 error = exc
-            collective.agree(error, self.group, f"the restore of {self.remote.step_url(step)}")
-            return self._try_at(path, step, targets, strict, fallback, allow, unreadable)
+            url = self.remote.step_url(step)
+            collective.agree(error, self.group, f"the restore of {url}")
+            try:
+                return self._try_at(path, step, targets, strict, fallback, allow, unreadable)
+            except DistributedCheckpointError:
+                raise  # its per-rank causes stay attached
+            except TorchkeepError as exc:  # name the step by its URL, not the private copy
+                raise relabelled(exc, path, url) from exc
 
     def _try_at(
         self,
