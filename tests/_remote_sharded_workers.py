@@ -96,16 +96,59 @@ def save(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     fault.heal()
     amgr.wait()
     report["async_steps"] = amgr.steps
+    report["restored"] = restore_latest(mgr, world, rank, out / "ref5.safetensors")
+    report["flipped"] = flipped(f"{url}/flipped", opts, world, rank, out)
     dist.barrier()
     dist.destroy_process_group()
     return report
 
 
+def restore_latest(mgr: tk.CheckpointManager, world: int, rank: int, ref: Path) -> Any:
+    """Restore the latest step into zeroed objects: its step and the tensors unlike ``ref``."""
+    p = parts(world, "fsdp2", zeros=True)
+    restored = mgr.restore(**{name: p[name] for name in SLOTS})
+    return [restored.step, restored.extra.get("epoch"), compare(p, ref, rank)]
+
+
+def flipped(url: str, opts: dict[str, Any], world: int, rank: int, out: Path) -> dict[str, Any]:
+    """Steps 1 and 2 in ``url``, then a byte of a model chunk in step 2's second shard is
+    flipped: the latest restore falls back to step 1 on every rank, ``restore(2)`` raises with
+    nothing changed."""
+    p = parts(world, "fsdp2")
+    mgr = tk.CheckpointManager(url, keep_last=None, storage_options=opts, timeout=60)
+    mgr.save(1, **{name: p[name] for name in SLOTS})
+    ref = full_state(p)
+    if rank == 0:
+        save_file(ref, str(out / "flip1.safetensors"))
+    train(p, 1)
+    mgr.save(2, **{name: p[name] for name in SLOTS})
+    dist.barrier()
+    report: dict[str, Any] = {}
+    if rank == 0:
+        report["object"] = flip_model_byte(f"{url}/step-00000002", opts)
+    dist.barrier()
+    fresh = parts(world, "fsdp2", zeros=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = mgr.restore(**{name: fresh[name] for name in SLOTS})
+    report["step"] = again.step
+    report["mismatch"] = compare(fresh, out / "flip1.safetensors", rank)
+    report["skipped"] = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    untouched = parts(world, "fsdp2", zeros=True)
+    before = full_state(untouched)
+    try:
+        mgr.restore(2, **{name: untouched[name] for name in SLOTS})
+        report["explicit"] = "no error"
+    except tk.TorchkeepError as exc:
+        report["explicit"] = type(exc).__name__
+    after = full_state(untouched)
+    report["explicit_untouched"] = all(torch.equal(before[k], after[k]) for k in after)
+    return report
+
+
 def restore(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Restore the latest step of ``<url>/run`` into zeroed objects and compare with ref5
-    (one process without a group when ``world`` is 1). With ``ctx['flip']``: then a byte of
-    a model chunk in step 5's second shard is flipped; the latest restore falls back to step
-    3 and ``restore(5)`` raises with nothing changed."""
+    (one process without a group when ``world`` is 1)."""
     if world > 1:
         init(rank, world, ctx)
     out, url, opts = Path(ctx["out"]), ctx["url"], options(ctx, rank)
@@ -118,29 +161,6 @@ def restore(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
         "path": str(restored.path),
         "mismatch": compare(p, out / "ref5.safetensors", rank),
     }
-    if ctx.get("flip"):
-        dist.barrier()
-        if rank == 0:
-            report["flipped"] = flip_model_byte(f"{url}/run/step-00000005", opts)
-        dist.barrier()
-        fresh = parts(world, "fsdp2", zeros=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            again = mgr.restore(**{name: fresh[name] for name in SLOTS})
-        report["fallback"] = {
-            "step": again.step,
-            "mismatch": compare(fresh, out / "ref3.safetensors", rank),
-            "skipped": [str(w.message) for w in caught if "skipped" in str(w.message)],
-        }
-        untouched_parts = parts(world, "fsdp2", zeros=True)
-        before = full_state(untouched_parts)
-        try:
-            mgr.restore(5, **{name: untouched_parts[name] for name in SLOTS})
-            report["explicit"] = "no error"
-        except tk.TorchkeepError as exc:
-            report["explicit"] = type(exc).__name__
-        after = full_state(untouched_parts)
-        report["explicit_untouched"] = all(torch.equal(before[k], after[k]) for k in after)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

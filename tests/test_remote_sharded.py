@@ -1,6 +1,9 @@
 """Sharded (distributed) steps on object storage: 4 gloo ranks (FSDP2 + AdamW) save to a moto
 bucket through the fault proxy, restored on 4, on 2 (resharded, ranged reads only) and in one
-process without a group; a rank failing mid-upload, a flipped byte, retention order."""
+process without a group; a rank failing mid-upload, a flipped byte, retention order, the CLI.
+
+Two spawned jobs only (the 4-rank one saves, fails, restores and falls back; a 2-rank one
+restores resharded), so the file stays within about 90 s on two busy cores."""
 
 from __future__ import annotations
 
@@ -169,10 +172,8 @@ def test_ls_inspect_verify_fetch_sharded_steps_from_the_bucket(
         *("--storage-option", "key=testing", "--storage-option", "secret=testing"),
     ]
     assert main(["ls", run, *options]) == 0
-    listed = capsys.readouterr().out
-    assert "step-00000003" in listed
-    assert "step-00000005" in listed
-    assert "step-00000004" not in listed
+    listed = " ".join(capsys.readouterr().out.split())
+    assert "sharded steps, saved by several ranks: 3 (4 ranks), 5 (4 ranks)" in listed
     assert main(["verify", f"{run}/step-00000005", *options]) == 0
     capsys.readouterr()
     assert main(["inspect", f"{run}/step-00000005", *options]) == 0
@@ -181,17 +182,20 @@ def test_ls_inspect_verify_fetch_sharded_steps_from_the_bucket(
     assert "shard-00003-of-00004.safetensors:" in shown
 
 
-def test_restore_on_four_ranks_then_a_flipped_byte_falls_back_on_every_rank(saved: Saved) -> None:
-    outcome = harness.run("restore", 4, saved.ctx(flip=True), deadline=DEADLINE, module=MODULE)
-    for rank, report in outcome.ok().items():
-        assert report["step"] == 5, rank
-        assert report["mismatch"] == [], rank
-        fallback = report["fallback"]
-        assert fallback["step"] == 3, rank
-        assert fallback["mismatch"] == [], rank
-        assert any("step 5" in text or "step-00000005" in text for text in fallback["skipped"])
-        assert report["explicit"] in ("ChecksumMismatchError", "CorruptFileError"), rank
-        assert report["explicit_untouched"], rank
+def test_restore_on_four_ranks_bit_exact(saved: Saved) -> None:
+    for rank, report in saved.results.items():
+        assert report["restored"] == [5, 2, []], rank
+
+
+def test_a_flipped_byte_in_one_shard_object_falls_back_on_every_rank(saved: Saved) -> None:
+    for rank, report in saved.results.items():
+        flipped = report["flipped"]
+        assert flipped["step"] == 1, rank
+        assert flipped["mismatch"] == [], rank
+        assert any("step 2" in text or "step-00000002" in text for text in flipped["skipped"])
+        assert flipped["explicit"] == "ChecksumMismatchError", rank
+        assert flipped["explicit_untouched"], rank
+    assert "shard-00001-of-00004" in saved.results[0]["flipped"]["object"]
 
 
 def _sizes(saved: Saved, prefix: str) -> dict[str, int]:
