@@ -18,6 +18,10 @@ module makes that first pass cheap:
 
 The bytes hashed are the bytes later copied (the buffer is private to this process), so a file
 changed on disk during the restore cannot slip unverified bytes in.
+
+Where the bytes come from is a :class:`ShardSource`: a local file by default (the above), or a
+shard object on object storage read by ranges (:mod:`.remote_source`); spans, hashing and
+buffers are the same for both.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ creates the hidden temporary directory every rank writes into and names the file
 direct-I/O writer, hashing every byte once per chunk, and fsyncs it; ``finish`` (coordinator,
 run by DCP only when every rank's ``write_data`` succeeded) writes ``state.json`` and
 ``manifest.json`` last, fsyncs and renames the temporary directory into place.
+
+Where the bytes go is three hooks (``_begin``, ``_store``, ``_commit``);
+:class:`~.remote_writer.RemoteStorageWriter` puts them on object storage instead.
 """
 
 from __future__ import annotations
