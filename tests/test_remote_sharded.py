@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 import torchkeep as tk
 from tests import _dist_harness as harness
 from tests import _remote_sharded_workers as workers
 from tests._compat import needs_sharded_checkpoints
 from tests.remote.proxy import FaultProxy, fault_proxy
-from tests.remote.server import create_bucket, s3_options
+from tests.remote.server import Bucket, create_bucket, s3_options
 from torchkeep.cli import main
 
 pytestmark = [
@@ -196,6 +197,35 @@ def test_a_flipped_byte_in_one_shard_object_falls_back_on_every_rank(saved: Save
         assert flipped["explicit"] == "ChecksumMismatchError", rank
         assert flipped["explicit_untouched"], rank
     assert "shard-00001-of-00004" in saved.results[0]["flipped"]["object"]
+
+
+def test_object_shards_are_read_by_ranges_sized_and_hashed(memory_bucket: Bucket) -> None:
+    from torchkeep.checkpoint.distributed import staging
+    from torchkeep.checkpoint.distributed.remote_source import ObjectShard
+    from torchkeep.storage.store import ObjectStore
+
+    store = ObjectStore(memory_bucket.url)
+    data = bytes(range(256)) * 64
+    store.write("step/shard", data)
+    chunk = staging.ChunkRef("shard", 100, 1000, xxhash.xxh3_128_hexdigest(data[100:1100]), "t")
+
+    def opener(name: str, size: int) -> ObjectShard:
+        return ObjectShard(store, f"step/{name}", size)
+
+    def stage(size: int = len(data), name: str = "shard") -> Any:
+        wanted = staging.ChunkRef(name, chunk.offset, chunk.length, chunk.digest, "t")
+        return staging.stage(Path("unused"), [wanted], {name: size}, opener=opener)
+
+    assert bytes(stage()[staging.where(chunk)].numpy()) == data[100:1100]
+    with pytest.raises(tk.ChecksumMismatchError, match="has 16384 bytes, the manifest says"):
+        stage(len(data) + 1)
+    with pytest.raises(tk.ChecksumMismatchError, match="missing"):
+        stage(name="gone")
+    altered = bytearray(data)
+    altered[500] ^= 0x01
+    store.write("step/shard", bytes(altered))
+    with pytest.raises(tk.ChecksumMismatchError, match="do not match their xxh3_128 hash"):
+        stage()
 
 
 def _sizes(saved: Saved, prefix: str) -> dict[str, int]:

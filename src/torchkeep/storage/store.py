@@ -200,13 +200,18 @@ class ObjectStore:
         return f"{self._scheme}://{self._path(key)}"
 
     @contextlib.contextmanager
-    def deadline(self, seconds: float | None = None) -> Iterator[Deadline]:
-        """Bound every call made by this thread inside the block by one deadline (a save)."""
+    def deadline(
+        self, seconds: float | None = None, *, joining: Deadline | None = None
+    ) -> Iterator[Deadline]:
+        """Bound every call made by this thread inside the block by one deadline (a save);
+        ``joining``: the deadline another thread's operation runs under (a pool's reads)."""
         outer = getattr(self._local, "deadline", None)
         if outer is not None:  # nested: the outer deadline holds
             yield outer
             return
-        self._local.deadline = Deadline(self.transfer.deadline_s if seconds is None else seconds)
+        if joining is None:
+            joining = Deadline(self.transfer.deadline_s if seconds is None else seconds)
+        self._local.deadline = joining
         try:
             yield self._local.deadline
         finally:

@@ -3,7 +3,8 @@
 A restoring rank reads only the byte ranges of the chunks it needs: each span of adjacent
 chunks is fetched in pieces of ``part_size * max_concurrency`` bytes, each piece as ranged
 reads of ``part_size`` in flight at once, straight into the rank's private staging buffer,
-where :mod:`.staging` hashes every chunk before any byte reaches a live tensor.
+where :mod:`.staging` hashes every chunk before any byte reaches a live tensor. Every read is
+bounded by the deadline of the rank's restore of the step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ObjectShard:
         self.part = transfer.part_size
         self.piece = transfer.part_size * transfer.max_concurrency
         self._pool = ThreadPoolExecutor(transfer.max_concurrency, "torchkeep-shard-read")
+        with store.deadline() as limit:  # the restore's, when one is running
+            self._limit = limit
         try:
             size = store.size(key)
         except FileNotFoundError:
@@ -55,7 +58,8 @@ class ObjectShard:
         def fetch(at: int) -> None:
             end = min(at + self.part, needed)
             try:
-                data = self.store.read(self.key, start=offset + at, end=offset + end)
+                with self.store.deadline(joining=self._limit):
+                    data = self.store.read(self.key, start=offset + at, end=offset + end)
             except FileNotFoundError:
                 raise FileEndedError(offset + at) from None
             if len(data) != end - at:

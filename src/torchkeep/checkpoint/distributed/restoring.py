@@ -140,6 +140,7 @@ class RestoringSession(SessionBase):
             if self.remote is None:
                 return self._try_at(path, None, targets, strict, fallback, allow)
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="torchkeep-")))
+            stack.enter_context(self.remote.store.deadline())  # one for this rank's reads
             assert step is not None
             error: BaseException | None = None
             unreadable: BaseException | None = None
