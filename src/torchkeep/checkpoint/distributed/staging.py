@@ -112,10 +112,15 @@ class ShardSource(Protocol):
         """What names it in messages."""
         ...
 
-    align: int
-    """Spans are widened to whole blocks of this many bytes."""
-    piece: int
-    """Bytes asked of :meth:`read` at once."""
+    @property
+    def align(self) -> int:
+        """Spans are widened to whole blocks of this many bytes."""
+        ...
+
+    @property
+    def piece(self) -> int:
+        """Bytes asked of :meth:`read` at once."""
+        ...
 
     def read(self, view: memoryview, offset: int, needed: int) -> int:
         """Fill ``view`` from ``offset`` (at least its first ``needed`` bytes); return the
@@ -136,7 +141,10 @@ class _ShardFile:
     """One shard file opened for staging: plain reads for cached bytes, direct I/O for others."""
 
     align = _PAGE
-    piece = PIECE
+
+    @property
+    def piece(self) -> int:
+        return PIECE  # read at each call: tests shrink it
 
     def __init__(self, path: Path, expected_size: int) -> None:
         self.path = path
