@@ -104,7 +104,7 @@ def test_an_async_save_failing_on_one_rank_raises_at_the_next_save_on_every_rank
     assert saved.keys("async") == []
 
 
-def test_retention_deletes_the_manifest_first_then_the_data(saved: Saved) -> None:
+def test_retention_on_the_coordinator_deletes_the_manifest_first(saved: Saved) -> None:
     for rank, report in saved.results.items():
         assert report["kept"] == [2, 3], rank
     assert [key.split("/")[0] for key in saved.keys("kept")].count("step-00000001") == 0
@@ -117,6 +117,14 @@ def test_retention_deletes_the_manifest_first_then_the_data(saved: Saved) -> Non
     bulk = [r.n for r in saved.proxy.requests("POST") if "delete" in r.query]
     data_gone = [n for n in bulk if n > manifest_gone[0]]
     assert data_gone, "the step's data was not deleted after its manifest"
+    # only the coordinator deletes (retention, orphans, a failed save's uploads)
+    deletes = [
+        r
+        for r in saved.proxy.log
+        if r.method == "DELETE" or (r.method == "POST" and "delete" in r.query)
+    ]
+    assert deletes
+    assert all("tk-rank-0" in r.agent for r in deletes), {r.agent for r in deletes}
     # the manifest of step 1 was created only after every rank's shard (retention order on
     # save: data first, the commit marker last)
     puts = [r for r in log if r.method in ("PUT", "POST") and "step-00000001" in r.path]
