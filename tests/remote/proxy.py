@@ -11,7 +11,8 @@ Every request is forwarded to the upstream unless a :class:`Fault` matches it fi
   passed), then forward them all: a client that sends them one after another waits
   ``seconds`` and never has two in flight; one that sends them concurrently is not slowed.
 
-The proxy logs every request (method, path, query, the action taken, the status returned) in
+The proxy logs every request (method, path, query, the action taken, the status returned, the
+``Range`` and ``User-Agent`` headers) in
 arrival order, and counts UploadPart requests in flight (current and maximum) and the object
 GETs in flight for different objects at once (maximum).
 """
@@ -85,6 +86,10 @@ class Request:
     query: dict[str, str]
     action: str
     status: int | None = None
+    range: str | None = None
+    """The ``Range`` header (a ranged GET), None without one."""
+    agent: str = ""
+    """The ``User-Agent`` header (a client's ``user_agent_extra`` tells clients apart)."""
 
     @property
     def is_upload_part(self) -> bool:
@@ -238,6 +243,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             body = _read_body(self)
             entry, fault = proxy._admit(self.command, self.path)
+            entry.range = self.headers.get("Range")
+            entry.agent = self.headers.get("User-Agent", "")
             try:  # the request stops being in flight once its answer is decided
                 reply = self._outcome(body, fault)
             finally:

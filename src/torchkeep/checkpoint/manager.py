@@ -22,7 +22,6 @@ from ..errors import (
     FormatVersionError,
     StateDictMismatchError,
     StepExistsError,
-    StorageCapabilityError,
     TorchkeepError,
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
@@ -162,7 +161,7 @@ class CheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         transfer: Transfer | None = None,
     ) -> None:
-        self._remote = _remote_steps(directory, storage_options, transfer, distributed)
+        self._remote = _remote_steps(directory, storage_options, transfer)
         self.directory: Path | str = Path(directory) if self._remote is None else self._remote.url
         self.cache = check_cache_policy(cache)
         settings = {
@@ -182,11 +181,15 @@ class CheckpointManager:
         self._buffers = SnapshotBuffers()
         self._remover = Remover()
         self._dist_settings = (state_dict_options, tuple(per_rank))
-        self._session = None
-        if self._remote is None:
-            self._session = _distributed_session(
-                self._dir, distributed, process_group, timeout, self._dist_settings, save_rng
-            )
+        self._session = _distributed_session(
+            self._session_dir,
+            distributed,
+            process_group,
+            timeout,
+            self._dist_settings,
+            save_rng,
+            self._remote,
+        )
 
     # ----------------------------------------------------------------------------------------
     # what is on disk (or in the bucket)
@@ -196,6 +199,12 @@ class CheckpointManager:
         """The local checkpoint folder (only for a manager on a local path)."""
         assert isinstance(self.directory, Path), "a local-only path was taken for a URL"
         return self.directory
+
+    @property
+    def _session_dir(self) -> Path:
+        """The folder a distributed session writes into (unused on object storage, where
+        the session writes through ``self._remote``)."""
+        return self._dir if self._remote is None else Path()
 
     def _committed(self) -> list[StepInfo]:
         """The committed steps, oldest first, from the disk or a fresh listing of the bucket."""
@@ -290,7 +299,7 @@ class CheckpointManager:
         values: Mapping[str, Any],
         metrics: Mapping[str, Any] | None,
         overwrite: bool,
-    ) -> Path:
+    ) -> Path | str:
         """:meth:`save` on every rank of a distributed job (collective; sharded-v1 step)."""
         from .distributed.session import snapshot
 
@@ -316,6 +325,8 @@ class CheckpointManager:
         else:
             prepared.tensors = snapshot(prepared.tensors)
             self._writer.submit(commit, label=f"save of checkpoint step {step}")
+        if self._remote is not None:
+            return self._remote.step_url(step)
         return step_path(self._dir, step)
 
     def _save_entries(
@@ -623,7 +634,12 @@ class CheckpointManager:
 
         options, per_rank = self._dist_settings
         return DistributedSession(
-            self._dir, group=None, options=options, per_rank=per_rank, save_rng=self.save_rng
+            self._session_dir,
+            group=None,
+            options=options,
+            per_rank=per_rank,
+            save_rng=self.save_rng,
+            remote=self._remote,
         )
 
     def export_torch(
@@ -673,13 +689,12 @@ def _remote_steps(
     directory: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None,
     transfer: Transfer | None,
-    distributed: bool | None,
 ) -> RemoteSteps | None:
     """The object-store back end for a URL, None for a local path.
 
     Raises:
         ValueError: ``storage_options``/``transfer`` with a local path.
-        StorageCapabilityError: the back end cannot commit safely, or ``distributed=True``.
+        StorageCapabilityError: the back end cannot commit safely.
     """
     if not is_remote(directory):
         if storage_options or transfer is not None:
@@ -688,14 +703,6 @@ def _remote_steps(
                 f"{directory}"
             )
         return None
-    import torch.distributed as dist
-
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed or (distributed is None and several):
-        raise StorageCapabilityError(
-            f"{directory}: sharded (distributed=True) checkpoints on object storage are not "
-            "supported yet; save from one process, or to a shared local filesystem"
-        )
     return RemoteSteps(str(directory), storage_options=storage_options, transfer=transfer)
 
 
@@ -706,8 +713,10 @@ def _distributed_session(
     timeout: float,
     settings: tuple[Any, tuple[str, ...]],
     save_rng: bool,
+    remote: RemoteSteps | None,
 ) -> Any:
-    """The collective half of a distributed manager, or None for a single-process one.
+    """The collective half of a distributed manager, or None for a single-process one
+    (``remote``: the folder on object storage every rank uploads to and reads from).
 
     Distributed when ``distributed`` is True, or None and torch.distributed is initialised with
     more than one rank. Makes the manager's own gloo group (collective) unless one is given.
@@ -741,6 +750,7 @@ def _distributed_session(
         options=options,
         per_rank=entry_names_ok(per_rank),
         save_rng=save_rng,
+        remote=remote,
     )
 
 

@@ -25,7 +25,8 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,17 @@ from .layout import KIND, STATE_NAME, StepInfo, parse_step, read_step_manifest, 
 from .reader import LoadedStep, StepVanishedError, read_step
 
 _SAVE_ID_BYTES = 8  # 16 hex digits: DATA_PREFIX_PATTERN
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A save in progress: its step, save id, key prefix, and the manifest it replaces
+    (``(version, save id)``, None for a new step)."""
+
+    step: int
+    save_id: str
+    prefix: str
+    previous: tuple[str, str | None] | None
 
 
 def step_name(step: int) -> str:
@@ -175,37 +187,71 @@ class RemoteSteps:
             RemoteStorageError: the store failed for good or the deadline passed; no
                 manifest was created by this save.
         """
-        name = step_name(step)
-        key = f"{name}/{MANIFEST_NAME}"
         with self.store.deadline():
-            previous = self._previous(step) if overwrite else None
-            if previous is None and self.exists(step):
-                raise StepExistsError(
-                    f"checkpoint step {step} already exists at {self.step_url(step)}; pass "
-                    "overwrite=True to replace it, or save under another step"
-                )
-            save_id = secrets.token_hex(_SAVE_ID_BYTES)
-            prefix = f"{name}/{save_id}"
+            upload = self.begin(step, overwrite=overwrite)
             try:
-                files = self._upload(prefix, step, entries)
+                files = self._upload(upload.prefix, step, entries)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    self.store.delete_prefix(prefix)
+                self.abort(upload)
                 raise
-            manifest = manifest_document(
-                kind=KIND,
-                files=files,
-                source=self.store.url(key),
-                step=step,
-                data=save_id,
-                **manifest_fields,
+            self.finish(upload, files, manifest_fields)
+
+    def begin(self, step: int, *, overwrite: bool) -> Upload:
+        """Start a save of ``step``: refuse an existing step (without ``overwrite``), pick a
+        fresh save id; the data goes under ``Upload.prefix``, then :meth:`finish` commits.
+
+        Raises:
+            StepExistsError: the step exists and ``overwrite`` is False.
+            StorageCapabilityError: ``overwrite=True`` on a back end without a conditional
+                replace.
+        """
+        previous = self._previous(step) if overwrite else None
+        if previous is None and self.exists(step):
+            raise StepExistsError(
+                f"checkpoint step {step} already exists at {self.step_url(step)}; pass "
+                "overwrite=True to replace it, or save under another step"
             )
-            # From here on the data is never deleted on error: a create whose answer was lost
-            # may have committed it. An uncommitted prefix is an orphan for a later save.
-            self._commit_manifest(step, prefix, json_bytes(manifest), previous)
-            if previous is not None and previous[1] is not None:
-                with contextlib.suppress(Exception):  # an orphan for a later save otherwise
-                    self.store.delete_prefix(f"{name}/{previous[1]}")
+        save_id = secrets.token_hex(_SAVE_ID_BYTES)
+        return Upload(step, save_id, f"{step_name(step)}/{save_id}", previous)
+
+    def abort(self, upload: Upload) -> None:
+        """Delete what a failed save uploaded (best effort: else an orphan for a later save)."""
+        with contextlib.suppress(Exception):
+            self.store.delete_prefix(upload.prefix)
+
+    def finish(
+        self,
+        upload: Upload,
+        files: Mapping[str, FileRecord],
+        manifest_fields: Mapping[str, Any],
+        *,
+        format_version: int | None = None,
+    ) -> None:
+        """Commit ``upload`` (its ``files`` are all uploaded) by creating its manifest
+        exclusively, or replacing the previous one conditionally; then delete the replaced
+        step's data.
+
+        Raises:
+            StepExistsError: another writer committed (or replaced) the step meanwhile; this
+                save's data is deleted.
+        """
+        step = upload.step
+        manifest = manifest_document(
+            kind=KIND,
+            files=files,
+            format_version=format_version,
+            source=self.store.url(f"{step_name(step)}/{MANIFEST_NAME}"),
+            step=step,
+            data=upload.save_id,
+            **manifest_fields,
+        )
+        # From here on the data is never deleted on error: a create whose answer was lost
+        # may have committed it. An uncommitted prefix is an orphan for a later save.
+        self._commit_manifest(step, upload.prefix, json_bytes(manifest), upload.previous)
+        previous = upload.previous
+        if previous is not None and previous[1] is not None:
+            with contextlib.suppress(Exception):  # an orphan for a later save otherwise
+                self.store.delete_prefix(f"{step_name(step)}/{previous[1]}")
 
     def _previous(self, step: int) -> tuple[str, str | None] | None:
         """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
@@ -305,9 +351,10 @@ class RemoteSteps:
             except TorchkeepError as exc:
                 raise relabelled(exc, local, self.step_url(step)) from None
 
-    def fetch(self, step: int, scratch: Path) -> Path:
+    def fetch(self, step: int, scratch: Path, *, only: Collection[str] | None = None) -> Path:
         """Copy ``step`` into ``scratch/step-<n>/`` laid out as a local step (not verified:
-        the local reader or verifier hashes it); return that folder.
+        the local reader or verifier hashes it); return that folder. With ``only``, just
+        those of its files (a sharded step's ``state.json``: ranks read shards by ranges).
 
         Raises:
             StepVanishedError: the step was retired or replaced while it was read.
@@ -316,7 +363,7 @@ class RemoteSteps:
         with self.store.deadline():
             manifest = self._manifest(step, scratch)
             local = scratch / step_name(step)
-            missing = self.fetch_files(step, manifest, local)
+            missing = self.fetch_files(step, manifest, local, only=only)
             if missing and self._replaced(step, local / MANIFEST_NAME):
                 raise StepVanishedError(
                     f"{self.step_url(step)} was retired or replaced while it was read"
@@ -325,8 +372,16 @@ class RemoteSteps:
             raise CorruptFileError(f"{missing[0]} is missing; the step is damaged")
         return local
 
-    def fetch_files(self, step: int, manifest: Mapping[str, Any], local: Path) -> list[str]:
-        """Copy the files ``manifest`` lists into ``local`` (the step's local copy),
+    def fetch_files(
+        self,
+        step: int,
+        manifest: Mapping[str, Any],
+        local: Path,
+        *,
+        only: Collection[str] | None = None,
+    ) -> list[str]:
+        """Copy the files ``manifest`` lists (those in ``only``, when given) into ``local``
+        (the step's local copy),
         concurrently: at most ``Transfer.max_concurrency`` requests in flight, all within one
         deadline. Not verified: the local reader or verifier hashes them. Return the URLs of
         listed files that are missing (no local file is left for them).
@@ -337,9 +392,14 @@ class RemoteSteps:
                 {
                     f"{base}/{file}": (local / file, record["size"])
                     for file, record in manifest["files"].items()
+                    if only is None or file in only
                 }
             )
         return sorted(self.store.url(key) for key in missing)
+
+    def data_key(self, step: int, manifest: Mapping[str, Any], file: str) -> str:
+        """The key of ``file`` of the committed ``step`` whose manifest is ``manifest``."""
+        return f"{step_name(step)}/{manifest['data']}/{file}"
 
     def _replaced(self, step: int, used: Path) -> bool:
         """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..hashing import new_hasher
+from ..hashing import Hasher, new_hasher
 from ..manifest import FileRecord
 from .remote import class_name
 from .stream import Span
@@ -74,8 +74,12 @@ def upload(
     *,
     transfer: Transfer,
     deadline: Deadline,
+    hasher: Hasher | None = None,
 ) -> FileRecord:
     """Write the bytes of ``spans`` as the object ``path`` (``url`` names it in errors).
+
+    ``hasher`` is fed every byte in order (a sharded step's segment hasher); by default the
+    XXH3-128 of the object.
 
     Returns:
         The object's size and content hash (of the bytes sent).
@@ -85,7 +89,7 @@ def upload(
             upload is aborted.
     """
     target = _Target(fs, path, url, transfer, deadline)
-    hasher = new_hasher()
+    hasher = new_hasher() if hasher is None else hasher
     size = 0
 
     def hashed() -> Iterable[bytes]:

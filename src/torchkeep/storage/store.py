@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..hashing import new_hasher
+from ..hashing import Hasher, new_hasher
 from ..manifest import FileRecord
 from . import objects
 from .local import atomic_file, temp_sibling
@@ -61,8 +61,11 @@ class Store(Protocol):
         """Create or replace ``key`` with ``data``, whole or not at all."""
         ...
 
-    def write_stream(self, key: str, spans: Iterable[Span]) -> FileRecord:
-        """Create or replace ``key`` with the memory of ``spans``, hashed on the way."""
+    def write_stream(
+        self, key: str, spans: Iterable[Span], *, hasher: Hasher | None = None
+    ) -> FileRecord:
+        """Create or replace ``key`` with the memory of ``spans``, hashed on the way (by
+        ``hasher`` when given, else XXH3-128)."""
         ...
 
     def create_exclusive(self, key: str, data: bytes) -> None:
@@ -119,8 +122,10 @@ class LocalStore:
             f.write(data)
         return FileRecord(len(data), hasher.hexdigest())
 
-    def write_stream(self, key: str, spans: Iterable[Span]) -> FileRecord:
-        hasher = new_hasher()
+    def write_stream(
+        self, key: str, spans: Iterable[Span], *, hasher: Hasher | None = None
+    ) -> FileRecord:
+        hasher = new_hasher() if hasher is None else hasher
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as f:
@@ -195,13 +200,18 @@ class ObjectStore:
         return f"{self._scheme}://{self._path(key)}"
 
     @contextlib.contextmanager
-    def deadline(self, seconds: float | None = None) -> Iterator[Deadline]:
-        """Bound every call made by this thread inside the block by one deadline (a save)."""
+    def deadline(
+        self, seconds: float | None = None, *, joining: Deadline | None = None
+    ) -> Iterator[Deadline]:
+        """Bound every call made by this thread inside the block by one deadline (a save);
+        ``joining``: the deadline another thread's operation runs under (a pool's reads)."""
         outer = getattr(self._local, "deadline", None)
         if outer is not None:  # nested: the outer deadline holds
             yield outer
             return
-        self._local.deadline = Deadline(self.transfer.deadline_s if seconds is None else seconds)
+        if joining is None:
+            joining = Deadline(self.transfer.deadline_s if seconds is None else seconds)
+        self._local.deadline = joining
         try:
             yield self._local.deadline
         finally:
@@ -254,7 +264,9 @@ class ObjectStore:
         address = ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if buffer else 0
         return self.write_stream(key, [(address, len(buffer))] if buffer else [])
 
-    def write_stream(self, key: str, spans: Iterable[Span]) -> FileRecord:
+    def write_stream(
+        self, key: str, spans: Iterable[Span], *, hasher: Hasher | None = None
+    ) -> FileRecord:
         return objects.upload(
             self.fs,
             self._path(key),
@@ -262,6 +274,7 @@ class ObjectStore:
             spans,
             transfer=self.transfer,
             deadline=self._deadline(),
+            hasher=hasher,
         )
 
     def exclusive_creator(self) -> ExclusiveCreate:

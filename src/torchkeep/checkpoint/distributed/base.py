@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from ..entries import check_name
 from . import collective
+
+if TYPE_CHECKING:
+    from ..remote import RemoteSteps
 
 SHARDED_SLOTS = ("model", "optimizer")
 
@@ -34,6 +37,8 @@ class SessionBase:
         options: ``StateDictOptions`` for ``get_state_dict``/``set_state_dict``.
         per_rank: names of entries whose state differs per rank.
         save_rng: store every rank's random generator states.
+        remote: the checkpoint folder when it is on object storage (``directory`` is then
+            unused): every rank uploads and reads its own part there.
     """
 
     def __init__(
@@ -44,14 +49,21 @@ class SessionBase:
         options: StateDictOptions | None,
         per_rank: Sequence[str],
         save_rng: bool,
+        remote: RemoteSteps | None = None,
     ) -> None:
         self.directory = directory
+        self.remote = remote
         self.group = group
         self.options = options
         self.per_rank = frozenset(per_rank)
         self.save_rng = save_rng
         self.rank = collective.rank(group)
         self.world_size = collective.world_size(group)
+
+    @property
+    def location(self) -> str:
+        """The checkpoint folder, for messages (a URL on object storage)."""
+        return self.remote.url if self.remote is not None else str(self.directory)
 
 
 def entry_names_ok(names: Sequence[str]) -> list[str]:

@@ -104,6 +104,9 @@ class TorchkeepStorageReader(StorageReader):
     Args:
         path: the step directory (``ckpt/step-00000100``).
         verify: hash every chunk a rank reads before it is used (on by default).
+        opener: where the shards' bytes come from (default: the files in ``path``; a sharded
+            step on object storage passes its objects, read by ranges, and ``path`` is a
+            local copy of its documents).
 
     Raises (from ``dcp.load``, wrapped in DCP's ``CheckpointException``):
         ChecksumMismatchError: a chunk or file does not match its recorded hash or size.
@@ -114,11 +117,18 @@ class TorchkeepStorageReader(StorageReader):
         ...          planner=NoPickleLoadPlanner())
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        verify: bool = True,
+        opener: staging.Opener | None = None,
+    ) -> None:
         super().__init__()
         require_sharded_checkpoints("TorchkeepStorageReader")
         self.path = Path(path)
         self.verify = verify
+        self.opener = opener
         self.manifest: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self._storage: dict[MetadataIndex, dict[str, Any]] = {}
@@ -152,7 +162,9 @@ class TorchkeepStorageReader(StorageReader):
                 )
             )
         sizes = {name: entry["size"] for name, entry in self.manifest["files"].items()}
-        self._chunks = staging.stage(self.path, needed, sizes, verify=self.verify)
+        self._chunks = staging.stage(
+            self.path, needed, sizes, verify=self.verify, opener=self.opener
+        )
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:

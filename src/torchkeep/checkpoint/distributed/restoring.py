@@ -8,6 +8,8 @@ among the candidates is restored by :mod:`.single` under the same rules.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,18 +24,22 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from ... import tree
 from ...errors import (
     CorruptFileError,
+    DistributedCheckpointError,
     FileFormatError,
     StateDictMismatchError,
+    TorchkeepError,
     TorchkeepFileNotFoundError,
     first_line,
 )
 from .. import precheck, rng
-from ..layout import RNG_ENTRY, StepInfo
+from ..layout import RNG_ENTRY, STATE_NAME, StepInfo
 from ..reader import read_step
+from ..remote import relabelled
 from . import collective, single
 from .base import SHARDED_SLOTS, SessionBase, optimizers
 from .layout import LAYOUT, rank_key, tensor_key
 from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
+from .remote_source import shard_opener
 
 
 @dataclass
@@ -41,7 +47,7 @@ class RestoredState:
     """What a distributed restore loaded."""
 
     step: int
-    path: Path
+    path: Path | str
     metrics: dict[str, Any]
     extra: dict[str, Any]
 
@@ -71,30 +77,34 @@ class RestoringSession(SessionBase):
                 fallback,
             )
         steps, fallback = collective.broadcast(listing, self.group)
-        for _step, path, sharded in steps:
+        for step, path, sharded in steps:
             path = Path(path)
             if not sharded:
                 done = self._try_single(
-                    path, targets, strict=strict, fallback=fallback,
+                    step, path, targets, strict=strict, fallback=fallback,
                     allow=allow_world_size_change, restore_rng=restore_rng,
                 )  # fmt: skip
                 if done is None:
                     continue
                 return done
             loaded = self._try(
-                path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change
-            )
+                path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change,
+                step=step,
+            )  # fmt: skip
             if loaded is None:
                 continue
             manifest, state, templates, values = loaded
-            return self._apply(
+            done = self._apply(
                 path, manifest, state, templates, values, targets,
                 restore_rng=restore_rng,
             )  # fmt: skip
+            if self.remote is not None:
+                done.path = self.remote.step_url(step)
+            return done
         from ...errors import CheckpointNotFoundError
 
         raise CheckpointNotFoundError(
-            f"{self.directory} holds no valid step to restore (tried "
+            f"{self.location} holds no valid step to restore (tried "
             f"{[s for s, _, _ in steps] or 'none'}); "
             "check the directory, or start training from scratch"
         )
@@ -119,11 +129,56 @@ class RestoringSession(SessionBase):
         strict: bool,
         fallback: bool,
         allow: bool,
+        step: int | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
-        """Read, check and load one step into fresh templates; None to try the next one."""
-        error: BaseException | None = None
+        """Read, check and load one step into fresh templates; None to try the next one.
+
+        On object storage (``step`` names it) the step's documents are copied into a private
+        folder first and every rank reads its chunks from the shard objects by ranges.
+        """
+        with contextlib.ExitStack() as stack:
+            if self.remote is None:
+                return self._try_at(path, None, targets, strict, fallback, allow)
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="torchkeep-")))
+            stack.enter_context(self.remote.store.deadline())  # one for this rank's reads
+            assert step is not None
+            error: BaseException | None = None
+            unreadable: BaseException | None = None
+            try:
+                path = self.remote.fetch(step, scratch, only=(STATE_NAME,))
+            except (FileFormatError, TorchkeepFileNotFoundError) as exc:
+                unreadable = exc  # damaged or retired meanwhile: the next step, if allowed
+            except Exception as exc:  # the store failed for good: every rank raises
+                error = exc
+            url = self.remote.step_url(step)
+            collective.agree(error, self.group, f"the restore of {url}")
+            try:
+                return self._try_at(path, step, targets, strict, fallback, allow, unreadable)
+            except DistributedCheckpointError:
+                raise  # its per-rank causes stay attached
+            except TorchkeepError as exc:  # name the step by its URL, not the private copy
+                raise relabelled(exc, path, url) from exc
+
+    def _try_at(
+        self,
+        path: Path,
+        step: int | None,
+        targets: Mapping[str, Any],
+        strict: bool,
+        fallback: bool,
+        allow: bool,
+        unreadable: BaseException | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+        """:meth:`_try` on the step's documents at ``path`` (``unreadable``: why they could
+        not be fetched)."""
+        error: BaseException | None = unreadable
+        opener = None
         try:
+            if unreadable is not None:
+                raise unreadable
             manifest, state = read_index(path)
+            if self.remote is not None and step is not None:
+                opener = shard_opener(self.remote, step, manifest)
         except (FileFormatError, TorchkeepFileNotFoundError) as exc:
             error = exc
         if not self._readable(path, error, fallback=fallback):
@@ -142,7 +197,7 @@ class RestoringSession(SessionBase):
             with collective.single_process_quiet(self.group):
                 dcp_load(
                     templates,
-                    storage_reader=TorchkeepStorageReader(path),
+                    storage_reader=TorchkeepStorageReader(path, opener=opener),
                     planner=NoPickleLoadPlanner(),
                     process_group=self.group,
                     no_dist=self.group is None,
@@ -187,6 +242,7 @@ class RestoringSession(SessionBase):
 
     def _try_single(
         self,
+        step: int,
         path: Path,
         targets: Mapping[str, Any],
         *,
@@ -200,10 +256,14 @@ class RestoringSession(SessionBase):
         step (it is damaged on some rank and ``fallback`` allows)."""
         error: BaseException | None = None
         loaded = None
+        fatal: BaseException | None = None
         try:
-            loaded = read_step(path)
+            loaded = read_step(path) if self.remote is None else self.remote.read(step)
         except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
             error = exc
+        except Exception as exc:  # the store failed for good: every rank raises
+            fatal = exc
+        collective.agree(fatal, self.group, f"the restore of checkpoint step {step}")
         if not self._readable(path, error, fallback=fallback):
             return None
         assert loaded is not None  # every rank read it
@@ -217,7 +277,8 @@ class RestoringSession(SessionBase):
         collective.agree(error, self.group, f"the restore of {path}")
         assert checked is not None
         extra = single.apply(self, checked, targets, strict=strict, restore_rng=restore_rng)
-        return RestoredState(loaded.step, path, loaded.metrics, extra)
+        where = path if self.remote is None else self.remote.step_url(step)
+        return RestoredState(loaded.step, where, loaded.metrics, extra)
 
     def _templates(
         self,

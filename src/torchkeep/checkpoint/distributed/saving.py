@@ -8,6 +8,7 @@ irreversible happens, so a failure on one rank raises on all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..layout import RNG_ENTRY, step_path
 from . import collective
 from .base import SHARDED_SLOTS, SessionBase, optimizers
 from .layout import rank_key, tensor_key
+from .remote_writer import RemoteStorageWriter
 from .writer import TorchkeepStorageWriter
 
 
@@ -122,12 +124,17 @@ class SavingSession(SessionBase):
         """Agree that every rank is ready to write ``step`` (collective): raise on every rank
         if one failed to prepare, if the step exists (without ``overwrite``) or if a
         replicated entry differs between ranks."""
-        final = step_path(self.directory, step)
-        if error is None and self.rank == 0 and not overwrite and lookup(final) is not None:
-            error = StepExistsError(
-                f"checkpoint step {step} already exists at {final}; pass overwrite=True to "
-                "replace it, or save under another step"
-            )
+        if error is None and self.rank == 0 and not overwrite:
+            try:
+                where = self._existing(step)
+            except Exception as exc:  # the store failed: every rank raises
+                error = exc
+            else:
+                if where is not None:
+                    error = StepExistsError(
+                        f"checkpoint step {step} already exists at {where}; pass overwrite=True "
+                        "to replace it, or save under another step"
+                    )
         collective.agree(error, self.group, f"the save of checkpoint step {step}")
         assert prepared is not None
         digests = collective.all_gather(prepared.digests, self.group)
@@ -140,6 +147,13 @@ class SavingSession(SessionBase):
                     f"on every rank, or pass per_rank=[{name!r}] to the CheckpointManager to "
                     "store one copy per rank"
                 )
+
+    def _existing(self, step: int) -> str | None:
+        """Where ``step`` is committed now, None when it is not."""
+        if self.remote is not None:
+            return self.remote.step_url(step) if self.remote.exists(step) else None
+        final = step_path(self.directory, step)
+        return str(final) if lookup(final) is not None else None
 
     def write(
         self,
@@ -156,19 +170,33 @@ class SavingSession(SessionBase):
         by default it is ``step-<n>`` in the session's directory.
         """
         final = step_path(self.directory, step) if path is None else path
-        if self.rank == 0:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(final.parent)
-        writer = TorchkeepStorageWriter(
-            final,
-            state={"entries": prepared.entries},
-            rank_state=prepared.rank_state,
-            step=step,
-            overwrite=overwrite,
-            manifest_fields=fields,
-        )
+        writer: TorchkeepStorageWriter
+        transfers: Any = contextlib.nullcontext()
+        if self.remote is not None:
+            writer = RemoteStorageWriter(
+                self.remote,
+                step,
+                state={"entries": prepared.entries},
+                rank_state=prepared.rank_state,
+                overwrite=overwrite,
+                manifest_fields=fields,
+            )
+            transfers = self.remote.store.deadline()  # one deadline for this rank's save
+        else:
+            if self.rank == 0:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(final.parent)
+            writer = TorchkeepStorageWriter(
+                final,
+                state={"entries": prepared.entries},
+                rank_state=prepared.rank_state,
+                step=step,
+                overwrite=overwrite,
+                manifest_fields=fields,
+            )
+        where = self.remote.step_url(step) if self.remote is not None else final
         try:
-            with collective.single_process_quiet(self.group):
+            with transfers, collective.single_process_quiet(self.group):
                 dcp_save(
                     prepared.tensors,
                     storage_writer=writer,
@@ -180,7 +208,7 @@ class SavingSession(SessionBase):
             if collective.only_cause(exc, StepExistsError):
                 raise StepExistsError(str(collective.causes(exc)[0])) from None
             raise collective.translate(
-                exc, f"the save of checkpoint step {step} to {final}", me=self.rank
+                exc, f"the save of checkpoint step {step} to {where}", me=self.rank
             ) from None
         return final
 

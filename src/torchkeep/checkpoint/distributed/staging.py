@@ -18,6 +18,10 @@ module makes that first pass cheap:
 
 The bytes hashed are the bytes later copied (the buffer is private to this process), so a file
 changed on disk during the restore cannot slip unverified bytes in.
+
+Where the bytes come from is a :class:`ShardSource`: a local file by default (the above), or a
+shard object on object storage read by ranges (:mod:`.remote_source`); spans, hashing and
+buffers are the same for both.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import xxhash
@@ -65,10 +70,10 @@ class _Span:
     end: int
     chunks: list[ChunkRef] = field(default_factory=list)
 
-    @property
-    def aligned(self) -> tuple[int, int]:
-        """The span widened to whole pages of the file (what direct I/O reads)."""
-        return self.start - self.start % _PAGE, -(-self.end // _PAGE) * _PAGE
+    def bounds(self, align: int) -> tuple[int, int]:
+        """The span widened to whole blocks of ``align`` bytes (pages: what direct I/O
+        reads; 1: exactly the span, what a ranged read of an object fetches)."""
+        return self.start - self.start % align, -(-self.end // align) * align
 
 
 def where(chunk: ChunkRef) -> tuple[str, int, int]:
@@ -99,8 +104,47 @@ def allocate(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
 
 
+class ShardSource(Protocol):
+    """One shard opened for staging (a local file, or an object read by ranges)."""
+
+    @property
+    def path(self) -> object:
+        """What names it in messages."""
+        ...
+
+    @property
+    def align(self) -> int:
+        """Spans are widened to whole blocks of this many bytes."""
+        ...
+
+    @property
+    def piece(self) -> int:
+        """Bytes asked of :meth:`read` at once."""
+        ...
+
+    def read(self, view: memoryview, offset: int, needed: int) -> int:
+        """Fill ``view`` from ``offset`` (at least its first ``needed`` bytes); return the
+        bytes read. Raise :class:`FileEndedError` when the shard ends before ``needed``."""
+        ...
+
+    def close(self) -> None:
+        """Release what reading held."""
+        ...
+
+
+Opener = Callable[[str, int], ShardSource]
+"""Opens shard file ``name`` whose manifest size is ``size`` (ChecksumMismatchError when it is
+missing or has another size)."""
+
+
 class _ShardFile:
     """One shard file opened for staging: plain reads for cached bytes, direct I/O for others."""
+
+    align = _PAGE
+
+    @property
+    def piece(self) -> int:
+        return PIECE  # read at each call: tests shrink it
 
     def __init__(self, path: Path, expected_size: int) -> None:
         self.path = path
@@ -158,6 +202,7 @@ def stage(
     sizes: Mapping[str, int],
     *,
     verify: bool = True,
+    opener: Opener | None = None,
 ) -> dict[tuple[str, int, int], torch.Tensor]:
     """Read every chunk of ``chunks`` into fresh memory, each hashed as its bytes arrive.
 
@@ -166,6 +211,8 @@ def stage(
         chunks: the chunks this rank needs (duplicates are read once).
         sizes: each file's size as the manifest records it (checked before reading).
         verify: compare each chunk's XXH3-128 with its record (off: read only).
+        opener: opens a shard by name (default: the file of that name in ``directory``;
+            on object storage the object, read by ranges).
 
     Returns:
         ``{(file, offset, length): bytes}``: each chunk as a ``uint8`` tensor (a view of
@@ -176,13 +223,18 @@ def stage(
             bytes do not match their hash (naming the file and the tensor).
     """
     staged: dict[tuple[str, int, int], torch.Tensor] = {}
-    files: dict[str, _ShardFile] = {}
+    files: dict[str, ShardSource] = {}
+    if opener is None:
+
+        def opener(name: str, size: int) -> ShardSource:
+            return _ShardFile(directory / name, size)
+
     try:
         for span in _spans(chunks):
             if span.file not in files:
-                files[span.file] = _ShardFile(directory / span.file, sizes[span.file])
+                files[span.file] = opener(span.file, sizes[span.file])
             handle = files[span.file]
-            low, high = span.aligned
+            low, high = span.bounds(handle.align)
             buffer = allocate(high - low)
             _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
             for chunk in span.chunks:
@@ -194,15 +246,15 @@ def stage(
     return staged
 
 
-def _read_span(handle: _ShardFile, span: _Span, memory: memoryview, *, verify: bool) -> None:
+def _read_span(handle: ShardSource, span: _Span, memory: memoryview, *, verify: bool) -> None:
     """Read ``span`` into ``memory`` piece by piece, feeding each chunk's hash as bytes land."""
-    low, high = span.aligned
+    low, high = span.bounds(handle.align)
     pending = sorted(span.chunks, key=lambda c: c.offset)
     hashers = {chunk: xxhash.xxh3_128() for chunk in pending}
     fed = {chunk: chunk.offset for chunk in pending}
     position = low
     while pending:
-        size = min(PIECE, high - position)
+        size = min(handle.piece, high - position)
         at = position - low
         try:
             got = handle.read(memory[at : at + size], position, min(size, span.end - position))
@@ -213,7 +265,7 @@ def _read_span(handle: _ShardFile, span: _Span, memory: memoryview, *, verify: b
         position += got
         while pending and pending[0].offset + pending[0].length <= position:
             done = pending.pop(0)
-            _feed(hashers[done], memory, span, done, fed[done], done.offset + done.length)
+            _feed(hashers[done], memory, low, done, fed[done], done.offset + done.length)
             if verify and hashers[done].hexdigest() != done.digest:
                 raise ChecksumMismatchError(
                     f"{handle.path}: the bytes of {done.label!r} do not match their xxh3_128 "
@@ -222,16 +274,15 @@ def _read_span(handle: _ShardFile, span: _Span, memory: memoryview, *, verify: b
         for chunk in pending:
             if chunk.offset >= position:
                 break
-            fed[chunk] = _feed(hashers[chunk], memory, span, chunk, fed[chunk], position)
+            fed[chunk] = _feed(hashers[chunk], memory, low, chunk, fed[chunk], position)
 
 
 def _feed(
-    hasher: xxhash.xxh3_128, memory: memoryview, span: _Span, chunk: ChunkRef, start: int, end: int
+    hasher: xxhash.xxh3_128, memory: memoryview, low: int, chunk: ChunkRef, start: int, end: int
 ) -> int:
     """Hash ``chunk``'s bytes from file offset ``start`` to ``end`` (its part that has
-    arrived); return where its hash now stands."""
+    arrived; ``memory`` starts at file offset ``low``); return where its hash now stands."""
     end = min(end, chunk.offset + chunk.length)
     if end > start:
-        low = span.aligned[0]
         hasher.update(memory[start - low : end - low])
     return max(start, end)

@@ -8,6 +8,9 @@ creates the hidden temporary directory every rank writes into and names the file
 direct-I/O writer, hashing every byte once per chunk, and fsyncs it; ``finish`` (coordinator,
 run by DCP only when every rank's ``write_data`` succeeded) writes ``state.json`` and
 ``manifest.json`` last, fsyncs and renames the temporary directory into place.
+
+Where the bytes go is three hooks (``_begin``, ``_store``, ``_commit``);
+:class:`~.remote_writer.RemoteStorageWriter` puts them on object storage instead.
 """
 
 from __future__ import annotations
@@ -126,6 +129,20 @@ class TorchkeepStorageWriter(StorageWriter):
         return dataclasses.replace(plan, storage_data={"rank_state": self.rank_state})
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        location = self._begin()
+        self._rank_states = [plan.storage_data["rank_state"] for plan in plans]
+        world = len(plans)
+        return [
+            dataclasses.replace(
+                plan, storage_data={"temp": location, "file": shard_name(rank, world)}
+            )
+            for rank, plan in enumerate(plans)
+        ]
+
+    # Where the bytes go (overridden for object storage: .remote_writer) ---------------------
+    def _begin(self) -> str:
+        """Coordinator: refuse an existing step, make the place every rank writes into and
+        return its name (a hidden temporary directory here)."""
         if self.path.exists() and not self.overwrite:
             raise StepExistsError(
                 f"checkpoint step {self.path} already exists; pass overwrite=True to replace "
@@ -135,14 +152,51 @@ class TorchkeepStorageWriter(StorageWriter):
         temp = temp_sibling(self.path)
         temp.mkdir()
         self.temp = temp
-        self._rank_states = [plan.storage_data["rank_state"] for plan in plans]
-        world = len(plans)
-        return [
-            dataclasses.replace(
-                plan, storage_data={"temp": str(temp), "file": shard_name(rank, world)}
-            )
-            for rank, plan in enumerate(plans)
-        ]
+        return str(temp)
+
+    def _store(self, location: str, name: str, spans: Any, hasher: SegmentHasher) -> int:
+        """Write this rank's shard file ``name`` from ``spans`` into ``location`` (what
+        :meth:`_begin` returned), feeding ``hasher`` every byte in order; return its size."""
+        path = Path(location) / name
+        try:
+            with open(path, "xb", buffering=0) as f:
+                if self.direct_io:
+                    enable_direct_io(f.fileno())
+                written = write_stream(f.fileno(), spans, hasher)
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            raise _storage_error(exc, path) from exc
+        return written
+
+    def _commit(
+        self, files: dict[str, FileRecord], state: dict[str, Any], fields: dict[str, Any]
+    ) -> None:
+        """Coordinator, once every rank's shard is written: write ``state.json``, then the
+        manifest last, and make the step appear (rename)."""
+        if self.temp is None:
+            raise RuntimeError("finish() before prepare_global_plan(): not a DCP call order")
+        temp = self.temp
+        try:
+            files[STATE_NAME] = write_json(temp / STATE_NAME, state, sort_keys=False)
+            if self.fsync:
+                fsync_file(temp / STATE_NAME)
+            write_manifest(temp, kind=KIND, files=files, format_version=FORMAT_VERSION, **fields)
+            if self.fsync:
+                fsync_file(temp / "manifest.json")
+                fsync_dir(temp)
+            _rename_into_place(temp, self.path, overwrite=self.overwrite)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and not self.overwrite:
+                raise StepExistsError(
+                    f"checkpoint step {self.path} was committed by another writer while this "
+                    "one was saving it; this save was discarded"
+                ) from None
+            raise _storage_error(exc, self.path) from exc
+        self.temp = None
+        if self.fsync:
+            fsync_dir(self.path.parent)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         future: Future[list[WriteResult]] = Future()
@@ -151,7 +205,6 @@ class TorchkeepStorageWriter(StorageWriter):
 
     def _write_shard(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         name = plan.storage_data["file"]
-        path = Path(plan.storage_data["temp"]) / name
         tensors: dict[str, torch.Tensor] = {}
         items = {}
         for item in plan.items:
@@ -180,15 +233,8 @@ class TorchkeepStorageWriter(StorageWriter):
         size = len(header) + sum(end - begin for _k, _t, begin, end in placed)
         points = cut_points(size, [p + len(header) for _k, _t, b, e in placed for p in (b, e)])
         hasher = SegmentHasher(points)
-        try:
-            with open(path, "xb", buffering=0) as f:
-                if self.direct_io:
-                    enable_direct_io(f.fileno())
-                written = write_stream(f.fileno(), _placed_spans(placed, header), hasher)
-                if self.fsync:
-                    os.fsync(f.fileno())
-        except OSError as exc:
-            raise _storage_error(exc, path) from exc
+        spans = _placed_spans(placed, header)
+        written = self._store(plan.storage_data["temp"], name, spans, hasher)
         record = FileRecord(written, hasher.hexdigest())
         results = []
         for key, _tensor, begin, end in placed:
@@ -210,8 +256,6 @@ class TorchkeepStorageWriter(StorageWriter):
         return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        if self.temp is None:
-            raise RuntimeError("finish() before prepare_global_plan(): not a DCP call order")
         files: dict[str, FileRecord] = {}
         chunks: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         for rank_results in results:
@@ -249,28 +293,8 @@ class TorchkeepStorageWriter(StorageWriter):
             "ranks": self._rank_states,
             "tensors": tensors,
         }
-        temp = self.temp
-        try:
-            files[STATE_NAME] = write_json(temp / STATE_NAME, state, sort_keys=False)
-            if self.fsync:
-                fsync_file(temp / STATE_NAME)
-            fields = {"step": step, "layout": LAYOUT, "world_size": world, **self.manifest_fields}
-            write_manifest(temp, kind=KIND, files=files, format_version=FORMAT_VERSION, **fields)
-            if self.fsync:
-                fsync_file(temp / "manifest.json")
-                fsync_dir(temp)
-            _rename_into_place(temp, self.path, overwrite=self.overwrite)
-        except OSError as exc:
-            self.abort()
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and not self.overwrite:
-                raise StepExistsError(
-                    f"checkpoint step {self.path} was committed by another writer while this "
-                    "one was saving it; this save was discarded"
-                ) from None
-            raise _storage_error(exc, self.path) from exc
-        self.temp = None
-        if self.fsync:
-            fsync_dir(self.path.parent)
+        fields = {"step": step, "layout": LAYOUT, "world_size": world, **self.manifest_fields}
+        self._commit(files, state, fields)
 
     def abort(self) -> None:
         """Remove the temporary directory of a save that failed (coordinator; idempotent)."""
