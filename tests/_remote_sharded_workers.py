@@ -184,3 +184,36 @@ def flip_model_byte(step_url: str, opts: dict[str, Any]) -> str:
     data[chunk["offset"]] ^= 0x01
     fs.pipe_file(key, bytes(data))
     return key
+
+
+def killed_upload(rank: int, world: int, ctx: dict[str, Any]) -> str:
+    """Rank ``ctx['victim']`` is SIGKILLed after the first span of its shard's upload; the
+    others report the error their ``save`` raised."""
+    import os
+    import signal
+
+    from torchkeep.storage import objects
+
+    init(rank, world, ctx)
+    p = parts(world, "fsdp2")
+    url, opts = ctx["url"], options(ctx, rank)
+    mgr = tk.CheckpointManager(f"{url}/killed", storage_options=opts, timeout=20.0)
+    original = objects.upload
+
+    def dying(fs: Any, path: str, url: str, spans: Any, **kw: Any) -> Any:
+        if rank == ctx["victim"] and "/shard-" in path:
+
+            def cut(spans: Any = spans) -> Any:
+                for span in spans:
+                    yield span
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            spans = cut()
+        return original(fs, path, url, spans, **kw)
+
+    objects.upload = dying  # type: ignore[assignment]
+    try:
+        mgr.save(7, model=p["model"], optimizer=p["optimizer"])
+    except tk.DistributedCheckpointError as exc:
+        return f"DistributedCheckpointError: {exc}"[:300]
+    return "no error"

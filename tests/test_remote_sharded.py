@@ -8,11 +8,13 @@ restores resharded), so the file stays within about 90 s on two busy cores."""
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import xxhash
 
 import torchkeep as tk
@@ -205,6 +207,32 @@ def test_a_flipped_byte_in_one_shard_object_falls_back_on_every_rank(saved: Save
         assert flipped["explicit"] == "ChecksumMismatchError", rank
         assert flipped["explicit_untouched"], rank
     assert "shard-00001-of-00004" in saved.results[0]["flipped"]["object"]
+
+
+def test_a_coordinator_killed_mid_upload_leaves_no_step_and_its_uploads_are_cleaned(
+    saved: Saved,
+) -> None:
+    outcome = harness.run("killed_upload", 2, saved.ctx(victim=0), deadline=DEADLINE, module=MODULE)
+    assert outcome.exit_codes[0] == -signal.SIGKILL
+    assert not outcome.errors
+    assert sorted(outcome.results) == [1]
+    assert outcome.results[1].startswith("DistributedCheckpointError"), outcome.results[1]
+    url = f"{saved.url}/killed"
+    assert tk.CheckpointManager(url, storage_options=saved.options).steps == []
+    orphans = saved.keys("killed")
+    assert orphans  # the survivor's shard at least: nothing deleted it, nothing lists it
+    assert not any(key.endswith("manifest.json") for key in orphans)
+    # verify names the interrupted save (it never lists it as a step)
+    (problem,) = tk.verify(url, storage_options=saved.options).problems
+    assert "step-00000007 has no manifest.json" in problem
+    assert "never committed" in problem
+    # the next save removes the dead job's uploads once they are past the grace period
+    mgr = tk.CheckpointManager(
+        url, storage_options=saved.options, transfer=tk.Transfer(orphan_grace_s=0)
+    )
+    mgr.save(1, model=torch.nn.Linear(2, 2))
+    assert {key.split("/")[0] for key in saved.keys("killed")} == {"step-00000001"}
+    assert mgr.steps == [1]
 
 
 def test_object_shards_are_read_by_ranges_sized_and_hashed(memory_bucket: Bucket) -> None:
