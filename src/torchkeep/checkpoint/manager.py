@@ -185,7 +185,13 @@ class CheckpointManager:
         self._session = None
         if self._remote is None:
             self._session = _distributed_session(
-                self._dir, distributed, process_group, timeout, self._dist_settings, save_rng
+                self._dir,
+                distributed,
+                process_group,
+                timeout,
+                self._dist_settings,
+                save_rng,
+                self.cache,
             )
 
     # ----------------------------------------------------------------------------------------
@@ -706,6 +712,7 @@ def _distributed_session(
     timeout: float,
     settings: tuple[Any, tuple[str, ...]],
     save_rng: bool,
+    cache: CachePolicy,
 ) -> Any:
     """The collective half of a distributed manager, or None for a single-process one.
 
@@ -741,6 +748,7 @@ def _distributed_session(
         options=options,
         per_rank=entry_names_ok(per_rank),
         save_rng=save_rng,
+        cache=cache,
     )
 
 

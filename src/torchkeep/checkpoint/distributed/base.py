@@ -12,6 +12,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+from ...storage.cache import CachePolicy
 from ..entries import check_name
 from . import collective
 
@@ -34,6 +35,8 @@ class SessionBase:
         options: ``StateDictOptions`` for ``get_state_dict``/``set_state_dict``.
         per_rank: names of entries whose state differs per rank.
         save_rng: store every rank's random generator states.
+        cache: the page-cache policy of the shard files a save writes
+            (:mod:`torchkeep.storage.cache`).
     """
 
     def __init__(
@@ -44,12 +47,14 @@ class SessionBase:
         options: StateDictOptions | None,
         per_rank: Sequence[str],
         save_rng: bool,
+        cache: CachePolicy = "auto",
     ) -> None:
         self.directory = directory
         self.group = group
         self.options = options
         self.per_rank = frozenset(per_rank)
         self.save_rng = save_rng
+        self.cache = cache
         self.rank = collective.rank(group)
         self.world_size = collective.world_size(group)
 
