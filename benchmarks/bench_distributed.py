@@ -60,7 +60,7 @@ def _set_cache(step: Path, cache: str) -> None:
 
 
 def _worker(
-    rank: int, store: str, out: str, mib: int, repeats: int, cache: str, queue: Any
+    rank: int, store: str, out: str, mib: int, repeats: int, policy: str, queue: Any
 ) -> None:
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -110,7 +110,7 @@ def _worker(
                 writer = (
                     dcp.FileSystemWriter(str(path), sync_files=True)
                     if kind == "dcp"
-                    else TorchkeepStorageWriter(path, cache=cache)
+                    else TorchkeepStorageWriter(path, cache=policy)
                 )
                 dist.barrier()
                 start = time.perf_counter()
@@ -156,7 +156,7 @@ def _ops(kind: str) -> tuple[str, ...]:
 
 
 def run_case(
-    mib: int, repeats: int, scratch: Path | None, cache: str = "auto"
+    mib: int, repeats: int, scratch: Path | None, policy: str = "auto"
 ) -> dict[str, list[float]]:
     """Every rank's timings for ``mib`` MiB of state; the slowest rank's time per run."""
     import torch.multiprocessing as mp
@@ -166,7 +166,7 @@ def run_case(
     queue = spawn.Queue()
     store = str(Path(out) / "pg-store")
     procs = [
-        spawn.Process(target=_worker, args=(r, store, out, mib, repeats, cache, queue))
+        spawn.Process(target=_worker, args=(r, store, out, mib, repeats, policy, queue))
         for r in range(WORLD)
     ]
     for proc in procs:
