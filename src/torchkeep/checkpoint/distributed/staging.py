@@ -1,14 +1,23 @@
-"""Memory of a restoring rank's own, holding the chunks it reads until every rank has verified.
+"""Where a restoring rank holds the chunks it reads until every rank has verified them.
 
 A restore must not copy a byte into a live tensor before every rank has hashed all it needs
-(one damaged chunk anywhere makes every rank refuse the step), so each rank first reads all of
-its chunks into a private buffer, where they are hashed; ``read_data`` copies from there. This
-module makes that first pass cheap:
+(one damaged chunk anywhere makes every rank refuse the step), so each rank first stages all of
+its chunks and hashes them; ``read_data`` copies from there. This module makes that first pass
+cheap:
 
+- **cached spans are mapped**: a span whose pages are all in the page cache (a step read or
+  saved moments ago) is mapped privately (``MAP_PRIVATE``, copy-on-write, faulted in as it is
+  hashed) instead of read, and hashed and later copied from the mapping: one copy instead of
+  two, and no fresh memory to fault in (the dearest part of a cached read on the machines
+  measured: 256 MiB staged and copied in 296 ms read, 111 ms mapped, one process).
+  ``MAP_POPULATE`` is not used: on a writable private mapping it copies every page, which is
+  the read again. The trade: a mapping of a file shows writes made to that file after the hash
+  (see :data:`MAP_CACHED`);
 - **spans**: the chunks of one file that lie next to each other (a rank's own shard is one
-  span) are read together, in pieces of :data:`PIECE` bytes, into one fresh page-aligned
-  buffer of anonymous private memory per span (4 KiB pages: transparent huge pages measured
-  3-5x slower here in a fresh process, whose huge pages must all be backed anew);
+  span) are staged together; a span not wholly cached is read in pieces of :data:`PIECE`
+  bytes into one fresh page-aligned buffer of anonymous private memory (4 KiB pages:
+  transparent huge pages measured 3-5x slower here in a fresh process, whose huge pages must
+  all be backed anew);
 - **direct I/O into place**: a piece that is not in the page cache (a step just written with
   direct I/O, or read after a reboot) is read with ``O_DIRECT`` straight into the buffer, whose
   spans are laid out with the file's page alignment, so no bounce copy is made; a cached piece
@@ -16,8 +25,11 @@ module makes that first pass cheap:
 - **hashed while hot**: each chunk's XXH3-128 is fed with every piece right after that piece
   lands, while it is in the CPU cache, and compared when the chunk's last byte has arrived.
 
-The bytes hashed are the bytes later copied (the buffer is private to this process), so a file
-changed on disk during the restore cannot slip unverified bytes in.
+For a span that was read, the bytes hashed are the bytes later copied (the buffer is private to
+this process), so a file changed on disk during the restore cannot slip unverified bytes in.
+For a mapped span, someone who can write to the step's files while the restore runs can: bytes
+written between the hash and the copy reach the live tensors unverified, and a file truncated
+then makes the rank die of ``SIGBUS``. Without write access to the files nothing changes.
 """
 
 from __future__ import annotations
@@ -40,6 +52,9 @@ PIECE = 4 << 20
 """Bytes per read: large enough for the disk, small enough to be hashed from the CPU cache."""
 MERGE_GAP = 256 << 10
 """Chunks of one file at most this far apart are read as one span (the gap is read, unused)."""
+MAP_CACHED = True
+"""Map spans wholly in the page cache instead of reading them (see the module docstring: a
+writer to the step's files during the restore can then change bytes after their hash)."""
 _PAGE = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -109,7 +124,7 @@ class _ShardFile:
         except FileNotFoundError:
             raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
         self.direct: int | None = None
-        size = os.path.getsize(path)
+        self.size = size = os.path.getsize(path)
         if size != expected_size:
             self.reader.close()
             raise ChecksumMismatchError(
@@ -145,6 +160,23 @@ class _ShardFile:
         self.reader.read([view[:needed]], offset)
         return needed
 
+    def mapped(self, low: int, high: int) -> torch.Tensor | None:
+        """The file's bytes from the page-aligned ``low`` to ``high`` (or its end) as a private
+        mapping when they are all in the page cache, else None (read them instead)."""
+        end = min(high, self.size)
+        if not MAP_CACHED or os.name != "posix" or end <= low:
+            return None
+        if not self.reader.cached(low, end - low):
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < end:  # shrunk since the size check: the read reports it
+                return None
+            memory = mmap.mmap(fd, end - low, flags=mmap.MAP_PRIVATE, offset=low)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
+
     def close(self) -> None:
         self.reader.close()
         if self.direct is not None:
@@ -159,7 +191,8 @@ def stage(
     *,
     verify: bool = True,
 ) -> dict[tuple[str, int, int], torch.Tensor]:
-    """Read every chunk of ``chunks`` into fresh memory, each hashed as its bytes arrive.
+    """Stage every chunk of ``chunks`` and hash it: spans wholly in the page cache are mapped,
+    others read into fresh memory, each chunk hashed as its bytes arrive.
 
     Args:
         directory: the step directory the chunks' files lie in.
@@ -169,7 +202,7 @@ def stage(
 
     Returns:
         ``{(file, offset, length): bytes}``: each chunk as a ``uint8`` tensor (a view of
-        its span's buffer).
+        its span's buffer or mapping; writes to it never reach the file).
 
     Raises:
         ChecksumMismatchError: a file is missing, has another size, ends early, or a chunk's
@@ -183,8 +216,13 @@ def stage(
                 files[span.file] = _ShardFile(directory / span.file, sizes[span.file])
             handle = files[span.file]
             low, high = span.aligned
-            buffer = allocate(high - low)
-            _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
+            buffer = handle.mapped(low, high)
+            if buffer is not None:
+                if verify:
+                    _check_mapped(handle.path, span, st.tensor_bytes(buffer))
+            else:
+                buffer = allocate(high - low)
+                _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
             for chunk in span.chunks:
                 begin = chunk.offset - low
                 staged[where(chunk)] = buffer[begin : begin + chunk.length]
@@ -214,15 +252,29 @@ def _read_span(handle: _ShardFile, span: _Span, memory: memoryview, *, verify: b
         while pending and pending[0].offset + pending[0].length <= position:
             done = pending.pop(0)
             _feed(hashers[done], memory, span, done, fed[done], done.offset + done.length)
-            if verify and hashers[done].hexdigest() != done.digest:
-                raise ChecksumMismatchError(
-                    f"{handle.path}: the bytes of {done.label!r} do not match their xxh3_128 "
-                    "hash (corrupted); the step is damaged"
-                )
+            if verify:
+                _check(handle.path, done, hashers[done])
         for chunk in pending:
             if chunk.offset >= position:
                 break
             fed[chunk] = _feed(hashers[chunk], memory, span, chunk, fed[chunk], position)
+
+
+def _check_mapped(path: Path, span: _Span, memory: memoryview) -> None:
+    """Hash every chunk of the mapped ``span`` (``memory`` starts at its first page)."""
+    low = span.aligned[0]
+    for chunk in span.chunks:
+        begin = chunk.offset - low
+        _check(path, chunk, xxhash.xxh3_128(memory[begin : begin + chunk.length]))
+
+
+def _check(path: Path, chunk: ChunkRef, hasher: xxhash.xxh3_128) -> None:
+    """Raise unless ``hasher``, fed with all of ``chunk``'s bytes, matches its record."""
+    if hasher.hexdigest() != chunk.digest:
+        raise ChecksumMismatchError(
+            f"{path}: the bytes of {chunk.label!r} do not match their xxh3_128 hash "
+            "(corrupted); the step is damaged"
+        )
 
 
 def _feed(
