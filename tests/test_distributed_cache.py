@@ -13,6 +13,7 @@ multi-rank save itself is tested in tests/test_distributed.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch import nn
 import torchkeep as tk
 from tests.conftest import assert_state_equal
 from tests.test_cache_policy import _resident_share, direct_dir  # noqa: F401 (a fixture)
+from torchkeep.checkpoint.distributed import staging
 from torchkeep.distributed import (
     NoPickleLoadPlanner,
     TorchkeepStorageReader,
@@ -148,3 +150,38 @@ def test_a_distributed_manager_writes_its_shards_under_its_cache_policy(
     fresh = nn.Linear(1024, 1024)
     assert mgr.restore(model=fresh).step == 2
     assert_state_equal(fresh.state_dict(), model.state_dict())
+
+
+# ---- a restore of a cached step hashes and copies from a mapping ---------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="mapping is used on POSIX systems only")
+def test_a_cached_step_with_a_flipped_byte_is_refused_and_nothing_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard = _save(tmp_path / "step-00000001", "keep")
+    mapped: list[bool] = []
+    real = staging._ShardFile.mapped
+
+    def spy(self: staging._ShardFile, low: int, high: int) -> torch.Tensor | None:
+        got = real(self, low, high)
+        mapped.append(got is not None)
+        return got
+
+    monkeypatch.setattr(staging._ShardFile, "mapped", spy)
+    data = bytearray(shard.read_bytes())
+    data[-5000] ^= 0x04  # a byte of tensor "a" (the last bytes are "a", "b", "c" in some order)
+    shard.write_bytes(bytes(data))  # in the page cache: written moments ago
+    target = {k: torch.full_like(v, 7) for k, v in _state().items()}
+    # DCP wraps the error in its CheckpointException (a BaseException)
+    with pytest.raises(BaseException, match="'a' do not match their xxh3_128") as caught:
+        dcp.load(
+            target,
+            storage_reader=TorchkeepStorageReader(shard.parent),
+            planner=NoPickleLoadPlanner(),
+            no_dist=True,
+        )
+    assert "ChecksumMismatchError" in repr(caught.value)
+    assert mapped
+    assert all(mapped)  # the hashes were taken from the mapping
+    assert all(bool((t == 7).all()) for t in target.values())  # nothing changed
