@@ -1,6 +1,6 @@
 """Sharded checkpoints on 4 gloo ranks: torchkeep's DCP writer/reader against DCP's own.
 
-    python benchmarks/bench_distributed.py [--repeat 3] [--dir DIR] [--quick]
+    python benchmarks/bench_distributed.py [--repeat 3] [--dir DIR] [--quick] [--cache POLICY]
 
 Each rank holds ``1/4`` of a state of DTensors sharded ``Shard(0)`` (8 tensors of 1024 columns),
 256 MiB and 1 GiB in all. Like for like, durable: ``dcp.save`` through
@@ -10,9 +10,12 @@ fsync, manifest, atomic rename), and ``dcp.load`` through ``FileSystemReader`` a
 The time of one operation is that of its slowest rank; figures are the median of ``--repeat``
 runs, both writers alternating within each run.
 
+``--cache`` sets torchkeep's ``cache=`` policy (``auto``, the writer's default, ``keep`` or
+``drop``; :mod:`torchkeep.storage.cache`).
+
 Each save is loaded three times, with the page cache in a stated state for both tools alike:
-``after-save`` (as each writer leaves it: DCP writes through the page cache, torchkeep's
-direct-I/O shards are not cached), ``cold`` (every file of the step evicted with
+``after-save`` (as each writer leaves it: DCP writes through the page cache, torchkeep by its
+``cache=`` policy), ``cold`` (every file of the step evicted with
 ``posix_fadvise(DONTNEED)``, no root needed: the files are fsynced, their pages clean) and
 ``warm`` (every file read once first).
 
@@ -56,7 +59,9 @@ def _set_cache(step: Path, cache: str) -> None:
             os.close(fd)
 
 
-def _worker(rank: int, store: str, out: str, mib: int, repeats: int, queue: Any) -> None:
+def _worker(
+    rank: int, store: str, out: str, mib: int, repeats: int, policy: str, queue: Any
+) -> None:
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
@@ -105,7 +110,7 @@ def _worker(rank: int, store: str, out: str, mib: int, repeats: int, queue: Any)
                 writer = (
                     dcp.FileSystemWriter(str(path), sync_files=True)
                     if kind == "dcp"
-                    else TorchkeepStorageWriter(path)
+                    else TorchkeepStorageWriter(path, cache=policy)
                 )
                 dist.barrier()
                 start = time.perf_counter()
@@ -150,7 +155,9 @@ def _ops(kind: str) -> tuple[str, ...]:
     return ("save", *loads, *parts)
 
 
-def run_case(mib: int, repeats: int, scratch: Path | None) -> dict[str, list[float]]:
+def run_case(
+    mib: int, repeats: int, scratch: Path | None, policy: str = "auto"
+) -> dict[str, list[float]]:
     """Every rank's timings for ``mib`` MiB of state; the slowest rank's time per run."""
     import torch.multiprocessing as mp
 
@@ -159,7 +166,7 @@ def run_case(mib: int, repeats: int, scratch: Path | None) -> dict[str, list[flo
     queue = spawn.Queue()
     store = str(Path(out) / "pg-store")
     procs = [
-        spawn.Process(target=_worker, args=(r, store, out, mib, repeats, queue))
+        spawn.Process(target=_worker, args=(r, store, out, mib, repeats, policy, queue))
         for r in range(WORLD)
     ]
     for proc in procs:
@@ -181,15 +188,22 @@ def run_case(mib: int, repeats: int, scratch: Path | None) -> dict[str, list[flo
 
 def main(argv: list[str] | None = None) -> None:
     """Run the 256 MiB and 1 GiB cases (``--quick``: 32 MiB) and print one table."""
-    args = common_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cache", choices=("auto", "keep", "drop"), default="auto", help="torchkeep's cache="
+    )
+    args = parser.parse_args(argv)
     sizes = [32] if args.quick else [256, 1024]
-    print(f"{WORLD} gloo ranks, durable, slowest rank, median of {args.repeat} run(s), seconds")
+    print(
+        f"{WORLD} gloo ranks, durable, slowest rank, median of {args.repeat} run(s), seconds; "
+        f"torchkeep cache={args.cache!r}"
+    )
     print(
         f"{'state':>8} {'op':>16} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
     )
     for mib in sizes:
         before = os.getloadavg()[0]
-        slowest = run_case(mib, args.repeat, args.dir)
+        slowest = run_case(mib, args.repeat, args.dir, args.cache)
         after = os.getloadavg()[0]
         print(f"{mib:>5} MiB  load average (1 min): {before:.1f} before, {after:.1f} after")
         for op in _ops("torchkeep"):

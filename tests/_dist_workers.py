@@ -145,7 +145,7 @@ class _Fault:
         self.original = writer.write_stream
         rank = dist.get_rank()
 
-        def failing(fd: int, spans: Any, hasher: Any = None) -> int:
+        def failing(fd: int, spans: Any, hasher: Any = None, **options: Any) -> int:
             def cut() -> Any:
                 for span in spans:
                     yield span
@@ -153,7 +153,7 @@ class _Fault:
                         os.kill(os.getpid(), signal.SIGKILL)
                     raise OSError(f"injected write failure of rank {rank}")
 
-            return self.original(fd, cut() if rank == victim else spans, hasher)
+            return self.original(fd, cut() if rank == victim else spans, hasher, **options)
 
         writer.write_stream = failing  # type: ignore[assignment]
 

@@ -93,10 +93,10 @@ def write_step(
             "overwrite=True to replace it"
         ) from None
     if cache == "auto":
-        _evict_previous_step(final, step)
+        evict_previous_step(final, step)
 
 
-def _evict_previous_step(final: Path, step: int) -> None:
+def evict_previous_step(final: Path, step: int) -> None:
     """Drop from the page cache the tensor files of the newest step older than ``step``.
 
     Each save under ``"auto"`` evicts its predecessor, so at most the newest step stays cached

@@ -189,6 +189,7 @@ class CheckpointManager:
             self._dist_settings,
             save_rng,
             self._remote,
+            self.cache,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -714,6 +715,7 @@ def _distributed_session(
     settings: tuple[Any, tuple[str, ...]],
     save_rng: bool,
     remote: RemoteSteps | None,
+    cache: CachePolicy,
 ) -> Any:
     """The collective half of a distributed manager, or None for a single-process one
     (``remote``: the folder on object storage every rank uploads to and reads from).
@@ -751,6 +753,7 @@ def _distributed_session(
         per_rank=entry_names_ok(per_rank),
         save_rng=save_rng,
         remote=remote,
+        cache=cache,
     )
 
 

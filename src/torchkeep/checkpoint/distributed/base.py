@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+from ...storage.cache import CachePolicy
 from ..entries import check_name
 from . import collective
 
@@ -39,6 +40,8 @@ class SessionBase:
         save_rng: store every rank's random generator states.
         remote: the checkpoint folder when it is on object storage (``directory`` is then
             unused): every rank uploads and reads its own part there.
+        cache: the page-cache policy of the shard files a save writes
+            (:mod:`torchkeep.storage.cache`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class SessionBase:
         per_rank: Sequence[str],
         save_rng: bool,
         remote: RemoteSteps | None = None,
+        cache: CachePolicy = "auto",
     ) -> None:
         self.directory = directory
         self.remote = remote
@@ -57,6 +61,7 @@ class SessionBase:
         self.options = options
         self.per_rank = frozenset(per_rank)
         self.save_rng = save_rng
+        self.cache = cache
         self.rank = collective.rank(group)
         self.world_size = collective.world_size(group)
 

@@ -2,9 +2,11 @@
 
 ``read_metadata`` builds DCP's ``Metadata`` from the step's JSON documents (no ``.metadata``
 pickle exists). ``prepare_local_plan`` runs inside DCP's "plan" collective: there every rank
-reads exactly the chunks it needs into memory of its own (:mod:`.staging`), hashes them and
-raises on a mismatch, so a damaged shard makes every rank fail before ``read_data`` copies a
-single byte into a live tensor; the bytes hashed are the bytes copied.
+stages exactly the chunks it needs (:mod:`.staging`: mapped where the page cache holds them,
+read into memory of its own otherwise), hashes them and raises on a mismatch, so a damaged
+shard makes every rank fail before ``read_data`` copies a single byte into a live tensor. The
+bytes hashed are the bytes copied, unless someone writes to a cached shard file while the
+restore runs (see :mod:`.staging`).
 """
 
 from __future__ import annotations

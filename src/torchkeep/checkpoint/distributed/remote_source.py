@@ -70,6 +70,14 @@ class ObjectShard:
             done.result()
         return needed
 
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """Never: an object is read, not mapped."""
+        return False
+
+    def mapped(self, low: int, high: int) -> None:
+        """Never mapped (see :meth:`cached`)."""
+        return None
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 

@@ -65,7 +65,7 @@ class RemoteStorageWriter(TorchkeepStorageWriter):
         self.upload = self.remote.begin(self.step, overwrite=self.overwrite)
         return self.upload.prefix
 
-    def _store(self, location: str, name: str, spans: Any, hasher: SegmentHasher) -> int:
+    def _store(self, location: str, name: str, spans: Any, hasher: SegmentHasher, size: int) -> int:
         return self.remote.store.write_stream(f"{location}/{name}", spans, hasher=hasher).size
 
     def _commit(

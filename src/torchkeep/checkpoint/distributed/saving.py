@@ -27,6 +27,7 @@ from ...errors import StepExistsError, UnsupportedValueError
 from ...paths import lookup
 from ...storage.local import remove_stale_temps
 from .. import rng
+from ..commit import evict_previous_step
 from ..entries import check_name, prepare
 from ..layout import RNG_ENTRY, step_path
 from . import collective
@@ -193,6 +194,7 @@ class SavingSession(SessionBase):
                 step=step,
                 overwrite=overwrite,
                 manifest_fields=fields,
+                cache=self.cache,
             )
         where = self.remote.step_url(step) if self.remote is not None else final
         try:
@@ -210,6 +212,8 @@ class SavingSession(SessionBase):
             raise collective.translate(
                 exc, f"the save of checkpoint step {step} to {where}", me=self.rank
             ) from None
+        if self.cache == "auto":  # as for single-process steps: only the newest stays cached
+            evict_previous_step(final, step)
         return final
 
     def after_commit(self, retention: Callable[[], None]) -> None:

@@ -1,14 +1,24 @@
-"""Memory of a restoring rank's own, holding the chunks it reads until every rank has verified.
+"""Where a restoring rank holds the chunks it reads until every rank has verified them.
 
 A restore must not copy a byte into a live tensor before every rank has hashed all it needs
-(one damaged chunk anywhere makes every rank refuse the step), so each rank first reads all of
-its chunks into a private buffer, where they are hashed; ``read_data`` copies from there. This
-module makes that first pass cheap:
+(one damaged chunk anywhere makes every rank refuse the step), so each rank first stages all of
+its chunks and hashes them; ``read_data`` copies from there. This module makes that first pass
+cheap:
 
+- **cached spans are mapped**: a span whose pages are all in the page cache (a step read or
+  saved moments ago; a span only partly cached is cut where its chunks change between cached
+  and not, see :func:`_by_residency`) is mapped privately (``MAP_PRIVATE``, copy-on-write,
+  faulted in as it is hashed) instead of read, then hashed and later copied from the mapping:
+  one copy instead of two, and no fresh memory to fault in (the dearest part of a cached read
+  on the machines measured: 256 MiB staged and copied in 296 ms read, 111 ms mapped, one
+  process). ``MAP_POPULATE`` is not used: on a writable private mapping it copies every
+  page, which is the read again. The trade: a mapping of a file shows writes made to that
+  file after the hash (see :data:`MAP_CACHED`);
 - **spans**: the chunks of one file that lie next to each other (a rank's own shard is one
-  span) are read together, in pieces of :data:`PIECE` bytes, into one fresh page-aligned
-  buffer of anonymous private memory per span (4 KiB pages: transparent huge pages measured
-  3-5x slower here in a fresh process, whose huge pages must all be backed anew);
+  span) are staged together; a span not wholly cached is read in pieces of :data:`PIECE`
+  bytes into one fresh page-aligned buffer of anonymous private memory (4 KiB pages:
+  transparent huge pages measured 3-5x slower here in a fresh process, whose huge pages must
+  all be backed anew);
 - **direct I/O into place**: a piece that is not in the page cache (a step just written with
   direct I/O, or read after a reboot) is read with ``O_DIRECT`` straight into the buffer, whose
   spans are laid out with the file's page alignment, so no bounce copy is made; a cached piece
@@ -16,12 +26,15 @@ module makes that first pass cheap:
 - **hashed while hot**: each chunk's XXH3-128 is fed with every piece right after that piece
   lands, while it is in the CPU cache, and compared when the chunk's last byte has arrived.
 
-The bytes hashed are the bytes later copied (the buffer is private to this process), so a file
-changed on disk during the restore cannot slip unverified bytes in.
+For a span that was read, the bytes hashed are the bytes later copied (the buffer is private to
+this process), so a file changed on disk during the restore cannot slip unverified bytes in.
+For a mapped span, someone who can write to the step's files while the restore runs can: bytes
+written between the hash and the copy reach the live tensors unverified, and a file truncated
+then makes the rank die of ``SIGBUS``. Without write access to the files nothing changes.
 
 Where the bytes come from is a :class:`ShardSource`: a local file by default (the above), or a
-shard object on object storage read by ranges (:mod:`.remote_source`); spans, hashing and
-buffers are the same for both.
+shard object on object storage read by ranges (:mod:`.remote_source`, never mapped); spans,
+hashing and buffers are the same for both.
 """
 
 from __future__ import annotations
@@ -45,6 +58,9 @@ PIECE = 4 << 20
 """Bytes per read: large enough for the disk, small enough to be hashed from the CPU cache."""
 MERGE_GAP = 256 << 10
 """Chunks of one file at most this far apart are read as one span (the gap is read, unused)."""
+MAP_CACHED = True
+"""Map spans wholly in the page cache instead of reading them (see the module docstring: a
+writer to the step's files during the restore can then change bytes after their hash)."""
 _PAGE = mmap.PAGESIZE
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -104,6 +120,23 @@ def allocate(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
 
 
+def _by_residency(span: _Span, cached: Callable[[int, int], bool]) -> list[_Span]:
+    """``span`` cut where its chunks change from wholly in the page cache to not (a step
+    saved under ``cache="auto"`` is cached at the start of each file only), so that the
+    cached parts can be mapped and the rest read. Empty chunks join the part before them."""
+    parts: list[tuple[bool, _Span]] = []
+    for chunk in span.chunks:  # by offset
+        end = chunk.offset + chunk.length
+        state = parts[-1][0] if parts and not chunk.length else cached(chunk.offset, chunk.length)
+        if parts and parts[-1][0] == state:
+            part = parts[-1][1]
+            part.end = max(part.end, end)
+            part.chunks.append(chunk)
+        else:
+            parts.append((state, _Span(span.file, chunk.offset, end, [chunk])))
+    return [part for _state, part in parts]
+
+
 class ShardSource(Protocol):
     """One shard opened for staging (a local file, or an object read by ranges)."""
 
@@ -125,6 +158,15 @@ class ShardSource(Protocol):
     def read(self, view: memoryview, offset: int, needed: int) -> int:
         """Fill ``view`` from ``offset`` (at least its first ``needed`` bytes); return the
         bytes read. Raise :class:`FileEndedError` when the shard ends before ``needed``."""
+        ...
+
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """Whether those bytes are all in the page cache (then :meth:`mapped` may map them)."""
+        ...
+
+    def mapped(self, low: int, high: int) -> torch.Tensor | None:
+        """Bytes ``low`` to ``high`` as a private mapping when they are all cached, else None
+        (then they are read)."""
         ...
 
     def close(self) -> None:
@@ -153,7 +195,7 @@ class _ShardFile:
         except FileNotFoundError:
             raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
         self.direct: int | None = None
-        size = os.path.getsize(path)
+        self.size = size = os.path.getsize(path)
         if size != expected_size:
             self.reader.close()
             raise ChecksumMismatchError(
@@ -188,6 +230,26 @@ class _ShardFile:
             return done
         self.reader.read([view[:needed]], offset)
         return needed
+
+    def cached(self, offset: int, nbytes: int) -> bool:
+        return bool(self.reader.cached(offset, nbytes))
+
+    def mapped(self, low: int, high: int) -> torch.Tensor | None:
+        """The file's bytes from the page-aligned ``low`` to ``high`` (or its end) as a private
+        mapping when they are all in the page cache, else None (read them instead)."""
+        end = min(high, self.size)
+        if not MAP_CACHED or os.name != "posix" or end <= low:
+            return None
+        if not self.reader.cached(low, end - low):
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < end:  # shrunk since the size check: the read reports it
+                return None
+            memory = mmap.mmap(fd, end - low, flags=mmap.MAP_PRIVATE, offset=low)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(memory, dtype=torch.uint8)  # keeps ``memory`` alive
 
     def close(self) -> None:
         self.reader.close()
@@ -230,16 +292,22 @@ def stage(
             return _ShardFile(directory / name, size)
 
     try:
-        for span in _spans(chunks):
-            if span.file not in files:
-                files[span.file] = opener(span.file, sizes[span.file])
-            handle = files[span.file]
-            low, high = span.bounds(handle.align)
-            buffer = allocate(high - low)
-            _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
-            for chunk in span.chunks:
-                begin = chunk.offset - low
-                staged[where(chunk)] = buffer[begin : begin + chunk.length]
+        for whole in _spans(chunks):
+            if whole.file not in files:
+                files[whole.file] = opener(whole.file, sizes[whole.file])
+            handle = files[whole.file]
+            for span in _by_residency(whole, handle.cached) if MAP_CACHED else [whole]:
+                low, high = span.bounds(handle.align)
+                buffer = handle.mapped(low, high)
+                if buffer is not None:
+                    if verify:
+                        _check_mapped(handle.path, span, st.tensor_bytes(buffer), low)
+                else:
+                    buffer = allocate(high - low)
+                    _read_span(handle, span, st.tensor_bytes(buffer), verify=verify)
+                for chunk in span.chunks:
+                    begin = chunk.offset - low
+                    staged[where(chunk)] = buffer[begin : begin + chunk.length]
     finally:
         for handle in files.values():
             handle.close()
@@ -266,11 +334,8 @@ def _read_span(handle: ShardSource, span: _Span, memory: memoryview, *, verify: 
         while pending and pending[0].offset + pending[0].length <= position:
             done = pending.pop(0)
             _feed(hashers[done], memory, low, done, fed[done], done.offset + done.length)
-            if verify and hashers[done].hexdigest() != done.digest:
-                raise ChecksumMismatchError(
-                    f"{handle.path}: the bytes of {done.label!r} do not match their xxh3_128 "
-                    "hash (corrupted); the step is damaged"
-                )
+            if verify:
+                _check(handle.path, done, hashers[done])
         for chunk in pending:
             if chunk.offset >= position:
                 break
@@ -286,3 +351,19 @@ def _feed(
     if end > start:
         hasher.update(memory[start - low : end - low])
     return max(start, end)
+
+
+def _check_mapped(path: object, span: _Span, memory: memoryview, low: int) -> None:
+    """Hash every chunk of the mapped ``span`` (``memory`` starts at file offset ``low``)."""
+    for chunk in span.chunks:
+        begin = chunk.offset - low
+        _check(path, chunk, xxhash.xxh3_128(memory[begin : begin + chunk.length]))
+
+
+def _check(path: object, chunk: ChunkRef, hasher: xxhash.xxh3_128) -> None:
+    """Raise unless ``hasher``, fed with all of ``chunk``'s bytes, matches its record."""
+    if hasher.hexdigest() != chunk.digest:
+        raise ChecksumMismatchError(
+            f"{path}: the bytes of {chunk.label!r} do not match their xxh3_128 hash "
+            "(corrupted); the step is damaged"
+        )

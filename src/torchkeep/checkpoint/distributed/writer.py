@@ -5,7 +5,8 @@ Call order (DCP's, see ``torch.distributed.checkpoint.storage``) and what happen
 state to the coordinator; ``prepare_global_plan`` (coordinator) refuses an existing step,
 creates the hidden temporary directory every rank writes into and names the files;
 ``write_data`` streams the rank's chunks into one safetensors file through torchkeep's
-direct-I/O writer, hashing every byte once per chunk, and fsyncs it; ``finish`` (coordinator,
+block writer (page cache or direct I/O by the ``cache=`` policy, :mod:`...storage.cache`),
+hashing every byte once per chunk, and fsyncs it; ``finish`` (coordinator,
 run by DCP only when every rank's ``write_data`` succeeded) writes ``state.json`` and
 ``manifest.json`` last, fsyncs and renames the temporary directory into place.
 
@@ -37,8 +38,9 @@ from ...compat import require_sharded_checkpoints
 from ...errors import StepExistsError, UnsupportedValueError
 from ...formats import safetensors as st
 from ...manifest import FileRecord, write_json, write_manifest
+from ...storage.cache import CachePolicy, check_cache_policy, write_mode
 from ...storage.local import _rename_into_place, _storage_error, fsync_dir, fsync_file, temp_sibling
-from ...storage.stream import enable_direct_io, write_stream
+from ...storage.stream import write_stream
 from ..layout import KIND, STATE_NAME
 from .layout import FORMAT_VERSION, LAYOUT, shard_name
 from .segments import SegmentHasher, cut_points
@@ -71,9 +73,15 @@ class TorchkeepStorageWriter(StorageWriter):
         overwrite: replace an existing step atomically instead of raising.
         manifest_fields: extra manifest fields (metrics, retention).
         fsync: make every file durable before the commit (turn off only for tests).
-        direct_io: write shards around the page cache, as single-process checkpoints do
-            (faster durable saves on most disks; a restore right after the save then reads
-            from the disk). False writes through the page cache.
+        cache: what the shard files leave in the page cache, as for single-process
+            checkpoints (:mod:`torchkeep.storage.cache`): ``"auto"`` (the default) writes
+            through the page cache while it takes the blocks as fast as direct I/O would, so
+            a restore right after the save reads memory; ``"keep"`` always writes through
+            it; ``"drop"`` writes with direct I/O and caches nothing. Every policy is equally
+            durable.
+
+    Raises:
+        CachePolicyError: ``cache`` names no policy.
 
     Example:
         >>> import torch.distributed.checkpoint as dcp
@@ -91,7 +99,7 @@ class TorchkeepStorageWriter(StorageWriter):
         overwrite: bool = False,
         manifest_fields: Mapping[str, Any] | None = None,
         fsync: bool = True,
-        direct_io: bool = True,
+        cache: CachePolicy = "auto",
     ) -> None:
         super().__init__()
         require_sharded_checkpoints("TorchkeepStorageWriter")
@@ -102,7 +110,7 @@ class TorchkeepStorageWriter(StorageWriter):
         self.overwrite = overwrite
         self.manifest_fields = dict(manifest_fields or {})
         self.fsync = fsync
-        self.direct_io = direct_io
+        self.cache = check_cache_policy(cache)
         self.rank = 0
         self.is_coordinator = True
         self.temp: Path | None = None
@@ -154,15 +162,15 @@ class TorchkeepStorageWriter(StorageWriter):
         self.temp = temp
         return str(temp)
 
-    def _store(self, location: str, name: str, spans: Any, hasher: SegmentHasher) -> int:
-        """Write this rank's shard file ``name`` from ``spans`` into ``location`` (what
-        :meth:`_begin` returned), feeding ``hasher`` every byte in order; return its size."""
+    def _store(self, location: str, name: str, spans: Any, hasher: SegmentHasher, size: int) -> int:
+        """Write this rank's shard file ``name`` (``size`` bytes) from ``spans`` into
+        ``location`` (what :meth:`_begin` returned), feeding ``hasher`` every byte in order;
+        return its size."""
         path = Path(location) / name
         try:
             with open(path, "xb", buffering=0) as f:
-                if self.direct_io:
-                    enable_direct_io(f.fileno())
-                written = write_stream(f.fileno(), spans, hasher)
+                mode = write_mode(self.cache, size)
+                written = write_stream(f.fileno(), spans, hasher, mode=mode)
                 if self.fsync:
                     os.fsync(f.fileno())
         except OSError as exc:
@@ -234,7 +242,7 @@ class TorchkeepStorageWriter(StorageWriter):
         points = cut_points(size, [p + len(header) for _k, _t, b, e in placed for p in (b, e)])
         hasher = SegmentHasher(points)
         spans = _placed_spans(placed, header)
-        written = self._store(plan.storage_data["temp"], name, spans, hasher)
+        written = self._store(plan.storage_data["temp"], name, spans, hasher, size)
         record = FileRecord(written, hasher.hexdigest())
         results = []
         for key, _tensor, begin, end in placed:
