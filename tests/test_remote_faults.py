@@ -105,6 +105,52 @@ def test_stalled_upload_fails_at_the_deadline(s3_proxy: Proxied) -> None:
     assert mgr.steps == []
 
 
+def test_a_manifest_create_cut_off_by_the_deadline_says_the_step_may_still_appear(
+    s3_proxy: Proxied,
+) -> None:
+    proxy, bucket = s3_proxy
+    stall_s = 6.0
+    proxy.add("stall", method="PUT", path=r"manifest\.json$", seconds=stall_s, times=1)
+    patient_client = {**bucket.storage_options, "config_kwargs": {"read_timeout": 600}}
+    mgr = tk.CheckpointManager(
+        f"{bucket.url}/run",
+        storage_options=patient_client,
+        transfer=tk.Transfer(deadline_s=3.0, retries=1),
+    )
+    model = _model(8)
+    with pytest.raises(tk.RemoteStorageError, match="deadline") as caught:
+        mgr.save(1, model=model)
+    message = str(caught.value)
+    assert "may still reach the server" in message
+    assert f"{bucket.url}/run/step-00000001" in message
+    assert caught.value.attempts >= 1
+    # the held create is forwarded when the stall ends: the step appears, whole and verified
+    appeared: list[int] = []
+    for _ in range(60):
+        appeared = mgr.steps
+        if appeared:
+            break
+        time.sleep(0.25)
+    proxy.clear()
+    assert appeared == [1]
+    assert tk.verify(f"{bucket.url}/run", storage_options=bucket.storage_options).ok
+    fresh = _model(9)
+    mgr.restore(model=fresh)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_a_refused_manifest_create_does_not_say_the_step_may_appear(s3_proxy: Proxied) -> None:
+    proxy, bucket = s3_proxy
+    proxy.add("forbid", method="PUT", path=r"manifest\.json$")
+    mgr = _manager(bucket)
+    with pytest.raises(tk.RemoteStorageError) as caught:
+        mgr.save(1, model=_model(10))
+    proxy.clear()
+    assert caught.value.status == "403"
+    assert "may still reach the server" not in str(caught.value)
+    assert mgr.steps == []
+
+
 def test_retention_deletes_the_manifest_before_the_data(s3_proxy: Proxied) -> None:
     proxy, bucket = s3_proxy
     mgr = _manager(bucket, keep_last=1)

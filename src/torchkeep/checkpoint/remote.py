@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import (
     CorruptFileError,
+    RemoteStorageError,
     StepExistsError,
     StorageCapabilityError,
     TorchkeepError,
@@ -47,7 +48,7 @@ from ..manifest import (
     manifest_document,
 )
 from ..storage.store import ObjectStore
-from ..storage.transfer import Transfer
+from ..storage.transfer import Transfer, is_transient
 from .commit import state_document, tensor_metadata
 from .entries import Entry
 from .layout import KIND, STATE_NAME, StepInfo, parse_step, read_step_manifest, step_path
@@ -291,6 +292,19 @@ class RemoteSteps:
             return
         except (FileExistsError, FileNotFoundError):
             pass
+        except RemoteStorageError as exc:
+            if _may_have_landed(exc):
+                raise RemoteStorageError(
+                    f"{exc}. The manifest was sent and no answer came back, so it may still "
+                    f"reach the server: step {step} can appear at {self.step_url(step)} later, "
+                    "complete and verifiable (its data was uploaded first). List the steps "
+                    "before saving it again",
+                    url=exc.url,
+                    operation=exc.operation,
+                    attempts=exc.attempts,
+                    status=exc.status,
+                ) from exc
+            raise
         try:
             existing = self.store.read(key)
         except FileNotFoundError:
@@ -418,6 +432,14 @@ def refuse_overwrite(url: str, overwrite: bool) -> None:
             "storage; write to another step, or save it with CheckpointManager.save(..., "
             "overwrite=True), which replaces a step conditionally"
         )
+
+
+def _may_have_landed(exc: RemoteStorageError) -> bool:
+    """Whether a request that failed this way may still have been carried out: it was sent,
+    and no answer refused it (a refusal is final; a lost answer, a 5xx or the deadline leave
+    the outcome unknown)."""
+    cause = exc.__cause__
+    return exc.attempts > 0 and (cause is None or is_transient(cause))
 
 
 def _is_save_id(name: str) -> bool:
