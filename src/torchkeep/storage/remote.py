@@ -7,15 +7,15 @@ way; the adapter for a filesystem class is looked up in :data:`EXCLUSIVE_CREATE`
 - s3fs (AWS S3 and S3 APIs): ``pipe_file(mode="create")`` sends ``If-None-Match: *``.
 - gcsfs: ``pipe_file(mode="create")`` sends ``ifGenerationMatch=0`` (its ``open("xb")`` was seen
   to overwrite on an emulator, so it is never used).
-
-Conditional replace (``overwrite=True``) is looked up the same way in :data:`REPLACE_IF`: S3
-``PutObject`` with ``If-Match: <ETag>``, GCS a multipart upload with
-``ifGenerationMatch=<generation>`` (:mod:`torchkeep.storage.gcs`).
 - memory:// (tests): ``pipe_file(mode="create")`` checks the store's dictionary.
 
 Any other filesystem (fsspec's generic ``pipe_file(mode="create")`` is an ``exists()`` check
 followed by a write, not atomic) is refused with :class:`~torchkeep.errors.StorageCapabilityError`
 unless the caller declares ``Transfer(single_writer=True)``, which warns.
+
+Conditional replace (``overwrite=True``) is looked up the same way in :data:`REPLACE_IF`: S3
+``PutObject`` with ``If-Match: <ETag>``, GCS a multipart upload with
+``ifGenerationMatch=<generation>`` (:mod:`torchkeep.storage.gcs`).
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def replace_if(fs: Any, url: str, *, single_writer: bool) -> ReplaceIf:
         return _check_then_replace
     raise StorageCapabilityError(
         f"{url}: overwrite=True needs a conditional replace (S3's If-Match, GCS's "
-        "ifGenerationMatch), which torchkeep "
-        f"does not have for {class_name(fs)}; save under another step, or pass "
+        f"ifGenerationMatch), which torchkeep does not have for {class_name(fs)}; save under "
+        "another step, or pass "
         "transfer=tk.Transfer(single_writer=True) if only one process ever writes there"
     )
 
