@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from tests.test_remote_checkpoint import (  # noqa: F401
     test_round_trip_resumes_exactly,
 )
 from tests.test_remote_io import (  # noqa: F401
+    ROOT,
     cli,
     data_prefix,
     flip,
@@ -192,3 +196,16 @@ def test_cli_on_gs_urls(
     code, out, _ = cli("verify", run, *flags, capsys=capsys)
     assert code == 1
     assert f"{run}/step-00000002/model.safetensors" in out
+
+
+def test_cli_without_gcsfs_names_the_gcs_extra() -> None:
+    code = "import sys\nsys.modules['gcsfs'] = None\nfrom torchkeep.cli import main\n"
+    code += "sys.exit(main(['inspect', 'gs://bucket/net.safetensors']))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2
+    assert "optional package 'gcsfs'" in done.stderr
+    assert "pip install 'torchkeep[gcs]'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -149,6 +149,15 @@ def class_name(fs: Any) -> str:
     return f"{type(fs).__module__}.{type(fs).__qualname__}"
 
 
+# The package and torchkeep extra that provide a scheme's fsspec filesystem.
+_PACKAGES = {
+    "s3": ("s3fs", "remote"),
+    "s3a": ("s3fs", "remote"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+}
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     """The fsspec filesystem for ``url`` and the path in it (without the scheme).
 
@@ -172,8 +181,8 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any
     try:
         fs = fsspec.filesystem(scheme, **options)
     except ImportError as exc:
-        package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, scheme)
-        raise missing_dependency(package, "remote", f"reading or writing {url}") from exc
+        package, extra = _PACKAGES.get(scheme, (scheme, "remote"))
+        raise missing_dependency(package, extra, f"reading or writing {url}") from exc
     except ValueError as exc:
         raise StorageCapabilityError(
             f"{url}: fsspec knows no filesystem for the scheme {scheme!r} ({exc}); install the "
