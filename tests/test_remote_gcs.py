@@ -34,7 +34,6 @@ from tests.test_remote_checkpoint import (  # noqa: F401
     test_round_trip_resumes_exactly,
 )
 from tests.test_remote_io import (  # noqa: F401
-    ROOT,
     cli,
     data_prefix,
     flip,
@@ -201,7 +200,8 @@ def test_cli_on_gs_urls(
 def test_cli_without_gcsfs_names_the_gcs_extra() -> None:
     code = "import sys\nsys.modules['gcsfs'] = None\nfrom torchkeep.cli import main\n"
     code += "sys.exit(main(['inspect', 'gs://bucket/net.safetensors']))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    source = Path(tk.__file__).resolve().parents[1]  # the torchkeep under test (a mutant's too)
+    env = {**os.environ, "PYTHONPATH": str(source)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
