@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from tests.remote.server import Bucket, s3_options
+from tests.remote.server import Bucket
 from torchkeep.checkpoint.remote import RemoteSteps
 from torchkeep.storage.store import ObjectStore
 
@@ -150,19 +150,29 @@ def test_corrupt_latest_step_falls_back_and_changes_nothing(bucket: Bucket) -> N
     assert _same(target, model)
 
 
-def test_listing_sees_another_writers_commit_at_once(s3_bucket: Bucket, moto_endpoint: str) -> None:
-    reader = _manager(s3_bucket)
+def test_listing_sees_another_writers_commit_at_once(s3_bucket: Bucket) -> None:
+    sees_another_writers_commit(s3_bucket)
+
+
+def sees_another_writers_commit(bucket: Bucket) -> None:
+    """A step another client (as another process) committed is listed at once."""
+    reader = _manager(bucket)
     model, _, _ = _trained(seed=7)
     reader.save(1, model=model)
-    assert reader.steps == [1]  # s3fs has now cached the listing
-    other = s3_options(moto_endpoint, skip_instance_cache=True)  # another client, as a process
-    tk.CheckpointManager(f"{s3_bucket.url}/run", storage_options=other).save(2, model=model)
+    assert reader.steps == [1]  # the filesystem (s3fs, gcsfs) has now cached the listing
+    other = {**bucket.storage_options, "skip_instance_cache": True}  # another client
+    tk.CheckpointManager(f"{bucket.url}/run", storage_options=other).save(2, model=model)
     assert reader.steps == [1, 2]
 
 
 def test_racing_writers_exactly_one_commits(
-    s3_bucket: Bucket, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    race_two_writers(s3_bucket, monkeypatch)
+
+
+def race_two_writers(bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers (each its own client, as two processes) of one step: exactly one commits."""
     both_uploaded = threading.Barrier(2, timeout=60)
     original = RemoteSteps._commit_manifest
 
@@ -175,8 +185,8 @@ def test_racing_writers_exactly_one_commits(
     outcomes: list[object] = [None, None]
 
     def write(i: int) -> None:
-        options = s3_options(moto_endpoint, skip_instance_cache=True)
-        mgr = tk.CheckpointManager(f"{s3_bucket.url}/run", storage_options=options)
+        options = {**bucket.storage_options, "skip_instance_cache": True}
+        mgr = tk.CheckpointManager(f"{bucket.url}/run", storage_options=options)
         try:
             mgr.save(5, model=models[i], writer=i)
             outcomes[i] = "committed"
@@ -193,10 +203,10 @@ def test_racing_writers_exactly_one_commits(
     assert "another writer" in str(loser)
     winner = outcomes.index("committed")
     target, _, _ = _fresh()
-    restored = _manager(s3_bucket).restore(model=target)
+    restored = _manager(bucket).restore(model=target)
     assert restored.extra["writer"] == winner
     assert _same(target, models[winner])
-    save_ids = {key.split("/")[1] for key in _keys(s3_bucket) if key.count("/") == 2}
+    save_ids = {key.split("/")[1] for key in _keys(bucket) if key.count("/") == 2}
     assert len(save_ids) == 1  # the loser's prefix is gone
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from tests.remote.server import Bucket, s3_options
+from tests.remote.server import Bucket
 from torchkeep.checkpoint.remote import RemoteSteps
 from torchkeep.storage.store import ObjectStore
 
@@ -58,13 +58,18 @@ def test_overwrite_replaces_the_step_and_its_data(bucket: Bucket) -> None:
 
 
 def test_overwrite_loses_to_a_concurrent_replace(
-    s3_bucket: Bucket, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"{s3_bucket.url}/run"
+    lose_to_a_concurrent_replace(s3_bucket, monkeypatch)
+
+
+def lose_to_a_concurrent_replace(bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer replaces the step between our read of its version and our replace."""
+    url = f"{bucket.url}/run"
     mine, theirs = _model(3), _model(4)
-    tk.CheckpointManager(url, storage_options=s3_bucket.storage_options).save(1, model=mine)
+    tk.CheckpointManager(url, storage_options=bucket.storage_options).save(1, model=mine)
     original = RemoteSteps._commit_manifest
-    other = s3_options(moto_endpoint, skip_instance_cache=True)
+    other = {**bucket.storage_options, "skip_instance_cache": True}  # another client
 
     def another_writer_replaces_first(self: RemoteSteps, *args: Any) -> None:
         monkeypatch.setattr(RemoteSteps, "_commit_manifest", original)
@@ -74,13 +79,13 @@ def test_overwrite_loses_to_a_concurrent_replace(
         original(self, *args)  # our replace names the manifest version we read: refused
 
     monkeypatch.setattr(RemoteSteps, "_commit_manifest", another_writer_replaces_first)
-    mgr = tk.CheckpointManager(url, storage_options=s3_bucket.storage_options)
+    mgr = tk.CheckpointManager(url, storage_options=bucket.storage_options)
     with pytest.raises(tk.StepExistsError, match="another writer"):
         mgr.save(1, model=mine, overwrite=True, writer="mine")
     target = nn.Linear(5, 3)
     assert mgr.restore(model=target).extra["writer"] == "theirs"
     assert _equal(target, theirs)
-    assert len(_save_ids(s3_bucket, "step-00000001")) == 1  # ours was deleted
+    assert len(_save_ids(bucket, "step-00000001")) == 1  # ours was deleted
 
 
 def test_reader_that_loses_the_old_data_to_a_replace_reads_again(

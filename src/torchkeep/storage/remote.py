@@ -12,6 +12,10 @@ way; the adapter for a filesystem class is looked up in :data:`EXCLUSIVE_CREATE`
 Any other filesystem (fsspec's generic ``pipe_file(mode="create")`` is an ``exists()`` check
 followed by a write, not atomic) is refused with :class:`~torchkeep.errors.StorageCapabilityError`
 unless the caller declares ``Transfer(single_writer=True)``, which warns.
+
+Conditional replace (``overwrite=True``) is looked up the same way in :data:`REPLACE_IF`: S3
+``PutObject`` with ``If-Match: <ETag>``, GCS a multipart upload with
+``ifGenerationMatch=<generation>`` (:mod:`torchkeep.storage.gcs`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import StorageCapabilityError, missing_dependency
+from .gcs import GCS_FILESYSTEMS, gcs_replace_if
 
 # URLs with a scheme of two letters or more; a Windows drive (C:\) is a local path.
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
@@ -45,8 +50,7 @@ def _check_then_write(fs: Any, path: str, data: bytes) -> None:
 # Fully qualified class names of filesystems whose exclusive create is proven atomic.
 EXCLUSIVE_CREATE: dict[str, ExclusiveCreate] = {
     "s3fs.core.S3FileSystem": _pipe_create,
-    "gcsfs.core.GCSFileSystem": _pipe_create,
-    "gcsfs.extended_gcsfs.ExtendedGcsFileSystem": _pipe_create,
+    **dict.fromkeys(GCS_FILESYSTEMS, _pipe_create),
     "fsspec.implementations.memory.MemoryFileSystem": _pipe_create,
 }
 
@@ -77,9 +81,20 @@ def _check_then_replace(fs: Any, path: str, data: bytes, version: str) -> None:
     fs.pipe_file(path, data)
 
 
+# The field of ``fs.info()`` that a back end's conditional replace names, by class name.
+VERSION_FIELD: dict[str, str] = {
+    "s3fs.core.S3FileSystem": "ETag",
+    **dict.fromkeys(GCS_FILESYSTEMS, "generation"),
+}
+
+
 def object_version(fs: Any, path: str) -> str:
-    """What changes whenever ``path`` is written: its ETag, else its modification time."""
+    """What changes whenever ``path`` is written: the version the back end's conditional
+    replace checks (S3's ETag, GCS's generation), else the modification time (memory://)."""
     info = fs.info(path)
+    field = VERSION_FIELD.get(class_name(fs))
+    if field is not None:
+        return str(info[field])
     for field in ("ETag", "generation", "created", "mtime", "LastModified"):
         if info.get(field) is not None:
             return str(info[field])
@@ -89,6 +104,7 @@ def object_version(fs: Any, path: str) -> str:
 # Conditional replace (overwrite=True on object storage), by fully qualified class name.
 REPLACE_IF: dict[str, ReplaceIf] = {
     "s3fs.core.S3FileSystem": _s3_replace_if,
+    **dict.fromkeys(GCS_FILESYSTEMS, gcs_replace_if),
     "fsspec.implementations.memory.MemoryFileSystem": _check_then_replace,  # tests only
 }
 
@@ -106,8 +122,9 @@ def replace_if(fs: Any, url: str, *, single_writer: bool) -> ReplaceIf:
     if single_writer:
         return _check_then_replace
     raise StorageCapabilityError(
-        f"{url}: overwrite=True needs a conditional replace (S3's If-Match), which torchkeep "
-        f"does not have for {class_name(fs)}; save under another step, or pass "
+        f"{url}: overwrite=True needs a conditional replace (S3's If-Match, GCS's "
+        f"ifGenerationMatch), which torchkeep does not have for {class_name(fs)}; save under "
+        "another step, or pass "
         "transfer=tk.Transfer(single_writer=True) if only one process ever writes there"
     )
 
@@ -130,6 +147,15 @@ def is_remote(location: object) -> bool:
 def class_name(fs: Any) -> str:
     """``module.Class`` of a filesystem object."""
     return f"{type(fs).__module__}.{type(fs).__qualname__}"
+
+
+# The package and torchkeep extra that provide a scheme's fsspec filesystem.
+_PACKAGES = {
+    "s3": ("s3fs", "remote"),
+    "s3a": ("s3fs", "remote"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+}
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -155,8 +181,8 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any
     try:
         fs = fsspec.filesystem(scheme, **options)
     except ImportError as exc:
-        package = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, scheme)
-        raise missing_dependency(package, "remote", f"reading or writing {url}") from exc
+        package, extra = _PACKAGES.get(scheme, (scheme, "remote"))
+        raise missing_dependency(package, extra, f"reading or writing {url}") from exc
     except ValueError as exc:
         raise StorageCapabilityError(
             f"{url}: fsspec knows no filesystem for the scheme {scheme!r} ({exc}); install the "
