@@ -671,6 +671,60 @@ def test_a_malformed_numpy_generator_state_is_refused_before_any_generator_chang
         assert mgr.restore().step == 1
 
 
+@pytest.mark.parametrize(
+    ("where", "read_time"),
+    [
+        ("a parameter id in a group", False),
+        ("a list state key", True),
+        ("a tuple state key", False),
+    ],
+)
+def test_optimizer_parameter_ids_that_are_not_ids_are_refused_before_anything_changes(
+    tmp_path: Path, where: str, read_time: bool
+) -> None:
+    """The fuzzer found a list among a group's saved parameter ids: the prechecks used it as a
+    dictionary key and raised a TypeError. Ids are integers or names; anything else is a
+    damaged document, refused with nothing live changed: a key that cannot even be a dict key
+    when the step is read (the latest-step restore then falls back), the others when the
+    optimizer entry is checked (the restore raises, naming the step)."""
+    directory, states = _folder(tmp_path)
+    step_dir = directory / "step-00000002"
+    state = json.loads((step_dir / "state.json").read_text())
+    optimizer = state["entries"]["optimizer"]["value"]
+    if where == "a parameter id in a group":
+        optimizer["param_groups"][0]["params"][0] = [0]
+    elif where == "a list state key":
+        optimizer["state"]["$dict"][0][0] = [0]
+    else:
+        optimizer["state"]["$dict"][0][0] = {"$tuple": [0, 1]}
+    _rewrite(step_dir, "state.json", json.dumps(state))
+    model = _model(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+
+    def untouched() -> None:
+        assert_state_equal(model.state_dict(), weights)
+        for param, before in zip(model.parameters(), buffers, strict=True):
+            assert torch.equal(opt.state[param]["momentum_buffer"], before)
+
+    mgr = tk.CheckpointManager(directory, keep_last=None)
+    problem = r"bad \$dict entry" if read_time else "numbers a parameter with a"
+    with pytest.raises(tk.CorruptFileError, match=problem):
+        mgr.restore(step=2, model=model, optimizer=opt)
+    untouched()
+    if read_time:
+        with pytest.warns(UserWarning, match="step 2 is unusable"):
+            assert mgr.restore(model=model, optimizer=opt).step == 1
+        assert_state_equal(model.state_dict(), states[1])
+    else:
+        with pytest.raises(tk.InvalidDocumentError, match=r"step-00000002.*restore another step"):
+            mgr.restore(model=model, optimizer=opt)
+        untouched()
+
+
 def test_entries_a_step_does_not_list_are_reported_by_verify(tmp_path: Path) -> None:
     directory, states = _folder(tmp_path)
     step = directory / "step-00000002"

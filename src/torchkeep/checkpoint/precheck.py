@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import StateDictMismatchError
+from ..errors import InvalidDocumentError, StateDictMismatchError
 
 # Optimizers of torch whose every per-parameter state tensor (other than 0-d counters) has
 # the shape of its parameter.
@@ -156,6 +156,7 @@ def _check_optimizer(name: str, path: Path, stored: Any, opt: torch.optim.Optimi
     groups = _groups(stored)
     if groups is None:
         raise _fail(name, path, ["the saved state is not an optimizer state dict"], fix)
+    _check_param_ids(name, path, stored["state"], groups)
     live = opt.state_dict()
     live_groups = live["param_groups"]
     if len(groups) != len(live_groups):
@@ -190,6 +191,24 @@ def _check_optimizer(name: str, path: Path, stored: Any, opt: torch.optim.Optimi
     problems = list(_state_problems(stored["state"], params, live_state, opt))
     if problems:
         raise _fail(name, path, problems, fix)
+
+
+def _check_param_ids(
+    name: str, path: Path, state: Mapping[Any, Any], groups: Sequence[Mapping[str, Any]]
+) -> None:
+    """Optimizer state dicts number their parameters (or name them). Any other id (a list, a
+    mapping, a tuple in a crafted document) is damage, refused before it is used as a key.
+
+    Raises:
+        InvalidDocumentError: naming the entry and the id's type.
+    """
+    ids = [*state, *(param_id for group in groups for param_id in group["params"])]
+    odd = next((i for i in ids if not isinstance(i, (int, str)) or isinstance(i, bool)), ids)
+    if odd is not ids:
+        raise InvalidDocumentError(
+            f"{path}: entry {name!r} numbers a parameter with a {type(odd).__name__}, not an "
+            "integer or a name; the step is damaged, restore another step"
+        )
 
 
 def _state_problems(
