@@ -209,3 +209,24 @@ def test_cli_without_gcsfs_names_the_gcs_extra() -> None:
     assert "optional package 'gcsfs'" in done.stderr
     assert "pip install 'torchkeep[gcs]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_gcsfs_errors_are_classified_by_their_http_status() -> None:
+    """gcsfs raises a 403 as a plain OSError ("Forbidden: ...") and other HTTP errors as its
+    own HttpError with a ``code``: a refusal must be final (not retried until the deadline)
+    and a 5xx transient, each reported with its status."""
+    from gcsfs.retry import validate_response
+
+    from torchkeep.storage.transfer import is_transient, status_of
+
+    raised: dict[int, BaseException] = {}
+    for status in (403, 503, 429, 400):
+        body = json.dumps({"error": {"code": status, "message": f"answer {status}"}}).encode()
+        with pytest.raises(Exception) as caught:  # noqa: PT011 (whatever gcsfs raises)
+            validate_response(status, body, "bucket/key")
+        raised[status] = caught.value
+    assert status_of(raised[403]) == "403"
+    assert not is_transient(raised[403])
+    assert (status_of(raised[503]), is_transient(raised[503])) == ("503", True)
+    assert (status_of(raised[429]), is_transient(raised[429])) == ("429", True)
+    assert (status_of(raised[400]), is_transient(raised[400])) == ("400", False)

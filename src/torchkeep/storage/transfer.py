@@ -85,6 +85,11 @@ class Deadline:
 
 def status_of(exc: BaseException) -> str:
     """The HTTP status (``"403"``) or error name an exception from a back end carries."""
+    code = getattr(exc, "code", None)  # gcsfs's HttpError
+    if isinstance(code, int) and not isinstance(code, bool):
+        return str(code)
+    if type(exc) is OSError and str(exc).startswith("Forbidden: "):  # gcsfs's answer to a 403
+        return "403"
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
