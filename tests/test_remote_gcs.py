@@ -158,11 +158,38 @@ def test_listing_sees_another_writers_commit_at_once(gcs_bucket: Bucket) -> None
     sees_another_writers_commit(gcs_bucket)
 
 
-def test_weights_larger_than_a_part_round_trip(gcs_bucket: Bucket) -> None:
-    """gcsfs has no multipart upload here: the parts are joined into one (resumable) upload."""
+def test_weights_larger_than_a_part_are_streamed_part_by_part(
+    gcs_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object larger than one part goes through gcsfs's resumable writer one part at a
+    time (never joined into one body in memory), and round-trips bit for bit."""
+    from gcsfs.core import GCSFileSystem  # the class the fixture registers for gs://
+
     url, options = f"{gcs_bucket.url}/big.safetensors", gcs_bucket.storage_options
+    part = 5 << 20
+    bodies: list[int] = []
+    writes: list[int] = []
+    real_pipe, real_open = GCSFileSystem._pipe_file, GCSFileSystem.open
+
+    async def pipe_file(self: Any, path: str, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        bodies.append(len(data))
+        return await real_pipe(self, path, data, *args, **kwargs)
+
+    def open_(self: Any, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(self, path, mode, *args, **kwargs)
+        if "w" in mode:
+            write = f.write
+            f.write = lambda data: (writes.append(len(data)), write(data))[1]
+        return f
+
+    monkeypatch.setattr(GCSFileSystem, "_pipe_file", pipe_file)
+    monkeypatch.setattr(GCSFileSystem, "open", open_)
     state = {"big": torch.arange(3 << 20, dtype=torch.float32)}  # 12 MiB
-    tk.save_weights(state, url, storage_options=options, transfer=tk.Transfer(part_size=5 << 20))
+    tk.save_weights(state, url, storage_options=options, transfer=tk.Transfer(part_size=part))
+    assert writes, bodies
+    assert max(writes) <= part, writes  # streamed: three parts of at most 5 MiB
+    assert sum(writes) > 12 << 20
+    assert all(size <= part for size in bodies), bodies  # nothing sent as one large body
     assert_state_equal(tk.load_state_dict(url, storage_options=options), state)
 
 

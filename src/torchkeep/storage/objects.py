@@ -5,7 +5,10 @@ the bytes are copied into parts of ``Transfer.part_size``, hashed on the way, an
 a multipart upload with up to ``Transfer.max_concurrency`` parts in flight, so one upload holds
 at most ``part_size * max_concurrency`` bytes of parts (plus the one being filled). The object
 appears only when the upload is completed; a failed upload is aborted. An object that fits in
-one part is sent with one PUT. Other back ends get the object in one ``pipe_file`` call.
+one part is sent with one PUT. On GCS an object larger than one part is streamed as one
+resumable upload (gcsfs's writer, fed part by part: it sends each part as soon as it has it and
+retries each chunk itself), so it holds one part at a time. Other back ends get the object in
+one ``pipe_file`` call.
 
 Downloads fetch the ranges of ``part_size`` of one or many objects through one pool of
 ``Transfer.max_concurrency`` threads, straight into local files.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -25,12 +29,14 @@ from typing import Any, TypeVar
 
 from ..hashing import Hasher, new_hasher
 from ..manifest import FileRecord
+from .gcs import GCS_FILESYSTEMS
 from .remote import class_name
 from .stream import Span
 from .transfer import Deadline, Transfer, attempt
 
 T = TypeVar("T")
 MULTIPART = frozenset({"s3fs.core.S3FileSystem"})  # back ends uploaded part by part here
+RESUMABLE = frozenset(GCS_FILESYSTEMS)  # back ends streamed through their own writer
 
 
 class _Target:
@@ -100,16 +106,33 @@ def upload(
             yield part
 
     parts = iter(hashed())
+    kind = class_name(fs)
     first = next(parts, b"")
-    second = next(parts, None) if class_name(fs) in MULTIPART else None
-    if second is None:  # one part, or a back end without multipart: one PUT
-        data = first if class_name(fs) in MULTIPART else b"".join([first, *parts])
+    second = next(parts, None) if kind in MULTIPART | RESUMABLE else None
+    if second is None:  # one part, or a back end without either: one PUT
+        data = first if kind in MULTIPART | RESUMABLE else b"".join([first, *parts])
         target.call("upload", lambda: fs.pipe_file(path, data))
+    elif kind in RESUMABLE:
+        _resumable(target, [first, second], parts)
     else:
         _multipart(target, [first, second], parts)
     with contextlib.suppress(Exception):
         fs.invalidate_cache(path)
     return FileRecord(size, hasher.hexdigest())
+
+
+def _resumable(target: _Target, head: list[bytes], rest: Iterable[bytes]) -> None:
+    """One resumable upload of ``head`` then ``rest``, part by part, through the back end's
+    own writer. Attempted once: the parts are consumed as they are sent (the writer retries
+    each chunk); a failed upload never becomes an object."""
+
+    def send() -> None:
+        with target.fs.open(target.path, "wb", block_size=target.transfer.part_size) as f:
+            for part in _chain(head, rest):
+                f.write(part)
+
+    once = dataclasses.replace(target.transfer, retries=0)
+    attempt(send, url=target.url, operation="upload", transfer=once, deadline=target.deadline)
 
 
 def _multipart(target: _Target, head: list[bytes], rest: Iterable[bytes]) -> None:
