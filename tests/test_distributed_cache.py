@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import torchkeep as tk
+from tests._compat import needs_sharded_checkpoints
 from tests.conftest import assert_state_equal
 from tests.test_cache_policy import _resident_share, direct_dir  # noqa: F401 (a fixture)
 from torchkeep.checkpoint.distributed import staging
@@ -34,7 +35,10 @@ from torchkeep.distributed import (
 )
 from torchkeep.storage import stream
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+pytestmark = [
+    needs_sharded_checkpoints,
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 
 def _state(rows: int = 3) -> dict[str, torch.Tensor]:
