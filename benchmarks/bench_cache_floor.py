@@ -30,6 +30,7 @@ from _harness import Result, StateRuns, common_parser, measure, print_results, w
 
 BLOCK = 8 << 20
 NBYTES_FULL, NBYTES_QUICK = 1 << 30, 64 << 20
+WRITE = "bench_cache_floor:write_file"
 
 
 def _buffer() -> mmap.mmap:
@@ -38,33 +39,19 @@ def _buffer() -> mmap.mmap:
     return block
 
 
-def cached_write(path: str, nbytes: int, sync: bool) -> Callable[[], None]:
-    """Write ``nbytes`` through the page cache in 8 MiB calls; fsync when ``sync``."""
+def write_file(path: str, nbytes: int, direct: bool, sync: bool) -> Callable[[], None]:
+    """Write ``nbytes`` in 8 MiB calls from one reused buffer, through the page cache or with
+    O_DIRECT (``direct``: nothing stays cached); fsync when ``sync``."""
     block = _buffer()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
 
     def run() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(path, flags, 0o644)
         try:
             for offset in range(0, nbytes, BLOCK):
                 os.pwrite(fd, block, offset)
             if sync:
                 os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    return run
-
-
-def direct_write(path: str, nbytes: int) -> Callable[[], None]:
-    """Write ``nbytes`` with O_DIRECT in 8 MiB calls, then fsync (nothing stays cached)."""
-    block = _buffer()
-
-    def run() -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        try:
-            for offset in range(0, nbytes, BLOCK):
-                os.pwrite(fd, block, offset)
-            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -128,16 +115,13 @@ def _floors(folder: Path, nbytes: int, repeat: int) -> list[Result]:
     case = f"{nbytes >> 20} MiB"
     plain, st = str(folder / "floor.bin"), str(folder / "floor.safetensors")
     for _ in range(repeat):  # interleaved, so a noisy minute hits every row alike
-        for operation, target, kwargs in [
-            ("cached write", "bench_cache_floor:cached_write", {"sync": False}),
-            ("cached write + fsync", "bench_cache_floor:cached_write", {"sync": True}),
-        ]:
-            run = measure(target, path=plain, nbytes=nbytes, **kwargs)
+        for operation, sync in [("cached write", False), ("cached write + fsync", True)]:
+            run = measure(WRITE, path=plain, nbytes=nbytes, direct=False, sync=sync)
             runs.add(case, nbytes, operation, "", "floor", run)
             os.unlink(plain)
-        run = measure("bench_cache_floor:direct_write", path=plain, nbytes=nbytes)
+        run = measure(WRITE, path=plain, nbytes=nbytes, direct=True, sync=True)
         runs.add(case, nbytes, "direct write + fsync", "", "floor", run)
-        # the file direct_write just wrote is not cached: this is the load after a direct save
+        # the file the direct write just wrote is not cached: this is the load after a direct save
         run = measure("bench_cache_floor:read_file", path=plain, direct=True)
         runs.add(case, nbytes, "read, not cached (direct)", "", "floor", run)
         run = measure("bench_cache_floor:read_file", path=plain, direct=False, warm=[plain])

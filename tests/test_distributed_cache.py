@@ -27,7 +27,7 @@ import torchkeep as tk
 from tests._compat import needs_sharded_checkpoints
 from tests.conftest import assert_state_equal
 from tests.test_cache_policy import _resident_share, direct_dir  # noqa: F401 (a fixture)
-from torchkeep.checkpoint.distributed import staging
+from tests.test_distributed_staging import spy_mapped
 from torchkeep.distributed import (
     NoPickleLoadPlanner,
     TorchkeepStorageReader,
@@ -164,15 +164,7 @@ def test_a_cached_step_with_a_flipped_byte_is_refused_and_nothing_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shard = _save(tmp_path / "step-00000001", "keep")
-    mapped: list[bool] = []
-    real = staging._ShardFile.mapped
-
-    def spy(self: staging._ShardFile, low: int, high: int) -> torch.Tensor | None:
-        got = real(self, low, high)
-        mapped.append(got is not None)
-        return got
-
-    monkeypatch.setattr(staging._ShardFile, "mapped", spy)
+    mapped = spy_mapped(monkeypatch)
     data = bytearray(shard.read_bytes())
     data[-5000] ^= 0x04  # a byte of tensor "a" (the last bytes are "a", "b", "c" in some order)
     shard.write_bytes(bytes(data))  # in the page cache: written moments ago

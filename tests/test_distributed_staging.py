@@ -124,7 +124,7 @@ def test_allocate_is_page_aligned_for_direct_io() -> None:
 # ---- spans wholly in the page cache are mapped, not read --------------------------------
 
 
-def _spy_mapped(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+def spy_mapped(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record, per span, whether :meth:`staging._ShardFile.mapped` mapped it."""
     calls: list[bool] = []
     real = staging._ShardFile.mapped
@@ -144,7 +144,7 @@ def test_a_cached_span_is_mapped_and_an_evicted_one_read(
 ) -> None:
     if not _takes_direct_io(tmp_path):
         pytest.skip("the temporary folder takes no direct I/O (tmpfs?): everything is cached")
-    calls = _spy_mapped(monkeypatch)
+    calls = spy_mapped(monkeypatch)
     a = _shard(tmp_path, "a", 50_000)
     chunks = [_ref("a", a, 100, 30_000), _ref("a", a, 30_100, 19_900)]
     for cached in (True, False):
@@ -164,7 +164,7 @@ def test_a_partly_cached_span_maps_its_cached_chunks_and_reads_the_rest(
 ) -> None:
     if not _takes_direct_io(tmp_path):
         pytest.skip("the temporary folder takes no direct I/O (tmpfs?): everything is cached")
-    calls = _spy_mapped(monkeypatch)
+    calls = spy_mapped(monkeypatch)
     mib = 1 << 20  # whole 2 MiB ranges, so that large page-cache folios are evicted whole
     a = _shard(tmp_path, "a", 16 * mib)
     chunks = [  # one span: cached, cached, evicted, empty, evicted, cached
@@ -192,7 +192,7 @@ def test_a_partly_cached_span_maps_its_cached_chunks_and_reads_the_rest(
 def test_a_mapped_span_with_a_flipped_byte_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where_flipped: int
 ) -> None:
-    calls = _spy_mapped(monkeypatch)
+    calls = spy_mapped(monkeypatch)
     a = _shard(tmp_path, "a", 30_000)
     chunks = [_ref("a", a, 0, 500, "model/b"), _ref("a", a, 500, 20_000, "model/w")]
     damaged = bytearray(a)

@@ -11,20 +11,16 @@ off, and must be in the environment before gcsfs is first imported.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import platform
-import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.remote.server import free_port
+from tests.remote.server import free_port, request, serve
 
 GCSFS_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 PROJECT = "torchkeep-test"
@@ -49,44 +45,14 @@ def binary() -> Path:
     return path
 
 
-def _request(
-    endpoint: str, method: str, path: str, body: bytes = b"", timeout: float = 10.0
-) -> int:
-    host, port = endpoint.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def create_bucket(endpoint: str, name: str | None = None) -> str:
     """Create a bucket on the emulator (JSON API ``buckets.insert``); return its name."""
     name = name or f"tk-{uuid.uuid4().hex[:12]}"
     body = json.dumps({"name": name}).encode()
-    status = _request(endpoint, "POST", f"/storage/v1/b?project={PROJECT}", body)
+    status = request(endpoint, "POST", f"/storage/v1/b?project={PROJECT}", body)
     if status != 200:
         raise RuntimeError(f"fake-gcs-server refused to create bucket {name!r}: HTTP {status}")
     return name
-
-
-def _wait_ready(endpoint: str, proc: subprocess.Popen[bytes], deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            if _request(endpoint, "GET", f"/storage/v1/b?project={PROJECT}", timeout=2.0) == 200:
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited with code {proc.returncode} before serving")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fake-gcs-server not ready at {endpoint} after {deadline_s:.0f} s")
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -101,17 +67,6 @@ def gcs_server(*, deadline_s: float = 60.0) -> Iterator[str]:
     command = [str(binary()), "-scheme", "http", "-backend", "memory"]
     command += ["-host", "127.0.0.1", "-port", str(port), "-external-url", endpoint]
     command += ["-log-level", "error"]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        _wait_ready(endpoint, proc, deadline_s)
+    ready = f"/storage/v1/b?project={PROJECT}"
+    with serve(command, endpoint, ready_path=ready, what="fake-gcs-server", deadline_s=deadline_s):
         yield endpoint
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

@@ -52,11 +52,13 @@ def s3_options(endpoint: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _request(endpoint: str, method: str, path: str, timeout: float = 10.0) -> int:
+def request(endpoint: str, method: str, path: str, body: bytes = b"", timeout: float = 10.0) -> int:
+    """Send one plain HTTP request to a loopback test server; return its status."""
     host, port = endpoint.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
-        conn.request(method, path, headers={"Content-Length": "0"})
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         response.read()
         return response.status
@@ -67,25 +69,59 @@ def _request(endpoint: str, method: str, path: str, timeout: float = 10.0) -> in
 def create_bucket(endpoint: str, name: str | None = None) -> str:
     """Create a bucket on moto directly (an unsigned PUT: moto does not check auth); return it."""
     name = name or f"tk-{uuid.uuid4().hex[:12]}"
-    status = _request(endpoint, "PUT", f"/{name}")
+    status = request(endpoint, "PUT", f"/{name}")
     if status != 200:
         raise RuntimeError(f"moto refused to create bucket {name!r}: HTTP {status}")
     return name
 
 
-def _wait_ready(endpoint: str, proc: subprocess.Popen[bytes], deadline_s: float) -> None:
+def _wait_ready(
+    endpoint: str, ready_path: str, proc: subprocess.Popen[bytes], what: str, deadline_s: float
+) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            if _request(endpoint, "GET", "/", timeout=2.0) == 200:  # ListBuckets
+            if request(endpoint, "GET", ready_path, timeout=2.0) == 200:
                 return
         except OSError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with code {proc.returncode} before serving")
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before serving")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"moto server not ready at {endpoint} after {deadline_s:.0f} s")
-        time.sleep(0.1)
+            raise RuntimeError(f"{what} not ready at {endpoint} after {deadline_s:.0f} s")
+        time.sleep(0.05)
+
+
+@contextmanager
+def serve(
+    command: list[str],
+    endpoint: str,
+    *,
+    ready_path: str,
+    what: str,
+    deadline_s: float,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Run a test server's ``command``; yield ``endpoint`` once a GET of ``ready_path`` answers
+    200. The server's process group is terminated (then killed, if it lingers) on exit."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        _wait_ready(endpoint, ready_path, proc, what, deadline_s)
+        yield endpoint
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @contextmanager
@@ -97,21 +133,9 @@ def moto_server(*, deadline_s: float = 60.0) -> Iterator[str]:
     """
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **DUMMY_ENV},
-        start_new_session=True,
-    )
-    try:
-        _wait_ready(endpoint, proc, deadline_s)
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, **DUMMY_ENV}
+    with serve(
+        command, endpoint, ready_path="/", what="moto server", deadline_s=deadline_s, env=env
+    ):  # "/" is ListBuckets
         yield endpoint
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
