@@ -193,6 +193,32 @@ def test_weights_larger_than_a_part_are_streamed_part_by_part(
     assert_state_equal(tk.load_state_dict(url, storage_options=options), state)
 
 
+def test_a_streamed_upload_that_fails_midway_leaves_no_object(gcs_bucket: Bucket) -> None:
+    """gcsfs's writer completes the upload with what it has when it is closed: a failure after
+    some parts were sent must not leave a truncated object at the URL."""
+    import ctypes
+
+    from torchkeep.storage.store import ObjectStore
+
+    store = ObjectStore(
+        gcs_bucket.url,
+        storage_options=gcs_bucket.storage_options,
+        transfer=tk.Transfer(part_size=5 << 20),
+    )
+    block = bytearray(os.urandom(4 << 20))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(block))
+
+    def spans() -> Any:
+        for _ in range(4):  # 16 MiB: three parts are sent before the failure
+            yield address, len(block)
+        raise OSError("the producer failed")
+
+    with pytest.raises(OSError, match="the producer failed"):
+        store.write_stream("half.safetensors", spans())
+    store.fs.invalidate_cache()
+    assert not store.fs.exists(f"{gcs_bucket.url}/half.safetensors")
+
+
 # --------------------------------------------------------------------------------------------
 # the command line
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -123,16 +124,26 @@ def upload(
 
 def _resumable(target: _Target, head: list[bytes], rest: Iterable[bytes]) -> None:
     """One resumable upload of ``head`` then ``rest``, part by part, through the back end's
-    own writer. Attempted once: the parts are consumed as they are sent (the writer retries
-    each chunk); a failed upload never becomes an object."""
-
-    def send() -> None:
-        with target.fs.open(target.path, "wb", block_size=target.transfer.part_size) as f:
-            for part in _chain(head, rest):
-                f.write(part)
-
+    own writer (which retries each chunk). The parts are made on this thread (a span's memory
+    is read only while the caller waits) and each call is bounded by the deadline; nothing is
+    attempted twice, since the parts are consumed as they are sent. A failed upload is never
+    completed, so it leaves no object (a closed writer would complete it with what it has)."""
     once = dataclasses.replace(target.transfer, retries=0)
-    attempt(send, url=target.url, operation="upload", transfer=once, deadline=target.deadline)
+
+    def bounded(operation: str, call: Callable[[], Any]) -> Any:
+        return attempt(
+            call, url=target.url, operation=operation, transfer=once, deadline=target.deadline
+        )
+
+    part_size = target.transfer.part_size
+    f = bounded("start of upload", lambda: target.fs.open(target.path, "wb", block_size=part_size))
+    try:
+        for part in _chain(head, rest):
+            bounded("upload", functools.partial(f.write, part))
+        bounded("completion of upload", f.close)
+    except BaseException:
+        f.closed = True  # never completed, not even when the writer is collected
+        raise
 
 
 def _multipart(target: _Target, head: list[bytes], rest: Iterable[bytes]) -> None:
