@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import torchkeep as tk
-from tests._dist_workers import compare, full_state, init, parts, train
+from tests._dist_workers import Seen, compare, full_state, init, parts, train
 
 SLOTS = ("model", "optimizer", "scheduler", "tp")
 
@@ -164,6 +164,68 @@ def restore(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return report
+
+
+def single_steps(url: str, opts: dict[str, Any], out: Path) -> None:
+    """Steps 1 and 2 of a single-process manager (no torch.distributed) in ``<url>/single``,
+    their full states as ``single1-ref``/``single-ref.safetensors``; then the same two steps in
+    ``<url>/single-flipped`` with a byte of step 2's model object flipped."""
+    import s3fs
+
+    for folder in ("single", "single-flipped"):
+        p = parts(1, "plain")
+        mgr = tk.CheckpointManager(
+            f"{url}/{folder}", distributed=False, keep_last=None, storage_options=opts
+        )
+        for step, ref in ((1, "single1-ref"), (2, "single-ref")):
+            train(p, 1)
+            mgr.save(step, epoch=step, seen=Seen(7), **p)
+            if folder == "single":  # the same seeds: both folders hold the same states
+                save_file(full_state(p), str(out / f"{ref}.safetensors"))
+    fs = s3fs.S3FileSystem(**opts)
+    base = f"{url}/single-flipped/step-00000002".removeprefix("s3://")
+    key = next(k for k in fs.find(base) if k.endswith("/model.safetensors"))
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    fs.pipe_file(key, bytes(data))
+
+
+def restore_single(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Restore ``<url>/single`` and ``<url>/single-flipped`` (steps saved by one process) on
+    ``world`` FSDP2 ranks into zeroed objects; ``restore(2)`` of the damaged one must raise
+    and change nothing."""
+    init(rank, world, ctx)
+    out, url, opts = Path(ctx["out"]), ctx["url"], options(ctx, rank)
+    report: dict[str, Any] = {}
+    for folder, ref in (("single", "single-ref"), ("single-flipped", "single1-ref")):
+        mgr = tk.CheckpointManager(f"{url}/{folder}", storage_options=opts, timeout=60)
+        p = parts(world, "fsdp2", zeros=True)
+        seen = Seen(-1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            restored = mgr.restore(seen=seen, **p)
+        entry: dict[str, Any] = {
+            "step": restored.step,
+            "epoch": restored.extra.get("epoch"),
+            "seen": seen.n,
+            "mismatch": compare(p, out / f"{ref}.safetensors", rank),
+            "skipped": [str(w.message) for w in caught if "skipped" in str(w.message)],
+            "rng_warning": any("random generator" in str(w.message) for w in caught),
+        }
+        if folder == "single-flipped":
+            untouched = parts(world, "fsdp2", zeros=True)
+            before = full_state(untouched)
+            try:
+                mgr.restore(2, **untouched)
+                entry["explicit"] = "no error"
+            except tk.TorchkeepError as exc:
+                entry["explicit"] = type(exc).__name__
+            after = full_state(untouched)
+            entry["explicit_untouched"] = all(torch.equal(before[k], after[k]) for k in after)
+        report[folder] = entry
+    dist.barrier()
+    dist.destroy_process_group()
     return report
 
 

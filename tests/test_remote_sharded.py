@@ -1,9 +1,11 @@
 """Sharded (distributed) steps on object storage: 4 gloo ranks (FSDP2 + AdamW) save to a moto
 bucket through the fault proxy, restored on 4, on 2 (resharded, ranged reads only) and in one
-process without a group; a rank failing mid-upload, a flipped byte, retention order, the CLI.
+process without a group; a rank failing mid-upload, a flipped byte, retention order, the CLI;
+steps saved by one process restored on 2 ranks.
 
-Two spawned jobs only (the 4-rank one saves, fails, restores and falls back; a 2-rank one
-restores resharded), so the file stays within about 90 s on two busy cores."""
+Few spawned jobs (the 4-rank one saves, fails, restores and falls back; 2-rank ones restore
+resharded, restore single-process steps, and lose their coordinator mid-upload), so the file
+stays within about two minutes on two busy cores."""
 
 from __future__ import annotations
 
@@ -171,6 +173,25 @@ def test_restore_in_one_process_without_a_group(saved: Saved) -> None:
     assert report["step"] == 5
     assert report["epoch"] == 2
     assert report["mismatch"] == []
+
+
+def test_single_process_steps_on_the_bucket_restore_on_two_ranks(saved: Saved) -> None:
+    """A job that outgrows one process resumes from its bucket: steps saved by one process
+    restore on 2 FSDP2 ranks (resharded, generators left alone with a warning); a damaged one
+    makes every rank fall back together, or raise with nothing changed when asked for."""
+    workers.single_steps(saved.url, saved.options, saved.out)
+    outcome = harness.run("restore_single", 2, saved.ctx(), deadline=DEADLINE, module=MODULE)
+    for rank, report in outcome.ok().items():
+        entry = report["single"]
+        assert (entry["step"], entry["epoch"], entry["seen"]) == (2, 2, 7), rank
+        assert entry["mismatch"] == [], rank
+        assert entry["rng_warning"], rank
+        assert entry["skipped"] == [], rank
+        entry = report["single-flipped"]
+        assert (entry["step"], entry["mismatch"]) == (1, []), rank
+        assert any("step-00000002" in text or "step 2" in text for text in entry["skipped"])
+        assert entry["explicit"] == "ChecksumMismatchError", rank
+        assert entry["explicit_untouched"], rank
 
 
 def test_ls_inspect_verify_fetch_sharded_steps_from_the_bucket(
