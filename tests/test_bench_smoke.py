@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests._source import SRC
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, list[dict[str, object]]]]:
     out = tmp_path / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), *args, "--quick", "--repeat", "1",
          "--dir", str(tmp_path), "--json", str(out)],

@@ -18,6 +18,7 @@ import torch
 
 import torchkeep as tk
 from tests._live import TORCH_LOAD, prove_live
+from tests._source import SRC
 from tests.conftest import TiedLM, assert_state_equal
 from tests.remote.proxy import FaultProxy
 from tests.remote.server import Bucket
@@ -30,7 +31,6 @@ from torchkeep.models import Net
 
 fsspec = pytest.importorskip("fsspec")
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = tk.Transfer(retries=2, deadline_s=60)
 
 
@@ -390,7 +390,7 @@ def test_cli_errors_on_urls_have_no_traceback(
 def test_cli_without_s3fs_says_how_to_install(tmp_path: Path) -> None:
     code = "import sys\nsys.modules['s3fs'] = None\nfrom torchkeep.cli import main\n"
     code += "sys.exit(main(['inspect', 's3://bucket/net.safetensors']))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
