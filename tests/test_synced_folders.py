@@ -138,6 +138,12 @@ def test_a_synced_folder_loads_verifies_exports_and_converts(
     assert main(["verify", str(folder)]) == 0
     assert main(["inspect", str(step)]) == 0
     assert "model.safetensors" in capsys.readouterr().out
+    # convert writes a step into the synced folder, replacing step 2 and its data folder
+    assert main(["convert", str(exported), str(folder), "--force"]) == 0
+    step2 = folder / "step-00000002"
+    assert not any(p.is_dir() for p in step2.iterdir())
+    assert_state_equal(tk.load_state_dict(step2), saved[2]["model"])
+    assert tk.verify(folder).ok
 
 
 def test_retention_and_overwrite_in_a_synced_folder(synced: tuple[Path, Saved]) -> None:
