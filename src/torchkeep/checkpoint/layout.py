@@ -292,10 +292,13 @@ def _unlisted_in(
 
 
 def _is_save_id_folder(path: Path) -> bool:
-    """Whether ``path`` is a real folder named like an object-storage save id."""
-    return re.fullmatch(DATA_PREFIX_PATTERN, path.name) is not None and stat.S_ISDIR(
-        os.lstat(path).st_mode
-    )
+    """Whether ``path`` is a real folder (not a link) named like an object-storage save id."""
+    if re.fullmatch(DATA_PREFIX_PATTERN, path.name) is None:
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:  # removed meanwhile: nothing to report
+        return True
 
 
 def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
