@@ -63,11 +63,11 @@ def _verified_step(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     are not read. The file is the one ``state.json``'s ``model`` entry names, as for
     ``restore``: a step cannot give ``restore`` one model and this reader another."""
     manifest = read_step_manifest(directory)
+    folder = files_folder(directory, manifest)
     if manifest.get("layout") == "sharded-v1":  # written by N ranks: full tensors, verified
         from .distributed.full import model_state
 
-        return directory / STATE_NAME, model_state(directory)
-    folder = files_folder(directory, manifest)
+        return folder / STATE_NAME, model_state(directory)
     problem = file_problem(folder, STATE_NAME, manifest["files"].get(STATE_NAME), check_hash=True)
     if problem is not None:
         raise CorruptFileError(f"{problem}; the step is damaged")
