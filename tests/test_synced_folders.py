@@ -6,8 +6,8 @@ manifest's ``data`` field (``step-00000003/<16 hex>/model.safetensors``); a copy
 that layout, and every local reader finds the files there (:func:`torchkeep.manifest.
 files_folder`). The reverse: a local folder uploaded as it is has manifests without ``data``,
 its files next to the manifest, and the remote readers read it, retention deletes it, the
-debris cleanup never touches it. Every test here failed before the readers honoured ``data``
-(the first ones on a real moto S3 round trip).
+debris cleanup never touches it. Real moto S3 round trips both ways; the round trips failed
+before the readers honoured ``data`` (the schema and planted-package tests guard what held).
 """
 
 from __future__ import annotations
