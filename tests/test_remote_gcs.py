@@ -244,10 +244,12 @@ def test_cli_on_gs_urls(
     assert code == 0
     assert "all files match" in out
     step = "run/step-00000002"
-    flip(gcs_bucket, f"{step}/{data_prefix(gcs_bucket, step)}/model.safetensors", -1)
+    data = data_prefix(gcs_bucket, step)
+    flip(gcs_bucket, f"{step}/{data}/model.safetensors", -1)
     code, out, _ = cli("verify", run, *flags, capsys=capsys)
     assert code == 1
-    assert f"{run}/step-00000002/model.safetensors" in out
+    # the object's own URL, under the step's save id
+    assert f"{run}/step-00000002/{data}/model.safetensors" in "".join(out.split())
 
 
 def test_cli_without_gcsfs_names_the_gcs_extra() -> None:

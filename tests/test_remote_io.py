@@ -364,11 +364,12 @@ def test_cli_commands_on_s3_urls(
     code, out, _ = cli("diff", str(tmp_path / "net.pt"), weights, *flags, capsys=capsys)
     assert code == 0
     assert out.startswith("equal")
-    flip(s3_bucket, f"run/step-00000003/{data_prefix(s3_bucket, 'run/step-00000003')}"
-         "/model.safetensors", -1)  # fmt: skip
+    data = data_prefix(s3_bucket, "run/step-00000003")
+    flip(s3_bucket, f"run/step-00000003/{data}/model.safetensors", -1)
     code, out, _ = cli("verify", run, *flags, capsys=capsys)
     assert code == 1
-    assert f"{run}/step-00000003/model.safetensors" in out
+    # the object's own URL, under the step's save id
+    assert f"{run}/step-00000003/{data}/model.safetensors" in "".join(out.split())
 
 
 def test_cli_errors_on_urls_have_no_traceback(

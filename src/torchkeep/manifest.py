@@ -8,6 +8,7 @@ exist for any reader, and one whose files disagree with their manifest is corrup
 from __future__ import annotations
 
 import json
+import os
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ._version import __version__
-from .errors import CorruptFileError, TorchkeepFileNotFoundError
+from .errors import CorruptFileError, TorchkeepFileNotFoundError, UnreadableFileError
 from .format_versions import BUNDLE, CHECKPOINT, SEALED, FormatKind, check_version
 from .formats import safetensors as st
 from .hashing import HASH_ALGORITHM, Hasher, hash_file, new_hasher
@@ -242,14 +243,56 @@ def declared_format(directory: Path) -> str | None:
     return declared
 
 
+def files_folder(directory: Path, manifest: Mapping[str, Any]) -> Path:
+    """The folder holding the files ``directory``'s manifest lists: ``directory`` itself, or
+    its sub-folder ``manifest["data"]`` when the manifest names one (a step or bundle written
+    on object storage, where the files live under a per-save id, then copied to disk with
+    ``aws s3 sync``, ``gsutil rsync`` or ``fsspec get``).
+
+    The schema allows only 16 hex digits as ``data``, so the folder is always a direct child of
+    ``directory``; it must be a real folder, not a symbolic link (a link could point anywhere,
+    and retention would delete only the link), just as a step directory's own entries are
+    looked up inside it.
+
+    Raises:
+        CorruptFileError: the data folder is missing, a symbolic link or not a folder.
+    """
+    data = manifest.get("data")
+    if data is None:
+        return directory
+    folder = directory / str(data)
+    where = f"{directory / MANIFEST_NAME} keeps its files in the sub-folder {data!r}"
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        raise CorruptFileError(
+            f"{where}, which is missing: the copy of {directory} is incomplete. Copy the whole "
+            "folder again (aws s3 sync, gsutil rsync -r, fsspec get(recursive=True))"
+        ) from None
+    except OSError as exc:
+        raise UnreadableFileError(f"{folder} cannot be looked up ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise CorruptFileError(
+            f"{where}, but {folder} is a symbolic link; torchkeep reads a directory's files only "
+            "from a real folder inside it. Replace the link by a copy of the folder it names"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise CorruptFileError(
+            f"{where}, but {folder} is not a folder; the copy of {directory} is damaged. "
+            "Copy the whole folder again"
+        )
+    return folder
+
+
 def file_problem(
-    directory: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
+    folder: Path, name: str, record: Mapping[str, Any] | None, *, check_hash: bool
 ) -> str | None:
-    """What is wrong with file ``name`` of ``directory`` given its manifest record (None: the
-    manifest does not list it), or None when the file is intact."""
-    path = directory / name
+    """What is wrong with file ``name`` of ``folder`` (the directory's :func:`files_folder`)
+    given its manifest record (None: the manifest does not list it), or None when the file is
+    intact."""
+    path = folder / name
     if record is None:
-        return f"{directory / MANIFEST_NAME} does not list {name!r}"
+        return f"{path} is not listed in its directory's {MANIFEST_NAME}"
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -286,10 +329,11 @@ def find_problems(
     """
     try:
         manifest = read_manifest(directory, kind=kind, fields=fields, required=required)
+        folder = files_folder(directory, manifest)
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
     problems = (
-        file_problem(directory, name, record, check_hash=check_hashes)
+        file_problem(folder, name, record, check_hash=check_hashes)
         for name, record in manifest["files"].items()
     )
     return [problem for problem in problems if problem is not None]

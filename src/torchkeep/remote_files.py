@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -220,14 +221,16 @@ def _mirror_committed(
         return  # the local reader will say what is wrong with it
     data = manifest.get("data")
     base = f"{prefix}/{data}/" if data else f"{prefix}/"
+    folder = local / data if data else local  # laid out as on the bucket
+    folder.mkdir(exist_ok=True)
     listed = manifest["files"]
     store.download_many(
-        {base + name: (local / name, int(record["size"])) for name, record in listed.items()}
+        {base + name: (folder / name, int(record["size"])) for name, record in listed.items()}
     )
     unlisted = [k for k in keys if k.startswith(base) and k[len(base) :] not in listed]
     for key in unlisted[:MAX_OBJECTS]:
         if key != manifest_key:
-            _placeholder(local, _safe_relative(key[len(base) :], remote.url))
+            _placeholder(folder, _safe_relative(key[len(base) :], remote.url))
 
 
 def _placeholder(local: Path, relative: Path) -> None:
@@ -292,7 +295,9 @@ class _StepsOnDemand:
             return
         if self.present is not None:
             for entry in self.present.iterdir():
-                if entry.name != MANIFEST_NAME:
+                if entry.is_dir():  # the data folder a step's manifest names
+                    shutil.rmtree(entry)
+                elif entry.name != MANIFEST_NAME:
                     entry.unlink()
             self.present = None
         if self.sizes is None:
@@ -301,12 +306,15 @@ class _StepsOnDemand:
             self._stand_ins(info, self.sizes)
         self.present = folder
 
-    @staticmethod
-    def _stand_ins(info: StepInfo, sizes: Mapping[str, int]) -> None:
+    def _stand_ins(self, info: StepInfo, sizes: Mapping[str, int]) -> None:
+        base = self.steps.data_prefix(info.step, info.manifest)
+        data = info.manifest.get("data")
+        folder = info.path / data if data else info.path
+        folder.mkdir(exist_ok=True)
         for name in info.manifest["files"]:
-            size = sizes.get(f"{info.path.name}/{info.manifest['data']}/{name}")
+            size = sizes.get(f"{base}/{name}")
             if size is not None:
-                with open(info.path / name, "wb") as f:
+                with open(folder / name, "wb") as f:
                     f.truncate(size)
 
 

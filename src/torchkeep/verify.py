@@ -11,7 +11,7 @@ from .checkpoint.layout import parse_step, step_problems
 from .checkpoint.lazy import need
 from .errors import FileFormatError, TorchkeepError
 from .formats import Format, detect_format
-from .manifest import find_problems, read_manifest
+from .manifest import files_folder, find_problems, read_manifest
 from .model.config import read_config
 from .model.layout import content_problems
 from .remote_files import StorageOptions, fetched, remote_or_none
@@ -56,13 +56,14 @@ def _bundle_problems(path: Path) -> list[str]:
     """Hash problems, entries the manifest does not list, then the config's schema."""
     problems = find_problems(path)
     try:
-        listed = read_manifest(path)["files"]
+        manifest = read_manifest(path)
+        folder = files_folder(path, manifest)
     except TorchkeepError:
         return problems  # find_problems has said why
-    problems += content_problems(path, listed)
+    problems += content_problems(path, manifest)
     if not problems:
         try:
-            read_config(path)
+            read_config(folder)
         except TorchkeepError as exc:
             problems.append(str(exc))
     return problems

@@ -11,6 +11,7 @@ from ..describe import DESCRIBERS, Description, describe, shorten
 from ..errors import CorruptFileError, TorchkeepFileNotFoundError, first_line
 from ..formats import Format
 from ..hashing import new_hasher
+from ..manifest import files_folder
 from .layout import RNG_ENTRY, list_steps, read_state, read_step_manifest
 from .lazy import need
 from .reader import _adopt_legacy_rng
@@ -90,12 +91,13 @@ def _generator_rows(
 def _describe_step(path: Path) -> Description:
     manifest = read_step_manifest(path)
     description = Description(path, Format.CHECKPOINT_STEP, 0)
+    folder = files_folder(path, manifest)
     for name, record in sorted(manifest["files"].items()):
         description.size += record["size"]
         if not name.endswith(".safetensors"):
             continue
         stem = name.removesuffix(".safetensors")
-        inner = describe(path / name)
+        inner = describe(folder / name)
         description.tensors += [
             type(t)(f"{stem}.{t.name}", t.dtype, t.shape, t.nbytes) for t in inner.tensors
         ]

@@ -19,7 +19,14 @@ from typing import Any
 from .. import tree
 from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
 from ..format_versions import CHECKPOINT, check_version
-from ..manifest import FILE_NAME_PATTERN, MANIFEST_NAME, find_problems, read_manifest
+from ..manifest import (
+    DATA_PREFIX_PATTERN,
+    FILE_NAME_PATTERN,
+    MANIFEST_NAME,
+    files_folder,
+    find_problems,
+    read_manifest,
+)
 from ..paths import lookup
 from ..schema import (
     MAX_INT64,
@@ -175,13 +182,15 @@ def read_state(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
 
     The caller has verified the file's hash; here its structure is checked: a known ``kind``
     for every entry, file names that stay in the directory and are listed in the manifest, and
-    the step number of the manifest.
+    the step number of the manifest. The file is in the step's
+    :func:`~torchkeep.manifest.files_folder`.
 
     Raises:
-        CorruptFileError: the document is unreadable or invalid.
+        CorruptFileError: the document is unreadable or invalid, or the data folder the
+            manifest names is not a folder inside the step.
         FormatVersionError: a newer torchkeep wrote it.
     """
-    source = path / STATE_NAME
+    source = files_folder(path, manifest) / STATE_NAME
     state: dict[str, Any] = load_json_document(source, schema=STATE_SCHEMA, limits=STATE_LIMITS)
     check_version(CHECKPOINT, state.get("format_version", 1), source=source)
     if state["step"] != manifest["step"]:
@@ -227,7 +236,7 @@ def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
         from .distributed.verify import sharded_step_problems
 
         problems = sharded_step_problems(path, manifest, check_hashes=check_hashes)
-        return problems or _unlisted_entries(path, manifest["files"])
+        return problems or _unlisted_entries(path, manifest)
     problems = find_problems(
         path,
         check_hashes=check_hashes,
@@ -243,21 +252,53 @@ def step_problems(path: Path, *, check_hashes: bool = True) -> list[str]:
             _check_rng_entry(path, manifest, state["entries"][RNG_ENTRY])
     except (TorchkeepFileNotFoundError, CorruptFileError) as exc:
         return [str(exc)]
-    return _unlisted_entries(path, manifest["files"])
+    return _unlisted_entries(path, manifest)
 
 
-def _unlisted_entries(path: Path, listed: Mapping[str, Any]) -> list[str]:
+def _unlisted_entries(path: Path, manifest: Mapping[str, Any]) -> list[str]:
     """Entries of the step directory ``path`` that its manifest does not list: a step holds
-    nothing else, so anything more was put there after the commit (never used, but reported)."""
+    nothing else, so anything more was put there after the commit (never used, but reported).
+
+    A step copied from object storage holds its manifest and its data folder; other folders
+    named like a save id are uploads of saves that never committed (copied along by a sync),
+    which no reader uses, as on the bucket: they are not reported. Files in the data folder
+    are checked like a local step's files.
+    """
+    listed = manifest["files"]
+    data = manifest.get("data")
+    if data is None:
+        return _unlisted_in(path, listed, keep={MANIFEST_NAME})
+    # the data folder is one of the save-id folders; its own entries are checked below
+    beside = _unlisted_in(path, {}, keep={MANIFEST_NAME}, skip_save_ids=True)
+    return beside + _unlisted_in(path / data, listed, keep=set())
+
+
+def _unlisted_in(
+    folder: Path, listed: Mapping[str, Any], *, keep: set[str], skip_save_ids: bool = False
+) -> list[str]:
+    """Entries of ``folder`` neither listed nor in ``keep`` (with ``skip_save_ids``, real
+    folders named like a save id are not reported either)."""
     try:
-        names = sorted(os.listdir(path))
+        names = sorted(os.listdir(folder))
     except OSError as exc:
-        return [f"{path} cannot be listed ({exc.strerror or exc})"]
+        return [f"{folder} cannot be listed ({exc.strerror or exc})"]
     return [
-        f"{path / name} is not listed in the manifest; a step holds only the files it lists"
+        f"{folder / name} is not listed in the manifest; a step holds only the files it lists"
         for name in names
-        if name != MANIFEST_NAME and name not in listed
+        if name not in keep
+        and name not in listed
+        and not (skip_save_ids and _is_save_id_folder(folder / name))
     ]
+
+
+def _is_save_id_folder(path: Path) -> bool:
+    """Whether ``path`` is a real folder (not a link) named like an object-storage save id."""
+    if re.fullmatch(DATA_PREFIX_PATTERN, path.name) is None:
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:  # removed meanwhile: nothing to report
+        return True
 
 
 def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any]) -> None:
@@ -267,7 +308,8 @@ def _check_rng_entry(path: Path, manifest: Mapping[str, Any], entry: Mapping[str
     from .reader import read_tensors
 
     file = entry["file"]
-    tensors = read_tensors(path / file, manifest["files"][file]["hash"]) if file else {}
+    folder = files_folder(path, manifest)
+    tensors = read_tensors(folder / file, manifest["files"][file]["hash"]) if file else {}
     source = f"{path / STATE_NAME} ({RNG_ENTRY})"
     rng.check(tree.unflatten(entry["value"], tensors, source=source), source=source)
 

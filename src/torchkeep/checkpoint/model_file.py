@@ -26,7 +26,7 @@ from ..errors import (
     UnreadableFileError,
 )
 from ..formats import Format
-from ..manifest import MANIFEST_NAME, file_problem, read_manifest
+from ..manifest import MANIFEST_NAME, file_problem, files_folder, read_manifest
 from .layout import STATE_NAME, list_steps, read_state, read_step_manifest
 from .lazy import need
 from .reader import read_tensors
@@ -43,7 +43,7 @@ def _verified(
             f"{directory / MANIFEST_NAME} lists no {name or MODEL_FILE}: this {directory.name} "
             "holds no model weights (save them with model=...)"
         )
-    path = directory / name
+    path = files_folder(directory, manifest) / name
     try:
         if not path.is_file() or path.stat().st_size != record["size"]:
             raise CorruptFileError(
@@ -63,23 +63,22 @@ def _verified_step(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     are not read. The file is the one ``state.json``'s ``model`` entry names, as for
     ``restore``: a step cannot give ``restore`` one model and this reader another."""
     manifest = read_step_manifest(directory)
+    folder = files_folder(directory, manifest)
     if manifest.get("layout") == "sharded-v1":  # written by N ranks: full tensors, verified
         from .distributed.full import model_state
 
-        return directory / STATE_NAME, model_state(directory)
-    problem = file_problem(
-        directory, STATE_NAME, manifest["files"].get(STATE_NAME), check_hash=True
-    )
+        return folder / STATE_NAME, model_state(directory)
+    problem = file_problem(folder, STATE_NAME, manifest["files"].get(STATE_NAME), check_hash=True)
     if problem is not None:
         raise CorruptFileError(f"{problem}; the step is damaged")
     entry = read_state(directory, manifest)["entries"].get("model")
     name = MODEL_FILE if entry is None else entry["file"]
     if name is None and MODEL_FILE in manifest["files"]:
         raise InvalidDocumentError(
-            f"{directory / STATE_NAME}: entry 'model' names no tensor file, but the manifest "
+            f"{folder / STATE_NAME}: entry 'model' names no tensor file, but the manifest "
             f"lists {MODEL_FILE}; the step is damaged, so it is skipped"
         )
-    return directory / (name or MODEL_FILE), _verified(directory, manifest, name)
+    return folder / (name or MODEL_FILE), _verified(directory, manifest, name)
 
 
 def _newest_valid_step(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -126,7 +125,8 @@ def verified_model_tensors(path: Path, fmt: Format) -> tuple[Path, dict[str, tor
     if fmt == Format.CHECKPOINT_STEP:
         return _verified_step(path)
     if fmt == Format.BUNDLE:
-        return path / MODEL_FILE, _verified(path, read_manifest(path))
+        manifest = read_manifest(path)
+        return files_folder(path, manifest) / MODEL_FILE, _verified(path, manifest)
     raise FileFormatError(
         f"{path} is a directory that is neither a torchkeep checkpoint nor a model bundle"
     )

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..formats import safetensors as st
 from ..hashing import HASH_ALGORITHM, hash_file, new_hasher
-from ..manifest import MANIFEST_NAME
+from ..manifest import MANIFEST_NAME, files_folder
 from . import rng
 from .entries import Kind
 from .layout import RNG_ENTRY, STATE_NAME, read_state, read_step_manifest
@@ -112,13 +112,15 @@ def _fits(target: torch.Tensor | None, mapped: torch.Tensor) -> bool:
     )
 
 
-def _record(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
+def _listed_file(directory: Path, manifest: dict[str, Any], name: str) -> Path:
+    """The path of the listed file ``name`` of the step ``directory``, checked to exist with
+    the size its manifest records."""
     record = manifest["files"].get(name)
     if not isinstance(record, dict):
         raise CorruptFileError(
             f"{directory / MANIFEST_NAME} does not list {name!r}; the step is damaged"
         )
-    path = directory / name
+    path = files_folder(directory, manifest) / name
     if not path.is_file():
         raise CorruptFileError(f"{path} is missing; the step is damaged")
     size = path.stat().st_size
@@ -127,7 +129,7 @@ def _record(directory: Path, manifest: dict[str, Any], name: str) -> dict[str, A
             f"{path} has {size} bytes, the manifest says {record['size']} (truncated or "
             "replaced); the step is damaged"
         )
-    return record
+    return path
 
 
 def _mismatch(path: Path) -> ChecksumMismatchError:
@@ -157,8 +159,7 @@ def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
 
 
 def _read_state(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    _record(directory, manifest, STATE_NAME)
-    path = directory / STATE_NAME
+    path = _listed_file(directory, manifest, STATE_NAME)
     if hash_file(path)[1] != manifest["files"][STATE_NAME]["hash"]:
         raise _mismatch(path)
     return read_state(directory, manifest)
@@ -243,8 +244,7 @@ def _read_pinned(directory: Path, name: str) -> LoadedStep:
     files: dict[str, Path] = {}
     for name, raw in state["entries"].items():
         if raw["file"] is not None:
-            _record(directory, manifest, raw["file"])
-            files[name] = directory / raw["file"]
+            files[name] = _listed_file(directory, manifest, raw["file"])
     tensors = _verify_files(files, manifest)
     loaded = LoadedStep(
         manifest["step"],

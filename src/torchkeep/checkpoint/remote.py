@@ -145,7 +145,7 @@ class RemoteSteps:
 
         Raises:
             StepVanishedError: there is no manifest (now).
-            CorruptFileError: the manifest is invalid or names no data prefix.
+            CorruptFileError: the manifest is invalid.
         """
         name = step_name(step)
         local = scratch / name
@@ -159,12 +159,15 @@ class RemoteSteps:
             manifest = read_step_manifest(local)
         except TorchkeepError as exc:
             raise relabelled(exc, local, self.step_url(step)) from None
-        if "data" not in manifest:
-            raise CorruptFileError(
-                f"{self.step_url(step)}/{MANIFEST_NAME} names no data prefix (its 'data' field); "
-                "the step is damaged or was not written by torchkeep, so it is skipped"
-            )
         return manifest
+
+    def data_prefix(self, step: int, manifest: Mapping[str, Any]) -> str:
+        """The key prefix of the files of the committed ``step`` whose manifest is ``manifest``:
+        its save-id prefix (``step-00000007/3f9a1c02...``), or the step's own prefix for a
+        step without one (a local step folder uploaded with ``aws s3 sync``: its files lie
+        next to its manifest)."""
+        data = manifest.get("data")
+        return step_name(step) if data is None else f"{step_name(step)}/{data}"
 
     # ------------------------------------------------------------------------------------
     # saving
@@ -250,9 +253,21 @@ class RemoteSteps:
         # may have committed it. An uncommitted prefix is an orphan for a later save.
         self._commit_manifest(step, upload.prefix, json_bytes(manifest), upload.previous)
         previous = upload.previous
-        if previous is not None and previous[1] is not None:
+        if previous is not None:
             with contextlib.suppress(Exception):  # an orphan for a later save otherwise
-                self.store.delete_prefix(f"{step_name(step)}/{previous[1]}")
+                if previous[1] is not None:
+                    self.store.delete_prefix(f"{step_name(step)}/{previous[1]}")
+                else:
+                    self._delete_loose_files(step)
+
+    def _delete_loose_files(self, step: int) -> None:
+        """Delete the objects right under ``step``'s prefix but its manifest: the files of a
+        step uploaded from a local folder (no save id), which this save replaced; the new
+        manifest lists only objects under its own save id."""
+        name = step_name(step)
+        for key in self.store.keys(name):
+            if key.count("/") == 1 and key != f"{name}/{MANIFEST_NAME}":
+                self.store.delete(key)
 
     def _previous(self, step: int) -> tuple[str, str | None] | None:
         """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
@@ -335,6 +350,14 @@ class RemoteSteps:
         grace = self.store.transfer.orphan_grace_s
         now = time.time()
         referenced = {(step_name(info.step), info.manifest.get("data")) for info in committed}
+        # a step uploaded from a local folder lists objects right under its prefix: a name
+        # there is never deleted as a prefix (a listed object named like a save id)
+        referenced |= {
+            (step_name(info.step), file)
+            for info in committed
+            if "data" not in info.manifest
+            for file in info.manifest["files"]
+        }
         newest: dict[tuple[str, str], float] = {}
         for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
@@ -395,16 +418,19 @@ class RemoteSteps:
         only: Collection[str] | None = None,
     ) -> list[str]:
         """Copy the files ``manifest`` lists (those in ``only``, when given) into ``local``
-        (the step's local copy),
+        (the step's local copy, laid out as on the bucket: under the data folder its manifest
+        names, if any),
         concurrently: at most ``Transfer.max_concurrency`` requests in flight, all within one
         deadline. Not verified: the local reader or verifier hashes them. Return the URLs of
         listed files that are missing (no local file is left for them).
         """
-        base = f"{step_name(step)}/{manifest['data']}"
+        base = self.data_prefix(step, manifest)
+        folder = local / manifest["data"] if "data" in manifest else local
+        folder.mkdir(exist_ok=True)
         with self.store.deadline():
             missing = self.store.download_many(
                 {
-                    f"{base}/{file}": (local / file, record["size"])
+                    f"{base}/{file}": (folder / file, record["size"])
                     for file, record in manifest["files"].items()
                     if only is None or file in only
                 }
@@ -413,7 +439,7 @@ class RemoteSteps:
 
     def data_key(self, step: int, manifest: Mapping[str, Any], file: str) -> str:
         """The key of ``file`` of the committed ``step`` whose manifest is ``manifest``."""
-        return f"{step_name(step)}/{manifest['data']}/{file}"
+        return f"{self.data_prefix(step, manifest)}/{file}"
 
     def _replaced(self, step: int, used: Path) -> bool:
         """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""

@@ -11,8 +11,8 @@ from typing import Any
 from ..checkpoint import retention
 from ..checkpoint.layout import StepInfo, list_steps, step_problems, uncommitted_steps
 from ..checkpoint.lazy import need
-from ..errors import TorchkeepFileNotFoundError
-from ..manifest import file_problem
+from ..errors import CorruptFileError, TorchkeepFileNotFoundError
+from ..manifest import file_problem, files_folder
 from ..remote_files import Remote, fetched
 from ._output import EXIT_OK, console, human_bytes, labelled, plain, print_json, print_table
 from ._remote import add_storage_options, location, storage_options
@@ -58,8 +58,12 @@ def _size_problems(info: StepInfo) -> list[str]:
     """The files of a step whose size is not the manifest's (a URL's ``ls --no-hash``: its
     copy has stand-ins of the objects' sizes and no data; ``state.json`` is not read)."""
     need(info.path)
+    try:
+        folder = files_folder(info.path, info.manifest)
+    except CorruptFileError as exc:
+        return [str(exc)]
     problems = (
-        file_problem(info.path, name, record, check_hash=False)
+        file_problem(folder, name, record, check_hash=False)
         for name, record in info.manifest["files"].items()
     )
     return [problem for problem in problems if problem is not None]

@@ -30,6 +30,7 @@ from ..formats import safetensors as st
 from ..hashing import hash_file
 from ..manifest import (
     FileRecord,
+    files_folder,
     find_problems,
     read_manifest,
     write_json,
@@ -64,7 +65,14 @@ from .capture import (
 )
 from .classpath import import_class, importable_module, require_class_path
 from .config import BundleConfig, read_config
-from .layout import BUNDLE_KIND, CONFIG_NAME, PROGRAM_NAME, WEIGHTS_NAME, content_problems
+from .layout import (
+    BUNDLE_KIND,
+    CONFIG_NAME,
+    PROGRAM_NAME,
+    WEIGHTS_NAME,
+    bundle_files,
+    content_problems,
+)
 from .program import export_program, load_program
 
 if TYPE_CHECKING:
@@ -357,7 +365,7 @@ def example_input_specs(path: PathLike) -> list[tuple[list[int], torch.dtype]]:
         CorruptFileError: ``config.json`` breaks its schema (the message names the key; a dtype
             must be one of torch's dtype names).
     """
-    return read_config(Path(path)).example_inputs
+    return read_config(bundle_files(Path(path))).example_inputs
 
 
 def _alias_target(name: str, aliases: Mapping[str, str]) -> str:
@@ -454,8 +462,9 @@ def _build_with_builder(
     return model, builder
 
 
-def _verify(path: Path) -> BundleConfig:
-    """Every check that needs no import: hashes, the config's schema, unlisted entries."""
+def _verify(path: Path) -> tuple[BundleConfig, Path]:
+    """Every check that needs no import: hashes, the config's schema, unlisted entries; return
+    the config and the folder holding the bundle's files."""
     manifest = read_manifest(path, kind=BUNDLE_KIND)
     problems = find_problems(path)
     if problems:
@@ -464,8 +473,9 @@ def _verify(path: Path) -> BundleConfig:
             + "\n  ".join(problems)
             + "\nRe-save it or restore it from a copy"
         )
-    config = read_config(path)
-    unlisted = content_problems(path, manifest["files"])
+    folder = files_folder(path, manifest)
+    config = read_config(folder)
+    unlisted = content_problems(path, manifest)
     if unlisted:
         raise UnsafeBundleError(
             f"bundle {path} holds entries its manifest does not account for:\n  "
@@ -475,7 +485,7 @@ def _verify(path: Path) -> BundleConfig:
             "torchkeep wrote: remove these if you added them, otherwise the bundle was tampered "
             "with and should not be loaded"
         )
-    return config
+    return config, folder
 
 
 def load_model(
@@ -551,11 +561,11 @@ def load_model(
             f"aliases= must be a mapping {{old class path: new class path}}, not a "
             f"{type(aliases).__name__}"
         )
-    config = _verify(path)
-    header = st.read_header(path / WEIGHTS_NAME)  # verified by _verify: bounded, hashed
+    config, folder = _verify(path)
+    header = st.read_header(folder / WEIGHTS_NAME)  # verified by _verify: bounded, hashed
     if config.builder is not None:
         model, builder = _build_with_builder(path, config, device, header)
-        load_weights(model, path / WEIGHTS_NAME, map_location=device)
+        load_weights(model, folder / WEIGHTS_NAME, map_location=device)
         if builder.tie is not None:
             builder.tie(model)
         return _cast(model, config).eval()
@@ -563,10 +573,10 @@ def load_model(
     try:
         cls = import_class(target, path)
     except ModelClassNotFoundError as exc:
-        return _program_or_refuse(path / PROGRAM_NAME, device, trust_program, str(exc))
+        return _program_or_refuse(folder / PROGRAM_NAME, device, trust_program, str(exc))
     args, kwargs = _arguments(config.args, config.kwargs)
     model = _build(lambda: cls(*args, **kwargs), cls.__qualname__, device, header)
-    load_weights(model, path / WEIGHTS_NAME, map_location=device)
+    load_weights(model, folder / WEIGHTS_NAME, map_location=device)
     return _cast(model, config).eval()
 
 

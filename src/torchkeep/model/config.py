@@ -195,14 +195,15 @@ def validate_config(document: object, path: Path) -> BundleConfig:
     return _decoded(validate(document, SCHEMA, source=str(path), fix=FIX), path)
 
 
-def read_config(bundle: Path) -> BundleConfig:
-    """Read ``bundle/config.json`` through the bounded reader and validate it.
+def read_config(folder: Path) -> BundleConfig:
+    """Read ``folder/config.json`` through the bounded reader and validate it (``folder``: the
+    folder holding a bundle's files, :func:`~torchkeep.model.layout.bundle_files`).
 
     Raises:
         InvalidDocumentError: the file is too large, too deep, not JSON, or breaks the schema.
         UnreadableFileError: it cannot be read.
         TorchkeepFileNotFoundError: it is missing.
     """
-    path = bundle / CONFIG_NAME
+    path = folder / CONFIG_NAME
     document = load_json_document(path, schema=SCHEMA, limits=_limits(), fix=FIX)
     return _decoded(document, path)

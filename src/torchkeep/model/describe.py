@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..describe import DESCRIBERS, Description, TensorInfo, describe
 from ..formats import Format
-from ..manifest import read_manifest
+from ..manifest import files_folder, read_manifest
 from ..schema import Limits, parse_json_document
 from ..security.members import MemberReader
 from ..security.policy import LIMITS
@@ -25,14 +25,15 @@ _PROGRAM_NOTE = (
 
 def _describe_bundle(path: Path) -> Description:
     manifest = read_manifest(path, kind=BUNDLE_KIND)
-    description = describe(path / WEIGHTS_NAME)
+    folder = files_folder(path, manifest)
+    description = describe(folder / WEIGHTS_NAME)
     description.path, description.format = path, Format.BUNDLE
     description.size = sum(int(r.get("size", 0)) for r in manifest["files"].values())
-    config = read_config(path)
+    config = read_config(folder)
     description.sections["bundle"] = [
         ("class", config.class_path),
         ("init args", json.dumps(config.init, sort_keys=True)),
-        ("program", "yes (program.pt2)" if (path / PROGRAM_NAME).is_file() else "no"),
+        ("program", "yes (program.pt2)" if (folder / PROGRAM_NAME).is_file() else "no"),
         ("files", ", ".join(sorted(manifest["files"]))),
         ("saved with", f"torchkeep {manifest.get('torchkeep_version')}, "
                        f"torch {manifest.get('torch_version')}"),
@@ -42,9 +43,9 @@ def _describe_bundle(path: Path) -> Description:
     )
     description.notes.extend(
         f"unsafe: {problem} (load_model refuses this bundle)"
-        for problem in content_problems(path, manifest["files"])
+        for problem in content_problems(path, manifest)
     )
-    if (path / PROGRAM_NAME).is_file():
+    if (folder / PROGRAM_NAME).is_file():
         description.notes.append(f"program.pt2 is {_PROGRAM_NOTE}")
     return description
 

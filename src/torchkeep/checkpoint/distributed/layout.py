@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...errors import InvalidDocumentError
-from ...manifest import FILE_NAME_PATTERN
+from ...manifest import FILE_NAME_PATTERN, files_folder
 from ...schema import (
     AnyValue,
     Array,
@@ -115,7 +115,7 @@ def read_sharded_state(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any
     Raises:
         CorruptFileError: the document is unreadable or invalid (the step is skipped).
     """
-    source = path / STATE_NAME
+    source = files_folder(path, manifest) / STATE_NAME
     state: dict[str, Any] = load_json_document(source, schema=STATE_SCHEMA, limits=STATE_LIMITS)
     problem = None
     if state["step"] != manifest["step"] or state["world_size"] != manifest.get("world_size"):

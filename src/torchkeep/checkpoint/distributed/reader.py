@@ -38,6 +38,7 @@ from ...errors import (
     UnsafeCheckpointError,
 )
 from ...hashing import hash_file
+from ...manifest import files_folder
 from ..layout import STATE_NAME, read_step_manifest
 from . import staging
 from .layout import DTYPES, is_sharded, read_sharded_state
@@ -65,10 +66,11 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     record = manifest["files"].get(STATE_NAME)
     if record is None:
         raise CorruptFileError(f"{path / 'manifest.json'} does not list {STATE_NAME}")
-    size, digest = hash_file(path / STATE_NAME)
+    state_path = files_folder(path, manifest) / STATE_NAME
+    size, digest = hash_file(state_path)
     if size != record["size"] or digest != record["hash"]:
         raise ChecksumMismatchError(
-            f"{path / STATE_NAME} does not match its manifest (size or hash); the step is damaged"
+            f"{state_path} does not match its manifest (size or hash); the step is damaged"
         )
     return manifest, read_sharded_state(path, manifest)
 
@@ -143,7 +145,7 @@ class TorchkeepStorageReader(StorageReader):
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP would retry per rank
         self.manifest, self.state = read_index(self.path)
-        return build_metadata(self.state, self.path / STATE_NAME)
+        return build_metadata(self.state, files_folder(self.path, self.manifest) / STATE_NAME)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -165,7 +167,11 @@ class TorchkeepStorageReader(StorageReader):
             )
         sizes = {name: entry["size"] for name, entry in self.manifest["files"].items()}
         self._chunks = staging.stage(
-            self.path, needed, sizes, verify=self.verify, opener=self.opener
+            files_folder(self.path, self.manifest),
+            needed,
+            sizes,
+            verify=self.verify,
+            opener=self.opener,
         )
         return plan
 

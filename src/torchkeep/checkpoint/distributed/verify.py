@@ -8,7 +8,7 @@ from typing import Any
 
 from ...errors import CorruptFileError, TorchkeepFileNotFoundError
 from ...hashing import HASH_ALGORITHM
-from ...manifest import file_problem
+from ...manifest import file_problem, files_folder
 from ..layout import STATE_NAME
 from .layout import read_sharded_state
 from .segments import segmented_file_hash
@@ -24,18 +24,24 @@ def sharded_step_problems(
     gives, see :mod:`.segments`).
     """
     files = manifest["files"]
+    try:
+        folder = files_folder(path, manifest)
+    except CorruptFileError as exc:
+        return [str(exc)]
     problems = []
     for name, record in files.items():
         shard = name != STATE_NAME
-        problem = file_problem(path, name, record, check_hash=check_hashes and not shard)
+        problem = file_problem(folder, name, record, check_hash=check_hashes and not shard)
         if problem is None and shard and check_hashes:
             try:
-                if segmented_file_hash(path / name) != record["hash"]:
-                    problem = f"{path / name} does not match its {HASH_ALGORITHM} hash (corrupted)"
+                if segmented_file_hash(folder / name) != record["hash"]:
+                    problem = (
+                        f"{folder / name} does not match its {HASH_ALGORITHM} hash (corrupted)"
+                    )
             except CorruptFileError as exc:
                 problem = str(exc)
             except OSError as exc:
-                problem = f"{path / name} cannot be read ({exc.strerror or exc})"
+                problem = f"{folder / name} cannot be read ({exc.strerror or exc})"
         if problem is not None:
             problems.append(problem)
     if STATE_NAME not in files:
