@@ -76,6 +76,9 @@ def step_name(step: int) -> str:
 class RemoteSteps:
     """The committed steps under one object-store URL: list, save, read, retire, clean.
 
+    With ``fixed_name``, every step number maps to the one step folder of that name under
+    the URL (a framework's ``last.ckpt``): saved, read and retired as a step is.
+
     Raises:
         StorageCapabilityError: the back end cannot create exclusively (and no single writer
             was declared).
@@ -87,14 +90,20 @@ class RemoteSteps:
         *,
         storage_options: Mapping[str, Any] | None = None,
         transfer: Transfer | None = None,
+        fixed_name: str | None = None,
     ) -> None:
         self.store = ObjectStore(url, storage_options=storage_options, transfer=transfer)
         self.store.exclusive_creator()  # refuse a back end that cannot commit, before any save
         self.url = self.store.url()
+        self.fixed_name = fixed_name
+
+    def name(self, step: int) -> str:
+        """The key prefix of ``step``: ``step-00000007``, or the fixed name."""
+        return self.fixed_name if self.fixed_name is not None else step_name(step)
 
     def step_url(self, step: int) -> str:
         """The URL of ``step``'s prefix."""
-        return self.store.url(step_name(step))
+        return self.store.url(self.name(step))
 
     # ------------------------------------------------------------------------------------
     # listing
@@ -138,7 +147,7 @@ class RemoteSteps:
 
     def exists(self, step: int) -> bool:
         """Whether ``step`` has a manifest now (valid or not)."""
-        return self.store.exists(f"{step_name(step)}/{MANIFEST_NAME}")
+        return self.store.exists(f"{self.name(step)}/{MANIFEST_NAME}")
 
     def _manifest(self, step: int, scratch: Path) -> dict[str, Any]:
         """Fetch and check ``step``'s manifest into ``scratch/step-<n>/`` (which it creates).
@@ -147,7 +156,7 @@ class RemoteSteps:
             StepVanishedError: there is no manifest (now).
             CorruptFileError: the manifest is invalid or names no data prefix.
         """
-        name = step_name(step)
+        name = self.name(step)
         local = scratch / name
         local.mkdir(exist_ok=True)
         try:
@@ -213,7 +222,7 @@ class RemoteSteps:
                 "overwrite=True to replace it, or save under another step"
             )
         save_id = secrets.token_hex(_SAVE_ID_BYTES)
-        return Upload(step, save_id, f"{step_name(step)}/{save_id}", previous)
+        return Upload(step, save_id, f"{self.name(step)}/{save_id}", previous)
 
     def abort(self, upload: Upload) -> None:
         """Delete what a failed save uploaded (best effort: else an orphan for a later save)."""
@@ -241,7 +250,7 @@ class RemoteSteps:
             kind=KIND,
             files=files,
             format_version=format_version,
-            source=self.store.url(f"{step_name(step)}/{MANIFEST_NAME}"),
+            source=self.store.url(f"{self.name(step)}/{MANIFEST_NAME}"),
             step=step,
             data=upload.save_id,
             **manifest_fields,
@@ -252,11 +261,11 @@ class RemoteSteps:
         previous = upload.previous
         if previous is not None and previous[1] is not None:
             with contextlib.suppress(Exception):  # an orphan for a later save otherwise
-                self.store.delete_prefix(f"{step_name(step)}/{previous[1]}")
+                self.store.delete_prefix(f"{self.name(step)}/{previous[1]}")
 
     def _previous(self, step: int) -> tuple[str, str | None] | None:
         """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
-        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        key = f"{self.name(step)}/{MANIFEST_NAME}"
         self.store.replacer()  # refuse overwrite=True on a back end that cannot do it
         try:
             version = self.store.version(key)  # first: a change after it fails the replace
@@ -283,7 +292,7 @@ class RemoteSteps:
     def _commit_manifest(
         self, step: int, prefix: str, manifest: bytes, previous: tuple[str, str | None] | None
     ) -> None:
-        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        key = f"{self.name(step)}/{MANIFEST_NAME}"
         try:
             if previous is None:
                 self.store.create_exclusive(key, manifest)
@@ -324,9 +333,13 @@ class RemoteSteps:
     def retire(self, infos: Sequence[StepInfo]) -> None:
         """Delete steps: each manifest first (the step disappears at once), then its data."""
         for info in infos:
-            name = step_name(info.step)
-            self.store.delete(f"{name}/{MANIFEST_NAME}")
-            self.store.delete_prefix(name)
+            self.retire_step(info.step)
+
+    def retire_step(self, step: int) -> None:
+        """Delete ``step``: its manifest first (it disappears at once), then its data."""
+        name = self.name(step)
+        self.store.delete(f"{name}/{MANIFEST_NAME}")
+        self.store.delete_prefix(name)
 
     def clean_orphans(self, committed: Sequence[StepInfo]) -> list[str]:
         """Delete save-id prefixes no committed manifest references and incomplete multipart
@@ -334,7 +347,7 @@ class RemoteSteps:
         uploading); return the URLs of what was deleted."""
         grace = self.store.transfer.orphan_grace_s
         now = time.time()
-        referenced = {(step_name(info.step), info.manifest.get("data")) for info in committed}
+        referenced = {(self.name(info.step), info.manifest.get("data")) for info in committed}
         newest: dict[tuple[str, str], float] = {}
         for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
@@ -376,7 +389,7 @@ class RemoteSteps:
         """
         with self.store.deadline():
             manifest = self._manifest(step, scratch)
-            local = scratch / step_name(step)
+            local = scratch / self.name(step)
             missing = self.fetch_files(step, manifest, local, only=only)
             if missing and self._replaced(step, local / MANIFEST_NAME):
                 raise StepVanishedError(
@@ -400,7 +413,7 @@ class RemoteSteps:
         deadline. Not verified: the local reader or verifier hashes them. Return the URLs of
         listed files that are missing (no local file is left for them).
         """
-        base = f"{step_name(step)}/{manifest['data']}"
+        base = f"{self.name(step)}/{manifest['data']}"
         with self.store.deadline():
             missing = self.store.download_many(
                 {
@@ -413,12 +426,12 @@ class RemoteSteps:
 
     def data_key(self, step: int, manifest: Mapping[str, Any], file: str) -> str:
         """The key of ``file`` of the committed ``step`` whose manifest is ``manifest``."""
-        return f"{step_name(step)}/{manifest['data']}/{file}"
+        return f"{self.name(step)}/{manifest['data']}/{file}"
 
     def _replaced(self, step: int, used: Path) -> bool:
         """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""
         try:
-            return self.store.read(f"{step_name(step)}/{MANIFEST_NAME}") != used.read_bytes()
+            return self.store.read(f"{self.name(step)}/{MANIFEST_NAME}") != used.read_bytes()
         except FileNotFoundError:
             return True
 

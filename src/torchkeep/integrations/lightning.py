@@ -9,6 +9,13 @@ whatever ``weights_only`` says. The random generators, which Lightning does not 
 captured with every save and restored on load, so a resumed run is bit-identical to an
 uninterrupted one.
 
+A ``dirpath`` on object storage (``ModelCheckpoint(dirpath="s3://bucket/run")``) gets steps on
+the bucket with the object-storage commit (data under a fresh save id, manifest created last;
+re-saving ``last.ckpt`` replaces its manifest conditionally, so the previous ``last.ckpt``
+stays whole until the new one is complete). fsspec options come from the plugin's
+``storage_options`` or from fsspec's and the back end's configuration (``FSSPEC_S3_*``,
+``AWS_*``), which Lightning's own ``ModelCheckpoint`` uses too.
+
 Needs ``pip install 'torchkeep[lightning]'``. Single-process and DDP strategies (the plugin runs
 on global rank 0); sharded strategies (FSDP, ``ModelParallelStrategy``) bypass ``CheckpointIO``:
 for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
@@ -18,6 +25,7 @@ for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,7 +38,10 @@ from ..errors import (
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
 )
+from ..remote_files import local_copy
+from ..storage.remote import is_remote
 from . import _hparams, _steps
+from ._location import Location, locate
 from ._require import require
 
 require("lightning", extra="lightning", feature="torchkeep.integrations.lightning")
@@ -38,6 +49,7 @@ require("lightning", extra="lightning", feature="torchkeep.integrations.lightnin
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 
 if TYPE_CHECKING:
+    from ..storage.transfer import Transfer
     from .lightning_sharded import TorchkeepModelParallelStrategy
 
 __all__ = [
@@ -112,21 +124,32 @@ class TorchkeepCheckpointIO(CheckpointIO):
         hparams: ``"strict"`` stores ``argparse.Namespace`` and dataclass hyper-parameters as
             data and refuses any other value that cannot be stored without pickle, naming its
             path, before anything is written; ``"drop"`` leaves such values out with a warning.
+        storage_options: fsspec options for checkpoints on URLs (``endpoint_url``,
+            credentials); without them fsspec's and the back end's configuration applies.
+        transfer: part size, parallelism, retries and deadline of URL transfers.
 
     Example:
         >>> trainer = L.Trainer(plugins=[TorchkeepCheckpointIO()],
-        ...                     callbacks=[ModelCheckpoint(dirpath="ckpt", save_last=True)])
-        >>> trainer.fit(model, ckpt_path="last")
+        ...                     callbacks=[ModelCheckpoint(dirpath="s3://bucket/run",
+        ...                                                save_last=True)])
+        >>> trainer.fit(model, ckpt_path="s3://bucket/run/last.ckpt")
     """
 
     def __init__(
-        self, *, restore_rng: bool = True, hparams: Literal["strict", "drop"] = "strict"
+        self,
+        *,
+        restore_rng: bool = True,
+        hparams: Literal["strict", "drop"] = "strict",
+        storage_options: Mapping[str, Any] | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
         if hparams not in ("strict", "drop"):
             raise ValueError(f"hparams must be 'strict' or 'drop', not {hparams!r}")
         super().__init__()
         self.restore_rng = restore_rng
         self.hparams = hparams
+        self.storage_options = storage_options
+        self.transfer = transfer
 
     def save_checkpoint(
         self,
@@ -134,26 +157,39 @@ class TorchkeepCheckpointIO(CheckpointIO):
         path: str | os.PathLike[str],
         storage_options: Any | None = None,
     ) -> None:
-        """Commit ``checkpoint`` as the step directory ``path`` (replacing one atomically).
+        """Commit ``checkpoint`` as the step directory (or URL) ``path``, replacing one
+        atomically.
+
+        ``storage_options`` (passed by ``trainer.save_checkpoint(..., storage_options=...)``)
+        apply to this save of a URL, in place of the plugin's.
 
         Raises:
-            UnsupportedValueError: ``storage_options`` were given, or a value cannot be stored
-                without pickle (named by its path); nothing was written.
+            UnsupportedValueError: ``storage_options`` given for a local path, or a value
+                cannot be stored without pickle (named by its path); nothing was written.
             StorageFullError: the disk filled up; the previous checkpoint at ``path`` is intact.
+            RemoteStorageError, StepExistsError: the bucket failed for good, or another
+                writer replaced the step meanwhile; the previous checkpoint there is intact.
         """
-        if storage_options is not None:
+        if storage_options is not None and not is_remote(path):
             raise UnsupportedValueError(
-                f"TorchkeepCheckpointIO takes no storage_options (got {storage_options!r}) "
-                f"while saving {path}; leave them out"
+                f"TorchkeepCheckpointIO takes storage_options for URLs only (got "
+                f"{storage_options!r}) while saving the local path {path}; leave them out"
             )
-        self._commit(checkpoint, path, capture_rng=True)
+        options = self.storage_options if storage_options is None else storage_options
+        self._commit(checkpoint, path, capture_rng=True, storage_options=options)
 
     def _commit(
-        self, checkpoint: dict[Any, Any], path: str | os.PathLike[str], *, capture_rng: bool
+        self,
+        checkpoint: dict[Any, Any],
+        path: Location,
+        *,
+        capture_rng: bool,
+        storage_options: Mapping[str, Any] | None,
     ) -> None:
         values = encode_values(checkpoint, self.hparams)
         step = _steps.step_number(values.get("global_step"))
-        _steps.save_values(path, values, step=step, capture_rng=capture_rng)
+        where = locate(path, storage_options, self.transfer)
+        _steps.save_values(where, values, step=step, capture_rng=capture_rng)
 
     def load_checkpoint(
         self,
@@ -161,7 +197,8 @@ class TorchkeepCheckpointIO(CheckpointIO):
         map_location: Any | None = None,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Read and verify the step at ``path``; never unpickles, whatever ``weights_only``.
+        """Read and verify the step at ``path`` (a directory or a URL); never unpickles,
+        whatever ``weights_only``.
 
         Restores the random generators saved with it (unless ``restore_rng=False``).
 
@@ -171,16 +208,10 @@ class TorchkeepCheckpointIO(CheckpointIO):
                 :func:`convert_ckpt` first).
             CorruptFileError: a file of the step is damaged (nothing was restored).
         """
-        source = Path(path)
-        if source.is_file():
-            raise FileFormatError(
-                f"{source} is a file, not a torchkeep checkpoint step (a checkpoint Lightning "
-                "wrote with torch.save?); convert it once with "
-                f"torchkeep.integrations.lightning.convert_ckpt({str(source)!r}, 'new.ckpt')"
-            )
-        if not source.exists():
-            raise TorchkeepFileNotFoundError(f"checkpoint {source} does not exist")
-        values, states = _steps.load_values(source)
+        where = locate(path, self.storage_options, self.transfer)
+        if isinstance(where, Path):
+            _check_local_step(where)
+        values, states = _steps.load_values(where)
         values = decode_values(values)
         device = _device(map_location)
         if device is not None:
@@ -190,8 +221,21 @@ class TorchkeepCheckpointIO(CheckpointIO):
         return values
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Remove the checkpoint at ``path``: renamed out of sight first, then deleted."""
-        _steps.remove_step(path)
+        """Remove the checkpoint at ``path``: renamed out of sight first, then deleted (on
+        object storage: its manifest first, then its data)."""
+        _steps.remove_step(locate(path, self.storage_options, self.transfer))
+
+
+def _check_local_step(source: Path) -> None:
+    """Refuse a local ``source`` that is a file or missing, naming the fix."""
+    if source.is_file():
+        raise FileFormatError(
+            f"{source} is a file, not a torchkeep checkpoint step (a checkpoint Lightning "
+            "wrote with torch.save?); convert it once with "
+            f"torchkeep.integrations.lightning.convert_ckpt({str(source)!r}, 'new.ckpt')"
+        )
+    if not source.exists():
+        raise TorchkeepFileNotFoundError(f"checkpoint {source} does not exist")
 
 
 def convert_ckpt(
@@ -199,25 +243,38 @@ def convert_ckpt(
     destination: str | os.PathLike[str],
     *,
     hparams: Literal["strict", "drop"] = "strict",
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
+) -> Path | str:
     """Rewrite a ``.ckpt`` Lightning saved with ``torch.save`` as a torchkeep step.
 
     The file is scanned and read with the weights-only unpickler (nothing in it runs; a file
     that names code is refused). The result loads through :class:`TorchkeepCheckpointIO`
     (``trainer.fit(model, ckpt_path=destination)``); it holds no generator states, as the
-    source had none.
+    source had none. Either side may be a URL (``storage_options`` and ``transfer`` reach
+    whichever is).
+
+    Returns:
+        The destination: a ``Path``, or the URL as given.
 
     Raises:
         UnsafeCheckpointError: the file refers to code beyond tensors and containers.
         FileFormatError: the file holds no checkpoint dict.
     """
     from ..formats import torch_zip
+    from ..remote_files import check_options_used
 
-    data = torch_zip.load(Path(source), map_location="cpu")
+    check_options_used((source, destination), storage_options, transfer)
+    source_options = storage_options if is_remote(source) else None
+    with local_copy(source, source_options, transfer if is_remote(source) else None) as local:
+        data = torch_zip.load(local, map_location="cpu")
     if not isinstance(data, dict):
         raise FileFormatError(f"{source} holds a {type(data).__name__}, not a checkpoint dict")
-    TorchkeepCheckpointIO(hparams=hparams)._commit(data, destination, capture_rng=False)
-    return Path(destination)
+    remote = is_remote(destination)
+    plugin = TorchkeepCheckpointIO(hparams=hparams, transfer=transfer if remote else None)
+    options = storage_options if remote else None
+    plugin._commit(data, destination, capture_rng=False, storage_options=options)
+    return os.fspath(destination) if remote else Path(destination)
 
 
 def load_from_checkpoint(
@@ -226,14 +283,15 @@ def load_from_checkpoint(
     *,
     map_location: Any | None = None,
     strict: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """``cls.load_from_checkpoint(path)`` for a checkpoint written by the plugin.
 
     Lightning's own ``load_from_checkpoint`` reads files with ``torch.load``; this reads the
-    step (verified, no pickle), then builds the module from its hyper-parameters (``kwargs``
-    override them) and loads its weights with Lightning's own logic. The random generators are
-    left alone.
+    step (verified, no pickle; ``path`` may be a URL, with ``storage_options``), then builds
+    the module from its hyper-parameters (``kwargs`` override them) and loads its weights with
+    Lightning's own logic. The random generators are left alone.
 
     Raises:
         IntegrationError: this Lightning version lacks the loader it builds on.
@@ -250,5 +308,6 @@ def load_from_checkpoint(
             "this Lightning version has no lightning.pytorch.core.saving._load_state; build the "
             "module yourself and load TorchkeepCheckpointIO().load_checkpoint(path)['state_dict']"
         ) from None
-    checkpoint = TorchkeepCheckpointIO(restore_rng=False).load_checkpoint(path, map_location)
+    plugin = TorchkeepCheckpointIO(restore_rng=False, storage_options=storage_options)
+    checkpoint = plugin.load_checkpoint(path, map_location)
     return _load_state(cls, checkpoint, strict=strict, **kwargs)
