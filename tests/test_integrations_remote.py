@@ -22,7 +22,11 @@ import torchkeep as tk
 from tests.remote.proxy import FaultProxy
 from tests.remote.server import Bucket, create_bucket, s3_options
 from tests.test_integrations_lightning import _fit
-from torchkeep.integrations.lightning import TorchkeepCheckpointIO, convert_ckpt
+from torchkeep.integrations.lightning import (
+    TorchkeepCheckpointIO,
+    convert_ckpt,
+    last_checkpoint,
+)
 
 Proxied = tuple[FaultProxy, Bucket]
 MANIFEST = "manifest.json"
@@ -93,13 +97,19 @@ def test_fit_and_resume_on_the_bucket_equal_a_straight_local_run(
 ) -> None:
     """2 epochs to s3, then a new Trainer resumes from the bucket's last.ckpt to 4: every weight
     equals a straight local 4-epoch run's, and the bucket holds exactly the checkpoints the
-    local run kept (save_top_k=2 removed the others, data included)."""
+    local run kept (save_top_k=2 removed the others, data included). The resume path comes
+    from last_checkpoint(): Lightning's own ckpt_path="last" does not find checkpoints on
+    object storage (it looks the listed names up on the local disk; Lightning #18261)."""
     warnings.filterwarnings("ignore")
     local_dir = tmp_path / "local"
     straight = _fit(local_dir, 4, TorchkeepCheckpointIO())
+    assert last_checkpoint(local_dir) == str(local_dir / "last.ckpt")
     run = f"{configured_bucket.url}/run"
-    _fit(run, 2, TorchkeepCheckpointIO())
-    resumed = _fit(run, 4, TorchkeepCheckpointIO(), f"{run}/last.ckpt")
+    assert last_checkpoint(run) is None  # set and forget: the first run starts fresh
+    _fit(run, 2, TorchkeepCheckpointIO(), last_checkpoint(run))
+    resume_from = last_checkpoint(run)
+    assert resume_from == f"{run}/last.ckpt"
+    resumed = _fit(run, 4, TorchkeepCheckpointIO(), resume_from)
 
     for (name, a), (_, b) in zip(
         straight.state_dict().items(), resumed.state_dict().items(), strict=True

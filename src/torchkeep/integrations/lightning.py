@@ -25,6 +25,7 @@ for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +39,7 @@ from ..errors import (
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
 )
+from ..manifest import MANIFEST_NAME
 from ..remote_files import local_copy
 from ..storage.remote import is_remote
 from . import _hparams, _steps
@@ -56,11 +58,14 @@ __all__ = [
     "TorchkeepCheckpointIO",
     "TorchkeepModelParallelStrategy",
     "convert_ckpt",
+    "last_checkpoint",
     "load_from_checkpoint",
 ]
 
 # The keys of Lightning's checkpoint dict that hold the user's hyper-parameters.
 HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+# The names ModelCheckpoint gives its "last" checkpoints (last.ckpt, last-v1.ckpt).
+_LAST_NAME = re.compile(r"last(-v?[0-9]+)?\.ckpt")
 
 
 def __getattr__(name: str) -> Any:
@@ -275,6 +280,49 @@ def convert_ckpt(
     options = storage_options if remote else None
     plugin._commit(data, destination, capture_rng=False, storage_options=options)
     return os.fspath(destination) if remote else Path(destination)
+
+
+def last_checkpoint(
+    dirpath: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
+) -> str | None:
+    """The newest committed ``last*.ckpt`` step in ``dirpath`` (a folder or a URL), or None.
+
+    For ``trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))``: Lightning's own
+    ``ckpt_path="last"`` does not find checkpoints on object storage (its ``ModelCheckpoint``
+    lists the folder with fsspec, which returns names without ``s3://``, and then looks them up
+    on the local disk; Lightning issue #18261), so it warns and trains from scratch. Only
+    committed steps count (a manifest is there); the newest is the one whose manifest was
+    written last. The step is verified when it is loaded.
+
+    Raises:
+        StorageCapabilityError: options given with a local path.
+        RemoteStorageError: the listing failed for good.
+    """
+    from ..remote_files import remote_or_none
+
+    remote = remote_or_none(dirpath, storage_options, transfer)
+    if remote is None:
+        folder = Path(dirpath)
+        found = {
+            str(child): (child / MANIFEST_NAME).stat().st_mtime
+            for child in (folder.iterdir() if folder.is_dir() else ())
+            if _LAST_NAME.fullmatch(child.name) and (child / MANIFEST_NAME).is_file()
+        }
+    else:
+        from ..storage.store import ObjectStore
+
+        store = ObjectStore(remote.url, storage_options=storage_options, transfer=transfer)
+        found = {
+            store.url(key.split("/")[0]): modified
+            for key, modified in store.keys(maxdepth=2).items()
+            if key.count("/") == 1
+            and key.endswith("/" + MANIFEST_NAME)
+            and _LAST_NAME.fullmatch(key.split("/")[0])
+        }
+    return max(found, key=found.__getitem__) if found else None
 
 
 def load_from_checkpoint(
