@@ -218,6 +218,27 @@ def test_a_damaged_step_on_the_bucket_is_refused_naming_its_url(s3_bucket: Bucke
         plugin.load_checkpoint(url)
 
 
+def test_last_checkpoint_is_the_newest_committed_last_step(memory_bucket: Bucket) -> None:
+    import fsspec
+
+    run = f"{memory_bucket.url}/run"
+    plugin = TorchkeepCheckpointIO()
+    uncommitted = f"{run}/last.ckpt/0123456789abcdef/state.json"
+    fsspec.filesystem("memory").pipe_file(uncommitted, b"{}")  # a save killed before its manifest
+    plugin.save_checkpoint(_checkpoint(1), f"{run}/epoch=0-step=1.ckpt")
+    assert last_checkpoint(run) is None
+    plugin.save_checkpoint(_checkpoint(2), f"{run}/last-v1.ckpt")
+    plugin.save_checkpoint(_checkpoint(3), f"{run}/last.ckpt")
+    newest = last_checkpoint(run)
+    assert newest is not None
+    assert newest.endswith("/run/last.ckpt")
+    plugin.save_checkpoint(_checkpoint(4), f"{run}/last-v1.ckpt")  # its manifest is now newer
+    newest = last_checkpoint(run)
+    assert newest is not None
+    assert newest.endswith("/run/last-v1.ckpt")
+    assert plugin.load_checkpoint(newest)["global_step"] == 4
+
+
 def test_convert_ckpt_reads_and_writes_urls(s3_bucket: Bucket, tmp_path: Path) -> None:
     opts = s3_bucket.storage_options
     source = tmp_path / "plain.ckpt"
