@@ -14,7 +14,9 @@ the bucket with the object-storage commit (data under a fresh save id, manifest 
 re-saving ``last.ckpt`` replaces its manifest conditionally, so the previous ``last.ckpt``
 stays whole until the new one is complete). fsspec options come from the plugin's
 ``storage_options`` or from fsspec's and the back end's configuration (``FSSPEC_S3_*``,
-``AWS_*``), which Lightning's own ``ModelCheckpoint`` uses too.
+``AWS_*``), which Lightning's own ``ModelCheckpoint`` uses too. Lightning's
+``ckpt_path="last"`` does not find checkpoints on a bucket (Lightning #18261): resume with
+``ckpt_path=last_checkpoint("s3://bucket/run")``.
 
 Needs ``pip install 'torchkeep[lightning]'``. Single-process and DDP strategies (the plugin runs
 on global rank 0); sharded strategies (FSDP, ``ModelParallelStrategy``) bypass ``CheckpointIO``:
