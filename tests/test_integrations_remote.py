@@ -239,6 +239,22 @@ def test_last_checkpoint_is_the_newest_committed_last_step(memory_bucket: Bucket
     assert plugin.load_checkpoint(newest)["global_step"] == 4
 
 
+def test_a_crashed_saves_data_is_deleted_by_a_later_save_after_the_grace(
+    memory_bucket: Bucket,
+) -> None:
+    import fsspec
+
+    run = f"{memory_bucket.url}/run"
+    orphan = f"{run}/last.ckpt/0123456789abcdef/state.json"  # a save killed before its manifest
+    fsspec.filesystem("memory").pipe_file(orphan, b"{}")
+    TorchkeepCheckpointIO().save_checkpoint(_checkpoint(1), f"{run}/last.ckpt")
+    assert fsspec.filesystem("memory").exists(orphan)  # within the grace: a writer may be busy
+    plugin = TorchkeepCheckpointIO(transfer=tk.Transfer(orphan_grace_s=0))
+    plugin.save_checkpoint(_checkpoint(2), f"{run}/last.ckpt")
+    assert not fsspec.filesystem("memory").exists(orphan)
+    assert plugin.load_checkpoint(f"{run}/last.ckpt")["global_step"] == 2
+
+
 def test_convert_ckpt_reads_and_writes_urls(s3_bucket: Bucket, tmp_path: Path) -> None:
     opts = s3_bucket.storage_options
     source = tmp_path / "plain.ckpt"

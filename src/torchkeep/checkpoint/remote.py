@@ -101,6 +101,12 @@ class RemoteSteps:
         """The key prefix of ``step``: ``step-00000007``, or the fixed name."""
         return self.fixed_name if self.fixed_name is not None else step_name(step)
 
+    def step_of(self, folder: str) -> int | None:
+        """The step a folder name under the URL holds (0 for the fixed name), else None."""
+        if self.fixed_name is not None:
+            return 0 if folder == self.fixed_name else None
+        return parse_step(folder)
+
     def step_url(self, step: int) -> str:
         """The URL of ``step``'s prefix."""
         return self.store.url(self.name(step))
@@ -125,7 +131,7 @@ class RemoteSteps:
         with tempfile.TemporaryDirectory(prefix="torchkeep-list-") as scratch:
             folder = Path(scratch) if keep is None else keep
             for name in names:
-                step = parse_step(name)
+                step = self.step_of(name)
                 if step is None:
                     continue
                 try:
@@ -351,7 +357,7 @@ class RemoteSteps:
         newest: dict[tuple[str, str], float] = {}
         for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
-            if len(parts) == 3 and parse_step(parts[0]) is not None and _is_save_id(parts[1]):
+            if len(parts) == 3 and self.step_of(parts[0]) is not None and _is_save_id(parts[1]):
                 group = (parts[0], parts[1])
                 newest[group] = max(newest.get(group, float("-inf")), modified)
         removed = []

@@ -82,6 +82,7 @@ def save_values(
     metrics_field = {"metrics": dict(metrics or {})}
     if not isinstance(where, Path):
         where.commit(step, entries, overwrite=True, manifest_fields=metrics_field)
+        where.clean_orphans(where.committed())  # a crashed save's data, once past the grace
         return
     final = where
     final.parent.mkdir(parents=True, exist_ok=True)
