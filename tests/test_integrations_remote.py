@@ -239,6 +239,21 @@ def test_last_checkpoint_is_the_newest_committed_last_step(memory_bucket: Bucket
     assert plugin.load_checkpoint(newest)["global_step"] == 4
 
 
+def test_lightnings_own_last_lookup_still_loses_the_bucket(configured_bucket: Bucket) -> None:
+    """Why last_checkpoint() exists: ModelCheckpoint lists a remote dirpath with fsspec, which
+    returns names without 's3://', so Lightning's ckpt_path="last" looks them up on the local
+    disk and trains from scratch (Lightning #18261). When this fails, Lightning keeps the
+    scheme: check then that ckpt_path="last" works with torchkeep's folder-shaped steps (its
+    fs.modified() of a prefix raises IsADirectoryError on s3fs)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    run = f"{configured_bucket.url}/run"
+    TorchkeepCheckpointIO().save_checkpoint(_checkpoint(1), f"{run}/last.ckpt")
+    found = ModelCheckpoint(dirpath=run)._find_last_checkpoints(None)
+    assert found == {f"{run}/last.ckpt".removeprefix("s3://")}
+    assert last_checkpoint(run) == f"{run}/last.ckpt"
+
+
 def test_a_crashed_saves_data_is_deleted_by_a_later_save_after_the_grace(
     memory_bucket: Bucket,
 ) -> None:
