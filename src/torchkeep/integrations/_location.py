@@ -21,6 +21,7 @@ from ..storage.remote import is_remote
 
 if TYPE_CHECKING:
     from ..checkpoint.remote import RemoteSteps
+    from ..storage.store import ObjectStore
     from ..storage.transfer import Transfer
 
 Location = str | os.PathLike[str]
@@ -76,3 +77,21 @@ def locate(
             "(s3://bucket/run/last.ckpt)"
         )
     return RemoteSteps(parent, storage_options=storage_options, transfer=transfer, fixed_name=name)
+
+
+def folder(
+    location: Location,
+    storage_options: Mapping[str, Any] | None,
+    transfer: Transfer | None,
+) -> Path | ObjectStore:
+    """The folder at ``location`` to list: a local ``Path``, or the store rooted at the URL.
+
+    Raises:
+        StorageCapabilityError: options given with a local path.
+    """
+    remote = remote_or_none(location, storage_options, transfer)
+    if remote is None:
+        return Path(location)
+    from ..storage.store import ObjectStore
+
+    return ObjectStore(remote.url, storage_options=storage_options, transfer=transfer)

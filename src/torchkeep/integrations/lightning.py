@@ -45,7 +45,7 @@ from ..manifest import MANIFEST_NAME
 from ..remote_files import local_copy
 from ..storage.remote import is_remote
 from . import _hparams, _steps
-from ._location import Location, locate
+from ._location import Location, folder, locate
 from ._require import require
 
 require("lightning", extra="lightning", feature="torchkeep.integrations.lightning")
@@ -139,7 +139,7 @@ class TorchkeepCheckpointIO(CheckpointIO):
         >>> trainer = L.Trainer(plugins=[TorchkeepCheckpointIO()],
         ...                     callbacks=[ModelCheckpoint(dirpath="s3://bucket/run",
         ...                                                save_last=True)])
-        >>> trainer.fit(model, ckpt_path="s3://bucket/run/last.ckpt")
+        >>> trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))
     """
 
     def __init__(
@@ -173,6 +173,8 @@ class TorchkeepCheckpointIO(CheckpointIO):
         Raises:
             UnsupportedValueError: ``storage_options`` given for a local path, or a value
                 cannot be stored without pickle (named by its path); nothing was written.
+            StorageCapabilityError: the plugin's ``storage_options`` with a local path, or a
+                back end without a conditional replace; nothing was written.
             StorageFullError: the disk filled up; the previous checkpoint at ``path`` is intact.
             RemoteStorageError, StepExistsError: the bucket failed for good, or another
                 writer replaced the step meanwhile; the previous checkpoint there is intact.
@@ -303,20 +305,14 @@ def last_checkpoint(
         StorageCapabilityError: options given with a local path.
         RemoteStorageError: the listing failed for good.
     """
-    from ..remote_files import remote_or_none
-
-    remote = remote_or_none(dirpath, storage_options, transfer)
-    if remote is None:
-        folder = Path(dirpath)
+    store = folder(dirpath, storage_options, transfer)
+    if isinstance(store, Path):
         found = {
             str(child): (child / MANIFEST_NAME).stat().st_mtime
-            for child in (folder.iterdir() if folder.is_dir() else ())
+            for child in (store.iterdir() if store.is_dir() else ())
             if _LAST_NAME.fullmatch(child.name) and (child / MANIFEST_NAME).is_file()
         }
     else:
-        from ..storage.store import ObjectStore
-
-        store = ObjectStore(remote.url, storage_options=storage_options, transfer=transfer)
         found = {
             store.url(key.split("/")[0]): modified
             for key, modified in store.keys(maxdepth=2).items()
