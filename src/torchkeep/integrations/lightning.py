@@ -45,8 +45,9 @@ from ..manifest import MANIFEST_NAME
 from ..remote_files import local_copy
 from ..storage.remote import is_remote
 from . import _hparams, _steps
-from ._location import Location, folder, locate
+from ._location import folder, locate
 from ._require import require
+from ._steps import Where
 
 require("lightning", extra="lightning", feature="torchkeep.integrations.lightning")
 
@@ -185,19 +186,11 @@ class TorchkeepCheckpointIO(CheckpointIO):
                 f"{storage_options!r}) while saving the local path {path}; leave them out"
             )
         options = self.storage_options if storage_options is None else storage_options
-        self._commit(checkpoint, path, capture_rng=True, storage_options=options)
+        self._commit(checkpoint, locate(path, options, self.transfer), capture_rng=True)
 
-    def _commit(
-        self,
-        checkpoint: dict[Any, Any],
-        path: Location,
-        *,
-        capture_rng: bool,
-        storage_options: Mapping[str, Any] | None,
-    ) -> None:
+    def _commit(self, checkpoint: dict[Any, Any], where: Where, *, capture_rng: bool) -> None:
         values = encode_values(checkpoint, self.hparams)
         step = _steps.step_number(values.get("global_step"))
-        where = locate(path, storage_options, self.transfer)
         _steps.save_values(where, values, step=step, capture_rng=capture_rng)
 
     def load_checkpoint(
@@ -280,10 +273,9 @@ def convert_ckpt(
     if not isinstance(data, dict):
         raise FileFormatError(f"{source} holds a {type(data).__name__}, not a checkpoint dict")
     remote = is_remote(destination)
-    plugin = TorchkeepCheckpointIO(hparams=hparams, transfer=transfer if remote else None)
-    options = storage_options if remote else None
-    plugin._commit(data, destination, capture_rng=False, storage_options=options)
-    return os.fspath(destination) if remote else Path(destination)
+    where = locate(destination, *((storage_options, transfer) if remote else (None, None)))
+    TorchkeepCheckpointIO(hparams=hparams)._commit(data, where, capture_rng=False)
+    return where if isinstance(where, Path) else os.fspath(destination)
 
 
 def last_checkpoint(
