@@ -76,6 +76,9 @@ def step_name(step: int) -> str:
 class RemoteSteps:
     """The committed steps under one object-store URL: list, save, read, retire, clean.
 
+    With ``fixed_name``, every step number maps to the one step folder of that name under
+    the URL (a framework's ``last.ckpt``): saved, read and retired as a step is.
+
     Raises:
         StorageCapabilityError: the back end cannot create exclusively (and no single writer
             was declared).
@@ -87,14 +90,26 @@ class RemoteSteps:
         *,
         storage_options: Mapping[str, Any] | None = None,
         transfer: Transfer | None = None,
+        fixed_name: str | None = None,
     ) -> None:
         self.store = ObjectStore(url, storage_options=storage_options, transfer=transfer)
         self.store.exclusive_creator()  # refuse a back end that cannot commit, before any save
         self.url = self.store.url()
+        self.fixed_name = fixed_name
+
+    def name(self, step: int) -> str:
+        """The key prefix of ``step``: ``step-00000007``, or the fixed name."""
+        return self.fixed_name if self.fixed_name is not None else step_name(step)
+
+    def step_of(self, folder: str) -> int | None:
+        """The step a folder name under the URL holds (0 for the fixed name), else None."""
+        if self.fixed_name is not None:
+            return 0 if folder == self.fixed_name else None
+        return parse_step(folder)
 
     def step_url(self, step: int) -> str:
         """The URL of ``step``'s prefix."""
-        return self.store.url(step_name(step))
+        return self.store.url(self.name(step))
 
     # ------------------------------------------------------------------------------------
     # listing
@@ -116,7 +131,7 @@ class RemoteSteps:
         with tempfile.TemporaryDirectory(prefix="torchkeep-list-") as scratch:
             folder = Path(scratch) if keep is None else keep
             for name in names:
-                step = parse_step(name)
+                step = self.step_of(name)
                 if step is None:
                     continue
                 try:
@@ -138,7 +153,7 @@ class RemoteSteps:
 
     def exists(self, step: int) -> bool:
         """Whether ``step`` has a manifest now (valid or not)."""
-        return self.store.exists(f"{step_name(step)}/{MANIFEST_NAME}")
+        return self.store.exists(f"{self.name(step)}/{MANIFEST_NAME}")
 
     def _manifest(self, step: int, scratch: Path) -> dict[str, Any]:
         """Fetch and check ``step``'s manifest into ``scratch/step-<n>/`` (which it creates).
@@ -147,7 +162,7 @@ class RemoteSteps:
             StepVanishedError: there is no manifest (now).
             CorruptFileError: the manifest is invalid.
         """
-        name = step_name(step)
+        name = self.name(step)
         local = scratch / name
         local.mkdir(exist_ok=True)
         try:
@@ -167,7 +182,7 @@ class RemoteSteps:
         step without one (a local step folder uploaded with ``aws s3 sync``: its files lie
         next to its manifest)."""
         data = manifest.get("data")
-        return step_name(step) if data is None else f"{step_name(step)}/{data}"
+        return self.name(step) if data is None else f"{self.name(step)}/{data}"
 
     # ------------------------------------------------------------------------------------
     # saving
@@ -216,7 +231,7 @@ class RemoteSteps:
                 "overwrite=True to replace it, or save under another step"
             )
         save_id = secrets.token_hex(_SAVE_ID_BYTES)
-        return Upload(step, save_id, f"{step_name(step)}/{save_id}", previous)
+        return Upload(step, save_id, f"{self.name(step)}/{save_id}", previous)
 
     def abort(self, upload: Upload) -> None:
         """Delete what a failed save uploaded (best effort: else an orphan for a later save)."""
@@ -244,7 +259,7 @@ class RemoteSteps:
             kind=KIND,
             files=files,
             format_version=format_version,
-            source=self.store.url(f"{step_name(step)}/{MANIFEST_NAME}"),
+            source=self.store.url(f"{self.name(step)}/{MANIFEST_NAME}"),
             step=step,
             data=upload.save_id,
             **manifest_fields,
@@ -256,7 +271,7 @@ class RemoteSteps:
         if previous is not None:
             with contextlib.suppress(Exception):  # an orphan for a later save otherwise
                 if previous[1] is not None:
-                    self.store.delete_prefix(f"{step_name(step)}/{previous[1]}")
+                    self.store.delete_prefix(f"{self.name(step)}/{previous[1]}")
                 else:
                     self._delete_loose_files(step)
 
@@ -264,14 +279,14 @@ class RemoteSteps:
         """Delete the objects right under ``step``'s prefix but its manifest: the files of a
         step uploaded from a local folder (no save id), which this save replaced; the new
         manifest lists only objects under its own save id."""
-        name = step_name(step)
+        name = self.name(step)
         for key in self.store.keys(name):
             if key.count("/") == 1 and key != f"{name}/{MANIFEST_NAME}":
                 self.store.delete(key)
 
     def _previous(self, step: int) -> tuple[str, str | None] | None:
         """``(version, save id)`` of the manifest ``step`` has now, None when it has none."""
-        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        key = f"{self.name(step)}/{MANIFEST_NAME}"
         self.store.replacer()  # refuse overwrite=True on a back end that cannot do it
         try:
             version = self.store.version(key)  # first: a change after it fails the replace
@@ -298,7 +313,7 @@ class RemoteSteps:
     def _commit_manifest(
         self, step: int, prefix: str, manifest: bytes, previous: tuple[str, str | None] | None
     ) -> None:
-        key = f"{step_name(step)}/{MANIFEST_NAME}"
+        key = f"{self.name(step)}/{MANIFEST_NAME}"
         try:
             if previous is None:
                 self.store.create_exclusive(key, manifest)
@@ -339,9 +354,13 @@ class RemoteSteps:
     def retire(self, infos: Sequence[StepInfo]) -> None:
         """Delete steps: each manifest first (the step disappears at once), then its data."""
         for info in infos:
-            name = step_name(info.step)
-            self.store.delete(f"{name}/{MANIFEST_NAME}")
-            self.store.delete_prefix(name)
+            self.retire_step(info.step)
+
+    def retire_step(self, step: int) -> None:
+        """Delete ``step``: its manifest first (it disappears at once), then its data."""
+        name = self.name(step)
+        self.store.delete(f"{name}/{MANIFEST_NAME}")
+        self.store.delete_prefix(name)
 
     def clean_orphans(self, committed: Sequence[StepInfo]) -> list[str]:
         """Delete save-id prefixes no committed manifest references and incomplete multipart
@@ -349,11 +368,11 @@ class RemoteSteps:
         uploading); return the URLs of what was deleted."""
         grace = self.store.transfer.orphan_grace_s
         now = time.time()
-        referenced = {(step_name(info.step), info.manifest.get("data")) for info in committed}
+        referenced = {(self.name(info.step), info.manifest.get("data")) for info in committed}
         # a step uploaded from a local folder lists objects right under its prefix: a name
         # there is never deleted as a prefix (a listed object named like a save id)
         referenced |= {
-            (step_name(info.step), file)
+            (self.name(info.step), file)
             for info in committed
             if "data" not in info.manifest
             for file in info.manifest["files"]
@@ -361,7 +380,7 @@ class RemoteSteps:
         newest: dict[tuple[str, str], float] = {}
         for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
-            if len(parts) == 3 and parse_step(parts[0]) is not None and _is_save_id(parts[1]):
+            if len(parts) == 3 and self.step_of(parts[0]) is not None and _is_save_id(parts[1]):
                 group = (parts[0], parts[1])
                 newest[group] = max(newest.get(group, float("-inf")), modified)
         removed = []
@@ -399,7 +418,7 @@ class RemoteSteps:
         """
         with self.store.deadline():
             manifest = self._manifest(step, scratch)
-            local = scratch / step_name(step)
+            local = scratch / self.name(step)
             missing = self.fetch_files(step, manifest, local, only=only)
             if missing and self._replaced(step, local / MANIFEST_NAME):
                 raise StepVanishedError(
@@ -444,7 +463,7 @@ class RemoteSteps:
     def _replaced(self, step: int, used: Path) -> bool:
         """Whether ``step``'s manifest is gone or differs from the copy at ``used``."""
         try:
-            return self.store.read(f"{step_name(step)}/{MANIFEST_NAME}") != used.read_bytes()
+            return self.store.read(f"{self.name(step)}/{MANIFEST_NAME}") != used.read_bytes()
         except FileNotFoundError:
             return True
 

@@ -8,6 +8,11 @@ after the new one is committed, where Accelerate deletes old folders before it s
 the models' weights then go through torchkeep (safetensors written atomically, tied weights
 kept tied, read back without executing anything) while Accelerate writes its other files.
 
+:func:`save_state` and :func:`load_state` take a URL (``s3://bucket/run``) as the
+``CheckpointManager`` does, with ``storage_options`` and ``transfer``. Accelerate's own
+``save_state(output_dir)`` writes local folders only, so the weight hooks refuse a URL
+(``tk.StorageCapabilityError``) instead of writing a local folder named ``s3:``.
+
 Needs ``pip install 'torchkeep[accelerate]'``. Single process; several processes need the
 distributed checkpoint writer.
 """
@@ -17,12 +22,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import CheckpointManager, Restored
 from ..errors import IntegrationError
 from ..weights import load_weights, save_weights
+from ._location import local_path
 from ._require import require
+
+if TYPE_CHECKING:
+    from ..storage.transfer import Transfer
 
 require("accelerate", extra="accelerate", feature="torchkeep.integrations.accelerate")
 
@@ -92,22 +101,25 @@ def save_state(
     dataloader: Any = None,
     metrics: Mapping[str, Any] | None = None,
     keep_last: int | None = 3,
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
     **extra: Any,
-) -> Path:
+) -> Path | str:
     """Save the training state as ``directory/step-<step>/`` (see the module docstring).
 
     Args:
         accelerator: the ``Accelerator`` the objects were prepared with.
-        directory: the checkpoint folder.
+        directory: the checkpoint folder, local or a URL.
         step: the step number.
         model, optimizer, scheduler: the prepared objects (the model is unwrapped).
         dataloader: the prepared training dataloader (its sampler position is kept).
         metrics: numbers recorded in the manifest.
         keep_last: how many steps to keep (older ones are retired after the commit).
+        storage_options, transfer: for a URL, as for :class:`~torchkeep.CheckpointManager`.
         **extra: plain values (``epoch=3``), returned in ``Restored.extra``.
 
     Returns:
-        The committed step directory.
+        The committed step directory (its URL for a URL).
 
     Raises:
         IntegrationError: more than one process.
@@ -119,8 +131,10 @@ def save_state(
     """
     _check_single_process(accelerator)
     objects = _objects(accelerator, model, optimizer, scheduler, dataloader)
-    with CheckpointManager(directory, keep_last=keep_last) as manager:
-        return Path(manager.save(step, metrics=metrics, **objects, **extra))  # a local folder
+    with CheckpointManager(
+        directory, keep_last=keep_last, storage_options=storage_options, transfer=transfer
+    ) as manager:
+        return manager.save(step, metrics=metrics, **objects, **extra)
 
 
 def load_state(
@@ -133,8 +147,11 @@ def load_state(
     scheduler: Any = None,
     dataloader: Any = None,
     restore_rng: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
 ) -> Restored:
-    """Restore the newest valid step (or ``step``) of ``directory`` into the given objects.
+    """Restore the newest valid step (or ``step``) of ``directory`` (local or a URL) into the
+    given objects.
 
     Every file is verified before anything changes; a damaged newest step is skipped with a
     warning. Pass the same objects as to :func:`save_state`.
@@ -148,7 +165,9 @@ def load_state(
     """
     _check_single_process(accelerator)
     objects = _objects(accelerator, model, optimizer, scheduler, dataloader)
-    manager = CheckpointManager(directory, keep_last=None)
+    manager = CheckpointManager(
+        directory, keep_last=None, storage_options=storage_options, transfer=transfer
+    )
     return manager.restore(step, restore_rng=restore_rng, **objects)
 
 
@@ -161,19 +180,33 @@ def use_torchkeep_for_weights(accelerator: Accelerator) -> None:
     """Make ``accelerator.save_state()``/``load_state()`` write and read model weights through
     torchkeep; Accelerate keeps writing its other files (optimizer, scheduler, RNG) itself.
 
+    Accelerate writes ``output_dir`` as a local folder, so a URL there is refused
+    (:class:`~torchkeep.StorageCapabilityError`) before any weights are written; use
+    :func:`save_state` with the URL instead.
+
     Example:
         >>> use_torchkeep_for_weights(accelerator)
         >>> accelerator.save_state("ckpt")
     """
 
+    def folder(location: str) -> Path:
+        return local_path(
+            location,
+            feature="accelerator.save_state()/load_state()",
+            fix="use torchkeep.integrations.accelerate.save_state(accelerator, url, step, ...) "
+            "and load_state(), which write and read steps on object storage",
+        )
+
     def save_hook(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+        directory = folder(output_dir)
         for index, state in enumerate(weights):
-            save_weights(state, Path(output_dir) / _weights_name(index))
+            save_weights(state, directory / _weights_name(index))
         weights.clear()  # Accelerate writes no model file of its own
 
     def load_hook(models: list[Any], input_dir: str) -> None:
+        directory = folder(input_dir)
         for index, model in enumerate(models):
-            load_weights(accelerator.unwrap_model(model), Path(input_dir) / _weights_name(index))
+            load_weights(accelerator.unwrap_model(model), directory / _weights_name(index))
         models.clear()  # Accelerate loads none itself
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -9,6 +9,15 @@ whatever ``weights_only`` says. The random generators, which Lightning does not 
 captured with every save and restored on load, so a resumed run is bit-identical to an
 uninterrupted one.
 
+A ``dirpath`` on object storage (``ModelCheckpoint(dirpath="s3://bucket/run")``) gets steps on
+the bucket with the object-storage commit (data under a fresh save id, manifest created last;
+re-saving ``last.ckpt`` replaces its manifest conditionally, so the previous ``last.ckpt``
+stays whole until the new one is complete). fsspec options come from the plugin's
+``storage_options`` or from fsspec's and the back end's configuration (``FSSPEC_S3_*``,
+``AWS_*``), which Lightning's own ``ModelCheckpoint`` uses too. Lightning's
+``ckpt_path="last"`` does not find checkpoints on a bucket (Lightning #18261): resume with
+``ckpt_path=last_checkpoint("s3://bucket/run")``.
+
 Needs ``pip install 'torchkeep[lightning]'``. Single-process and DDP strategies (the plugin runs
 on global rank 0); sharded strategies (FSDP, ``ModelParallelStrategy``) bypass ``CheckpointIO``:
 for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
@@ -18,6 +27,8 @@ for FSDP2/TP use ``Trainer(strategy=TorchkeepModelParallelStrategy())`` (from
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,25 +41,34 @@ from ..errors import (
     TorchkeepFileNotFoundError,
     UnsupportedValueError,
 )
+from ..manifest import MANIFEST_NAME
+from ..remote_files import local_copy
+from ..storage.remote import is_remote
 from . import _hparams, _steps
+from ._location import folder, locate
 from ._require import require
+from ._steps import Where
 
 require("lightning", extra="lightning", feature="torchkeep.integrations.lightning")
 
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
 
 if TYPE_CHECKING:
+    from ..storage.transfer import Transfer
     from .lightning_sharded import TorchkeepModelParallelStrategy
 
 __all__ = [
     "TorchkeepCheckpointIO",
     "TorchkeepModelParallelStrategy",
     "convert_ckpt",
+    "last_checkpoint",
     "load_from_checkpoint",
 ]
 
 # The keys of Lightning's checkpoint dict that hold the user's hyper-parameters.
 HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+# The names ModelCheckpoint gives its "last" checkpoints (last.ckpt, last-v1.ckpt).
+_LAST_NAME = re.compile(r"last(-v?[0-9]+)?\.ckpt")
 
 
 def __getattr__(name: str) -> Any:
@@ -112,21 +132,32 @@ class TorchkeepCheckpointIO(CheckpointIO):
         hparams: ``"strict"`` stores ``argparse.Namespace`` and dataclass hyper-parameters as
             data and refuses any other value that cannot be stored without pickle, naming its
             path, before anything is written; ``"drop"`` leaves such values out with a warning.
+        storage_options: fsspec options for checkpoints on URLs (``endpoint_url``,
+            credentials); without them fsspec's and the back end's configuration applies.
+        transfer: part size, parallelism, retries and deadline of URL transfers.
 
     Example:
         >>> trainer = L.Trainer(plugins=[TorchkeepCheckpointIO()],
-        ...                     callbacks=[ModelCheckpoint(dirpath="ckpt", save_last=True)])
-        >>> trainer.fit(model, ckpt_path="last")
+        ...                     callbacks=[ModelCheckpoint(dirpath="s3://bucket/run",
+        ...                                                save_last=True)])
+        >>> trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))
     """
 
     def __init__(
-        self, *, restore_rng: bool = True, hparams: Literal["strict", "drop"] = "strict"
+        self,
+        *,
+        restore_rng: bool = True,
+        hparams: Literal["strict", "drop"] = "strict",
+        storage_options: Mapping[str, Any] | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
         if hparams not in ("strict", "drop"):
             raise ValueError(f"hparams must be 'strict' or 'drop', not {hparams!r}")
         super().__init__()
         self.restore_rng = restore_rng
         self.hparams = hparams
+        self.storage_options = storage_options
+        self.transfer = transfer
 
     def save_checkpoint(
         self,
@@ -134,26 +165,33 @@ class TorchkeepCheckpointIO(CheckpointIO):
         path: str | os.PathLike[str],
         storage_options: Any | None = None,
     ) -> None:
-        """Commit ``checkpoint`` as the step directory ``path`` (replacing one atomically).
+        """Commit ``checkpoint`` as the step directory (or URL) ``path``, replacing one
+        atomically.
+
+        ``storage_options`` (passed by ``trainer.save_checkpoint(..., storage_options=...)``)
+        apply to this save of a URL, in place of the plugin's.
 
         Raises:
-            UnsupportedValueError: ``storage_options`` were given, or a value cannot be stored
-                without pickle (named by its path); nothing was written.
+            UnsupportedValueError: ``storage_options`` given for a local path, or a value
+                cannot be stored without pickle (named by its path); nothing was written.
+            StorageCapabilityError: the plugin's ``storage_options`` with a local path, or a
+                back end without a conditional replace; nothing was written.
             StorageFullError: the disk filled up; the previous checkpoint at ``path`` is intact.
+            RemoteStorageError, StepExistsError: the bucket failed for good, or another
+                writer replaced the step meanwhile; the previous checkpoint there is intact.
         """
-        if storage_options is not None:
+        if storage_options is not None and not is_remote(path):
             raise UnsupportedValueError(
-                f"TorchkeepCheckpointIO takes no storage_options (got {storage_options!r}) "
-                f"while saving {path}; leave them out"
+                f"TorchkeepCheckpointIO takes storage_options for URLs only (got "
+                f"{storage_options!r}) while saving the local path {path}; leave them out"
             )
-        self._commit(checkpoint, path, capture_rng=True)
+        options = self.storage_options if storage_options is None else storage_options
+        self._commit(checkpoint, locate(path, options, self.transfer), capture_rng=True)
 
-    def _commit(
-        self, checkpoint: dict[Any, Any], path: str | os.PathLike[str], *, capture_rng: bool
-    ) -> None:
+    def _commit(self, checkpoint: dict[Any, Any], where: Where, *, capture_rng: bool) -> None:
         values = encode_values(checkpoint, self.hparams)
         step = _steps.step_number(values.get("global_step"))
-        _steps.save_values(path, values, step=step, capture_rng=capture_rng)
+        _steps.save_values(where, values, step=step, capture_rng=capture_rng)
 
     def load_checkpoint(
         self,
@@ -161,7 +199,8 @@ class TorchkeepCheckpointIO(CheckpointIO):
         map_location: Any | None = None,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Read and verify the step at ``path``; never unpickles, whatever ``weights_only``.
+        """Read and verify the step at ``path`` (a directory or a URL); never unpickles,
+        whatever ``weights_only``.
 
         Restores the random generators saved with it (unless ``restore_rng=False``).
 
@@ -171,16 +210,10 @@ class TorchkeepCheckpointIO(CheckpointIO):
                 :func:`convert_ckpt` first).
             CorruptFileError: a file of the step is damaged (nothing was restored).
         """
-        source = Path(path)
-        if source.is_file():
-            raise FileFormatError(
-                f"{source} is a file, not a torchkeep checkpoint step (a checkpoint Lightning "
-                "wrote with torch.save?); convert it once with "
-                f"torchkeep.integrations.lightning.convert_ckpt({str(source)!r}, 'new.ckpt')"
-            )
-        if not source.exists():
-            raise TorchkeepFileNotFoundError(f"checkpoint {source} does not exist")
-        values, states = _steps.load_values(source)
+        where = locate(path, self.storage_options, self.transfer)
+        if isinstance(where, Path):
+            _check_local_step(where)
+        values, states = _steps.load_values(where)
         values = decode_values(values)
         device = _device(map_location)
         if device is not None:
@@ -190,8 +223,21 @@ class TorchkeepCheckpointIO(CheckpointIO):
         return values
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Remove the checkpoint at ``path``: renamed out of sight first, then deleted."""
-        _steps.remove_step(path)
+        """Remove the checkpoint at ``path``: renamed out of sight first, then deleted (on
+        object storage: its manifest first, then its data)."""
+        _steps.remove_step(locate(path, self.storage_options, self.transfer))
+
+
+def _check_local_step(source: Path) -> None:
+    """Refuse a local ``source`` that is a file or missing, naming the fix."""
+    if source.is_file():
+        raise FileFormatError(
+            f"{source} is a file, not a torchkeep checkpoint step (a checkpoint Lightning "
+            "wrote with torch.save?); convert it once with "
+            f"torchkeep.integrations.lightning.convert_ckpt({str(source)!r}, 'new.ckpt')"
+        )
+    if not source.exists():
+        raise TorchkeepFileNotFoundError(f"checkpoint {source} does not exist")
 
 
 def convert_ckpt(
@@ -199,25 +245,74 @@ def convert_ckpt(
     destination: str | os.PathLike[str],
     *,
     hparams: Literal["strict", "drop"] = "strict",
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
+) -> Path | str:
     """Rewrite a ``.ckpt`` Lightning saved with ``torch.save`` as a torchkeep step.
 
     The file is scanned and read with the weights-only unpickler (nothing in it runs; a file
     that names code is refused). The result loads through :class:`TorchkeepCheckpointIO`
     (``trainer.fit(model, ckpt_path=destination)``); it holds no generator states, as the
-    source had none.
+    source had none. Either side may be a URL (``storage_options`` and ``transfer`` reach
+    whichever is).
+
+    Returns:
+        The destination: a ``Path``, or the URL as given.
 
     Raises:
         UnsafeCheckpointError: the file refers to code beyond tensors and containers.
         FileFormatError: the file holds no checkpoint dict.
     """
     from ..formats import torch_zip
+    from ..remote_files import check_options_used
 
-    data = torch_zip.load(Path(source), map_location="cpu")
+    check_options_used((source, destination), storage_options, transfer)
+    source_options = storage_options if is_remote(source) else None
+    with local_copy(source, source_options, transfer if is_remote(source) else None) as local:
+        data = torch_zip.load(local, map_location="cpu")
     if not isinstance(data, dict):
         raise FileFormatError(f"{source} holds a {type(data).__name__}, not a checkpoint dict")
-    TorchkeepCheckpointIO(hparams=hparams)._commit(data, destination, capture_rng=False)
-    return Path(destination)
+    remote = is_remote(destination)
+    where = locate(destination, *((storage_options, transfer) if remote else (None, None)))
+    TorchkeepCheckpointIO(hparams=hparams)._commit(data, where, capture_rng=False)
+    return where if isinstance(where, Path) else os.fspath(destination)
+
+
+def last_checkpoint(
+    dirpath: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    transfer: Transfer | None = None,
+) -> str | None:
+    """The newest committed ``last*.ckpt`` step in ``dirpath`` (a folder or a URL), or None.
+
+    For ``trainer.fit(model, ckpt_path=last_checkpoint("s3://bucket/run"))``: Lightning's own
+    ``ckpt_path="last"`` does not find checkpoints on object storage (its ``ModelCheckpoint``
+    lists the folder with fsspec, which returns names without ``s3://``, and then looks them up
+    on the local disk; Lightning issue #18261), so it warns and trains from scratch. Only
+    committed steps count (a manifest is there); the newest is the one whose manifest was
+    written last. The step is verified when it is loaded.
+
+    Raises:
+        StorageCapabilityError: options given with a local path.
+        RemoteStorageError: the listing failed for good.
+    """
+    store = folder(dirpath, storage_options, transfer)
+    if isinstance(store, Path):
+        found = {
+            str(child): (child / MANIFEST_NAME).stat().st_mtime
+            for child in (store.iterdir() if store.is_dir() else ())
+            if _LAST_NAME.fullmatch(child.name) and (child / MANIFEST_NAME).is_file()
+        }
+    else:
+        found = {
+            store.url(key.split("/")[0]): modified
+            for key, modified in store.keys(maxdepth=2).items()
+            if key.count("/") == 1
+            and key.endswith("/" + MANIFEST_NAME)
+            and _LAST_NAME.fullmatch(key.split("/")[0])
+        }
+    return max(found, key=found.__getitem__) if found else None
 
 
 def load_from_checkpoint(
@@ -226,14 +321,15 @@ def load_from_checkpoint(
     *,
     map_location: Any | None = None,
     strict: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """``cls.load_from_checkpoint(path)`` for a checkpoint written by the plugin.
 
     Lightning's own ``load_from_checkpoint`` reads files with ``torch.load``; this reads the
-    step (verified, no pickle), then builds the module from its hyper-parameters (``kwargs``
-    override them) and loads its weights with Lightning's own logic. The random generators are
-    left alone.
+    step (verified, no pickle; ``path`` may be a URL, with ``storage_options``), then builds
+    the module from its hyper-parameters (``kwargs`` override them) and loads its weights with
+    Lightning's own logic. The random generators are left alone.
 
     Raises:
         IntegrationError: this Lightning version lacks the loader it builds on.
@@ -250,5 +346,6 @@ def load_from_checkpoint(
             "this Lightning version has no lightning.pytorch.core.saving._load_state; build the "
             "module yourself and load TorchkeepCheckpointIO().load_checkpoint(path)['state_dict']"
         ) from None
-    checkpoint = TorchkeepCheckpointIO(restore_rng=False).load_checkpoint(path, map_location)
+    plugin = TorchkeepCheckpointIO(restore_rng=False, storage_options=storage_options)
+    checkpoint = plugin.load_checkpoint(path, map_location)
     return _load_state(cls, checkpoint, strict=strict, **kwargs)

@@ -11,6 +11,11 @@ random generators are stored and restored, and rank 0 commits the step (manifest
 rename or exchange) only after every rank has written. Loading verifies every chunk on every
 rank before anything changes and never unpickles.
 
+A ``dirpath`` on object storage is refused (:class:`~torchkeep.StorageCapabilityError`, naming
+the URL) before anything is written: Lightning's checkpoint calls hand this strategy a path the
+sharded step layer writes as a local (or shared-filesystem) folder. For sharded steps on a
+bucket, save with ``tk.CheckpointManager("s3://...")`` from the module's hooks instead.
+
 Needs ``pip install 'torchkeep[lightning]'``.
 """
 
@@ -22,6 +27,7 @@ from typing import Any, Literal
 
 from ..errors import UnsupportedValueError
 from . import _steps
+from ._location import Location, local_path
 from ._require import require
 
 require("lightning", extra="lightning", feature="torchkeep.integrations.lightning_sharded")
@@ -90,6 +96,15 @@ class TorchkeepModelParallelStrategy(ModelParallelStrategy):
         self.checkpoint_timeout = checkpoint_timeout
         self._session: DistributedSession | None = None
 
+    def _local(self, location: Location) -> Path:
+        """``location`` as a local path; a URL is refused (the same on every rank)."""
+        return local_path(
+            location,
+            feature=type(self).__name__,
+            fix="use a local or shared-filesystem dirpath, or save sharded steps to the bucket "
+            "with tk.CheckpointManager('s3://...') (collective, every rank uploads its shard)",
+        )
+
     def _checkpoint_session(self, path: Path) -> DistributedSession:
         """The session over the checkpoint group (made on first use, on every rank)."""
         if self._session is None:
@@ -116,6 +131,7 @@ class TorchkeepModelParallelStrategy(ModelParallelStrategy):
             UnsupportedValueError: ``storage_options`` were given, or a value cannot be stored
                 without pickle (named by its path), or an entry differs between ranks; on
                 every rank, nothing written.
+            StorageCapabilityError: ``filepath`` is a URL; on every rank, nothing written.
             DistributedCheckpointError: a rank failed while writing; nothing committed.
         """
         if storage_options is not None:
@@ -123,7 +139,7 @@ class TorchkeepModelParallelStrategy(ModelParallelStrategy):
                 f"{type(self).__name__} takes no storage_options (got {storage_options!r}) "
                 f"while saving {filepath}; leave them out"
             )
-        path = Path(self.broadcast(str(filepath)))
+        path = self._local(self.broadcast(os.fspath(filepath)))
         session = self._checkpoint_session(path)
         step = _steps.step_number(checkpoint.get("global_step"))
         prepared, error = None, None
@@ -151,7 +167,7 @@ class TorchkeepModelParallelStrategy(ModelParallelStrategy):
             CorruptFileError: a file of the step is damaged (nothing was restored).
             StateDictMismatchError: the step does not fit the model or optimizers.
         """
-        path = Path(self.broadcast(str(checkpoint_path)))
+        path = self._local(self.broadcast(os.fspath(checkpoint_path)))
         session = self._checkpoint_session(path)
         targets = {"model": self.model, "optimizer": list(self.optimizers) or None}
         strict = self.lightning_module.strict_loading if self.lightning_module else True
@@ -165,8 +181,9 @@ class TorchkeepModelParallelStrategy(ModelParallelStrategy):
 
     def remove_checkpoint(self, filepath: str | os.PathLike[str]) -> None:
         """Remove the step at ``filepath`` on rank 0: renamed out of sight, then deleted."""
+        path = self._local(filepath)
         if self.is_global_zero:
-            _steps.remove_step(filepath)
+            _steps.remove_step(path)
 
     def teardown(self) -> None:
         """Lightning's teardown; the checkpoint group goes with the process group."""

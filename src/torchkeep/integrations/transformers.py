@@ -13,6 +13,12 @@ JSON, plus ``trainer_state.json``) and resumes from it bit-identically: no pickl
 read. It overrides private ``Trainer`` methods, so it runs only on the tested transformers
 versions (:data:`TESTED_VERSIONS`), single-process, without DeepSpeed or FSDP.
 
+The ``Trainer`` writes ``output_dir`` as a local folder: given ``s3://bucket/run`` it makes
+the local folder ``s3:/bucket/run`` and its checkpoints never reach the bucket. Every entry
+point here refuses a URL (:class:`~torchkeep.StorageCapabilityError`, naming it) instead:
+train into a local ``output_dir`` and copy the checkpoints you keep to the bucket
+(``tk.CheckpointManager("s3://...")`` or ``push_to_hub``).
+
 Needs ``pip install 'torchkeep[transformers]'``.
 """
 
@@ -32,6 +38,7 @@ from ..errors import IntegrationError, TorchkeepFileNotFoundError
 from ..manifest import MANIFEST_NAME, declared_format
 from ..verify import verify
 from . import _seal, _steps
+from ._location import Location, local_path
 from ._require import require
 
 require("transformers", extra="transformers", feature="torchkeep.integrations.transformers")
@@ -55,6 +62,17 @@ TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_DIR = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-([0-9]+)")
 
 
+def _local(location: Location, feature: str) -> Path:
+    """``location`` as a local path; a URL is refused (the ``Trainer`` writes local folders)."""
+    return local_path(
+        location,
+        feature=feature,
+        fix="the Hugging Face Trainer writes output_dir as a local folder; train into a local "
+        "output_dir and copy the checkpoints to the bucket (tk.CheckpointManager('s3://...') "
+        "or push_to_hub)",
+    )
+
+
 class TorchkeepSealCallback(TrainerCallback):
     """Seals each ``checkpoint-N`` folder right after the ``Trainer`` wrote it.
 
@@ -65,6 +83,12 @@ class TorchkeepSealCallback(TrainerCallback):
     folders before this callback runs.
     """
 
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Refuse a URL ``output_dir`` before training starts (the ``Trainer`` would write
+        a local folder named ``s3:``)."""
+        _local(args.output_dir, "TorchkeepSealCallback")
+        return control
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Seal the folder of ``state.global_step`` (on the main process, after every
         process has written its files)."""
@@ -73,7 +97,8 @@ class TorchkeepSealCallback(TrainerCallback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            output_dir = _local(args.output_dir, "TorchkeepSealCallback")
+            folder = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if folder.is_dir():
                 _seal.seal(folder)
             else:
@@ -87,8 +112,11 @@ def checkpoint_problems(folder: str | os.PathLike[str]) -> list[str]:
     A folder sealed by :class:`TorchkeepSealCallback` and a step written by
     :class:`TorchkeepTrainer` are checked against their manifests (every file's size and hash);
     anything else counts as incomplete.
+
+    Raises:
+        StorageCapabilityError: ``folder`` is a URL.
     """
-    path = Path(folder)
+    path = _local(folder, "checkpoint_problems")
     if path.is_symlink():
         return [f"{path} is a link; a checkpoint folder must be a real folder of the output dir"]
     kind = declared_format(path)
@@ -104,10 +132,13 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
 
     Newer folders that do not verify are skipped with a warning naming the problem.
 
+    Raises:
+        StorageCapabilityError: ``output_dir`` is a URL.
+
     Example:
         >>> trainer.train(resume_from_checkpoint=last_valid_checkpoint(args.output_dir))
     """
-    root = Path(output_dir)
+    root = _local(output_dir, "last_valid_checkpoint")
     if not root.is_dir():
         return None
     found = []
@@ -149,6 +180,8 @@ class TorchkeepTrainerMixin:
     Raises:
         IntegrationError: (at construction) an untested transformers version, DeepSpeed, FSDP
             or more than one process; use :class:`TorchkeepSealCallback` there.
+        StorageCapabilityError: (at construction, before the ``Trainer`` makes its folder)
+            ``args.output_dir`` is a URL.
 
     Example:
         >>> class MySFTTrainer(TorchkeepTrainerMixin, SFTTrainer): ...
@@ -163,6 +196,10 @@ class TorchkeepTrainerMixin:
                     f"{problem}; {fix}, or pass allow_untested_transformers=True"
                 )
             warnings.warn(f"{problem}; resume may break ({fix})", stacklevel=2)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        output_dir = getattr(training_args, "output_dir", None)
+        if output_dir is not None:
+            _local(output_dir, "TorchkeepTrainer")
         super().__init__(*args, **kwargs)
         trainer: Any = self
         if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or trainer.args.world_size > 1:
@@ -179,9 +216,10 @@ class TorchkeepTrainerMixin:
         if trainer.hp_search_backend is None and trial is None:
             trainer.store_flos()
         run_dir = trainer._get_output_dir(trial=trial)
-        output_dir = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        run = _local(run_dir, "TorchkeepTrainer")
+        output_dir = run / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         if trainer.state.best_global_step:
-            best = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.best_global_step}"
+            best = run / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.best_global_step}"
             if best.exists() or best == output_dir:
                 trainer.state.best_model_checkpoint = str(best)
         values: dict[str, Any] = {"model": trainer.accelerator.unwrap_model(trainer.model)}
@@ -225,10 +263,11 @@ class TorchkeepTrainerMixin:
 
     def _torchkeep_step(self, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The verified step at ``checkpoint``, read once per resume."""
-        key = os.path.realpath(checkpoint)
+        path = _local(checkpoint, "TorchkeepTrainer")
+        key = os.path.realpath(path)
         if self._torchkeep_cache is None or self._torchkeep_cache[0] != key:
             try:
-                values, states = _steps.load_values(checkpoint)
+                values, states = _steps.load_values(path)
             except TorchkeepFileNotFoundError:
                 raise IntegrationError(
                     f"{checkpoint} is not a torchkeep step (no manifest: written by the plain "
