@@ -94,8 +94,10 @@ def test_the_trial_counts_bytes_so_small_reads_all_count() -> None:
 def test_the_chooser_rechecks_the_losing_way_and_follows_a_change() -> None:
     chooser = ReadChooser()
     _finish_trial(chooser, direct_s=0.004, buffered_s=0.010)
-    picks = [chooser.pick(8 * MiB) for _ in range(RECHECK_EVERY)]
-    assert picks == ["direct"] * (RECHECK_EVERY - 1) + ["buffered"]  # the recheck
+    piece = TRIAL_BYTES // 2
+    picks = [chooser.pick(piece) for _ in range(RECHECK_EVERY + 2)]
+    # the recheck: a new trial of the losing way, TRIAL_BYTES in a row
+    assert picks == ["direct"] * (RECHECK_EVERY - 1) + ["buffered"] * 2 + ["direct"]
     for _ in range(3):  # the machine changed: buffered reads are now much faster
         chooser.record("buffered", 8 * MiB, 0.001)
         chooser.record("direct", 8 * MiB, 0.010)

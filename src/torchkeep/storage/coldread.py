@@ -15,13 +15,16 @@ state of the machine (the same holds for writes, :mod:`torchkeep.storage.stream`
   peers (safetensors, ``torch.load``) leave theirs, and other cached pages may be evicted to
   make room.
 
-A :class:`ReadChooser` decides for the reads it is shared by (one file, or one load of several
-files): its first uncached reads are a trial, at least :data:`TRIAL_BYTES` each way (direct
-first, then buffered, so the buffered read's read-ahead cannot have fetched the bytes the
+A :class:`ReadChooser` decides for the reads it is shared by (one file, or one load of
+several files): its first uncached reads are a trial, :data:`TRIAL_BYTES` in a row each way
+(direct first, then buffered, so the buffered reads' read-ahead cannot have fetched what the
 direct trial reads), timed as useful bytes per second; the faster way reads the rest. Every
-:data:`RECHECK_EVERY` reads after that, one read goes the other way, so a machine whose state
+:data:`RECHECK_EVERY` reads after that, the other way gets a new trial, so a machine whose state
 changes during a long load is followed; each way's rate weighs its latest reads most
-(:data:`DECAY`). Which way is taken never changes what is read: both are exact, both raise
+(:data:`DECAY`). Against both ways pinned (interleaved, caches dropped each time), the faster
+pinned way changed between samples minutes apart, and the chooser's loads came out level with
+it or ahead (figures: the closing note of the cold-read work). Which way is taken never
+changes what is read: both are exact, and both raise
 :class:`~torchkeep.storage.reading.FileEndedError` at a file's early end.
 
 Pinned choices: hashing for ``verify`` (:mod:`torchkeep.hashing`) always reads direct (checking a
@@ -37,10 +40,12 @@ from typing import Literal
 ReadMode = Literal["direct", "buffered"]
 READ_MODES: tuple[ReadMode, ...] = ("direct", "buffered")
 
-TRIAL_BYTES = 4 << 20
-"""Bytes each way must have read before the rates are compared (one staging piece)."""
+TRIAL_BYTES = 8 << 20
+"""Bytes each way reads in a row before the rates are compared (two staging pieces: a buffered
+trial of one piece pays its read-ahead's start and never shows what read-ahead gains)."""
 RECHECK_EVERY = 16
-"""After the trial, one read in this many goes the way that lost, to measure it again."""
+"""After the trial, every this many reads the way that lost gets a new trial of
+:data:`TRIAL_BYTES` in a row, to measure it again."""
 DECAY = 0.5
 """Weight of a way's earlier reads each time it reads again (its rate follows the machine)."""
 PINNED: ReadMode | None = None
@@ -80,9 +85,11 @@ class ReadChooser:
                     return mode
             best = self._faster()
             self._since_check += 1
-            if self._since_check >= RECHECK_EVERY:
+            if self._since_check >= RECHECK_EVERY:  # a new trial of the losing way
                 self._since_check = 0
-                return "buffered" if best == "direct" else "direct"
+                other: ReadMode = "buffered" if best == "direct" else "direct"
+                self._claimed[other] = nbytes
+                return other
             return best
 
     def record(self, mode: ReadMode, nbytes: int, seconds: float) -> None:
