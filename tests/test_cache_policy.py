@@ -1,5 +1,6 @@
 """The ``cache=`` policies: every one is complete and durable; they differ only in what stays in
-the page cache, and in how an uncached file is read back (direct I/O, leaving the cache alone).
+the page cache. How an uncached file is read back (direct or buffered, by measurement) is tested
+in tests/test_cold_reads.py.
 
 Residency is read with ``mincore`` (through :class:`torchkeep.storage.reading._Residency`); the
 tests that depend on it are skipped where the temporary folder takes no direct I/O (tmpfs keeps
@@ -20,7 +21,7 @@ from tests.conftest import assert_state_equal
 from tests.test_durability import record
 from torchkeep.models import Net
 from torchkeep.storage import cache as cache_module
-from torchkeep.storage import reading, stream
+from torchkeep.storage import coldread, reading, stream
 from torchkeep.storage.cache import CACHE_POLICIES
 
 POLICIES = list(CACHE_POLICIES)
@@ -212,50 +213,14 @@ def test_keep_checkpoints_leave_every_step_cached(direct_dir: Path) -> None:
     assert _resident_share(direct_dir / "step-00000001" / "model.safetensors") > 0.9
 
 
-# ---- reading an uncached file ------------------------------------------------------------
+# ---- reading an uncached file (the ways it is read: tests/test_cold_reads.py) ---------------
 
 
-def test_loading_an_uncached_file_is_exact_and_leaves_the_cache_alone(direct_dir: Path) -> None:
-    path = direct_dir / "w.safetensors"
-    state = _big_state()
-    tk.save_weights(state, path, cache="drop")
-    model = nn.Module()
-    for name, tensor in state.items():
-        model.register_buffer(name, torch.zeros_like(tensor))
-    tk.load_weights(model, path)
-    assert_state_equal(model.state_dict(), state)
-    assert _resident_share(path) < 0.1  # read around the page cache, not into it
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_range_reader_reads_unaligned_ranges_exactly(direct_dir: Path, cached: bool) -> None:
-    data = os.urandom(3 * reading.BOUNCE_BYTES + 12345)
-    path = direct_dir / "blob"
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if not cached:
-        _evict(path)
-    offset = reading.ALIGN + 7  # neither the offset nor the sizes are aligned
-    sizes = [1, 4093, reading.BOUNCE_BYTES + 3, 0, 2 * reading.BOUNCE_BYTES - 9000]
-    buffers = [memoryview(bytearray(n)) for n in sizes]
-    with reading.RangeReader(path) as reader:
-        reader.read(list(buffers), offset)
-    assert b"".join(bytes(b) for b in buffers) == data[offset : offset + sum(sizes)]
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_range_reader_reports_a_file_that_ends_early(direct_dir: Path, cached: bool) -> None:
-    path = direct_dir / "short"
-    path.write_bytes(b"x" * 10_000)
-    if not cached:
-        _evict(path)
-    with reading.RangeReader(path) as reader, pytest.raises(reading.FileEndedError):
-        reader.read([memoryview(bytearray(20_000))], 0)
-
-
-def test_a_truncated_weights_file_is_refused_by_torchkeep(direct_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["direct", "buffered", None])
+def test_a_truncated_weights_file_is_refused_by_torchkeep(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str | None
+) -> None:
+    monkeypatch.setattr(coldread, "PINNED", mode)  # None: measured
     path = direct_dir / "w.safetensors"
     tk.save_weights(_big_state(), path, cache="drop")
     header = tk.load_state_dict(path)  # valid as written
@@ -269,21 +234,11 @@ def test_a_truncated_weights_file_is_refused_by_torchkeep(direct_dir: Path) -> N
         tk.load_weights(model, path)
 
 
-@pytest.mark.parametrize("cache", ["drop", "keep"])
-def test_restoring_a_step_is_exact_whether_or_not_it_is_cached(
-    direct_dir: Path, cache: str
+@pytest.mark.parametrize("mode", ["direct", "buffered", None])
+def test_a_corrupted_uncached_step_is_refused(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str | None
 ) -> None:
-    mgr = tk.CheckpointManager(direct_dir, cache=cache)  # type: ignore[arg-type]
-    model = nn.Linear(1024, 1030)
-    mgr.save(1, model=model, epoch=1)
-    fresh = nn.Linear(1024, 1030)
-    assert mgr.restore(model=fresh).extra["epoch"] == 1
-    assert_state_equal(fresh.state_dict(), model.state_dict())
-    if cache == "drop":  # read whole with direct I/O, around the cache
-        assert _resident_share(direct_dir / "step-00000001" / "model.safetensors") < 0.1
-
-
-def test_a_corrupted_uncached_step_is_refused(direct_dir: Path) -> None:
+    monkeypatch.setattr(coldread, "PINNED", mode)  # None: measured
     mgr = tk.CheckpointManager(direct_dir, cache="drop")
     mgr.save(1, model=nn.Linear(1024, 1024))
     path = direct_dir / "step-00000001" / "model.safetensors"

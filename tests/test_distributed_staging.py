@@ -16,6 +16,7 @@ from tests.test_cache_policy import _takes_direct_io
 from torchkeep import ChecksumMismatchError
 from torchkeep.checkpoint.distributed import staging
 from torchkeep.checkpoint.distributed.staging import ChunkRef, stage, where
+from torchkeep.storage.coldread import ReadChooser
 
 
 def _shard(tmp_path: Path, name: str, size: int) -> bytes:
@@ -104,8 +105,8 @@ def test_missing_resized_and_truncated_files_are_damage(
     # the file shrinks between the size check and the read
     real = staging._ShardFile.__init__
 
-    def shrink(self: staging._ShardFile, path: Path, expected: int) -> None:
-        real(self, path, expected)
+    def shrink(self: staging._ShardFile, path: Path, expected: int, chooser: ReadChooser) -> None:
+        real(self, path, expected, chooser)
         os.truncate(path, 4000)
 
     monkeypatch.setattr(staging._ShardFile, "__init__", shrink)

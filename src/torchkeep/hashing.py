@@ -15,6 +15,7 @@ from typing import Protocol
 
 import xxhash
 
+from .storage.coldread import ReadChooser
 from .storage.reading import FileEndedError, RangeReader
 
 HASH_ALGORITHM = "xxh3_128"
@@ -41,15 +42,18 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
     """Return ``(size, hexdigest)`` of the file at ``path``, read in chunks.
 
     The chunks are read by :class:`~torchkeep.storage.reading.RangeReader`, two threads ahead
-    of the hash: from the page cache where the file is cached, else with direct I/O, which
-    reads an uncached file (one just written with direct I/O, or after the cache was dropped)
-    faster than buffered reads here and leaves the page cache as it was. Bytes past the size
+    of the hash: from the page cache where the file is cached, else always with direct I/O
+    (pinned, not measured: checking a file, e.g. for ``verify``, leaves the page cache as it
+    was, whichever way loads would read it on this machine). Bytes past the size
     the file had when it was opened (it grew, or shrank, while being hashed) are read plainly,
     so the result covers whatever the file held up to its end, as a plain read would.
     """
     hasher = new_hasher()
     buffers = [memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(_IN_FLIGHT)]
-    with open(path, "rb", buffering=0) as f, RangeReader(path) as reader:
+    with (
+        open(path, "rb", buffering=0) as f,
+        RangeReader(path, chooser=ReadChooser(fixed="direct")) as reader,
+    ):
         position = _hash_range(reader, hasher, buffers, os.fstat(f.fileno()).st_size)
         f.seek(position)
         while n := f.readinto(buffers[0]):

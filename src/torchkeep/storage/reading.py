@@ -1,12 +1,14 @@
 """Read byte ranges of a file into memory: from the page cache where cached, else from the disk.
 
 A range that is in the page cache is read with plain ``preadv``: a memory copy. A range that is
-not (the page cache was dropped, or the save wrote it with ``cache="drop"``) is read with large
-direct-I/O reads into a page-aligned buffer, then copied into place: on the virtual disks
-measured here that is several times faster than buffered reads, which must first fill the page
-cache (0.8 s against 2-5 s for 1 GiB), and it leaves the cache as it was. Which pages are
-cached is asked of the kernel per read (``mincore`` on a mapping of the file that is never
-touched). Where direct I/O or ``mincore`` is missing (macOS, tmpfs) plain reads do everything.
+not (the page cache was dropped, or the save wrote it with ``cache="drop"``) is read the way a
+:class:`~torchkeep.storage.coldread.ReadChooser` picks, by timing the file's own first uncached
+reads both ways: with direct I/O (large aligned reads, straight into the caller's memory where
+it and the offset are page-aligned, else through a page-aligned bounce buffer; the page cache is
+left as it was), or buffered (plain reads, with read-ahead; **the bytes read stay in the page
+cache**, so the file ends up cached, as the peers leave theirs). Which pages are cached is asked
+of the kernel per read (``mincore`` on a mapping of the file that is never touched). Where
+direct I/O or ``mincore`` is missing (macOS, tmpfs) plain reads do everything.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import functools
 import mmap
 import os
 import threading
+import time
 from types import TracebackType
 from typing import Any
+
+from .coldread import ReadChooser
 
 ALIGN = mmap.PAGESIZE
 BOUNCE_BYTES = 8 << 20  # per reading thread
@@ -94,20 +99,43 @@ def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
     return rest
 
 
+def _in_place(view: memoryview, offset: int) -> int:
+    """How many leading bytes of ``view`` direct I/O can read into in place: its whole pages
+    when both ``view`` and the file ``offset`` are page-aligned, else 0 (use a bounce buffer)."""
+    whole = len(view) - len(view) % ALIGN
+    if offset % ALIGN or not whole:
+        return 0
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):  # read-only or not contiguous: bounce
+        return 0
+    return whole if address % ALIGN == 0 else 0
+
+
 class RangeReader:
     """Reads ranges of one file into caller memory; safe to use from several threads at once.
+
+    Args:
+        path: the file.
+        chooser: decides how uncached ranges are read (share one between the files of one load
+            to measure once); default: a fresh one for this file, measuring both ways.
 
     Example:
         >>> with RangeReader(path) as reader:
         ...     reader.read([memoryview(bytearray(16))], offset=8)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, chooser: ReadChooser | None = None) -> None:
         self._fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # buffered reads of uncached ranges: wider read-ahead
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._direct_fd: int | None = None
         if _O_DIRECT:
             with contextlib.suppress(OSError):  # tmpfs and some others refuse O_DIRECT
                 self._direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+        self._direct_refused = False
+        self._chooser = chooser if chooser is not None else ReadChooser()
         self._residency = _Residency(self._fd, os.fstat(self._fd).st_size)
         self._local = threading.local()
 
@@ -138,8 +166,21 @@ class RangeReader:
             FileEndedError: the file ends before the buffers are full.
         """
         nbytes = sum(len(buffer) for buffer in buffers)
-        if self._direct_fd is not None and not self.cached(offset, nbytes):
-            buffers, offset = self._read_direct(buffers, offset)
+        if self._direct_fd is None or self._direct_refused or self.cached(offset, nbytes):
+            self._read_plain(buffers, offset)
+            return
+        mode = self._chooser.pick(nbytes)
+        began = time.perf_counter()
+        if mode == "direct":
+            rest, at = self._read_direct(buffers, offset)
+            if rest:  # alignment this device refuses: plain reads finish (and do from now on)
+                self._read_plain(rest, at)
+                return
+        else:
+            self._read_plain(buffers, offset)
+        self._chooser.record(mode, nbytes, time.perf_counter() - began)
+
+    def _read_plain(self, buffers: list[memoryview], offset: int) -> None:
         while buffers:
             got = os.preadv(self._fd, buffers, offset)
             if got == 0:
@@ -153,23 +194,35 @@ class RangeReader:
         return bounce
 
     def _read_direct(self, buffers: list[memoryview], offset: int) -> tuple[list[memoryview], int]:
-        """Read with aligned direct I/O through this thread's bounce buffer, copying into place."""
+        """Read with aligned direct I/O: whole pages straight into a page-aligned buffer, the
+        rest through this thread's bounce buffer (no more of it than is wanted), copied into
+        place. Returns what is left unread (nothing, unless the device refused the alignment)."""
         assert self._direct_fd is not None
-        bounce = self._bounce()
+        remaining = sum(len(buffer) for buffer in buffers)
         while buffers:
+            in_place = _in_place(buffers[0], offset)
             start = offset - offset % ALIGN
+            if in_place:
+                target = buffers[0][:in_place]
+            else:
+                wanted = offset - start + remaining
+                target = self._bounce()[: min(BOUNCE_BYTES, -(-wanted // ALIGN) * ALIGN)]
             try:
-                got = os.preadv(self._direct_fd, [bounce], start)
+                got = os.preadv(self._direct_fd, [target], start)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                return buffers, offset  # alignment this device refuses: read plainly instead
+                self._direct_refused = True
+                return buffers, offset
             if got <= offset - start:
                 raise FileEndedError(offset)
-            available = bounce[offset - start : got]
+            if in_place:
+                buffers, offset, remaining = _advance(buffers, got), offset + got, remaining - got
+                continue
+            available = target[offset - start : got]
             while buffers and available:
                 n = min(len(buffers[0]), len(available))
                 buffers[0][:n] = available[:n]
                 available = available[n:]
-                buffers, offset = _advance(buffers, n), offset + n
+                buffers, offset, remaining = _advance(buffers, n), offset + n, remaining - n
         return buffers, offset

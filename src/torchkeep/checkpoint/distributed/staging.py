@@ -19,10 +19,13 @@ cheap:
   bytes into one fresh page-aligned buffer of anonymous private memory (4 KiB pages:
   transparent huge pages measured 3-5x slower here in a fresh process, whose huge pages must
   all be backed anew);
-- **direct I/O into place**: a piece that is not in the page cache (a step just written with
-  direct I/O, or read after a reboot) is read with ``O_DIRECT`` straight into the buffer, whose
-  spans are laid out with the file's page alignment, so no bounce copy is made; a cached piece
-  is read with plain ``preadv`` (one kernel copy);
+- **uncached pieces, direct or buffered by measurement**: a piece that is not in the page
+  cache (a step just written with direct I/O, or read after a reboot) is read the way one
+  :class:`~torchkeep.storage.coldread.ReadChooser` per restore picks, by timing the restore's
+  first uncached pieces both ways: with ``O_DIRECT`` straight into the buffer (whose spans are
+  laid out with the file's page alignment, so no bounce copy is made; the page cache is left
+  as it was), or buffered (the kernel reads ahead while the rank hashes; the step's files then
+  stay in the page cache). A cached piece is read with plain ``preadv`` (one kernel copy);
 - **hashed while hot**: each chunk's XXH3-128 is fed with every piece right after that piece
   lands, while it is in the CPU cache, and compared when the chunk's last byte has arrived.
 
@@ -39,7 +42,6 @@ hashing and buffers are the same for both.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +54,7 @@ import xxhash
 
 from ...errors import ChecksumMismatchError
 from ...formats import safetensors as st
+from ...storage.coldread import ReadChooser
 from ...storage.reading import FileEndedError, RangeReader
 
 PIECE = 4 << 20
@@ -62,7 +65,6 @@ MAP_CACHED = True
 """Map spans wholly in the page cache instead of reading them (see the module docstring: a
 writer to the step's files during the restore can then change bytes after their hash)."""
 _PAGE = mmap.PAGESIZE
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ missing or has another size)."""
 
 
 class _ShardFile:
-    """One shard file opened for staging: plain reads for cached bytes, direct I/O for others."""
+    """One shard file opened for staging: plain reads for cached bytes; for the others, direct
+    or buffered reads as ``chooser`` picks (:class:`~torchkeep.storage.reading.RangeReader`)."""
 
     align = _PAGE
 
@@ -188,13 +191,12 @@ class _ShardFile:
     def piece(self) -> int:
         return PIECE  # read at each call: tests shrink it
 
-    def __init__(self, path: Path, expected_size: int) -> None:
+    def __init__(self, path: Path, expected_size: int, chooser: ReadChooser) -> None:
         self.path = path
         try:
-            self.reader = RangeReader(path)
+            self.reader = RangeReader(path, chooser=chooser)
         except FileNotFoundError:
             raise ChecksumMismatchError(f"{path} is missing; the step is damaged") from None
-        self.direct: int | None = None
         self.size = size = os.path.getsize(path)
         if size != expected_size:
             self.reader.close()
@@ -202,32 +204,10 @@ class _ShardFile:
                 f"{path} has {size} bytes, the manifest says {expected_size} (truncated or "
                 "replaced); the step is damaged"
             )
-        if _O_DIRECT:
-            try:
-                self.direct = os.open(path, os.O_RDONLY | _O_DIRECT)
-            except OSError:  # tmpfs and some others refuse O_DIRECT
-                self.direct = None
 
     def read(self, view: memoryview, offset: int, needed: int) -> int:
-        """Fill ``view`` from ``offset`` (at least its first ``needed`` bytes; the rest may
-        lie past the end of the file); return the bytes read."""
-        if self.direct is not None and not self.reader.cached(offset, len(view)):
-            done = 0
-            try:
-                while done < len(view):
-                    got = os.preadv(self.direct, [view[done:]], offset + done)
-                    if got == 0:
-                        break
-                    done += got
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                os.close(self.direct)  # alignment this device refuses: plain reads from now
-                self.direct = None
-                return self.read(view, offset, needed)
-            if done < needed:
-                raise FileEndedError(offset + done)
-            return done
+        """Fill the first ``needed`` bytes of ``view`` from ``offset`` (the rest of it may lie
+        past the end of the file); return the bytes read."""
         self.reader.read([view[:needed]], offset)
         return needed
 
@@ -253,9 +233,6 @@ class _ShardFile:
 
     def close(self) -> None:
         self.reader.close()
-        if self.direct is not None:
-            os.close(self.direct)
-            self.direct = None
 
 
 def stage(
@@ -287,9 +264,10 @@ def stage(
     staged: dict[tuple[str, int, int], torch.Tensor] = {}
     files: dict[str, ShardSource] = {}
     if opener is None:
+        chooser = ReadChooser()  # one measurement for the whole restore, all files
 
         def opener(name: str, size: int) -> ShardSource:
-            return _ShardFile(directory / name, size)
+            return _ShardFile(directory / name, size, chooser)
 
     try:
         for whole in _spans(chunks):
