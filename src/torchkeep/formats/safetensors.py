@@ -604,8 +604,8 @@ def load_tensors(
 
     On the CPU the tensors are lazy views into a private memory map; elsewhere they are copied
     to ``device`` one at a time. With ``read_uncached``, a file that is not wholly in the page
-    cache is read at once into private memory instead (direct I/O for the uncached part, see
-    :class:`~torchkeep.storage.reading.RangeReader`): for callers that read every byte anyway,
+    cache is read at once into private memory instead (the uncached part direct or buffered as
+    measured, see :class:`~torchkeep.storage.reading.RangeReader`): for callers that read every byte anyway,
     this is several times faster than faulting the pages in through the map.
     """
     result: dict[str, torch.Tensor] = {}
@@ -653,8 +653,8 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
 
     Shapes must already match. CPU targets of the stored dtype are filled by
     :class:`~torchkeep.storage.reading.RangeReader` (from the page cache where the file is
-    cached, else with direct I/O; large reads split between threads); others are copied from a
-    memory map, converting dtype.
+    cached, else direct or buffered as measured; large reads split between threads); others are
+    copied from a memory map, converting dtype.
     """
     direct: list[tuple[TensorEntry, torch.Tensor]] = []
     converted: list[tuple[TensorEntry, torch.Tensor]] = []

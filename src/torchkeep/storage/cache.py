@@ -17,9 +17,9 @@ they differ only in whether the file's pages stay in memory for the next reader:
   the cache when a new step is committed, so only the newest step (the one a restore reads)
   stays cached.
 
-Loads read the cached part of a file from the cache and the rest with direct I/O
-(:mod:`torchkeep.storage.reading`), so a dropped file loads at disk speed without filling the
-cache.
+Loads read the cached part of a file from the cache and the rest direct or buffered, whichever
+the load measured faster on its own first reads (:mod:`torchkeep.storage.coldread`): with direct
+reads a dropped file loads without filling the cache, with buffered ones it ends cached.
 """
 
 from __future__ import annotations
