@@ -605,8 +605,8 @@ def load_tensors(
     On the CPU the tensors are lazy views into a private memory map; elsewhere they are copied
     to ``device`` one at a time. With ``read_uncached``, a file that is not wholly in the page
     cache is read at once into private memory instead (the uncached part direct or buffered as
-    measured, see :class:`~torchkeep.storage.reading.RangeReader`): for callers that read every byte anyway,
-    this is several times faster than faulting the pages in through the map.
+    measured, see :class:`~torchkeep.storage.reading.RangeReader`): for callers that read every
+    byte anyway, this is several times faster than faulting the pages in through the map.
     """
     result: dict[str, torch.Tensor] = {}
     if header.file_size > 0 and header.entries:
