@@ -10,11 +10,13 @@ deadline) is simply absent from the result, and its exit code says why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,20 @@ from typing import Any
 import torch.multiprocessing as mp
 
 DEADLINE = 240.0
+
+
+@contextlib.contextmanager
+def one_rank_group(folder: Path) -> Iterator[None]:
+    """A gloo process group of world size 1 in this process, rendezvous through a file in
+    ``folder``, destroyed on exit."""
+    import torch.distributed as dist
+
+    rendezvous = folder / "rendezvous"
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass

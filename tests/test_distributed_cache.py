@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import torchkeep as tk
+from tests import _dist_harness as harness
 from tests._compat import needs_sharded_checkpoints
 from tests.conftest import assert_state_equal
 from tests.test_cache_policy import _resident_share, direct_dir  # noqa: F401 (a fixture)
@@ -112,12 +112,8 @@ def test_the_writer_refuses_an_unknown_policy_before_anything_is_written(
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A gloo process group of world size 1, rendezvous through a file."""
-    rendezvous = tmp_path_factory.mktemp("dist-cache") / "rendezvous"
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    try:
+    with harness.one_rank_group(tmp_path_factory.mktemp("dist-cache")):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _shards(folder: Path, step: int) -> list[Path]:

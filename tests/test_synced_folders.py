@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from tests import _dist_harness as harness
 from tests._compat import needs_sharded_checkpoints
 from tests._live import prove_live
 from tests.conftest import assert_state_equal
@@ -326,13 +327,9 @@ def test_a_synced_bundles_data_folder_linked_out_is_refused(
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A gloo process group of world size 1, rendezvous through a file."""
-    dist = pytest.importorskip("torch.distributed")
-    rendezvous = tmp_path_factory.mktemp("synced-dist") / "rendezvous"
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    try:
+    pytest.importorskip("torch.distributed")
+    with harness.one_rank_group(tmp_path_factory.mktemp("synced-dist")):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_sharded_checkpoints

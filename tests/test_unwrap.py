@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import torchkeep as tk
+from tests import _dist_harness as harness
 from torchkeep.models import Net
 from torchkeep.unwrap import matching_view, strip_prefixes, unwrap
 
@@ -25,12 +25,8 @@ def _tiny(seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def ddp_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A gloo process group of world size 1, rendezvous through a file."""
-    rendezvous = tmp_path_factory.mktemp("ddp") / "rendezvous"
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
-    try:
+    with harness.one_rank_group(tmp_path_factory.mktemp("ddp")):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _wrap(kind: str, module: nn.Module) -> nn.Module:
