@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("lightning")
 
 import torchkeep as tk
+from tests._compat import needs_sharded_checkpoints
 from tests.remote.proxy import FaultProxy
 from tests.remote.server import Bucket, create_bucket, s3_options
 from tests.test_integrations_lightning import _fit
@@ -291,6 +292,7 @@ def test_storage_options_with_a_local_path_are_refused(tmp_path: Path) -> None:
 # ---- what cannot take a URL refuses it by name -------------------------------------------------
 
 
+@needs_sharded_checkpoints
 def test_the_sharded_strategy_refuses_a_url_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
