@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -151,6 +152,13 @@ def manifest_document(
 # A file listed in a manifest: a plain name inside the directory (no separator, not hidden).
 FILE_NAME_PATTERN = r"[^/\\\x00.][^/\\\x00]{0,254}"
 DATA_PREFIX_PATTERN = "[0-9a-f]{16}"
+
+
+def is_save_id(name: str) -> bool:
+    """Whether ``name`` has the form of an object-storage save id (a step's data prefix)."""
+    return re.fullmatch(DATA_PREFIX_PATTERN, name) is not None
+
+
 MANIFEST_LIMITS = Limits(max_bytes=16 << 20, max_depth=32, allow_nonfinite=True)
 _FILE_RECORD = Object(
     {"size": Int(), "hash": Str(max_len=128, pattern="[0-9a-f]+")}, required=("size", "hash")

@@ -20,11 +20,11 @@ from .. import tree
 from ..errors import CorruptFileError, InvalidDocumentError, TorchkeepFileNotFoundError
 from ..format_versions import CHECKPOINT, check_version
 from ..manifest import (
-    DATA_PREFIX_PATTERN,
     FILE_NAME_PATTERN,
     MANIFEST_NAME,
     files_folder,
     find_problems,
+    is_save_id,
     read_manifest,
 )
 from ..paths import lookup
@@ -293,7 +293,7 @@ def _unlisted_in(
 
 def _is_save_id_folder(path: Path) -> bool:
     """Whether ``path`` is a real folder (not a link) named like an object-storage save id."""
-    if re.fullmatch(DATA_PREFIX_PATTERN, path.name) is None:
+    if not is_save_id(path.name):
         return False
     try:
         return stat.S_ISDIR(os.lstat(path).st_mode)

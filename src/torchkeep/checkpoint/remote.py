@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
 import shutil
 import tempfile
@@ -40,10 +39,10 @@ from ..errors import (
 )
 from ..formats import safetensors as st
 from ..manifest import (
-    DATA_PREFIX_PATTERN,
     MANIFEST_LIMITS,
     MANIFEST_NAME,
     FileRecord,
+    is_save_id,
     json_bytes,
     manifest_document,
 )
@@ -296,7 +295,7 @@ class RemoteSteps:
         except ValueError:  # not JSON: replaced all the same, its data is left as an orphan
             return version, None
         data = document.get("data") if isinstance(document, dict) else None
-        return version, data if isinstance(data, str) and _is_save_id(data) else None
+        return version, data if isinstance(data, str) and is_save_id(data) else None
 
     def _upload(self, prefix: str, step: int, entries: Sequence[Entry]) -> dict[str, FileRecord]:
         files: dict[str, FileRecord] = {}
@@ -380,7 +379,7 @@ class RemoteSteps:
         newest: dict[tuple[str, str], float] = {}
         for key, modified in self.store.keys(maxdepth=3).items():
             parts = key.split("/")
-            if len(parts) == 3 and self.step_of(parts[0]) is not None and _is_save_id(parts[1]):
+            if len(parts) == 3 and self.step_of(parts[0]) is not None and is_save_id(parts[1]):
                 group = (parts[0], parts[1])
                 newest[group] = max(newest.get(group, float("-inf")), modified)
         removed = []
@@ -485,10 +484,6 @@ def _may_have_landed(exc: RemoteStorageError) -> bool:
     the outcome unknown)."""
     cause = exc.__cause__
     return exc.attempts > 0 and (cause is None or is_transient(cause))
-
-
-def _is_save_id(name: str) -> bool:
-    return re.fullmatch(DATA_PREFIX_PATTERN, name) is not None
 
 
 def relabelled(exc: TorchkeepError, local: Path, url: str) -> TorchkeepError:
