@@ -10,6 +10,7 @@ everything in memory whatever the policy).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -171,19 +172,64 @@ def test_auto_keeps_unless_the_file_exceeds_half_the_available_memory(
     tk.save_weights(_big_state(), small)  # cache="auto" by default
     assert _resident_share(small) > 0.9
     monkeypatch.setattr(cache_module, "available_memory", lambda: 8 << 20)  # 12 MiB > 4 MiB
+    held = _HeldRefills()
+    monkeypatch.setattr(cache_module, "_refiller", held)
     tk.save_weights(_big_state(), large)
     assert _resident_share(large) < 0.1
+    assert held.submitted == []  # and never read back: it could not stay cached
+
+
+class _HeldRefills:
+    """Stands in for the background read-back: records what a save submitted, reads nothing,
+    so a test sees the page cache exactly as the save itself left it."""
+
+    def __init__(self) -> None:
+        self.submitted: list[list[Path]] = []
+
+    def submit(self, paths: list[Path]) -> None:
+        self.submitted.append(list(paths))
+
+    def wait(self, timeout: float | None) -> bool:
+        return True
+
+
+@pytest.fixture
+def held_refills(monkeypatch: pytest.MonkeyPatch) -> _HeldRefills:
+    held = _HeldRefills()
+    monkeypatch.setattr(cache_module, "_refiller", held)
+    return held
+
+
+def _wait_until_cached(path: Path, deadline: float = 20.0) -> float:
+    """The share of ``path`` cached once the read-back finished and its pages arrived (the
+    kernel reads them asynchronously after the request), or when ``deadline`` seconds passed."""
+    assert cache_module.wait_for_refill(deadline)
+    share = _resident_share(path)
+    for _ in range(int(deadline * 10)):
+        if share > 0.99:
+            break
+        time.sleep(0.1)
+        share = _resident_share(path)
+    return share
+
+
+def _slow_page_cache(monkeypatch: pytest.MonkeyPatch, slow: bool = True) -> None:
+    # The rate is measured on the file's own writes; pin the bar so the test does not depend on
+    # this machine's speed: nothing is fast enough for an infinite bar, anything is for zero.
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf") if slow else 0.0)
+
+
+def _blocks_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(4)
+    return {"a": torch.randn(12, 1 << 20), "b": torch.randn(1001)}  # 48 MiB: 6 blocks
 
 
 @pytest.mark.parametrize("slow", [False, True])
 def test_auto_writes_the_rest_direct_once_the_page_cache_is_slow(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, held_refills: _HeldRefills, slow: bool
 ) -> None:
-    # The rate is measured on the file's own writes; pin the bar so the test does not depend on
-    # this machine's speed: nothing is fast enough for an infinite bar, anything is for zero.
-    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf") if slow else 0.0)
-    torch.manual_seed(4)
-    state = {"a": torch.randn(12, 1 << 20), "b": torch.randn(1001)}  # 48 MiB: 6 blocks
+    _slow_page_cache(monkeypatch, slow)
+    state = _blocks_state()
     path = direct_dir / "w.safetensors"
     record(direct_dir, lambda: tk.save_weights(state, path))
     measured = stream._MEASURED_BLOCKS * stream.CHUNK_BYTES / path.stat().st_size
@@ -191,18 +237,62 @@ def test_auto_writes_the_rest_direct_once_the_page_cache_is_slow(
         assert measured - 0.05 < _resident_share(path) < measured + 0.05
     else:
         assert _resident_share(path) > 0.9
+    assert held_refills.submitted == [[path]]  # read back once the save has returned
     assert_state_equal(tk.load_state_dict(path), state)  # whole and exact either way
 
 
-def test_auto_checkpoints_keep_only_the_newest_step_cached(direct_dir: Path) -> None:
+def test_auto_reads_a_file_written_around_a_slow_cache_back_into_it(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_page_cache(monkeypatch)
+    state = _blocks_state()
+    path = direct_dir / "w.safetensors"
+    tk.save_weights(state, path)  # returns before the read-back is done: no residency here
+    assert _wait_until_cached(path) > 0.99
+    assert_state_equal(tk.load_state_dict(path), state)
+
+
+@pytest.mark.parametrize("cache", ["keep", "drop"])
+def test_only_auto_reads_files_back(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, held_refills: _HeldRefills, cache: str
+) -> None:
+    _slow_page_cache(monkeypatch)
+    tk.save_weights(_blocks_state(), direct_dir / "w.safetensors", cache=cache)  # type: ignore[arg-type]
+    mgr = tk.CheckpointManager(direct_dir / "ckpt", cache=cache)  # type: ignore[arg-type]
+    mgr.save(1, model=nn.Linear(64, 64))
+    tk.save_model(Net(), direct_dir / "bundle", cache=cache)  # type: ignore[arg-type]
+    assert held_refills.submitted == []
+
+
+def test_a_bundle_and_a_checkpoint_step_are_read_back_under_auto(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, held_refills: _HeldRefills
+) -> None:
+    _slow_page_cache(monkeypatch)
+    bundle = tk.save_model(Net(), direct_dir / "bundle")
+    mgr = tk.CheckpointManager(direct_dir / "ckpt", save_rng=False)
+    mgr.save(1, model=nn.Linear(64, 64), optimizer_state={"lr": 0.1})
+    step = direct_dir / "ckpt" / "step-00000001"
+    assert held_refills.submitted == [
+        [bundle / "model.safetensors"],
+        sorted(step.glob("*.safetensors")),
+    ]
+    assert held_refills.submitted[1]  # the step has tensor files to read back
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_auto_checkpoints_keep_only_the_newest_step_cached(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    _slow_page_cache(monkeypatch, slow)  # slow: written mostly direct, then read back
     mgr = tk.CheckpointManager(direct_dir, keep_last=None)
-    model = nn.Linear(1024, 1024)
+    model = nn.Linear(4096, 3072)  # 48 MiB: 6 blocks
     mgr.save(1, model=model)
     first = direct_dir / "step-00000001" / "model.safetensors"
-    assert _resident_share(first) > 0.9
+    assert _wait_until_cached(first) > 0.9
     mgr.save(2, model=model)
     assert _resident_share(first) < 0.1  # evicted once a newer step is committed
-    assert _resident_share(direct_dir / "step-00000002" / "model.safetensors") > 0.9
+    assert _wait_until_cached(direct_dir / "step-00000002" / "model.safetensors") > 0.9
+    assert _resident_share(first) < 0.1  # and not read back with it
 
 
 def test_keep_checkpoints_leave_every_step_cached(direct_dir: Path) -> None:

@@ -26,7 +26,11 @@ import torchkeep as tk
 from tests import _dist_harness as harness
 from tests._compat import needs_sharded_checkpoints
 from tests.conftest import assert_state_equal
-from tests.test_cache_policy import _resident_share, direct_dir  # noqa: F401 (a fixture)
+from tests.test_cache_policy import (  # noqa: F401 (direct_dir: a fixture)
+    _resident_share,
+    _wait_until_cached,
+    direct_dir,
+)
 from tests.test_distributed_staging import spy_mapped
 from torchkeep.distributed import (
     NoPickleLoadPlanner,
@@ -150,6 +154,22 @@ def test_a_distributed_manager_writes_its_shards_under_its_cache_policy(
     fresh = nn.Linear(1024, 1024)
     assert mgr.restore(model=fresh).step == 2
     assert_state_equal(fresh.state_dict(), model.state_dict())
+
+
+@pytest.mark.usefixtures("group")
+def test_auto_reads_the_newest_shards_back_after_a_slow_cache_made_them_direct(
+    direct_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf"))  # the cache counts as slow
+    mgr = tk.CheckpointManager(direct_dir, keep_last=None, distributed=True)
+    torch.manual_seed(7)
+    model = nn.Linear(4096, 3072)  # 48 MiB: six blocks, four of them written direct
+    mgr.save(1, model=model)
+    mgr.save(2, model=model)
+    (first,), (newest,) = _shards(direct_dir, 1), _shards(direct_dir, 2)
+    assert _wait_until_cached(newest) > 0.9  # this rank's shard, read back
+    assert _resident_share(first) < 0.1  # the step before it: evicted, not read back
 
 
 # ---- a restore of a cached step hashes and copies from a mapping ---------------------------

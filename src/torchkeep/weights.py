@@ -24,7 +24,7 @@ from .formats import Format, detect_format, require_file, torch_zip
 from .formats import safetensors as st
 from .paths import write_target
 from .remote_files import Remote, StorageOptions, fetched, remote_or_none, upload_file, upload_spans
-from .storage.cache import CachePolicy, check_cache_policy
+from .storage.cache import CachePolicy, check_cache_policy, refill_after_save
 from .storage.local import atomic_file
 from .unwrap import WRAPPER_PREFIXES, strip_prefixes, unwrap
 
@@ -227,6 +227,7 @@ def save_weights(
         return remote.url
     with atomic_file(path) as f:
         st.write_file(f, unique, metadata=file_metadata, cache=cache)
+    refill_after_save(cache, [Path(path)])
     return Path(path)
 
 

@@ -19,7 +19,7 @@ from ..errors import StepExistsError
 from ..format_versions import CHECKPOINT
 from ..formats import safetensors as st
 from ..manifest import FileRecord, write_hashed, write_json, write_manifest, write_tensors
-from ..storage.cache import CachePolicy, drop_cached
+from ..storage.cache import CachePolicy, drop_cached, refill_after_save
 from ..storage.local import staged_directory
 from .entries import Entry
 from .layout import KIND, STATE_NAME, parse_step
@@ -94,6 +94,7 @@ def write_step(
         ) from None
     if cache == "auto":
         evict_previous_step(final, step)
+        refill_after_save(cache, sorted(final.glob("*.safetensors")))
 
 
 def evict_previous_step(final: Path, step: int) -> None:

@@ -40,7 +40,7 @@ from ..manifest import (
 from ..paths import write_target
 from ..remote_files import Remote, StorageOptions, commit_folder, fetched, remote_or_none
 from ..schema import validate
-from ..storage.cache import CachePolicy, check_cache_policy
+from ..storage.cache import CachePolicy, check_cache_policy, refill_after_save
 from ..storage.local import staged_directory
 from ..unwrap import unwrap
 from ..weights import load_weights, safetensors_payload
@@ -322,6 +322,7 @@ def save_model(
             model_class=config["class"],
             format_version=version,
         )
+    refill_after_save(cache, [path / WEIGHTS_NAME])
     return path
 
 
