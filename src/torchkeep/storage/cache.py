@@ -153,10 +153,16 @@ class _Refiller:
         except OSError:  # retired or replaced since: nothing to read back
             return True
         try:
-            for offset in range(0, os.fstat(fd).st_size, REFILL_STEP):
+            size = os.fstat(fd).st_size
+            for offset in range(0, size, REFILL_STEP):
                 if generation != self._generation:
                     return False
                 os.posix_fadvise(fd, offset, REFILL_STEP, os.POSIX_FADV_WILLNEED)
+            if size:
+                # The partial last page of a file written direct stays in the cache, not up to
+                # date, after the truncation to the real size; read-ahead skips such a page,
+                # a read brings it up to date.
+                os.pread(fd, 1, size - 1)
         except OSError:  # only a hint: a filesystem may refuse it
             pass
         finally:
