@@ -186,8 +186,11 @@ class _HeldRefills:
     def __init__(self) -> None:
         self.submitted: list[list[Path]] = []
 
-    def submit(self, paths: list[Path]) -> None:
-        self.submitted.append(list(paths))
+    def submit(self, files: list[tuple[int, int]]) -> None:
+        """Record the files by their current names, and close them (the refiller owns them)."""
+        self.submitted.append([Path(os.readlink(f"/proc/self/fd/{fd}")) for fd, _size in files])
+        for fd, _size in files:
+            os.close(fd)
 
     def wait(self, timeout: float | None) -> bool:
         return True

@@ -26,10 +26,12 @@ import torchkeep as tk
 from tests import _dist_harness as harness
 from tests._compat import needs_sharded_checkpoints
 from tests.conftest import assert_state_equal
-from tests.test_cache_policy import (  # noqa: F401 (direct_dir: a fixture)
+from tests.test_cache_policy import (  # noqa: F401 (direct_dir, held_refills: fixtures)
+    _HeldRefills,
     _resident_share,
     _wait_until_cached,
     direct_dir,
+    held_refills,
 )
 from tests.test_distributed_staging import spy_mapped
 from torchkeep.distributed import (
@@ -89,6 +91,7 @@ def test_keep_leaves_the_shards_cached_and_drop_leaves_none(
 def test_auto_keeps_the_shards_cached_while_the_page_cache_is_fast(
     direct_dir: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    held_refills: _HeldRefills,  # noqa: F811
     slow: bool,
 ) -> None:
     # Pin the bar (the rate is measured on the file's own writes) so the machine does not matter.
@@ -99,6 +102,17 @@ def test_auto_keeps_the_shards_cached_while_the_page_cache_is_fast(
         assert measured - 0.05 < _resident_share(shard) < measured + 0.05
     else:
         assert _resident_share(shard) > 0.9
+    # submitted for read-back as soon as written, from the temporary folder renamed since
+    assert [[path.name for path in paths] for paths in held_refills.submitted] == [[shard.name]]
+
+
+def test_the_writer_reads_its_shard_back_under_auto(
+    direct_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", float("inf"))  # the cache counts as slow
+    shard = _save(direct_dir / "step-00000001", "auto", rows=12)  # mostly written direct
+    assert _wait_until_cached(shard) > 0.9
 
 
 @pytest.mark.parametrize("bad", ["KEEP", None, True])

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -85,22 +86,34 @@ def write_mode(cache: CachePolicy, nbytes: int) -> WriteMode:
 
 
 def refill_after_save(cache: CachePolicy, paths: Sequence[Path]) -> None:
-    """Under ``"auto"``, have the just committed files ``paths`` read back into the page cache
+    """Under ``"auto"``, have the just written files ``paths`` read back into the page cache
     in the background (the parts written direct; cached pages cost nothing), unless together
-    they exceed half the available memory. A no-op for ``"keep"`` and ``"drop"``."""
+    they exceed half the available memory. A no-op for ``"keep"`` and ``"drop"``.
+
+    The files are opened here, so a rename (a commit) or an unlink after this call changes
+    nothing for the read-back.
+    """
     if cache != "auto" or not hasattr(os, "posix_fadvise"):
         return
-    sizes = []
+    files: list[tuple[int, int]] = []
     for path in paths:
         with contextlib.suppress(OSError):
-            sizes.append(path.stat().st_size)
-    if sizes and _fits(sum(sizes)):
-        _refiller.submit(paths)
+            fd = os.open(path, os.O_RDONLY)
+            files.append((fd, os.fstat(fd).st_size))
+    if files and _fits(sum(size for _fd, size in files)):
+        _refiller.submit(files)
+    else:
+        _close(files)
 
 
 def wait_for_refill(timeout: float | None = None) -> bool:
     """Wait until no read-back is pending; False if ``timeout`` seconds passed first."""
     return _refiller.wait(timeout)
+
+
+def _close(files: Iterable[tuple[int, int]]) -> None:
+    for fd, _size in files:
+        os.close(fd)
 
 
 class _Refiller:
@@ -109,65 +122,65 @@ class _Refiller:
     ``POSIX_FADV_WILLNEED`` starts the reads and returns (the kernel caps each request at its
     read-ahead size, hence :data:`REFILL_STEP`); the pages arrive without any copy in this
     process. Only the newest submission matters: a new one makes the thread drop the rest of
-    an older one.
+    an older one. The thread owns the descriptors it is given and closes each one.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[Path] | None = None
+        self._pending: list[tuple[int, int]] | None = None
         self._generation = 0
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
 
-    def submit(self, paths: Sequence[Path]) -> None:
+    def submit(self, files: list[tuple[int, int]]) -> None:
+        """Read back ``files`` (``(descriptor, size)`` pairs, closed by the refiller)."""
         with self._lock:
+            stale, self._pending = self._pending, files
             self._generation += 1
-            self._pending = list(paths)
             self._idle.clear()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="torchkeep-refill", daemon=True
                 )
                 self._thread.start()
+        _close(stale or [])
 
     def wait(self, timeout: float | None) -> bool:
         return self._idle.wait(timeout)
 
+    def _superseded(self, generation: int) -> bool:
+        return generation != self._generation
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                paths, self._pending, generation = self._pending, None, self._generation
-                if paths is None:
+                files, self._pending, generation = self._pending, None, self._generation
+                if files is None:
                     self._thread = None
                     self._idle.set()
                     return
-            for path in paths:
-                if not self._read_ahead(path, generation):
-                    break
+            for fd, size in files:
+                try:
+                    _read_ahead(fd, size, functools.partial(self._superseded, generation))
+                finally:
+                    os.close(fd)
 
-    def _read_ahead(self, path: Path, generation: int) -> bool:
-        """Ask for all of ``path``; False when a newer submission came in meanwhile."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # retired or replaced since: nothing to read back
-            return True
-        try:
-            size = os.fstat(fd).st_size
-            for offset in range(0, size, REFILL_STEP):
-                if generation != self._generation:
-                    return False
-                os.posix_fadvise(fd, offset, REFILL_STEP, os.POSIX_FADV_WILLNEED)
-            if size:
-                # The partial last page of a file written direct stays in the cache, not up to
-                # date, after the truncation to the real size; read-ahead skips such a page,
-                # a read brings it up to date.
-                os.pread(fd, 1, size - 1)
-        except OSError:  # only a hint: a filesystem may refuse it
-            pass
-        finally:
-            os.close(fd)
-        return True
+
+def _read_ahead(fd: int, size: int, superseded: Callable[[], bool]) -> None:
+    """Ask the kernel for every page of the file ``fd``, unless ``superseded()`` first."""
+    try:
+        for offset in range(0, size, REFILL_STEP):
+            if superseded():
+                return
+            os.posix_fadvise(fd, offset, REFILL_STEP, os.POSIX_FADV_WILLNEED)
+        if size:
+            # The partial last page of a file written direct stays in the cache, not up to
+            # date, after the truncation to the real size; read-ahead skips such a page, a
+            # read brings it up to date.
+            os.pread(fd, 1, size - 1)
+    except OSError:  # only a hint: a filesystem may refuse it
+        pass
 
 
 def _new_refiller() -> None:

@@ -25,7 +25,6 @@ from torch.distributed.tensor import DTensor
 from ... import tree
 from ...errors import StepExistsError, UnsupportedValueError
 from ...paths import lookup
-from ...storage.cache import refill_after_save
 from ...storage.local import remove_stale_temps
 from .. import rng
 from ..commit import evict_previous_step
@@ -33,7 +32,7 @@ from ..entries import check_name, prepare
 from ..layout import RNG_ENTRY, step_path
 from . import collective
 from .base import SHARDED_SLOTS, SessionBase, optimizers
-from .layout import rank_key, shard_name, tensor_key
+from .layout import rank_key, tensor_key
 from .remote_writer import RemoteStorageWriter
 from .writer import TorchkeepStorageWriter
 
@@ -215,8 +214,6 @@ class SavingSession(SessionBase):
             ) from None
         if self.cache == "auto":  # as for single-process steps: only the newest stays cached
             evict_previous_step(final, step)
-            if self.remote is None:  # each rank has its own shard read back
-                refill_after_save(self.cache, [final / shard_name(self.rank, self.world_size)])
         return final
 
     def after_commit(self, retention: Callable[[], None]) -> None:

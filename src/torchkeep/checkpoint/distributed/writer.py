@@ -38,7 +38,7 @@ from ...compat import require_sharded_checkpoints
 from ...errors import StepExistsError, UnsupportedValueError
 from ...formats import safetensors as st
 from ...manifest import FileRecord, write_json, write_manifest
-from ...storage.cache import CachePolicy, check_cache_policy, write_mode
+from ...storage.cache import CachePolicy, check_cache_policy, refill_after_save, write_mode
 from ...storage.local import _rename_into_place, _storage_error, fsync_dir, fsync_file, temp_sibling
 from ...storage.stream import write_stream
 from ..layout import KIND, STATE_NAME
@@ -175,6 +175,8 @@ class TorchkeepStorageWriter(StorageWriter):
                     os.fsync(f.fileno())
         except OSError as exc:
             raise _storage_error(exc, path) from exc
+        # Read back now: DCP tells only the coordinator when the step is committed.
+        refill_after_save(self.cache, [path])
         return written
 
     def _commit(
