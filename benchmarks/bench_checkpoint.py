@@ -8,8 +8,10 @@ weights), each operation in a fresh process (see ``_harness``), like for like:
 - save: ``torch.save({"epoch", "model_state_dict", "optimizer_state_dict", "loss"})`` followed by
   an fsync of the file and its folder, against a durable synchronous ``mgr.save`` (hashes,
   fsync, atomic commit, RNG; the default ``cache="auto"``);
-- restore: ``torch.load`` + ``model.load_state_dict`` + ``optimizer.load_state_dict``, against
-  ``mgr.restore`` (every file's hash verified before anything is loaded), in three page-cache
+- restore, into a freshly built model and AdamW (no optimizer state yet, as the tutorial's
+  resume script has): ``torch.load`` + ``model.load_state_dict`` +
+  ``optimizer.load_state_dict``, against ``mgr.restore`` (every file's hash verified before
+  anything is loaded), in three page-cache
   states: right after each tool's own save, cold (page cache dropped: root only) and warm;
 - with ``--extras``, in one process: the time ``save()`` blocks with ``async_save=True`` (from
   the second save on), the throughput of candidate hashes on one core, and what hashing adds
@@ -52,12 +54,15 @@ from torchkeep import manifest
 WIDTH = 4096  # one 4096x4096 float32 layer is 64 MiB
 
 
-def build(gib: float) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A stack of linear layers with ``gib`` GiB of weights and a stepped AdamW."""
+def build(gib: float, *, stepped: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A stack of linear layers with ``gib`` GiB of weights and an AdamW, stepped once (its
+    state made) unless ``stepped=False`` (a freshly built one, as a resume script has)."""
     layers = max(1, round(gib * 1024 / 64))
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if not stepped:
+        return model, optimizer
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizer.step()
@@ -150,8 +155,9 @@ def save_op(tool: str, folder: str, gib: float, step: int) -> Callable[[], None]
 
 
 def restore_op(tool: str, folder: str, gib: float) -> Callable[[], None]:
-    """A restore into a model and optimizer of the same shapes (runs in a child)."""
-    model, optimizer = build(gib)
+    """A restore into a freshly built model and optimizer, as the tutorial's resume does (the
+    optimizer has no state yet; runs in a child)."""
+    model, optimizer = build(gib, stepped=False)
     source = _paths(folder)[tool]
     if tool == "torch":
         return lambda: torch_restore(model, optimizer, source)
