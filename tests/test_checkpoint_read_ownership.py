@@ -121,6 +121,23 @@ def test_an_uncached_restore_is_bit_exact_and_its_optimizer_state_owns_its_memor
     assert len({t.untyped_storage().data_ptr() for t in state}) == len(state)
 
 
+def test_an_uncached_restore_into_live_state_fills_it_in_place(
+    direct_dir: Path, mode: coldread.ReadMode
+) -> None:
+    mgr, model, optimizer = _saved(direct_dir)
+    live, live_optimizer = _trained(seed=4)  # stepped: its state tensors are the targets
+    memory = {id(t): t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)}
+    parameters = [p.data_ptr() for p in live.parameters()]
+    mgr.restore(model=live, optimizer=live_optimizer)
+    assert [p.data_ptr() for p in live.parameters()] == parameters
+    assert sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)) == sorted(
+        memory.values()
+    )
+    assert_state_equal(live.state_dict(), model.state_dict())
+    saved = tree.flatten(optimizer.state_dict()).tensors
+    assert_state_equal(tree.flatten(live_optimizer.state_dict()).tensors, saved)
+
+
 def test_uncached_tensors_are_handed_over_without_a_copy_and_only_once(
     direct_dir: Path, mode: coldread.ReadMode
 ) -> None:
