@@ -1,11 +1,14 @@
 """Read a committed checkpoint step back, verifying every byte against its manifest.
 
-Tensor files are mapped privately (copy-on-write, pages shared with the page cache) and every
-mapped byte is hashed, files in parallel, before anything else happens: the bytes that were
+A tensor file wholly in the page cache is mapped privately (copy-on-write, pages shared with
+the cache); any other is read tensor by tensor into memory of each tensor's own (from the cache
+where cached, else direct or buffered as measured), each tensor hashed while the next is read.
+Every byte is hashed, files in parallel, before anything else happens: the bytes that were
 hashed are exactly the bytes that are used. Only once every file of the step is verified does
 :meth:`LoadedStep.value` copy the tensors into the memory of the objects being restored (their
-parameters, their optimizer state) or into memory of their own, so a corrupt step never
-half-loads and no restored tensor keeps a file mapped.
+parameters, their optimizer state), hand over the tensors read into memory of their own (once),
+or copy mapped ones into new memory, so a corrupt step never half-loads and no restored tensor
+keeps a file mapped or shares memory with another restored tensor.
 
 A step is read through a descriptor of its directory opened first (``/proc/self/fd/<n>`` on
 Linux), so every file comes from the same directory even if a concurrent writer renames it
@@ -38,6 +41,7 @@ from ..errors import (
 from ..formats import safetensors as st
 from ..hashing import HASH_ALGORITHM, hash_file, new_hasher
 from ..manifest import MANIFEST_NAME, files_folder
+from ..storage.reading import RangeReader
 from . import rng
 from .entries import Kind
 from .layout import RNG_ENTRY, STATE_NAME, read_state, read_step_manifest
@@ -55,8 +59,9 @@ class StepVanishedError(TorchkeepFileNotFoundError):
 class LoadedStep:
     """A verified step: its manifest and every entry rebuilt as ``(kind, value)``.
 
-    The tensors in ``entries`` are views of the verified files' private mappings; use
-    :meth:`value` to get an entry in memory of its own.
+    The tensors in ``entries`` are either views of a verified file's private mapping (a file
+    that was wholly in the page cache) or tensors in memory of their own (read from a file
+    that was not); use :meth:`value` to get an entry in memory of its own.
     """
 
     step: int
@@ -65,6 +70,8 @@ class LoadedStep:
     entries: dict[str, tuple[Kind, Any]]
     skeletons: dict[str, tree.Json] = field(default_factory=dict, repr=False)
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    unclaimed: set[int] = field(default_factory=set, repr=False)
+    """``id``s of the tensors in memory of their own that :meth:`value` has not handed out."""
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -74,11 +81,15 @@ class LoadedStep:
     def value(self, name: str, *, into: Mapping[str, torch.Tensor] | None = None) -> Any:
         """Entry ``name`` with its tensors in memory of their own.
 
+        A tensor that was read into memory of its own is handed over as it is, once: the
+        first call that reaches it gets it (and ``entries`` shares it from then on), later
+        calls get a copy of it, so two values never share memory. Mapped tensors are copied.
+
         Args:
             name: the entry (``"model"``, ``"optimizer"``, ``"epoch"``).
             into: tensors by flat name (``tree.flatten(obj.state_dict(), root=name)``) to
                 fill in place where name, dtype and shape match (a model's parameters, an
-                optimizer's state); other tensors are copied into new memory.
+                optimizer's state); other tensors are handed over or copied into new memory.
 
         Returns:
             The entry's value (a state dict for stateful entries).
@@ -88,25 +99,29 @@ class LoadedStep:
         """
         placed: dict[int, torch.Tensor] = {}
         tensors: dict[str, torch.Tensor] = {}
-        for flat_name, mapped in self.tensors.get(name, {}).items():
-            if id(mapped) not in placed:
+        for flat_name, stored in self.tensors.get(name, {}).items():
+            key = id(stored)
+            if key not in placed:
                 target = (into or {}).get(flat_name)
-                if _fits(target, mapped):
+                if _fits(target, stored):
                     with torch.no_grad():
-                        placed[id(mapped)] = target.copy_(mapped)  # type: ignore[union-attr]
+                        placed[key] = target.copy_(stored)  # type: ignore[union-attr]
+                elif key in self.unclaimed:
+                    self.unclaimed.discard(key)
+                    placed[key] = stored
                 else:
-                    placed[id(mapped)] = mapped.clone()
-            tensors[flat_name] = placed[id(mapped)]
+                    placed[key] = stored.clone()
+            tensors[flat_name] = placed[key]
         source = f"{self.path / STATE_NAME} (entry {name!r})"
         return tree.unflatten(self.skeletons.get(name), tensors, source=source)
 
 
-def _fits(target: torch.Tensor | None, mapped: torch.Tensor) -> bool:
+def _fits(target: torch.Tensor | None, stored: torch.Tensor) -> bool:
     return (
         isinstance(target, torch.Tensor)
         and target.device.type == "cpu"
-        and target.dtype == mapped.dtype
-        and target.shape == mapped.shape
+        and target.dtype == stored.dtype
+        and target.shape == stored.shape
         and target.is_contiguous()
         and not target.requires_grad
     )
@@ -140,22 +155,43 @@ def _mismatch(path: Path) -> ChecksumMismatchError:
 
 
 def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
-    """Map a safetensors file privately and check the hash of every mapped byte.
+    """Read a safetensors file and check the hash of every byte before returning its tensors.
 
     Returns:
-        Every tensor (tied names as the same tensor), as views of the verified mapping.
+        Every tensor (tied names as the same tensor): views of a private mapping when the file
+        was wholly in the page cache, else each in memory of its own.
+    """
+    return _read_verified(path, expected_hash)[0]
+
+
+def _read_verified(path: Path, expected_hash: object) -> tuple[dict[str, torch.Tensor], bool]:
+    """The verified tensors of ``path``, and whether each is in memory of its own.
+
+    A file wholly in the page cache is mapped privately (pages shared with the cache); any
+    other is read tensor by tensor into fresh memory (:func:`~torchkeep.formats.safetensors.
+    read_owned`), each tensor hashed while the next is read. Either way the hash covers the
+    header, then every tensor in file order: the tensors tile the data section (the header
+    check guarantees it), so this is the whole file's hash the manifest records.
     """
     header = st.read_header(path)
-    tensors = st.load_tensors(header, read_uncached=True)  # every byte is hashed anyway
     hasher = new_hasher()
-    with open(path, "rb") as f:  # the tensors were read whole (or mapped, when all cached)
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
         hasher.update(f.read(header.data_start))
-    for entry in sorted(header.entries.values(), key=lambda e: e.begin):
-        if entry.nbytes:
+    with RangeReader(path) as reader:
+        owned = not reader.cached(0, header.file_size)
+        if owned:
+            for entry, tensor in st.read_owned(header, reader):
+                hasher.update(st.tensor_bytes(tensor))
+                tensors[entry.name] = tensor
+            tensors.update({alias: tensors[name] for alias, name in header.aliases.items()})
+    if not owned:
+        tensors = st.load_tensors(header)
+        for entry in sorted(header.entries.values(), key=lambda e: e.begin):
             hasher.update(st.tensor_bytes(tensors[entry.name]))
     if hasher.hexdigest() != expected_hash:
         raise _mismatch(path)
-    return tensors
+    return tensors, owned
 
 
 def _read_state(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -245,7 +281,7 @@ def _read_pinned(directory: Path, name: str) -> LoadedStep:
     for name, raw in state["entries"].items():
         if raw["file"] is not None:
             files[name] = _listed_file(directory, manifest, raw["file"])
-    tensors = _verify_files(files, manifest)
+    tensors, owned = _verify_files(files, manifest)
     loaded = LoadedStep(
         manifest["step"],
         directory,
@@ -253,6 +289,7 @@ def _read_pinned(directory: Path, name: str) -> LoadedStep:
         {},
         {name: raw.get("value") for name, raw in state["entries"].items()},
         tensors,
+        {id(tensor) for name in owned for tensor in tensors[name].values()},
     )
     for name, raw in state["entries"].items():
         source = f"{directory / STATE_NAME} (entry {name!r})"
@@ -277,11 +314,18 @@ def _adopt_legacy_rng(manifest: Mapping[str, Any], entries: dict[str, Any]) -> N
 
 def _verify_files(
     files: Mapping[str, Path], manifest: dict[str, Any]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Map and hash the tensor files, largest first, on up to two threads (xxh3 and page
-    faults release the GIL); raise the first problem found."""
+) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+    """Read and hash the tensor files, largest first, on up to two threads (xxh3, reads and
+    page faults release the GIL); raise the first problem found.
+
+    Returns:
+        Each entry's tensors, and the entries whose tensors are in memory of their own.
+    """
     order = sorted(files.items(), key=lambda item: -item[1].stat().st_size)
     expected = {name: manifest["files"][path.name]["hash"] for name, path in order}
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(read_tensors, path, expected[name]) for name, path in order}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {name: pool.submit(_read_verified, path, expected[name]) for name, path in order}
+        results = {name: future.result() for name, future in futures.items()}
+    return {name: tensors for name, (tensors, _) in results.items()}, {
+        name for name, (_, owned) in results.items() if owned
+    }

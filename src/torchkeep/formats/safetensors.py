@@ -597,22 +597,16 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def load_tensors(
-    header: Header, *, device: torch.device | None = None, read_uncached: bool = False
-) -> dict[str, torch.Tensor]:
+def load_tensors(header: Header, *, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Return every tensor of the file, tied names as the very same tensor.
 
     On the CPU the tensors are lazy views into a private memory map; elsewhere they are copied
-    to ``device`` one at a time. With ``read_uncached``, a file that is not wholly in the page
-    cache is read at once into private memory instead (the uncached part direct or buffered as
-    measured, see :class:`~torchkeep.storage.reading.RangeReader`): for callers that read every
-    byte anyway, this is several times faster than faulting the pages in through the map.
+    to ``device`` one at a time. Callers that read every byte of a file that is not in the page
+    cache read it with :func:`read_owned` instead.
     """
     result: dict[str, torch.Tensor] = {}
     if header.file_size > 0 and header.entries:
-        source = _read_whole(header) if read_uncached else None
-        mapped = source if source is not None else _map_file(header)
-        tensors = _views(mapped, header.entries.values())
+        tensors = _views(_map_file(header), header.entries.values())
         if device is not None and device.type != "cpu":
             tensors = [tensor.to(device) for tensor in tensors]
         result = dict(zip(header.entries, tensors, strict=True))
@@ -621,22 +615,37 @@ def load_tensors(
     return result
 
 
-def _read_whole(header: Header) -> torch.Tensor | None:
-    """The whole file as a flat uint8 tensor in private memory, or None if it is all cached
-    (then mapping it costs nothing)."""
-    with RangeReader(header.path) as reader:
-        if reader.cached(0, header.file_size):
-            return None
-        data = torch.empty(header.file_size, dtype=torch.uint8)
-        pieces = _split(tensor_bytes(data))
-        offsets = range(0, header.file_size, _READ_CHUNK)
-        _run_parallel(
-            [
-                functools.partial(_read_range, reader, [piece], offset, header.path)
-                for piece, offset in zip(pieces, offsets, strict=True)
-            ]
-        )
-    return data
+def read_owned(header: Header, reader: RangeReader) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Read every stored tensor (not the tied names) into memory of its own, in file order.
+
+    Each tensor is yielded as soon as its bytes are in, while ``_READERS`` threads read the
+    tensors after it (a large one split between them), so the caller can hash one tensor
+    while the next is read. ``reader`` reads cached ranges from the page cache and the rest
+    direct or buffered as measured. Every yielded tensor is contiguous and the only tensor on
+    its storage; tensors stored misaligned by other writers come back aligned.
+
+    Raises:
+        CorruptFileError: the file ended early (truncated while being read).
+    """
+    ordered = sorted(header.entries.values(), key=_ENTRY_BEGIN)
+    tensors = [torch.empty(entry.shape, dtype=entry.dtype) for entry in ordered]
+    reads = _plan_reads([pair for pair in zip(ordered, tensors, strict=True) if pair[0].nbytes])
+    pool = ThreadPoolExecutor(_READERS)
+    try:
+        ends = [start + sum(map(len, buffers)) for buffers, start in reads]
+        futures = [
+            pool.submit(_read_range, reader, buffers, start, header.path)
+            for buffers, start in reads
+        ]
+        pending = iter(zip(ends, futures, strict=True))
+        read_to = header.data_start
+        for entry, tensor in zip(ordered, tensors, strict=True):
+            while read_to < entry.end:  # reads finish out of order: wait for them in order
+                read_to, future = next(pending)
+                future.result()
+            yield entry, tensor
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _direct_target(entry: TensorEntry, target: torch.Tensor) -> bool:
