@@ -10,7 +10,6 @@ everything in memory whatever the policy).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -255,32 +254,6 @@ def test_auto_reads_a_file_written_around_a_slow_cache_back_into_it(
     assert path.stat().st_size % reading.ALIGN  # a partial last page, the one read-ahead skips
     assert _wait_until_cached(path) == 1.0
     assert_state_equal(tk.load_state_dict(path), state)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_READ is Linux")
-def test_the_read_back_faults_every_page_in_through_a_mapping(direct_dir: Path) -> None:
-    path = direct_dir / "w.safetensors"
-    tk.save_weights(_blocks_state(), path, cache="drop")
-    assert _resident_share(path) < 0.1
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        assert cache_module._populate(fd, size, lambda: True) == size  # superseded: stops
-        assert _resident_share(path) < 0.1
-        assert cache_module._populate(fd, size, lambda: False) == size
-    finally:
-        os.close(fd)
-    assert _resident_share(path) == 1.0  # synchronous: every page is in when it returns
-
-
-def test_read_ahead_reads_back_where_pages_cannot_be_populated(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cache_module, "_populate", lambda fd, size, superseded: 0)  # old kernel
-    _slow_page_cache(monkeypatch)
-    path = direct_dir / "w.safetensors"
-    tk.save_weights(_blocks_state(), path)
-    assert _wait_until_cached(path) == 1.0
 
 
 @pytest.mark.parametrize("cache", ["keep", "drop"])

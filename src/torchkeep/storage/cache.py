@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
-import mmap
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -49,10 +46,7 @@ CachePolicy = Literal["keep", "drop", "auto"]
 CACHE_POLICIES: tuple[CachePolicy, ...] = ("keep", "drop", "auto")
 _MEMINFO = Path("/proc/meminfo")
 REFILL_STEP = 1 << 20  # read-ahead asked for 1 MiB at a time: the kernel caps each request
-REFILL_WINDOW = 8 << 20  # populated through a mapping of this many bytes at a time
 REFILL_EXIT_WAIT = 5.0  # seconds an exiting process waits for an unfinished read-back
-_MADV_POPULATE_READ = 22  # Linux: fault pages in as reads would, without touching them
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def check_cache_policy(cache: object) -> CachePolicy:
@@ -174,17 +168,9 @@ class _Refiller:
 
 
 def _read_ahead(fd: int, size: int, superseded: Callable[[], bool]) -> None:
-    """Bring every page of the file ``fd`` into the page cache, unless ``superseded()`` first.
-
-    The pages are faulted into a shared read-only mapping (:func:`_populate`): the kernel
-    reads them through its ordinary read-ahead, which caches them in large blocks as a plain
-    read would, so a later load maps and copies them as fast as those of a file read once.
-    Where that is unavailable, read-ahead is asked for (``POSIX_FADV_WILLNEED``), which caches
-    the pages one by one: restores of a 3 GiB step took 0.95-1.24 s after such a read-back,
-    0.79-0.80 s after a plain read or a populating one (the 0.7.0 closing note).
-    """
+    """Ask the kernel for every page of the file ``fd``, unless ``superseded()`` first."""
     try:
-        for offset in range(_populate(fd, size, superseded), size, REFILL_STEP):
+        for offset in range(0, size, REFILL_STEP):
             if superseded():
                 return
             os.posix_fadvise(fd, offset, REFILL_STEP, os.POSIX_FADV_WILLNEED)
@@ -195,36 +181,6 @@ def _read_ahead(fd: int, size: int, superseded: Callable[[], bool]) -> None:
             os.pread(fd, 1, size - 1)
     except OSError:  # only a hint: a filesystem may refuse it
         pass
-
-
-def _populate(fd: int, size: int, superseded: Callable[[], bool]) -> int:
-    """Fault the pages of ``fd`` in through a shared read-only mapping of ``REFILL_WINDOW``
-    bytes at a time, unmapped after each (so the process's resident size grows by one window
-    at most); ``MADV_POPULATE_READ``, Linux 5.14+, reports errors as return values, never as
-    signals, even if the file shrinks meanwhile.
-
-    Returns:
-        The offset up to which it got: ``size`` when done or superseded, less where the kernel
-        refused (an older kernel) and read-ahead must do the rest.
-    """
-    from .reading import _libc  # reading imports this module's neighbours: import late
-
-    libc = _libc()
-    if libc is None or not sys.platform.startswith("linux"):
-        return 0
-    for offset in range(0, size, REFILL_WINDOW):
-        if superseded():
-            return size
-        nbytes = min(REFILL_WINDOW, size - offset)
-        address = libc.mmap(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        if address is None or address == _MAP_FAILED:
-            return offset
-        try:
-            if libc.madvise(address, nbytes, _MADV_POPULATE_READ) != 0:
-                return offset
-        finally:
-            libc.munmap(address, nbytes)
-    return size
 
 
 def _new_refiller() -> None:

@@ -36,8 +36,7 @@ _RESIDENT_BIT = bytes(flag & 1 for flag in range(256))  # mincore: bit 0 set = p
 
 @functools.cache
 def _libc() -> Any:
-    """The C library with ``mmap``/``mincore``/``munmap``/``madvise`` typed, or None where
-    unusable."""
+    """The C library with ``mmap``/``mincore``/``munmap`` typed, or None where unusable."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.argtypes = [
@@ -47,7 +46,6 @@ def _libc() -> Any:
         libc.mmap.restype = ctypes.c_void_p
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
