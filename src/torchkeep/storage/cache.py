@@ -14,9 +14,9 @@ they differ only in whether the file's pages stay in memory for the next reader:
   (below 1 GB/s; on the virtual machines measured here it ran at 0.1-0.4 GB/s, turning a 1 s
   save of 1 GiB into 3-11 s) the rest is written direct. Once the save has returned, a
   background thread asks the kernel to read the file back into the cache (read-ahead: reading
-  the disk into the cache ran at ~2 GB/s there, several times faster than writing through it;
-  no copy in this process), so the load that usually follows reads memory. A newer save's
-  read-back replaces an unfinished one, and a process that exits waits at most
+  the disk into the cache ran at 1.3-2 GB/s there, several times faster than writing through
+  a slow cache; no copy in this process), so the load that usually follows reads memory. A
+  newer save's read-back replaces an unfinished one, and a process that exits waits at most
   :data:`REFILL_EXIT_WAIT` seconds for it. A file larger than half the memory the system
   reports available is written direct from the start and never read back: it would evict
   everything else and could not stay cached anyway. Checkpoint managers also drop the older
