@@ -188,7 +188,7 @@ def test_a_reader_that_always_loses_the_race_gets_checkpoint_busy_and_changes_no
     mgr = tk.CheckpointManager(tmp_path / "ckpt")
     mgr.save(1, model=model, optimizer=opt)
 
-    def always_retired(path: Path) -> None:
+    def always_retired(path: Path, **_: object) -> None:
         raise StepVanishedError(f"{path} was retired")
 
     monkeypatch.setattr(manager, "read_step", always_retired)

@@ -201,6 +201,122 @@ def test_a_corrupt_uncached_step_changes_nothing_and_restore_falls_back(
     assert_state_equal(got, saved)
 
 
+# ---- a cached step: mapped only where it is copied into place -----------------------------
+
+
+class _ReadWays:
+    """Records, per tensor file name, whether a cached read mapped it or read it into memory
+    of its own (``st.load_tensors`` maps; ``st.read_owned`` reads)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.mapped: list[str] = []
+        self.owned: list[str] = []
+        load_tensors, read_owned = st.load_tensors, st.read_owned
+
+        def mapping(header: st.Header) -> dict[str, torch.Tensor]:
+            self.mapped.append(header.path.name)
+            return load_tensors(header)
+
+        def owning(header: st.Header, reader: RangeReader):  # type: ignore[no-untyped-def]
+            self.owned.append(header.path.name)
+            return read_owned(header, reader)
+
+        monkeypatch.setattr(st, "load_tensors", mapping)
+        monkeypatch.setattr(st, "read_owned", owning)
+
+
+def _cached(folder: Path) -> tuple[tk.CheckpointManager, nn.Module, torch.optim.Optimizer]:
+    """A step saved with ``cache="keep"`` and read once: every page of it in the page cache."""
+    mgr = tk.CheckpointManager(folder, cache="keep", keep_last=5)
+    model, optimizer = _trained()
+    mgr.save(1, model=model, optimizer=optimizer, epoch=1)
+    for path in _step_files(folder, 1):
+        path.read_bytes()
+        assert _resident_share(path) == 1.0, path
+    return mgr, model, optimizer
+
+
+def test_a_cached_step_restored_into_a_fresh_optimizer_reads_its_state_instead_of_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr, model, optimizer = _cached(tmp_path)
+    ways = _ReadWays(monkeypatch)
+    fresh, fresh_optimizer = _fresh()
+    parameters = [p.data_ptr() for p in fresh.parameters()]
+    mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    assert "model.safetensors" in ways.mapped  # copied into the parameters from the mapping
+    assert "optimizer.safetensors" in ways.owned  # no state to fill: read where it will stay
+    assert "optimizer.safetensors" not in ways.mapped
+    assert [p.data_ptr() for p in fresh.parameters()] == parameters
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+    saved = tree.flatten(optimizer.state_dict()).tensors
+    assert_state_equal(tree.flatten(fresh_optimizer.state_dict()).tensors, saved)
+    state = _optimizer_state_tensors(fresh_optimizer)
+    assert len(state) == 2 * len(list(fresh.parameters()))
+    for tensor in state:  # each in memory of its own, none a view of a mapping
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes
+    assert len({t.untyped_storage().data_ptr() for t in state}) == len(state)
+
+
+def test_a_cached_step_restored_into_live_state_is_mapped_and_copied_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr, model, optimizer = _cached(tmp_path)
+    ways = _ReadWays(monkeypatch)
+    live, live_optimizer = _trained(seed=4)  # stepped: its state tensors are the targets
+    memory = sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer))
+    mgr.restore(model=live, optimizer=live_optimizer)
+    assert {"model.safetensors", "optimizer.safetensors"} <= set(ways.mapped)
+    assert sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)) == memory
+    assert_state_equal(live.state_dict(), model.state_dict())
+    saved = tree.flatten(optimizer.state_dict()).tensors
+    assert_state_equal(tree.flatten(live_optimizer.state_dict()).tensors, saved)
+
+
+def test_a_wrapped_model_is_placed_by_shape_so_its_cached_file_is_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mgr, model, _ = _cached(tmp_path)
+    ways = _ReadWays(monkeypatch)
+    fresh, _ = _fresh()
+    wrapped = nn.DataParallel(fresh)  # its keys carry "module.": names do not match the step's
+    mgr.restore(model=wrapped)
+    assert "model.safetensors" in ways.mapped
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+
+
+def test_a_cached_file_is_mapped_only_when_most_of_its_bytes_have_a_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, model, _ = _cached(tmp_path)
+    step = tmp_path / "step-00000001"
+    big = model.state_dict()["big.weight"]  # most of the model file's bytes
+    ways = _ReadWays(monkeypatch)
+    read_step(step, into={"model": {"anything": torch.empty_like(big)}})
+    assert ways.mapped == ["model.safetensors"]
+    ways.mapped.clear()
+    small = {"a": torch.empty(64, 64), "bias": torch.empty(2100), "grad": big.clone()}
+    small["grad"].requires_grad_()  # cannot be filled in place
+    read_step(step, into={"model": small})
+    assert ways.mapped == []
+    assert "model.safetensors" in ways.owned
+
+
+def test_read_step_without_targets_hands_cached_tensors_over_without_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, model, optimizer = _cached(tmp_path)
+    ways = _ReadWays(monkeypatch)
+    loaded = read_step(tmp_path / "step-00000001")
+    assert ways.mapped == []
+    stored = loaded.tensors["optimizer"]
+    got = tree.flatten(loaded.value("optimizer")).tensors
+    handed = {t.data_ptr() for t in stored.values() if t.numel()}
+    assert {t.data_ptr() for t in got.values() if t.numel()} == handed
+    assert_state_equal(got, tree.flatten(optimizer.state_dict()).tensors)
+    assert_state_equal(loaded.value("model"), model.state_dict())
+
+
 # ---- the reader of one file ----------------------------------------------------------------
 
 

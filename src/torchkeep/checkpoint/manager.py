@@ -218,11 +218,14 @@ class CheckpointManager:
         compared instead)."""
         return None if self._remote is not None else _stamp(self._dir)
 
-    def _read(self, info: StepInfo) -> LoadedStep:
-        """Read and verify a listed step (a bucket's through a private local copy)."""
+    def _read(
+        self, info: StepInfo, into: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    ) -> LoadedStep:
+        """Read and verify a listed step (a bucket's through a private local copy); ``into``
+        as for :func:`~torchkeep.checkpoint.reader.read_step`."""
         if self._remote is not None:
-            return self._remote.read(info.step)
-        return read_step(info.path)
+            return self._remote.read(info.step, into=into)
+        return read_step(info.path, into=into)
 
     @property
     def steps(self) -> list[int]:
@@ -494,8 +497,13 @@ class CheckpointManager:
             _raise_if_newer_format(step_path(self._dir, wanted))
         return matching, False
 
-    def _load_first_valid(self, step: int | Literal["best"] | None) -> LoadedStep:
-        """The first candidate step that reads and verifies whole.
+    def _load_first_valid(
+        self,
+        step: int | Literal["best"] | None,
+        into: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> LoadedStep:
+        """The first candidate step that reads and verifies whole (``into``: the tensors it
+        will be restored into, as for :func:`~torchkeep.checkpoint.reader.read_step`).
 
         A step retired or replaced by a concurrent writer while it is read is no failure: the
         steps are listed again and the newest candidate is tried (up to ``RACE_ROUNDS`` times).
@@ -511,7 +519,7 @@ class CheckpointManager:
                 if info.step in skipped:
                     continue
                 try:
-                    loaded = self._read(info)
+                    loaded = self._read(info, into)
                 except StepVanishedError:
                     raced = True  # a writer moved on meanwhile: list the steps again
                     break
@@ -614,7 +622,7 @@ class CheckpointManager:
                 allow_world_size_change=allow_world_size_change,
             )
             return Restored(done.step, done.metrics, done.extra, done.path)
-        loaded = self._load_first_valid(step)
+        loaded = self._load_first_valid(step, _placement_hint(targets))
         if self._remote is None:
             extra = _apply(loaded, targets, restore_rng=restore_rng, strict=strict)
             return Restored(loaded.step, loaded.metrics, extra, loaded.path)
@@ -766,6 +774,19 @@ def _raise_if_newer_format(path: Path) -> None:
         raise
     except (CorruptFileError, TorchkeepFileNotFoundError):
         pass
+
+
+def _placement_hint(targets: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors each target holds before the step is read, so that the reader maps only
+    the files that will mostly be copied into them (:func:`read_step`'s ``into``). A target
+    whose state cannot be taken now gets none: the check that follows the read reports it."""
+    hint = {}
+    for name, obj in targets.items():
+        try:
+            hint[name] = _current_tensors(obj, name)
+        except Exception:  # only a hint: the restore itself reports what is wrong with obj
+            hint[name] = {}
+    return hint
 
 
 def _current_tensors(obj: Any, name: str) -> dict[str, torch.Tensor]:

@@ -1,8 +1,12 @@
 """Read a committed checkpoint step back, verifying every byte against its manifest.
 
-A tensor file wholly in the page cache is mapped privately (copy-on-write, pages shared with
-the cache); any other is read tensor by tensor into memory of each tensor's own (from the cache
-where cached, else direct or buffered as measured), each tensor hashed while the next is read.
+A tensor file wholly in the page cache whose tensors will mostly be copied into live tensors
+in place (a model's parameters, a stepped optimizer's state) is mapped privately
+(copy-on-write, pages shared with the cache): one copy, from the cache into place. Any other is
+read tensor by tensor into memory of each tensor's own (from the cache where cached, else
+direct or buffered as measured), each tensor hashed while the next is read: a freshly built
+optimizer has no state to fill, and its state is then read once into the memory it keeps,
+instead of mapped, hashed and copied out again.
 Every byte is hashed, files in parallel, before anything else happens: the bytes that were
 hashed are exactly the bytes that are used. Only once every file of the step is verified does
 :meth:`LoadedStep.value` copy the tensors into the memory of the objects being restored (their
@@ -21,6 +25,7 @@ for the newest step again instead of taking the step for damaged.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,12 +124,32 @@ class LoadedStep:
 def _fits(target: torch.Tensor | None, stored: torch.Tensor) -> bool:
     return (
         isinstance(target, torch.Tensor)
-        and target.device.type == "cpu"
+        and _takes_copies(target)
         and target.dtype == stored.dtype
         and target.shape == stored.shape
-        and target.is_contiguous()
-        and not target.requires_grad
     )
+
+
+def _takes_copies(target: torch.Tensor) -> bool:
+    return target.device.type == "cpu" and target.is_contiguous() and not target.requires_grad
+
+
+def _mostly_filled_in_place(header: st.Header, into: Mapping[str, torch.Tensor]) -> bool:
+    """Whether tensors of ``into`` can take at least half of the bytes stored in ``header``'s
+    file in place: then mapping the file, when cached, saves a copy; otherwise most tensors
+    would be copied out of the mapping into new memory, and reading them there is cheaper.
+
+    Tensors are matched by dtype and shape, not by name: the names of a wrapped model's
+    tensors differ from the stored ones until :meth:`LoadedStep.value` is given its view.
+    """
+    places = Counter((t.dtype, tuple(t.shape)) for t in into.values() if _takes_copies(t))
+    stored = placed = 0
+    for entry in header.entries.values():
+        stored += entry.nbytes
+        if places[entry.dtype, entry.shape]:
+            places[entry.dtype, entry.shape] -= 1
+            placed += entry.nbytes
+    return 2 * placed >= stored
 
 
 def _listed_file(directory: Path, manifest: dict[str, Any], name: str) -> Path:
@@ -164,14 +189,17 @@ def read_tensors(path: Path, expected_hash: object) -> dict[str, torch.Tensor]:
     return _read_verified(path, expected_hash)[0]
 
 
-def _read_verified(path: Path, expected_hash: object) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_verified(
+    path: Path, expected_hash: object, into: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], bool]:
     """The verified tensors of ``path``, and whether each is in memory of its own.
 
-    A file wholly in the page cache is mapped privately (pages shared with the cache); any
-    other is read tensor by tensor into fresh memory (:func:`~torchkeep.formats.safetensors.
-    read_owned`), each tensor hashed while the next is read. Either way the hash covers the
-    header, then every tensor in file order: the tensors tile the data section (the header
-    check guarantees it), so this is the whole file's hash the manifest records.
+    A file wholly in the page cache is mapped privately (pages shared with the cache) when
+    ``into`` is None or can take most of its bytes in place; any other is read tensor by
+    tensor into fresh memory (:func:`~torchkeep.formats.safetensors.read_owned`), each tensor
+    hashed while the next is read. Either way the hash covers the header, then every tensor in
+    file order: the tensors tile the data section (the header check guarantees it), so this is
+    the whole file's hash the manifest records.
     """
     header = st.read_header(path)
     hasher = new_hasher()
@@ -180,6 +208,8 @@ def _read_verified(path: Path, expected_hash: object) -> tuple[dict[str, torch.T
         hasher.update(f.read(header.data_start))
     with RangeReader(path) as reader:
         owned = not reader.cached(0, header.file_size)
+        if not owned and into is not None:  # cached: mapped only to be copied into place
+            owned = not _mostly_filled_in_place(header, into)
         if owned:
             for entry, tensor in st.read_owned(header, reader):
                 hasher.update(st.tensor_bytes(tensor))
@@ -201,11 +231,18 @@ def _read_state(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return read_state(directory, manifest)
 
 
-def read_step(directory: Path) -> LoadedStep:
+def read_step(
+    directory: Path, *, into: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+) -> LoadedStep:
     """Read and verify the committed step at ``directory``.
 
     Args:
         directory: a ``step-<n>`` directory.
+        into: by entry name, the tensors its value will be copied into in place (what
+            :meth:`LoadedStep.value` will get as ``into=``). A cached tensor file is mapped
+            only when they take most of its bytes; otherwise, and for entries not named, its
+            tensors are read into memory of their own, which ``value`` hands over without a
+            copy.
 
     Returns:
         The :class:`LoadedStep`; tensors are on the CPU.
@@ -231,7 +268,7 @@ def read_step(directory: Path) -> LoadedStep:
         raise UnreadableFileError(f"{directory} cannot be read ({first_line(exc)})") from None
     pinned = _FD_DIR / str(fd) if (_FD_DIR / str(fd)).is_dir() else directory
     try:
-        loaded = _read_pinned(pinned, directory.name)
+        loaded = _read_pinned(pinned, directory.name, into or {})
     except (TorchkeepError, OSError, RuntimeError) as exc:
         if _vanished(directory, fd):
             raise StepVanishedError(
@@ -269,7 +306,9 @@ def _vanished(directory: Path, fd: int) -> bool:
     return held.st_nlink == 0 or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
 
-def _read_pinned(directory: Path, name: str) -> LoadedStep:
+def _read_pinned(
+    directory: Path, name: str, into: Mapping[str, Mapping[str, torch.Tensor]]
+) -> LoadedStep:
     manifest = read_step_manifest(directory, name=name)
     if manifest.get("layout") == "sharded-v1":  # written by N ranks: full tensors, verified
         from .distributed.full import read_sharded_step
@@ -281,7 +320,7 @@ def _read_pinned(directory: Path, name: str) -> LoadedStep:
     for name, raw in state["entries"].items():
         if raw["file"] is not None:
             files[name] = _listed_file(directory, manifest, raw["file"])
-    tensors, owned = _verify_files(files, manifest)
+    tensors, owned = _verify_files(files, manifest, into)
     loaded = LoadedStep(
         manifest["step"],
         directory,
@@ -313,7 +352,9 @@ def _adopt_legacy_rng(manifest: Mapping[str, Any], entries: dict[str, Any]) -> N
 
 
 def _verify_files(
-    files: Mapping[str, Path], manifest: dict[str, Any]
+    files: Mapping[str, Path],
+    manifest: dict[str, Any],
+    into: Mapping[str, Mapping[str, torch.Tensor]],
 ) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
     """Read and hash the tensor files, largest first, on up to two threads (xxh3, reads and
     page faults release the GIL); raise the first problem found.
@@ -324,7 +365,10 @@ def _verify_files(
     order = sorted(files.items(), key=lambda item: -item[1].stat().st_size)
     expected = {name: manifest["files"][path.name]["hash"] for name, path in order}
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(_read_verified, path, expected[name]) for name, path in order}
+        futures = {
+            name: pool.submit(_read_verified, path, expected[name], into.get(name, {}))
+            for name, path in order
+        }
         results = {name: future.result() for name, future in futures.items()}
     return {name: tensors for name, (tensors, _) in results.items()}, {
         name for name, (_, owned) in results.items() if owned

@@ -27,7 +27,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     CorruptFileError,
@@ -52,6 +52,9 @@ from .commit import state_document, tensor_metadata
 from .entries import Entry
 from .layout import KIND, STATE_NAME, StepInfo, parse_step, read_step_manifest, step_path
 from .reader import LoadedStep, StepVanishedError, read_step
+
+if TYPE_CHECKING:
+    import torch
 
 _SAVE_ID_BYTES = 8  # 16 hex digits: DATA_PREFIX_PATTERN
 
@@ -392,8 +395,11 @@ class RemoteSteps:
     # ------------------------------------------------------------------------------------
     # reading
 
-    def read(self, step: int) -> LoadedStep:
-        """Copy ``step`` into a private local folder and read it with every byte verified.
+    def read(
+        self, step: int, *, into: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+    ) -> LoadedStep:
+        """Copy ``step`` into a private local folder and read it with every byte verified
+        (``into`` as for :func:`~torchkeep.checkpoint.reader.read_step`).
 
         Raises:
             StepVanishedError: the step was retired while it was read.
@@ -402,7 +408,7 @@ class RemoteSteps:
         with tempfile.TemporaryDirectory(prefix="torchkeep-remote-") as scratch:
             local = self.fetch(step, Path(scratch))
             try:
-                return read_step(local)
+                return read_step(local, into=into)
             except TorchkeepError as exc:
                 raise relabelled(exc, local, self.step_url(step)) from None
 
