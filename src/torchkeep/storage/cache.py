@@ -12,11 +12,11 @@ they differ only in whether the file's pages stay in memory for the next reader:
   slow page cache during the save. It is written through the cache while the cache takes the
   writes fast, measured on the file's own writes; once it is slower than direct I/O would be
   (below 1 GB/s; on the virtual machines measured here it ran at 0.1-0.4 GB/s, turning a 1 s
-  save of 1 GiB into 3-11 s) the rest is written direct. Once the save has returned, a
-  background thread asks the kernel to read the file back into the cache (read-ahead: reading
-  the disk into the cache ran at 1.3-2 GB/s there, several times faster than writing through
-  a slow cache; no copy in this process), so the load that usually follows reads memory. A
-  newer save's read-back replaces an unfinished one, and a process that exits waits at most
+  save of 1 GiB into 3-11 s: their host backs a guest page anew, about 10 µs per 4 KiB page,
+  whenever the guest touches memory it left unused for a while) the rest is written direct.
+  Once the save has returned, a background thread reads the file back into the cache
+  (:func:`_read_back`), so the load that usually follows reads memory. A newer save's
+  read-back replaces an unfinished one, and a process that exits waits at most
   :data:`REFILL_EXIT_WAIT` seconds for it. A file larger than half the memory the system
   reports available is written direct from the start and never read back: it would evict
   everything else and could not stay cached anyway. Checkpoint managers also drop the older
@@ -45,7 +45,8 @@ from .stream import WriteMode
 CachePolicy = Literal["keep", "drop", "auto"]
 CACHE_POLICIES: tuple[CachePolicy, ...] = ("keep", "drop", "auto")
 _MEMINFO = Path("/proc/meminfo")
-REFILL_STEP = 1 << 20  # read-ahead asked for 1 MiB at a time: the kernel caps each request
+REFILL_STEP = 1 << 20  # read back 1 MiB at a time (the kernel caps each read-ahead request)
+REFILL_AHEAD = 64 << 20  # read-ahead asked for this far ahead of the read-back's reads
 REFILL_EXIT_WAIT = 5.0  # seconds an exiting process waits for an unfinished read-back
 
 
@@ -117,12 +118,10 @@ def _close(files: Iterable[tuple[int, int]]) -> None:
 
 
 class _Refiller:
-    """One background thread asking the kernel to read files into its page cache.
+    """One background thread reading files back into the page cache (:func:`_read_back`).
 
-    ``POSIX_FADV_WILLNEED`` starts the reads and returns (the kernel caps each request at its
-    read-ahead size, hence :data:`REFILL_STEP`); the pages arrive without any copy in this
-    process. Only the newest submission matters: a new one makes the thread drop the rest of
-    an older one. The thread owns the descriptors it is given and closes each one.
+    Only the newest submission matters: a new one makes the thread drop the rest of an older
+    one. The thread owns the descriptors it is given and closes each one.
     """
 
     def __init__(self) -> None:
@@ -162,23 +161,33 @@ class _Refiller:
                     return
             for fd, size in files:
                 try:
-                    _read_ahead(fd, size, functools.partial(self._superseded, generation))
+                    _read_back(fd, size, functools.partial(self._superseded, generation))
                 finally:
                     os.close(fd)
 
 
-def _read_ahead(fd: int, size: int, superseded: Callable[[], bool]) -> None:
-    """Ask the kernel for every page of the file ``fd``, unless ``superseded()`` first."""
+def _read_back(fd: int, size: int, superseded: Callable[[], bool]) -> None:
+    """Read every page of the file ``fd`` into the page cache, unless ``superseded()`` first.
+
+    Read-ahead is asked for :data:`REFILL_AHEAD` bytes ahead of a plain sequential read into
+    one small reused buffer. The read-ahead keeps the disk busy; the read makes sure every page
+    arrived (the kernel caps each read-ahead request, and skips the partial last page that a
+    direct write leaves in the cache not up to date) and touches each one: on virtual machines
+    whose host takes back memory the guest left unused, a page the disk filled still costs its
+    first access about 10 µs (about 3 s per GiB measured here), which is better spent here, in
+    the background, than in the load that follows.
+    """
+    buffer = memoryview(bytearray(REFILL_STEP))
+    asked = 0
     try:
         for offset in range(0, size, REFILL_STEP):
             if superseded():
                 return
-            os.posix_fadvise(fd, offset, REFILL_STEP, os.POSIX_FADV_WILLNEED)
-        if size:
-            # The partial last page of a file written direct stays in the cache, not up to
-            # date, after the truncation to the real size; read-ahead skips such a page, a
-            # read brings it up to date.
-            os.pread(fd, 1, size - 1)
+            while asked < min(size, offset + REFILL_AHEAD):
+                os.posix_fadvise(fd, asked, REFILL_STEP, os.POSIX_FADV_WILLNEED)
+                asked += REFILL_STEP
+            if not os.preadv(fd, [buffer], offset):
+                return  # truncated meanwhile: nothing more to read
     except OSError:  # only a hint: a filesystem may refuse it
         pass
 
