@@ -21,6 +21,9 @@ from asking until every page is cached, through torchkeep's own read-back,
 :func:`torchkeep.storage.cache.refill_after_save`). The load that follows reads memory when it
 starts later than that.
 
+One more floor, ``read, not cached (direct, 4 readers)``: the disk's ceiling for several
+readers at once (a cold restore by 4 ranks cannot read faster, whatever the tool).
+
 Run: ``python benchmarks/bench_cache_floor.py --repeat 5`` (root for the cold row).
 """
 
@@ -37,6 +40,7 @@ from _harness import Result, StateRuns, common_parser, measure, print_results, w
 BLOCK = 8 << 20
 NBYTES_FULL, NBYTES_QUICK = 1 << 30, 64 << 20
 WRITE = "bench_cache_floor:write_file"
+READERS = 4  # as many as bench_distributed's ranks
 
 
 def _buffer() -> mmap.mmap:
@@ -76,6 +80,32 @@ def read_file(path: str, direct: bool) -> Callable[[], None]:
                 offset += read
         finally:
             os.close(fd)
+
+    return run
+
+
+def read_file_parallel(path: str, readers: int) -> Callable[[], None]:
+    """Read the whole file with O_DIRECT on ``readers`` threads, each its own contiguous part in
+    8 MiB calls: the most the disk gives several readers at once (the ceiling of a cold
+    restore by several ranks, whatever the tool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.path.getsize(path)
+    part = -(-size // readers // BLOCK) * BLOCK
+    blocks = [_buffer() for _ in range(readers)]
+
+    def read_part(index: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            offset, end = index * part, min(size, (index + 1) * part)
+            while offset < end and (read := os.preadv(fd, [blocks[index]], offset)):
+                offset += read
+        finally:
+            os.close(fd)
+
+    def run() -> None:
+        with ThreadPoolExecutor(readers) as pool:
+            list(pool.map(read_part, range(readers)))
 
     return run
 
@@ -149,6 +179,8 @@ def _floors(folder: Path, nbytes: int, repeat: int) -> list[Result]:
         # the file the direct write just wrote is not cached: this is the load after a direct save
         run = measure("bench_cache_floor:read_file", path=plain, direct=True)
         runs.add(case, nbytes, "read, not cached (direct)", "", "floor", run)
+        run = measure("bench_cache_floor:read_file_parallel", path=plain, readers=READERS)
+        runs.add(case, nbytes, f"read, not cached (direct, {READERS} readers)", "", "floor", run)
         run = measure("bench_cache_floor:read_back", path=plain)  # still not cached: direct read
         runs.add(case, nbytes, "read back into the cache (auto)", "", "torchkeep", run)
         run = measure("bench_cache_floor:read_file", path=plain, direct=False, warm=[plain])

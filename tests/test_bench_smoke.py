@@ -63,6 +63,7 @@ def test_cache_floor_bench_measures_each_floor_and_gives_a_verdict(tmp_path: Pat
         ("cached write + fsync", "floor"),
         ("direct write + fsync", "floor"),
         ("read, not cached (direct)", "floor"),
+        ("read, not cached (direct, 4 readers)", "floor"),
         ("read back into the cache (auto)", "torchkeep"),
         ("read, cached", "floor"),
         ("durable save", "safetensors"),
