@@ -777,15 +777,17 @@ def _raise_if_newer_format(path: Path) -> None:
 
 
 def _placement_hint(targets: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors each target holds before the step is read, so that the reader maps only
-    the files that will mostly be copied into them (:func:`read_step`'s ``into``). A target
-    whose state cannot be taken now gets none: the check that follows the read reports it."""
+    """The tensors the models and optimizers among ``targets`` hold before the step is read,
+    so that the reader maps only the files that will mostly be copied into them
+    (:func:`read_step`'s ``into``). Other objects' state is not asked for twice (it may be
+    dear to produce): their files are read into memory of their own."""
     hint = {}
     for name, obj in targets.items():
-        try:
-            hint[name] = _current_tensors(obj, name)
-        except Exception:  # only a hint: the restore itself reports what is wrong with obj
-            hint[name] = {}
+        if isinstance(obj, (nn.Module, torch.optim.Optimizer)):
+            try:
+                hint[name] = _current_tensors(obj, name)
+            except Exception:  # only a hint: the restore itself reports what is wrong with obj
+                hint[name] = {}
     return hint
 
 
