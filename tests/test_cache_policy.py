@@ -10,6 +10,7 @@ everything in memory whatever the policy).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def test_the_read_back_reads_every_byte_in_order_with_read_ahead_asked_ahead(
     monkeypatch.setattr(os, "preadv", read)
     fd = os.open(path, os.O_RDONLY)
     try:
-        cache_module._read_back(fd, len(data), lambda: False)
+        cache_module._read_back(fd, 0, len(data), lambda: False)
     finally:
         os.close(fd)
     reads = [(offset, got) for kind, offset, got in events if kind == "read"]
@@ -298,6 +299,41 @@ def test_the_read_back_reads_every_byte_in_order_with_read_ahead_asked_ahead(
         if kind == "read":  # everything up to `ahead` past this read was asked for first
             before = {o for k, o, _ in events[:index] if k == "ahead"}
             assert set(range(0, min(len(data), offset + ahead), step)) <= before
+
+
+def test_the_read_back_splits_each_file_between_two_readers_and_reads_every_byte_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cache_module.wait_for_refill(20)
+    monkeypatch.setattr(cache_module, "REFILL_STEP", 4096)
+    sizes = [10 * 4096 + 123, 4096, 100, 0]
+    contents = [os.urandom(size) for size in sizes]
+    files = []
+    for index, data in enumerate(contents):
+        (tmp_path / str(index)).write_bytes(data)
+        fd = os.open(tmp_path / str(index), os.O_RDONLY)
+        files.append((fd, len(data)))
+    got: dict[int, list[tuple[int, bytes]]] = {fd: [] for fd, _ in files}
+    threads: set[str] = set()
+    preadv = os.preadv
+
+    def read(fd: int, buffers: list[memoryview], offset: int) -> int:
+        count = preadv(fd, buffers, offset)
+        got[fd].append((offset, bytes(buffers[0][:count])))
+        threads.add(threading.current_thread().name)
+        return count
+
+    monkeypatch.setattr(os, "preadv", read)
+    try:
+        cache_module._read_back_halves(files, lambda: False)
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+    for (fd, _), data in zip(files, contents, strict=True):
+        pieces = sorted(got[fd])
+        assert b"".join(piece for _, piece in pieces) == data  # every byte, once, in place
+        assert [offset for offset, _ in pieces] == list(range(0, len(data), 4096))
+    assert len(threads) == 2  # the second half of the large file on the helper thread
 
 
 def test_a_newer_save_stops_an_older_read_back(tmp_path: Path) -> None:
@@ -312,7 +348,7 @@ def test_a_newer_save_stops_an_older_read_back(tmp_path: Path) -> None:
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        cache_module._read_back(fd, path.stat().st_size, superseded)
+        cache_module._read_back(fd, 0, path.stat().st_size, superseded)
     finally:
         os.close(fd)
     assert asked == 3  # asked before each read; gave up at the first "superseded"
