@@ -109,14 +109,25 @@ def test_an_uncached_restore_is_bit_exact_and_its_optimizer_state_owns_its_memor
     mgr, model, optimizer = _saved(direct_dir)
     fresh, fresh_optimizer = _fresh()
     mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    _assert_restored_exactly_into_memory_of_its_own(fresh, fresh_optimizer, model, optimizer)
+    assert fresh.b.weight is fresh.a.weight  # still tied in the live model
+
+
+def _assert_restored_exactly_into_memory_of_its_own(
+    fresh: nn.Module,
+    fresh_optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """A fresh model and optimizer hold exactly the saved state, and every optimizer state
+    tensor owns its storage: no view into a larger buffer or a mapping (torch.save of it
+    would write all of that), no two sharing one."""
     assert_state_equal(fresh.state_dict(), model.state_dict())
     saved = tree.flatten(optimizer.state_dict()).tensors
-    got = tree.flatten(fresh_optimizer.state_dict()).tensors
-    assert_state_equal(got, saved)
-    assert fresh.b.weight is fresh.a.weight  # still tied in the live model
+    assert_state_equal(tree.flatten(fresh_optimizer.state_dict()).tensors, saved)
     state = _optimizer_state_tensors(fresh_optimizer)
     assert len(state) == 2 * len(list(fresh.parameters()))
-    for tensor in state:  # no view into a larger buffer (torch.save would write all of it)
+    for tensor in state:
         assert tensor.untyped_storage().nbytes() == tensor.nbytes
     assert len({t.untyped_storage().data_ptr() for t in state}) == len(state)
 
@@ -124,15 +135,20 @@ def test_an_uncached_restore_is_bit_exact_and_its_optimizer_state_owns_its_memor
 def test_an_uncached_restore_into_live_state_fills_it_in_place(
     direct_dir: Path, mode: coldread.ReadMode
 ) -> None:
-    mgr, model, optimizer = _saved(direct_dir)
+    _assert_restores_in_place(*_saved(direct_dir))
+
+
+def _assert_restores_in_place(
+    mgr: tk.CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restoring into a live model and a stepped optimizer fills their own memory in place,
+    with exactly the saved state."""
     live, live_optimizer = _trained(seed=4)  # stepped: its state tensors are the targets
-    memory = {id(t): t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)}
+    memory = sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer))
     parameters = [p.data_ptr() for p in live.parameters()]
     mgr.restore(model=live, optimizer=live_optimizer)
     assert [p.data_ptr() for p in live.parameters()] == parameters
-    assert sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)) == sorted(
-        memory.values()
-    )
+    assert sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)) == memory
     assert_state_equal(live.state_dict(), model.state_dict())
     saved = tree.flatten(optimizer.state_dict()).tensors
     assert_state_equal(tree.flatten(live_optimizer.state_dict()).tensors, saved)
@@ -248,29 +264,16 @@ def test_a_cached_step_restored_into_a_fresh_optimizer_reads_its_state_instead_o
     assert "optimizer.safetensors" in ways.owned  # no state to fill: read where it will stay
     assert "optimizer.safetensors" not in ways.mapped
     assert [p.data_ptr() for p in fresh.parameters()] == parameters
-    assert_state_equal(fresh.state_dict(), model.state_dict())
-    saved = tree.flatten(optimizer.state_dict()).tensors
-    assert_state_equal(tree.flatten(fresh_optimizer.state_dict()).tensors, saved)
-    state = _optimizer_state_tensors(fresh_optimizer)
-    assert len(state) == 2 * len(list(fresh.parameters()))
-    for tensor in state:  # each in memory of its own, none a view of a mapping
-        assert tensor.untyped_storage().nbytes() == tensor.nbytes
-    assert len({t.untyped_storage().data_ptr() for t in state}) == len(state)
+    _assert_restored_exactly_into_memory_of_its_own(fresh, fresh_optimizer, model, optimizer)
 
 
 def test_a_cached_step_restored_into_live_state_is_mapped_and_copied_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mgr, model, optimizer = _cached(tmp_path)
+    saved = _cached(tmp_path)
     ways = _ReadWays(monkeypatch)
-    live, live_optimizer = _trained(seed=4)  # stepped: its state tensors are the targets
-    memory = sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer))
-    mgr.restore(model=live, optimizer=live_optimizer)
+    _assert_restores_in_place(*saved)
     assert {"model.safetensors", "optimizer.safetensors"} <= set(ways.mapped)
-    assert sorted(t.data_ptr() for t in _optimizer_state_tensors(live_optimizer)) == memory
-    assert_state_equal(live.state_dict(), model.state_dict())
-    saved = tree.flatten(optimizer.state_dict()).tensors
-    assert_state_equal(tree.flatten(live_optimizer.state_dict()).tensors, saved)
 
 
 def test_a_wrapped_model_is_placed_by_shape_so_its_cached_file_is_mapped(
