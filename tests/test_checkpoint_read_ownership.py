@@ -241,22 +241,24 @@ class _ReadWays:
         monkeypatch.setattr(st, "read_owned", owning)
 
 
-def _cached(folder: Path) -> tuple[tk.CheckpointManager, nn.Module, torch.optim.Optimizer]:
-    """A step saved with ``cache="keep"`` and read once: every page of it in the page cache."""
+def _cached(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[tk.CheckpointManager, nn.Module, torch.optim.Optimizer, _ReadWays]:
+    """A step saved with ``cache="keep"`` and read once (every page of it in the page cache),
+    and a recorder of the ways its files are read from then on."""
     mgr = tk.CheckpointManager(folder, cache="keep", keep_last=5)
     model, optimizer = _trained()
     mgr.save(1, model=model, optimizer=optimizer, epoch=1)
     for path in _step_files(folder, 1):
         path.read_bytes()
         assert _resident_share(path) == 1.0, path
-    return mgr, model, optimizer
+    return mgr, model, optimizer, _ReadWays(monkeypatch)
 
 
 def test_a_cached_step_restored_into_a_fresh_optimizer_reads_its_state_instead_of_mapping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mgr, model, optimizer = _cached(tmp_path)
-    ways = _ReadWays(monkeypatch)
+    mgr, model, optimizer, ways = _cached(tmp_path, monkeypatch)
     fresh, fresh_optimizer = _fresh()
     parameters = [p.data_ptr() for p in fresh.parameters()]
     mgr.restore(model=fresh, optimizer=fresh_optimizer)
@@ -270,17 +272,15 @@ def test_a_cached_step_restored_into_a_fresh_optimizer_reads_its_state_instead_o
 def test_a_cached_step_restored_into_live_state_is_mapped_and_copied_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    saved = _cached(tmp_path)
-    ways = _ReadWays(monkeypatch)
-    _assert_restores_in_place(*saved)
+    mgr, model, optimizer, ways = _cached(tmp_path, monkeypatch)
+    _assert_restores_in_place(mgr, model, optimizer)
     assert {"model.safetensors", "optimizer.safetensors"} <= set(ways.mapped)
 
 
 def test_a_wrapped_model_is_placed_by_shape_so_its_cached_file_is_mapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mgr, model, _ = _cached(tmp_path)
-    ways = _ReadWays(monkeypatch)
+    mgr, model, _, ways = _cached(tmp_path, monkeypatch)
     fresh, _ = _fresh()
     wrapped = nn.DataParallel(fresh)  # its keys carry "module.": names do not match the step's
     mgr.restore(model=wrapped)
@@ -291,10 +291,9 @@ def test_a_wrapped_model_is_placed_by_shape_so_its_cached_file_is_mapped(
 def test_a_cached_file_is_mapped_only_when_most_of_its_bytes_have_a_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, model, _ = _cached(tmp_path)
+    _, model, _, ways = _cached(tmp_path, monkeypatch)
     step = tmp_path / "step-00000001"
     big = model.state_dict()["big.weight"]  # most of the model file's bytes
-    ways = _ReadWays(monkeypatch)
     read_step(step, into={"model": {"anything": torch.empty_like(big)}})
     assert ways.mapped == ["model.safetensors"]
     ways.mapped.clear()
@@ -308,8 +307,7 @@ def test_a_cached_file_is_mapped_only_when_most_of_its_bytes_have_a_place(
 def test_read_step_without_targets_hands_cached_tensors_over_without_a_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, model, optimizer = _cached(tmp_path)
-    ways = _ReadWays(monkeypatch)
+    _, model, optimizer, ways = _cached(tmp_path, monkeypatch)
     loaded = read_step(tmp_path / "step-00000001")
     assert ways.mapped == []
     stored = loaded.tensors["optimizer"]

@@ -169,19 +169,16 @@ def _read_back_halves(files: Sequence[tuple[int, int]], superseded: Callable[[],
     helper thread (daemon, like the refiller: an exiting process does not wait for it beyond
     :data:`REFILL_EXIT_WAIT`). Two readers pay a slow host's first-touch price for the pages
     about twice as fast as one (3 GiB: 3.9 s against 5.5 s measured here)."""
-    halves: tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]] = ([], [])
-    for fd, size in files:
-        middle = min(size, -(-size // 2 // REFILL_STEP) * REFILL_STEP)
-        halves[0].append((fd, 0, middle))
-        halves[1].append((fd, middle, size))
+    middles = [min(size, -(-size // 2 // REFILL_STEP) * REFILL_STEP) for _fd, size in files]
 
-    def read(parts: list[tuple[int, int, int]]) -> None:
-        for fd, start, end in parts:
+    def read(halves: Iterable[tuple[int, int, int]]) -> None:
+        for fd, start, end in halves:
             _read_back(fd, start, end, superseded)
 
-    helper = threading.Thread(target=read, args=(halves[1],), name="torchkeep-refill", daemon=True)
+    seconds = [(fd, middle, size) for (fd, size), middle in zip(files, middles, strict=True)]
+    helper = threading.Thread(target=read, args=(seconds,), name="torchkeep-refill", daemon=True)
     helper.start()
-    read(halves[0])
+    read((fd, 0, middle) for (fd, _size), middle in zip(files, middles, strict=True))
     helper.join()
 
 
