@@ -245,6 +245,55 @@ def test_auto_writes_the_rest_direct_once_the_page_cache_is_slow(
     assert_state_equal(tk.load_state_dict(path), state)  # whole and exact either way
 
 
+class _BlockClock:
+    """Stands in for ``perf_counter`` in :mod:`stream`: the write of block ``k`` into the cache
+    takes ``seconds[k]`` (the clock is read once before and once after each write)."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        self._seconds = seconds
+        self._reads = 0
+        self._now = 0.0
+
+    def __call__(self) -> float:
+        block, after = divmod(self._reads, 2)
+        self._reads += 1
+        if after:
+            self._now += self._seconds[block]
+        return self._now
+
+
+@pytest.mark.parametrize(
+    ("pattern", "cached_blocks"),
+    [
+        ("fast, then slow for good", 5),  # the two slow blocks 3 and 4 send the rest direct
+        ("one slow block among fast ones", 7),  # a single slow block is not a slow cache
+    ],
+)
+def test_auto_judges_the_cache_on_its_latest_blocks(
+    direct_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    held_refills: _HeldRefills,
+    pattern: str,
+    cached_blocks: int,
+) -> None:
+    # Measured on a VM: the cache took the first ~900 MiB of a file at 3-4 GB/s and the rest at
+    # 0.3 GB/s. Slow blocks here are just under the bar, fast ones ten times over it: an average
+    # over the whole file so far would still count the cache as fast after 40 slow blocks.
+    monkeypatch.setattr(stream, "MIN_CACHED_RATE", 1e9)
+    fast, slow = stream.CHUNK_BYTES / 1e10, stream.CHUNK_BYTES / 0.9e9
+    seconds = (
+        [fast] * 3 + [slow] * 4 if pattern.startswith("fast") else [fast] * 3 + [slow] + [fast] * 3
+    )
+    monkeypatch.setattr(stream, "perf_counter", _BlockClock(seconds))
+    state = _blocks_state()  # 6 full blocks and a short seventh
+    path = direct_dir / "w.safetensors"
+    tk.save_weights(state, path)
+    expected = min(cached_blocks * stream.CHUNK_BYTES, path.stat().st_size) / path.stat().st_size
+    assert expected - 0.02 < _resident_share(path) < expected + 0.02
+    assert held_refills.submitted == [[path]]
+    assert_state_equal(tk.load_state_dict(path), state)
+
+
 def test_auto_reads_a_file_written_around_a_slow_cache_back_into_it(
     direct_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

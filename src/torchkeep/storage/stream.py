@@ -13,9 +13,13 @@ chosen by the caller's cache policy (:mod:`torchkeep.storage.cache`):
   and the caller's ``fsync`` finds little left to write, while the file stays cached for the
   next reader.
 - ``"cached-while-fast"``: ``"cached"`` as long as the page cache takes the blocks at
-  :data:`MIN_CACHED_RATE` or faster, measured on this file's own writes; once it is slower
-  (on the virtual machines measured here, filling the page cache ran at 0.1-0.4 GB/s, several
-  times slower than direct I/O) the rest of the file is written ``"direct"``.
+  :data:`MIN_CACHED_RATE` or faster, measured on this file's own latest blocks; once it is
+  slower (on the virtual machines measured here, filling the page cache ran at 0.1-0.4 GB/s,
+  several times slower than direct I/O) the rest of the file is written ``"direct"``. The rate
+  is that of the last :data:`_MEASURED_BLOCKS` blocks, not of the whole file so far: there the
+  cache often took the first hundreds of MiB at 3-4 GB/s and then, once the free memory the
+  host still backed was used up, 0.3 GB/s, which an average over the whole file noticed too late
+  or never.
 
 Durability comes from the caller's ``fsync`` in every mode, which also flushes the device cache
 and the file's metadata.
@@ -33,9 +37,9 @@ import mmap
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Literal
 
 from ..hashing import Hasher
@@ -48,7 +52,7 @@ CHUNK_BYTES = 8 << 20
 DEPTH = 3  # staging buffers: one filling, up to two queued for the writer thread
 WRITEBACK_LAG = 4  # cached writes: wait for a block's writeback this many blocks later
 MIN_CACHED_RATE = 1e9  # bytes/s: "cached-while-fast" goes direct when the cache is slower
-_MEASURED_BLOCKS = 2  # ... judged once this many blocks have gone through the cache
+_MEASURED_BLOCKS = 2  # ... judged on the rate of this many latest blocks
 WriteMode = Literal["direct", "cached", "cached-while-fast"]
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
@@ -90,8 +94,9 @@ class _Writeback:
         self._call = _sync_file_range()
         self._started: collections.deque[tuple[int, int]] = collections.deque()
         self._while_fast = while_fast
-        self._seconds = 0.0
-        self._blocks = self._bytes = 0
+        self._latest: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=_MEASURED_BLOCKS
+        )  # (bytes, seconds) of the latest blocks written into the cache
 
     def _range(self, offset: int, nbytes: int, flags: int) -> None:
         if self._call is not None and self._call(self._fd, offset, nbytes, flags) != 0:
@@ -100,19 +105,22 @@ class _Writeback:
     def write(self, view: memoryview, offset: int) -> bool:
         """Write ``view`` at ``offset`` through the cache, start its writeback and wait for the
         block ``WRITEBACK_LAG`` ago; False when later blocks should go direct instead."""
-        start = time.perf_counter()
+        start = perf_counter()
         _pwrite_all(self._fd, view, offset)
-        self._seconds += time.perf_counter() - start
-        self._blocks, self._bytes = self._blocks + 1, self._bytes + len(view)
+        self._latest.append((len(view), perf_counter() - start))
         self._range(offset, len(view), _START)
         self._started.append((offset, len(view)))
         if len(self._started) > WRITEBACK_LAG:
             self._range(*self._started.popleft(), _FINISH)
-        return not (
-            self._while_fast
-            and self._blocks >= _MEASURED_BLOCKS
-            and self._bytes < MIN_CACHED_RATE * self._seconds
-        )
+        return not (self._while_fast and self._cache_is_slow())
+
+    def _cache_is_slow(self) -> bool:
+        """True when the latest :data:`_MEASURED_BLOCKS` blocks went into the cache slower
+        than :data:`MIN_CACHED_RATE`."""
+        if len(self._latest) < _MEASURED_BLOCKS:
+            return False
+        written = sum(nbytes for nbytes, _seconds in self._latest)
+        return written < MIN_CACHED_RATE * sum(seconds for _nbytes, seconds in self._latest)
 
 
 def _drop_direct_io(fd: int) -> bool:
