@@ -24,6 +24,11 @@ starts later than that.
 One more floor, ``read, not cached (direct, 4 readers)``: the disk's ceiling for several
 readers at once (a cold restore by 4 ranks cannot read faster, whatever the tool).
 
+And the floor of a load into a model whose file is cached, ``read, cached, into memory
+(2 threads)``: the file copied out of the page cache straight into memory already in use (as a
+model's parameters are), by two threads, one half each, nothing else. Every tool's load of a
+cached file into a model copies at least that much, so none can be faster.
+
 Run: ``python benchmarks/bench_cache_floor.py --repeat 5`` (root for the cold row).
 """
 
@@ -110,6 +115,33 @@ def read_file_parallel(path: str, readers: int) -> Callable[[], None]:
     return run
 
 
+def read_into_memory(path: str, readers: int) -> Callable[[], None]:
+    """Copy the whole file into memory touched beforehand (like a model's parameters), on
+    ``readers`` threads, each its own contiguous part in one ``preadv`` loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = os.path.getsize(path)
+    memory = mmap.mmap(-1, size)
+    memory.write(b"\x01" * size)  # in use, as parameters are: no first-touch cost in the timing
+    part = -(-size // readers // BLOCK) * BLOCK
+    target = memoryview(memory)
+
+    def read_part(index: int) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset, end = index * part, min(size, (index + 1) * part)
+            while offset < end and (read := os.preadv(fd, [target[offset:end]], offset)):
+                offset += read
+        finally:
+            os.close(fd)
+
+    def run() -> None:
+        with ThreadPoolExecutor(readers) as pool:
+            list(pool.map(read_part, range(readers)))
+
+    return run
+
+
 def read_back(path: str) -> Callable[[], None]:
     """torchkeep's read-back of the uncached file, until ``mincore`` finds every page cached."""
     import time
@@ -185,6 +217,8 @@ def _floors(folder: Path, nbytes: int, repeat: int) -> list[Result]:
         runs.add(case, nbytes, "read back into the cache (auto)", "", "torchkeep", run)
         run = measure("bench_cache_floor:read_file", path=plain, direct=False, warm=[plain])
         runs.add(case, nbytes, "read, cached", "", "floor", run)
+        run = measure("bench_cache_floor:read_into_memory", path=plain, readers=2, warm=[plain])
+        runs.add(case, nbytes, "read, cached, into memory (2 threads)", "", "floor", run)
         os.unlink(plain)
         run = measure("bench_cache_floor:safetensors_save", path=st, nbytes=nbytes)
         runs.add(case, nbytes, "durable save", "", "safetensors", run)

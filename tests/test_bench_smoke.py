@@ -66,6 +66,7 @@ def test_cache_floor_bench_measures_each_floor_and_gives_a_verdict(tmp_path: Pat
         ("read, not cached (direct, 4 readers)", "floor"),
         ("read back into the cache (auto)", "torchkeep"),
         ("read, cached", "floor"),
+        ("read, cached, into memory (2 threads)", "floor"),
         ("durable save", "safetensors"),
         ("load right after its save", "safetensors"),
     }

@@ -2,9 +2,9 @@
 the page cache. How an uncached file is read back (direct or buffered, by measurement) is tested
 in tests/test_cold_reads.py.
 
-Residency is read with ``mincore`` (through :class:`torchkeep.storage.reading._Residency`); the
-tests that depend on it are skipped where the temporary folder takes no direct I/O (tmpfs keeps
-everything in memory whatever the policy).
+Residency is read with ``cachestat`` or ``mincore`` (through
+:class:`torchkeep.storage.reading._Residency`); the tests that depend on it are skipped where the
+temporary folder takes no direct I/O (tmpfs keeps everything in memory whatever the policy).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 
 The way is pinned through ``coldread.PINNED`` wherever a test needs to know it (a real load's
 timings are the machine's, not the test's); the chooser's own choice is tested with injected
-timings. Nothing here is timed. Residency is read with ``mincore`` (tests/test_cache_policy.py's
-helpers) and the tests that depend on it are skipped where the temporary folder takes no direct
-I/O (tmpfs keeps everything in memory).
+timings. Nothing here is timed. Residency is read with ``cachestat`` or ``mincore``
+(tests/test_cache_policy.py's helpers) and the tests that depend on it are skipped where the
+temporary folder takes no direct I/O (tmpfs keeps everything in memory).
 """
 
 from __future__ import annotations
@@ -58,6 +58,41 @@ def _model_like(state: dict[str, torch.Tensor]) -> nn.Module:
     for name, tensor in state.items():
         model.register_buffer(name, torch.zeros_like(tensor))
     return model
+
+
+# ---- which pages are cached ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["cachestat", "mincore"])
+def test_residency_tells_cached_from_uncached_ranges(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    path = direct_dir / "f.bin"
+    _write(path, os.urandom(3 * MiB + 123))  # a partial last page
+    _evict(path)
+    with open(path, "rb") as f:  # cache the second MiB only
+        f.seek(MiB)
+        assert len(f.read(MiB)) == MiB
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if way == "cachestat" and reading._cached_pages(fd, 0, MiB) is None:
+            pytest.skip("this kernel refuses cachestat (Linux < 6.5 or a seccomp filter)")
+        if way == "mincore":  # what a kernel without cachestat gets
+            monkeypatch.setattr(reading, "_cached_pages", lambda *_: None)
+        residency = reading._Residency(fd, os.fstat(fd).st_size)
+        try:
+            assert residency.cached(MiB, MiB)
+            assert residency.cached(MiB + 5, 4000)  # unaligned, inside the cached MiB
+            assert residency.cached(2 * MiB - 1, 1)
+            assert not residency.cached(MiB, MiB + 1)  # one byte into an uncached page
+            assert not residency.cached(MiB - 1, 2)
+            assert not residency.cached(0, 3 * MiB + 123)
+            assert not residency.cached(3 * MiB, 123)  # the partial last page
+            assert residency.cached(4 * MiB, 10)  # past the end: nothing to read
+        finally:
+            residency.close()
+    finally:
+        os.close(fd)
 
 
 # ---- the chooser -----------------------------------------------------------------------

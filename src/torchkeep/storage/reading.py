@@ -7,8 +7,10 @@ reads both ways: with direct I/O (large aligned reads, straight into the caller'
 it and the offset are page-aligned, else through a page-aligned bounce buffer; the page cache is
 left as it was), or buffered (plain reads, with read-ahead; **the bytes read stay in the page
 cache**, so the file ends up cached, as the peers leave theirs). Which pages are cached is asked
-of the kernel per read (``mincore`` on a mapping of the file that is never touched). Where
-direct I/O or ``mincore`` is missing (macOS, tmpfs) plain reads do everything.
+of the kernel per read: with ``cachestat`` (Linux 6.5 and later: one count per range, about
+0.04 ms for 1 GiB), else with ``mincore`` on a mapping of the file that is never touched (one
+lookup per page, about 7 ms for 1 GiB). Where direct I/O or both calls are missing (macOS,
+tmpfs) plain reads do everything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import functools
 import mmap
 import os
+import sys
 import threading
 import time
 from types import TracebackType
@@ -32,6 +35,18 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MISSING = b"\x00"
 _RESIDENT_BIT = bytes(flag & 1 for flag in range(256))  # mincore: bit 0 set = page cached
+_CACHESTAT = 451  # the same number on every Linux architecture (since 6.5)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
 
 
 @functools.cache
@@ -51,27 +66,45 @@ def _libc() -> Any:
     return libc
 
 
+def _cached_pages(fd: int, start: int, nbytes: int) -> int | None:
+    """How many pages of ``[start, start + nbytes)`` (``nbytes`` > 0) are in the page cache, by
+    ``cachestat``; None where the kernel (or a seccomp filter) refuses it."""
+    libc = _libc()
+    if libc is None or sys.platform != "linux":
+        return None
+    counts = _Cachestat()
+    span = _CachestatRange(start, nbytes)
+    if libc.syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(counts), 0) != 0:
+        return None
+    return int(counts.cache)
+
+
 class _Residency:
     """Answers "are these bytes of the file in the page cache?" without reading them."""
 
     def __init__(self, fd: int, size: int) -> None:
         self._libc = _libc()
+        self._fd = fd
         self._size = size
         self._address: int | None = None
-        if self._libc is not None and size > 0:
+        self._counts = size > 0 and _cached_pages(fd, 0, size) is not None
+        if self._libc is not None and size > 0 and not self._counts:
             address = self._libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
             if address not in (None, _MAP_FAILED):
                 self._address = address
 
     def cached(self, offset: int, nbytes: int) -> bool:
         """True when every page of ``[offset, offset + nbytes)`` is cached (or it is unknown)."""
-        if self._address is None:
-            return True
         start = offset - offset % ALIGN
         end = min(offset + nbytes, self._size)
         if end <= start:
             return True
         pages = -(-(end - start) // ALIGN)
+        if self._counts:
+            counted = _cached_pages(self._fd, start, end - start)
+            return counted is None or counted >= pages
+        if self._address is None:
+            return True
         vector = ctypes.create_string_buffer(pages)
         if self._libc.mincore(self._address + start, end - start, vector) != 0:
             return True
