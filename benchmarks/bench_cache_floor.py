@@ -27,7 +27,10 @@ readers at once (a cold restore by 4 ranks cannot read faster, whatever the tool
 And the floor of a load into a model whose file is cached, ``read, cached, into memory
 (2 threads)``: the file copied out of the page cache straight into memory already in use (as a
 model's parameters are), by two threads, one half each, nothing else. Every tool's load of a
-cached file into a model copies at least that much, so none can be faster.
+cached file into a model copies at least that much, so none can be faster. Likewise for a lazy
+load of a cached file, ``map + touch, cached``: the file mapped privately
+(``torch.UntypedStorage.from_file``, as torchkeep's and safetensors' lazy loaders do) and summed,
+which is what bench_weights' ``lazy load + touch`` asks of every tool.
 
 Run: ``python benchmarks/bench_cache_floor.py --repeat 5`` (root for the cold row).
 """
@@ -142,6 +145,20 @@ def read_into_memory(path: str, readers: int) -> Callable[[], None]:
     return run
 
 
+def map_and_touch(path: str) -> Callable[[], None]:
+    """Map the file privately with torch and sum its bytes as float32 (every page touched)."""
+    import torch
+
+    size = os.path.getsize(path)
+
+    def run() -> None:
+        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        raw[: size - size % 4].view(torch.float32).sum()
+
+    return run
+
+
 def read_back(path: str) -> Callable[[], None]:
     """torchkeep's read-back of the uncached file, until ``mincore`` finds every page cached."""
     import time
@@ -219,6 +236,8 @@ def _floors(folder: Path, nbytes: int, repeat: int) -> list[Result]:
         runs.add(case, nbytes, "read, cached", "", "floor", run)
         run = measure("bench_cache_floor:read_into_memory", path=plain, readers=2, warm=[plain])
         runs.add(case, nbytes, "read, cached, into memory (2 threads)", "", "floor", run)
+        run = measure("bench_cache_floor:map_and_touch", path=plain, warm=[plain])
+        runs.add(case, nbytes, "map + touch, cached", "", "floor", run)
         os.unlink(plain)
         run = measure("bench_cache_floor:safetensors_save", path=st, nbytes=nbytes)
         runs.add(case, nbytes, "durable save", "", "safetensors", run)

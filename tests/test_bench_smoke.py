@@ -67,6 +67,7 @@ def test_cache_floor_bench_measures_each_floor_and_gives_a_verdict(tmp_path: Pat
         ("read back into the cache (auto)", "torchkeep"),
         ("read, cached", "floor"),
         ("read, cached, into memory (2 threads)", "floor"),
+        ("map + touch, cached", "floor"),
         ("durable save", "safetensors"),
         ("load right after its save", "safetensors"),
     }
