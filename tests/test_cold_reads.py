@@ -25,7 +25,6 @@ from tests.test_cache_policy import _big_state, _evict, _resident_share, direct_
 from torchkeep import ChecksumMismatchError
 from torchkeep.checkpoint.distributed import staging
 from torchkeep.checkpoint.distributed.staging import ChunkRef, stage, where
-from torchkeep.formats import safetensors as safetensors_format
 from torchkeep.hashing import hash_file
 from torchkeep.storage import coldread, reading
 from torchkeep.storage.coldread import RECHECK_EVERY, TRIAL_BYTES, ReadChooser
@@ -284,56 +283,6 @@ def test_loading_a_dropped_file_is_exact_and_leaves_the_cache_as_the_mode_says(
         assert _resident_share(path) < 0.1
     else:  # read through it: the file is now cached, as the peers leave theirs
         assert _resident_share(path) > 0.9
-
-
-class _LoadWays:
-    """Records how a load reached the file: the bytes read by ``preadv`` and the maps made."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.read_bytes = 0
-        self.maps = 0
-        read_range, map_file = safetensors_format._read_range, safetensors_format._map_file
-
-        def counted_read(reader: object, buffers: list[memoryview], *rest: object) -> None:
-            self.read_bytes += sum(map(len, buffers))
-            read_range(reader, buffers, *rest)
-
-        def counted_map(header: object) -> torch.Tensor:
-            self.maps += 1
-            return map_file(header)
-
-        monkeypatch.setattr(safetensors_format, "_read_range", counted_read)
-        monkeypatch.setattr(safetensors_format, "_map_file", counted_map)
-
-
-@pytest.mark.parametrize(
-    ("cached", "threads", "mapped"),
-    [(True, 2, True), (True, 1, False), (False, 2, False)],
-)
-def test_a_cached_file_s_large_tensors_are_copied_from_a_map(
-    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, cached: bool, threads: int, mapped: bool
-) -> None:
-    torch.manual_seed(6)
-    state = {"big": torch.randn(512, 1024), "small": torch.randn(100)}  # 2 MiB and 400 B
-    path = direct_dir / "w.safetensors"
-    tk.save_weights(state, path, cache="keep")
-    if cached:
-        path.read_bytes()  # every page, the partial last one too
-    else:
-        _evict(path)
-    model = _model_like(state)
-    ways = _LoadWays(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        tk.load_weights(model, path)
-    finally:
-        torch.set_num_threads(before)
-    assert_state_equal(model.state_dict(), state)
-    if mapped:  # only where the map cannot wait for the disk and torch copies on two threads
-        assert (ways.maps, ways.read_bytes) == (1, state["small"].nbytes)
-    else:
-        assert (ways.maps, ways.read_bytes) == (0, state["big"].nbytes + state["small"].nbytes)
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered"])

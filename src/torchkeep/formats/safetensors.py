@@ -38,7 +38,6 @@ _MAX_ELEMENTS = 2**63 - 1  # torch counts elements in a signed 64-bit integer
 ALIASES_KEY = "torchkeep.aliases"
 _IOV_MAX = 1024
 _READ_CHUNK = 16 << 20
-_MAPPED_COPY_BYTES = 1 << 20  # cached tensors this large are copied from a map
 _READERS = 2
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
@@ -663,37 +662,24 @@ def read_into(header: Header, targets: Mapping[str, torch.Tensor]) -> None:
 
     Shapes must already match. CPU targets of the stored dtype are filled by
     :class:`~torchkeep.storage.reading.RangeReader` (from the page cache where the file is
-    cached, else direct or buffered as measured; large reads split between threads), except
-    that where the whole file is cached and torch copies on at least ``_READERS`` threads,
-    tensors of :data:`_MAPPED_COPY_BYTES` or more are copied from a private memory map, which
-    measured ~5 % faster than ``preadv`` here. Other targets are copied from the map too,
-    converting dtype.
+    cached, else direct or buffered as measured; large reads split between threads); others are
+    copied from a memory map, converting dtype.
     """
     direct: list[tuple[TensorEntry, torch.Tensor]] = []
-    mapped: list[tuple[TensorEntry, torch.Tensor]] = []
+    converted: list[tuple[TensorEntry, torch.Tensor]] = []
     for name, target in targets.items():
         entry = header.entries[header.aliases.get(name, name)]
-        (direct if _direct_target(entry, target) else mapped).append((entry, target))
+        (direct if _direct_target(entry, target) else converted).append((entry, target))
+    reads = _plan_reads(sorted(direct, key=lambda pair: pair[0].begin))
     with RangeReader(header.path) as reader:
-        if _copy_from_map(reader, header):
-            mapped += [pair for pair in direct if pair[0].nbytes >= _MAPPED_COPY_BYTES]
-            direct = [pair for pair in direct if pair[0].nbytes < _MAPPED_COPY_BYTES]
-        reads = _plan_reads(sorted(direct, key=lambda pair: pair[0].begin))
         _run_parallel(
             [functools.partial(_read_range, reader, *read, header.path) for read in reads]
         )
-    if mapped:
+    if converted:
         view = _viewer(_map_file(header))
         with torch.no_grad():
-            for entry, target in mapped:
+            for entry, target in converted:
                 target.copy_(view(entry))
-
-
-def _copy_from_map(reader: RangeReader, header: Header) -> bool:
-    """True when large tensors are best copied from a memory map: the whole file is in the
-    page cache (no page faults wait for the disk) and torch copies on several threads."""
-    data = header.file_size - header.data_start
-    return torch.get_num_threads() >= _READERS and reader.cached(header.data_start, data)
 
 
 def _plan_reads(
