@@ -92,21 +92,21 @@ def read_file(path: str, direct: bool) -> Callable[[], None]:
     return run
 
 
-def read_file_parallel(path: str, readers: int) -> Callable[[], None]:
-    """Read the whole file with O_DIRECT on ``readers`` threads, each its own contiguous part in
-    8 MiB calls: the most the disk gives several readers at once (the ceiling of a cold
-    restore by several ranks, whatever the tool)."""
+def _read_in_parts(
+    path: str, readers: int, flags: int, buffer: Callable[[int, int, int], memoryview]
+) -> Callable[[], None]:
+    """A run reading the whole file on ``readers`` threads, each its own contiguous part (whole
+    8 MiB blocks), into ``buffer(reader index, offset, end of the part)``."""
     from concurrent.futures import ThreadPoolExecutor
 
     size = os.path.getsize(path)
     part = -(-size // readers // BLOCK) * BLOCK
-    blocks = [_buffer() for _ in range(readers)]
 
     def read_part(index: int) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(path, flags)
         try:
             offset, end = index * part, min(size, (index + 1) * part)
-            while offset < end and (read := os.preadv(fd, [blocks[index]], offset)):
+            while offset < end and (read := os.preadv(fd, [buffer(index, offset, end)], offset)):
                 offset += read
         finally:
             os.close(fd)
@@ -116,33 +116,28 @@ def read_file_parallel(path: str, readers: int) -> Callable[[], None]:
             list(pool.map(read_part, range(readers)))
 
     return run
+
+
+def read_file_parallel(path: str, readers: int) -> Callable[[], None]:
+    """Read the whole file with O_DIRECT on ``readers`` threads, each its own contiguous part in
+    8 MiB calls into a reused buffer: the most the disk gives several readers at once (the
+    ceiling of a cold restore by several ranks, whatever the tool)."""
+    blocks = [memoryview(_buffer()) for _ in range(readers)]
+    return _read_in_parts(
+        path, readers, os.O_RDONLY | os.O_DIRECT, lambda index, _offset, _end: blocks[index]
+    )
 
 
 def read_into_memory(path: str, readers: int) -> Callable[[], None]:
     """Copy the whole file into memory touched beforehand (like a model's parameters), on
-    ``readers`` threads, each its own contiguous part in one ``preadv`` loop."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    ``readers`` threads, each its own contiguous part."""
     size = os.path.getsize(path)
     memory = mmap.mmap(-1, size)
     memory.write(b"\x01" * size)  # in use, as parameters are: no first-touch cost in the timing
-    part = -(-size // readers // BLOCK) * BLOCK
     target = memoryview(memory)
-
-    def read_part(index: int) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            offset, end = index * part, min(size, (index + 1) * part)
-            while offset < end and (read := os.preadv(fd, [target[offset:end]], offset)):
-                offset += read
-        finally:
-            os.close(fd)
-
-    def run() -> None:
-        with ThreadPoolExecutor(readers) as pool:
-            list(pool.map(read_part, range(readers)))
-
-    return run
+    return _read_in_parts(
+        path, readers, os.O_RDONLY, lambda _index, offset, end: target[offset:end]
+    )
 
 
 def map_and_touch(path: str) -> Callable[[], None]:
