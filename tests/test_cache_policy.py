@@ -186,10 +186,13 @@ class _HeldRefills:
 
     def __init__(self) -> None:
         self.submitted: list[list[Path]] = []
+        self.committed_at: list[list[Path] | None] = []
 
-    def submit(self, files: list[tuple[int, int]]) -> None:
-        """Record the files by their current names, and close them (the refiller owns them)."""
+    def submit(self, files: list[tuple[int, int]], committed_at: list[Path] | None = None) -> None:
+        """Record the files by their current names (and where they are awaited), and close
+        them (the refiller owns them)."""
         self.submitted.append([Path(os.readlink(f"/proc/self/fd/{fd}")) for fd, _size in files])
+        self.committed_at.append(None if committed_at is None else list(committed_at))
         for fd, _size in files:
             os.close(fd)
 
@@ -387,6 +390,70 @@ def test_a_newer_save_stops_an_older_read_back(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert asked == 3  # asked before each read; gave up at the first "superseded"
+
+
+class _ReadSpy:
+    """Records the read-back's reads, and every look at ``place`` (the file's committed name)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, place: Path) -> None:
+        self.reads: list[int] = []
+        self.looks = 0
+        self.looked = threading.Event()
+        preadv, stat = os.preadv, os.stat
+
+        def read(fd: int, buffers: list[memoryview], offset: int) -> int:
+            self.reads.append(offset)
+            return preadv(fd, buffers, offset)
+
+        def look(path: object, *args: object, **kwargs: object) -> os.stat_result:
+            if path == place:
+                self.looks += 1
+                if self.looks >= 3:
+                    self.looked.set()
+            return stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "preadv", read)
+        monkeypatch.setattr(os, "stat", look)
+
+
+def _uncommitted(tmp_path: Path) -> tuple[Path, Path]:
+    """A written file in a temporary step folder, and where it will be once committed."""
+    assert cache_module.wait_for_refill(20)  # no read-back of an earlier test running
+    (tmp_path / ".step-1.tmp").mkdir()
+    written = tmp_path / ".step-1.tmp" / "shard.safetensors"
+    written.write_bytes(os.urandom(3 * cache_module.REFILL_STEP + 5))
+    return written, tmp_path / "step-1" / written.name
+
+
+def test_a_shard_is_read_back_only_once_its_step_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rank's shard is written into the step's temporary folder; reading it back before the
+    # coordinator renames the folder into place would slow the other ranks' writes.
+    written, place = _uncommitted(tmp_path)
+    spy = _ReadSpy(monkeypatch, place)
+    cache_module.refill_after_save("auto", [written], committed_at=[place])
+    assert spy.looked.wait(20)  # the read-back looked for the commit three times ...
+    assert spy.reads == []  # ... and read nothing meanwhile
+    (tmp_path / ".step-1.tmp").rename(tmp_path / "step-1")  # the commit
+    assert cache_module.wait_for_refill(20)
+    assert sorted(spy.reads) == [0, 1 << 20, 2 << 20, 3 << 20]  # then every byte
+
+
+@pytest.mark.parametrize("outcome", ["aborted", "never committed"])
+def test_a_read_back_waiting_for_a_commit_is_dropped_when_none_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    written, place = _uncommitted(tmp_path)
+    spy = _ReadSpy(monkeypatch, place)
+    if outcome == "never committed":
+        monkeypatch.setattr(cache_module, "COMMIT_WAIT", 0.2)
+    cache_module.refill_after_save("auto", [written], committed_at=[place])
+    assert spy.looked.wait(20)
+    if outcome == "aborted":  # the coordinator removed the temporary folder
+        written.unlink()
+    assert cache_module.wait_for_refill(20)  # given up long before COMMIT_WAIT (600 s)
+    assert spy.reads == []
 
 
 @pytest.mark.parametrize("cache", ["keep", "drop"])

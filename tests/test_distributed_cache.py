@@ -102,8 +102,10 @@ def test_auto_keeps_the_shards_cached_while_the_page_cache_is_fast(
         assert measured - 0.05 < _resident_share(shard) < measured + 0.05
     else:
         assert _resident_share(shard) > 0.9
-    # submitted for read-back as soon as written, from the temporary folder renamed since
+    # submitted for read-back as soon as written, from the temporary folder renamed since, to
+    # be read once found at its committed place
     assert [[path.name for path in paths] for paths in held_refills.submitted] == [[shard.name]]
+    assert held_refills.committed_at == [[shard]]
 
 
 def test_the_writer_reads_its_shard_back_under_auto(

@@ -14,9 +14,11 @@ they differ only in whether the file's pages stay in memory for the next reader:
   (below 1 GB/s; on the virtual machines measured here it ran at 0.1-0.4 GB/s, turning a 1 s
   save of 1 GiB into 3-11 s: their host backs a guest page anew, about 10 µs per 4 KiB page,
   whenever the guest touches memory it left unused for a while) the rest is written direct.
-  Once the save has returned, two background threads read the file back into the cache
-  (:func:`_read_back_halves`), so the load that usually follows reads memory. A newer save's
-  read-back replaces an unfinished one, and a process that exits waits at most
+  Once the save has committed, two background threads read the file back into the cache
+  (:func:`_read_back_halves`), so the load that usually follows reads memory. A shard of a
+  sharded step is read back only once the coordinator has committed the step (renamed it into
+  place): read earlier, it would compete with the other ranks' writes and slow the save. A
+  newer save's read-back replaces an unfinished one, and a process that exits waits at most
   :data:`REFILL_EXIT_WAIT` seconds for it. A file larger than half the memory the system
   reports available is written direct from the start and never read back: it would evict
   everything else and could not stay cached anyway. Checkpoint managers also drop the older
@@ -35,6 +37,7 @@ import contextlib
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -47,6 +50,8 @@ CACHE_POLICIES: tuple[CachePolicy, ...] = ("keep", "drop", "auto")
 _MEMINFO = Path("/proc/meminfo")
 REFILL_STEP = 1 << 20  # bytes per read of the read-back
 REFILL_EXIT_WAIT = 5.0  # seconds an exiting process waits for an unfinished read-back
+COMMIT_WAIT = 600.0  # seconds a read-back waits for its files' commit before giving up
+COMMIT_POLL = 0.01  # seconds between two looks for that commit
 
 
 def check_cache_policy(cache: object) -> CachePolicy:
@@ -85,23 +90,35 @@ def write_mode(cache: CachePolicy, nbytes: int) -> WriteMode:
     return "cached-while-fast" if _fits(nbytes) else "direct"
 
 
-def refill_after_save(cache: CachePolicy, paths: Sequence[Path]) -> None:
+def refill_after_save(
+    cache: CachePolicy, paths: Sequence[Path], *, committed_at: Sequence[Path] | None = None
+) -> None:
     """Under ``"auto"``, have the just written files ``paths`` read back into the page cache
     in the background (the parts written direct; cached pages cost nothing), unless together
     they exceed half the available memory. A no-op for ``"keep"`` and ``"drop"``.
 
     The files are opened here, so a rename (a commit) or an unlink after this call changes
     nothing for the read-back.
+
+    Args:
+        cache: the save's policy.
+        paths: the files just written and fsynced.
+        committed_at: for files not committed yet (a rank's shard, whose step the coordinator
+            renames into place later), where each will be once committed: the read-back starts
+            when every file is found there, and is dropped when one is deleted first (the
+            save was aborted) or after :data:`COMMIT_WAIT` seconds.
     """
     if cache != "auto" or not hasattr(os, "preadv"):
         return
     files: list[tuple[int, int]] = []
-    for path in paths:
+    places: list[Path] = []
+    for path, place in zip(paths, committed_at or paths, strict=True):
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDONLY)
             files.append((fd, os.fstat(fd).st_size))
+            places.append(place)
     if files and _fits(sum(size for _fd, size in files)):
-        _refiller.submit(files)
+        _refiller.submit(files, None if committed_at is None else places)
     else:
         _close(files)
 
@@ -126,15 +143,20 @@ class _Refiller:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[tuple[int, int]] | None = None
+        self._committed_at: Sequence[Path] | None = None
         self._generation = 0
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
 
-    def submit(self, files: list[tuple[int, int]]) -> None:
-        """Read back ``files`` (``(descriptor, size)`` pairs, closed by the refiller)."""
+    def submit(
+        self, files: list[tuple[int, int]], committed_at: Sequence[Path] | None = None
+    ) -> None:
+        """Read back ``files`` (``(descriptor, size)`` pairs, closed by the refiller), once
+        found at ``committed_at`` when given (see :func:`refill_after_save`)."""
         with self._lock:
             stale, self._pending = self._pending, files
+            self._committed_at = committed_at
             self._generation += 1
             self._idle.clear()
             if self._thread is None:
@@ -154,14 +176,43 @@ class _Refiller:
         while True:
             with self._lock:
                 files, self._pending, generation = self._pending, None, self._generation
+                committed_at = self._committed_at
                 if files is None:
                     self._thread = None
                     self._idle.set()
                     return
+            superseded = functools.partial(self._superseded, generation)
             try:
-                _read_back_halves(files, functools.partial(self._superseded, generation))
+                if committed_at is None or _await_commit(files, committed_at, superseded):
+                    _read_back_halves(files, superseded)
             finally:
                 _close(files)
+
+
+def _await_commit(
+    files: Sequence[tuple[int, int]], places: Sequence[Path], superseded: Callable[[], bool]
+) -> bool:
+    """Wait until each file of ``files`` is found at its place in ``places`` (the same inode:
+    the step holding it was renamed into place); False when one was deleted first (its save
+    was aborted and the temporary folder removed), a newer save superseded this one, or
+    :data:`COMMIT_WAIT` seconds passed."""
+    deadline = time.monotonic() + COMMIT_WAIT
+    while not superseded() and time.monotonic() < deadline:
+        try:
+            opened = [os.fstat(fd) for fd, _size in files]
+        except OSError:
+            return False
+        if any(stat.st_nlink == 0 for stat in opened):
+            return False
+        with contextlib.suppress(OSError):
+            found = [os.stat(place) for place in places]
+            if all(
+                (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+                for a, b in zip(opened, found, strict=True)
+            ):
+                return True
+        time.sleep(COMMIT_POLL)
+    return False
 
 
 def _read_back_halves(files: Sequence[tuple[int, int]], superseded: Callable[[], bool]) -> None:

@@ -175,8 +175,9 @@ class TorchkeepStorageWriter(StorageWriter):
                     os.fsync(f.fileno())
         except OSError as exc:
             raise _storage_error(exc, path) from exc
-        # Read back now: DCP tells only the coordinator when the step is committed.
-        refill_after_save(self.cache, [path])
+        # Read back once the coordinator has renamed the step into place (DCP tells only the
+        # coordinator when it commits; reading back earlier slows the other ranks' writes).
+        refill_after_save(self.cache, [path], committed_at=[self.path / name])
         return written
 
     def _commit(
