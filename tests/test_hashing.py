@@ -50,20 +50,23 @@ def test_hashing_an_uncached_file_leaves_it_uncached(direct_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("change", ["shrinks", "grows"])
+@pytest.mark.parametrize("chunks", [1, 4])
 def test_a_file_that_changes_size_while_hashed_is_hashed_to_its_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str, chunks: int
 ) -> None:
+    # Four chunks are read ahead on threads, one on the calling thread: the same either way.
     path = tmp_path / "blob"
-    data = _write(path, 3 * (8 << 20) + 12345)
-    after = data[: (8 << 20) + 100] if change == "shrinks" else data + b"tail"
+    data = _write(path, (chunks - 1) * (8 << 20) + 12345)
+    at = (8 << 20) * (chunks > 1)  # the file is rewritten as this chunk is read
+    after = data[: at + 100] if change == "shrinks" else data + b"tail"
     read = reading.RangeReader.read
     rewritten = False
 
     def changing_read(self: reading.RangeReader, buffers: list[memoryview], offset: int) -> None:
         nonlocal rewritten
-        if offset == 8 << 20 and not rewritten:  # another process rewrites the file just as
-            path.write_bytes(after)  # the second chunk is read (chunks are read ahead on
-            rewritten = True  # threads: the first may be read before or after, same bytes)
+        if offset == at and not rewritten:  # another process rewrites the file just as
+            path.write_bytes(after)  # this chunk is read (chunks read ahead on threads:
+            rewritten = True  # the first may be read before or after, the same bytes)
         read(self, buffers, offset)
 
     monkeypatch.setattr(reading.RangeReader, "read", changing_read)

@@ -8,8 +8,10 @@ an attacker who can rewrite both a file and its manifest; nothing stored beside 
 from __future__ import annotations
 
 import collections
+import contextlib
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -42,19 +44,24 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
     """Return ``(size, hexdigest)`` of the file at ``path``, read in chunks.
 
     The chunks are read by :class:`~torchkeep.storage.reading.RangeReader`, two threads ahead
-    of the hash: from the page cache where the file is cached, else always with direct I/O
-    (pinned, not measured: checking a file, e.g. for ``verify``, leaves the page cache as it
-    was, whichever way loads would read it on this machine). Bytes past the size
-    the file had when it was opened (it grew, or shrank, while being hashed) are read plainly,
-    so the result covers whatever the file held up to its end, as a plain read would.
+    of the hash (a file of one chunk is read on the calling thread): from the page cache where
+    the file is cached, else always with direct I/O (pinned, not measured: checking a file,
+    e.g. for ``verify``, leaves the page cache as it was, whichever way loads would read it on
+    this machine). Bytes past the size the file had when it was opened (it grew, or shrank,
+    while being hashed) are read plainly, so the result covers whatever the file held up to its
+    end, as a plain read would.
     """
     hasher = new_hasher()
-    buffers = [memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(_IN_FLIGHT)]
     with (
         open(path, "rb", buffering=0) as f,
         RangeReader(path, chooser=ReadChooser(fixed="direct")) as reader,
     ):
-        position = _hash_range(reader, hasher, buffers, os.fstat(f.fileno()).st_size)
+        size = os.fstat(f.fileno()).st_size
+        chunks = -(-size // _READ_CHUNK)
+        buffers = [
+            memoryview(mmap.mmap(-1, _READ_CHUNK)) for _ in range(max(1, min(chunks, _IN_FLIGHT)))
+        ]
+        position = _hash_range(reader, hasher, buffers, size)
         f.seek(position)
         while n := f.readinto(buffers[0]):
             hasher.update(buffers[0][:n])
@@ -64,7 +71,8 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[int, str]:
 
 def _hash_range(reader: RangeReader, hasher: Hasher, buffers: list[memoryview], size: int) -> int:
     """Hash the file's first ``size`` bytes in order, reading up to ``len(buffers)`` chunks
-    ahead; return ``size``, or where the file ended early (the start of the chunk it cut)."""
+    ahead (on reader threads when there is more than one chunk); return ``size``, or where the
+    file ended early (the start of the chunk it cut)."""
     offsets = range(0, size, _READ_CHUNK)
 
     def read(index: int) -> memoryview:
@@ -72,10 +80,11 @@ def _hash_range(reader: RangeReader, hasher: Hasher, buffers: list[memoryview], 
         reader.read([chunk], offsets[index])
         return chunk
 
-    with ThreadPoolExecutor(_READERS) as pool:
-        ahead = min(len(buffers), len(offsets))
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(_READERS)) if len(offsets) > 1 else None
+        submit = pool.submit if pool is not None else _run_now
         pending: collections.deque[Future[memoryview]] = collections.deque(
-            pool.submit(read, index) for index in range(ahead)
+            submit(read, index) for index in range(min(len(buffers), len(offsets)))
         )
         for index in range(len(offsets)):
             try:
@@ -86,5 +95,16 @@ def _hash_range(reader: RangeReader, hasher: Hasher, buffers: list[memoryview], 
                 return offsets[index]  # leaving the pool waits for reads still running
             hasher.update(chunk)  # only then may this buffer take the next chunk
             if index + len(buffers) < len(offsets):
-                pending.append(pool.submit(read, index + len(buffers)))
+                pending.append(submit(read, index + len(buffers)))
     return size
+
+
+def _run_now(call: Callable[[int], memoryview], index: int) -> Future[memoryview]:
+    """``call(index)`` run on this thread, as a finished future (a pool's ``submit`` without
+    the pool, for a file of one chunk)."""
+    future: Future[memoryview] = Future()
+    try:
+        future.set_result(call(index))
+    except FileEndedError as exc:
+        future.set_exception(exc)
+    return future
