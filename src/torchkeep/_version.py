@@ -1,3 +1,3 @@
 """The package version, kept in one place."""
 
-__version__ = "0.8.1"
+__version__ = "0.8.2"
