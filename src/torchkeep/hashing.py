@@ -80,8 +80,8 @@ def _hash_range(reader: RangeReader, hasher: Hasher, buffers: list[memoryview], 
         reader.read([chunk], offsets[index])
         return chunk
 
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(_READERS)) if len(offsets) > 1 else None
+    pool = ThreadPoolExecutor(_READERS) if len(offsets) > 1 else None
+    with pool if pool is not None else contextlib.nullcontext():
         submit = pool.submit if pool is not None else _run_now
         pending: collections.deque[Future[memoryview]] = collections.deque(
             submit(read, index) for index in range(min(len(buffers), len(offsets)))

@@ -113,10 +113,16 @@ def refill_after_save(
     files: list[tuple[int, int]] = []
     places: list[Path] = []
     for path, place in zip(paths, committed_at or paths, strict=True):
-        with contextlib.suppress(OSError):
+        try:
             fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
             files.append((fd, os.fstat(fd).st_size))
-            places.append(place)
+        except OSError:
+            os.close(fd)
+            continue
+        places.append(place)
     if files and _fits(sum(size for _fd, size in files)):
         _refiller.submit(files, None if committed_at is None else places)
     else:
@@ -142,8 +148,8 @@ class _Refiller:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, int]] | None = None
-        self._committed_at: Sequence[Path] | None = None
+        # the newest submission not yet taken: its files, and where they are awaited
+        self._pending: tuple[list[tuple[int, int]], Sequence[Path] | None] | None = None
         self._generation = 0
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
@@ -155,8 +161,7 @@ class _Refiller:
         """Read back ``files`` (``(descriptor, size)`` pairs, closed by the refiller), once
         found at ``committed_at`` when given (see :func:`refill_after_save`)."""
         with self._lock:
-            stale, self._pending = self._pending, files
-            self._committed_at = committed_at
+            stale, self._pending = self._pending, (files, committed_at)
             self._generation += 1
             self._idle.clear()
             if self._thread is None:
@@ -164,7 +169,7 @@ class _Refiller:
                     target=self._run, name="torchkeep-refill", daemon=True
                 )
                 self._thread.start()
-        _close(stale or [])
+        _close(stale[0] if stale is not None else [])
 
     def wait(self, timeout: float | None) -> bool:
         return self._idle.wait(timeout)
@@ -175,12 +180,12 @@ class _Refiller:
     def _run(self) -> None:
         while True:
             with self._lock:
-                files, self._pending, generation = self._pending, None, self._generation
-                committed_at = self._committed_at
-                if files is None:
+                pending, self._pending, generation = self._pending, None, self._generation
+                if pending is None:
                     self._thread = None
                     self._idle.set()
                     return
+            files, committed_at = pending
             superseded = functools.partial(self._superseded, generation)
             try:
                 if committed_at is None or _await_commit(files, committed_at, superseded):
