@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -408,3 +409,156 @@ def mesh_2x2(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
     dist.barrier()
     dist.destroy_process_group()
     return report
+
+
+def _counted(names: tuple[str, ...]) -> dict[str, int]:
+    """Count the calls of ``torch.distributed`` collectives ``names`` from now on."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(dist, name)
+
+        def counting(*args: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
+            counts[_name] += 1
+            return _original(*args, **kw)
+
+        setattr(dist, name, counting)
+    return counts
+
+
+def _malform_rng(step: Path, rank: int) -> None:
+    """Make rank ``rank``'s generator states in ``step`` malformed and re-record every hash
+    (a well-formed step whose chunks all verify)."""
+    from torchkeep.checkpoint.layout import RNG_ENTRY
+    from torchkeep.hashing import hash_file
+
+    state_path, manifest_path = step / "state.json", step / "manifest.json"
+    state = json.loads(state_path.read_text())
+    state["ranks"][rank][RNG_ENTRY]["python"] = "seed"
+    state_path.write_text(json.dumps(state))
+    manifest = json.loads(manifest_path.read_text())
+    size, digest = hash_file(state_path)
+    manifest["files"]["state.json"] = {"size": size, "hash": digest}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _restore_refused(
+    rank: int, world: int, mgr: Any, step: int, scheduler: Any = None
+) -> dict[str, Any]:
+    """``mgr.restore(step)`` into fresh objects: the error raised and whether every tensor
+    of those objects is unchanged."""
+    fresh = parts(world, "fsdp2", zeros=True)
+    if scheduler is not None:
+        fresh["scheduler"] = scheduler(fresh["optimizer"])
+    before = full_state(fresh)
+    outcome: dict[str, Any] = {"error": None, "failures": {}}
+    try:
+        mgr.restore(step, model=fresh["model"], optimizer=fresh["optimizer"],
+                    scheduler=fresh["scheduler"])  # fmt: skip
+    except tk.TorchkeepError as exc:
+        outcome["error"] = type(exc).__name__
+        outcome["failures"] = {r: type(e).__name__ for r, e in getattr(exc, "failures", {}).items()}
+    after = full_state(fresh)
+    outcome["untouched"] = all(torch.equal(before[k], after[k]) for k in after)
+    return outcome
+
+
+def _equal(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor of ``ref`` but the holder's (not saved here) is equal in ``got``."""
+    return all(torch.equal(ref[k], got[k]) for k in ref if k != "tp")
+
+
+def restore_gate(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Ranks agree once, with one flag, after every check and before any live tensor changes:
+    collectives of a restore that passes; a step whose chunks verify but whose generator
+    states are malformed on one rank; a mismatch on one rank only."""
+    init(rank, world, ctx)
+    out = Path(ctx["out"])
+    p = parts(world, "fsdp2")
+    mgr = tk.CheckpointManager(out / "gate", keep_last=None)
+    mgr.save(1, model=p["model"], optimizer=p["optimizer"], scheduler=p["scheduler"])
+    ref1 = full_state(p)
+    train(p, 1)
+    mgr.save(2, model=p["model"], optimizer=p["optimizer"], scheduler=p["scheduler"])
+    ref2 = full_state(p)
+    report: dict[str, Any] = {}
+    fresh = parts(world, "fsdp2", zeros=True)
+    counts = _counted(("all_gather_object", "broadcast_object_list", "all_reduce", "barrier"))
+    mgr.restore(model=fresh["model"], optimizer=fresh["optimizer"], scheduler=fresh["scheduler"])
+    report["collectives"] = dict(counts)
+    got = full_state(fresh)
+    report["restored_equal"] = _equal(ref2, got)
+    # one rank's generator states are malformed: every rank refuses before anything changes
+    dist.barrier()
+    if rank == 0:
+        _malform_rng(mgr.directory / "step-00000002", world - 1)
+    dist.barrier()
+    report["rng_explicit"] = _restore_refused(rank, world, mgr, 2)
+    fresh = parts(world, "fsdp2", zeros=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = mgr.restore(
+            model=fresh["model"], optimizer=fresh["optimizer"], scheduler=fresh["scheduler"]
+        )
+    got = full_state(fresh)
+    report["rng_fallback"] = {
+        "step": restored.step,
+        "equal": _equal(ref1, got),
+        "skipped": [str(w.message) for w in caught if "skipped" in str(w.message)],
+    }
+    # a scheduler that does not fit, on the last rank only
+    other = lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)  # noqa: E731
+    report["mismatch"] = _restore_refused(
+        rank, world, mgr, 1, scheduler=other if rank == world - 1 else None
+    )
+    # the last rank fails after every rank verified the step: every rank still raises
+    from torchkeep.checkpoint.distributed import restoring
+
+    original = restoring.set_state_dict
+    if rank == world - 1:
+
+        def failing(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("injected failure while loading")
+
+        restoring.set_state_dict = failing
+    fresh = parts(world, "fsdp2", zeros=True)
+    try:
+        mgr.restore(1, model=fresh["model"], optimizer=fresh["optimizer"])
+        report["late"] = None
+    except Exception as exc:
+        late = getattr(exc, "failures", {})
+        report["late"] = (type(exc).__name__, {r: type(e).__name__ for r, e in late.items()})
+    restoring.set_state_dict = original
+    dist.barrier()
+    dist.destroy_process_group()
+    return report
+
+
+def killed_restore(rank: int, world: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Rank ``ctx['victim']`` is SIGKILLed while it stages its chunks: the others raise."""
+    init(rank, world, ctx)
+    mgr = tk.CheckpointManager(Path(ctx["out"]) / "gate", timeout=30.0)
+    fresh = parts(world, "fsdp2", zeros=True)
+    before = _local_shards(fresh["model"])
+    if rank == ctx["victim"]:
+        from torchkeep.checkpoint.distributed import staging
+
+        def die(*args: Any, **kwargs: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        staging.stage = die  # type: ignore[assignment]
+    report: dict[str, Any] = {"error": None}
+    try:
+        mgr.restore(1, model=fresh["model"], optimizer=fresh["optimizer"])
+    except tk.DistributedCheckpointError as exc:
+        report["error"] = str(exc)[:300]
+    after = _local_shards(fresh["model"])  # this rank's own: the group lost a peer
+    report["untouched"] = all(torch.equal(before[k], after[k]) for k in before)
+    return report
+
+
+def _local_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of this rank's own part of every parameter (no collective)."""
+    return {
+        k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+        for k, v in model.state_dict().items()
+    }

@@ -350,3 +350,78 @@ def test_load_state_dict_and_export_torch_read_sharded_steps(
     with pytest.raises(tk.ChecksumMismatchError):
         tk.CheckpointManager(damaged.parent).export_torch(5, tmp_path / "never.pt")
     assert not (tmp_path / "never.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Any]]:
+    """2 FSDP2 ranks: steps 1 and 2, restored as they are and with faults on one rank."""
+    out = tmp_path_factory.mktemp("gate")
+    return out, harness.run("restore_gate", 2, {"out": str(out)}).ok()
+
+
+def test_a_restore_that_passes_agrees_with_one_flag(gate: tuple[Path, dict[int, Any]]) -> None:
+    for rank, report in gate[1].items():
+        assert report["restored_equal"], rank
+        # the candidates broadcast, one flag before the first live copy and one after the
+        # load: no object gathered (dcp.load would gather and scatter the plans, then gather)
+        assert report["collectives"] == {
+            "all_gather_object": 0,
+            "broadcast_object_list": 1,
+            "all_reduce": 2,
+            "barrier": 0,
+        }, rank
+
+
+def test_generator_states_malformed_on_one_rank_change_nothing_on_any(
+    gate: tuple[Path, dict[int, Any]],
+) -> None:
+    """Every chunk verifies, but the last rank's generator states are malformed: the check
+    runs before the ranks agree, so no rank has copied a byte into its model."""
+    for rank, report in gate[1].items():
+        refused = report["rng_explicit"]
+        assert refused["error"] == "InvalidDocumentError", rank
+        assert refused["untouched"], rank
+        fallback = report["rng_fallback"]
+        assert fallback["step"] == 1, rank
+        assert fallback["equal"], rank
+        assert any("step-00000002" in w for w in fallback["skipped"]), rank
+
+
+def test_a_mismatch_on_one_rank_raises_on_every_rank_and_changes_nothing(
+    gate: tuple[Path, dict[int, Any]],
+) -> None:
+    results = gate[1]
+    last = max(results)
+    for rank, report in results.items():
+        refused = report["mismatch"]
+        assert refused["untouched"], rank
+        if rank == last:  # its own error
+            assert refused["error"] == "StateDictMismatchError"
+        else:  # names the rank and carries its cause
+            assert refused["error"] == "DistributedCheckpointError", rank
+            assert refused["failures"] == {last: "StateDictMismatchError"}, rank
+
+
+def test_a_rank_failing_after_every_rank_verified_makes_every_rank_raise(
+    gate: tuple[Path, dict[int, Any]],
+) -> None:
+    results = gate[1]
+    last = max(results)
+    for rank, report in results.items():
+        if rank == last:
+            assert report["late"] == ("RuntimeError", {}), rank
+        else:
+            assert report["late"] == ("DistributedCheckpointError", {last: "RuntimeError"}), rank
+
+
+def test_a_rank_killed_during_a_restore_makes_the_others_raise(
+    gate: tuple[Path, dict[int, Any]],
+) -> None:
+    out, _ = gate
+    outcome = harness.run("killed_restore", 2, {"out": str(out), "victim": 1})
+    assert outcome.exit_codes[1] == -signal.SIGKILL
+    assert not outcome.errors
+    report = outcome.results[0]
+    assert report["error"] is not None
+    assert "the restore of" in report["error"]
+    assert report["untouched"]

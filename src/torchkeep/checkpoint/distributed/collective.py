@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ... import errors
 from ...errors import DistributedCheckpointError, TorchkeepError, first_line
 
 
@@ -65,6 +67,55 @@ def broadcast(value: Any, group: Any) -> Any:
     return box[0]
 
 
+def failures(error: BaseException | None, group: Any, what: str) -> dict[int, BaseException]:
+    """Every failed rank's error, by rank, at one step ``what`` of a collective operation
+    (empty when no rank failed).
+
+    When no rank failed this costs one ``all_reduce`` of a flag; only a failure gathers the
+    errors. Another rank's error comes back as a torchkeep error of the same type (other
+    types as ``RuntimeError``) with its first line; this rank's is ``error`` itself.
+
+    Raises:
+        DistributedCheckpointError: a peer died or stopped answering (the group's timeout).
+    """
+    if group is None:
+        return {} if error is None else {0: error}
+    me = dist.get_rank(group)
+    mine = None if error is None else (type(error).__name__, first_line(error))
+    try:
+        flag = torch.tensor([mine is not None], dtype=torch.int32, device=_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if not flag.item():
+            return {}
+        reports = all_gather(mine, group)
+    except Exception as exc:  # a lost peer or the timeout: no rank can go on
+        raise translate(exc, what, me=me) from exc
+    return {
+        r: error if r == me and error is not None else _rebuilt(*report)
+        for r, report in enumerate(reports)
+        if report is not None
+    }
+
+
+def _device(group: Any) -> torch.device:
+    """Where a tensor for a collective on ``group`` must live (NCCL takes CUDA tensors only)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rebuilt(type_name: str, text: str) -> BaseException:
+    """Another rank's error from its type name and first line."""
+    kind = getattr(errors, type_name, None)
+    if (
+        isinstance(kind, type)
+        and issubclass(kind, TorchkeepError)
+        and kind is not DistributedCheckpointError
+    ):
+        return kind(text)
+    return RuntimeError(f"{type_name}: {text}")
+
+
 def agree(error: BaseException | None, group: Any, what: str) -> None:
     """Raise on every rank if ``error`` is set on any rank (before anything is written).
 
@@ -72,19 +123,24 @@ def agree(error: BaseException | None, group: Any, what: str) -> None:
     :class:`DistributedCheckpointError` naming it, so no rank enters a collective another
     rank will never join.
     """
-    reports = all_gather(
-        None if error is None else f"{type(error).__name__}: {first_line(error)}", group
-    )
+    failed = failures(error, group, what)
     if error is not None:
         raise error
-    failed = {r: text for r, text in enumerate(reports) if text is not None}
     if failed:
-        causes = "; ".join(f"rank {r}: {text}" for r, text in failed.items())
         raise DistributedCheckpointError(
-            f"{what} failed on rank(s) {sorted(failed)} before anything was written ({causes}); "
-            "fix the cause on that rank and call it again on every rank",
-            {r: RuntimeError(text) for r, text in failed.items()},
+            f"{what} failed on {summary(failed)} before anything was written; fix the cause on "
+            "that rank and call it again on every rank",
+            failed,
         )
+
+
+def summary(failed: dict[int, BaseException]) -> str:
+    """``rank(s) [1, 3] (rank 1: Type: first line; rank 3: ...)`` for an error message."""
+    causes = "; ".join(
+        f"rank {r}: {type(cause).__name__}: {first_line(cause)}"
+        for r, cause in sorted(failed.items())
+    )
+    return f"rank(s) {sorted(failed)} ({causes})"
 
 
 def causes(exc: BaseException) -> dict[int, BaseException]:

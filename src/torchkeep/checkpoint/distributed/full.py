@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from ... import tree
-from ...errors import CorruptFileError, FileFormatError, first_line
+from ...errors import CorruptFileError, FileFormatError, TorchkeepError, first_line
 from ..entries import Kind
 from ..layout import RNG_ENTRY, STATE_NAME
 from ..reader import LoadedStep
-from . import collective
 from .layout import RANK_PREFIX, tensor_key
-from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
+from .reader import _DTYPES, read_index
+from .verified_load import VerifiedLoad
 
 
 def full_tensors(
@@ -56,18 +54,15 @@ def full_tensors(
             )
         full[key] = torch.empty(tensor["shape"], dtype=dtype)
     try:
-        with collective.single_process_quiet(None):
-            dcp_load(
-                full,
-                storage_reader=TorchkeepStorageReader(step),
-                planner=NoPickleLoadPlanner(),
-                no_dist=True,
-            )
-    except CheckpointException as exc:
-        cause = next(iter(collective.causes(exc).values()), exc)
-        if isinstance(cause, CorruptFileError):
-            raise type(cause)(str(cause)) from None
-        raise CorruptFileError(f"{step} could not be read: {first_line(cause)}") from None
+        load = VerifiedLoad(step, manifest, state, full)
+        try:
+            load.copy()
+        finally:
+            load.close()
+    except TorchkeepError:
+        raise
+    except Exception as exc:
+        raise CorruptFileError(f"{step} could not be read: {first_line(exc)}") from exc
     return manifest, state, full
 
 

@@ -144,8 +144,13 @@ class TorchkeepStorageReader(StorageReader):
         self._close()
 
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP would retry per rank
-        self.manifest, self.state = read_index(self.path)
-        return build_metadata(self.state, files_folder(self.path, self.manifest) / STATE_NAME)
+        return self.use_index(*read_index(self.path))
+
+    def use_index(self, manifest: dict[str, Any], state: dict[str, Any]) -> Metadata:
+        """Read the step through its already verified documents (:func:`read_index`);
+        DCP's ``Metadata`` of them."""
+        self.manifest, self.state = manifest, state
+        return build_metadata(state, files_folder(self.path, manifest) / STATE_NAME)
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -179,7 +184,16 @@ class TorchkeepStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        for request in plan.items:
+        self.copy(plan.items, planner)
+        self._close()
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def copy(self, items: list[ReadItem], planner: LoadPlanner) -> None:
+        """Copy the staged, verified chunks of ``items`` into ``planner``'s tensors (after
+        ``prepare_local_plan``)."""
+        for request in items:
             record = self._storage[request.storage_index]
             chunk = self._stored(record)
             boxes = zip(request.storage_offsets, request.lengths, strict=True)
@@ -193,10 +207,6 @@ class TorchkeepStorageReader(StorageReader):
                 )
             target.copy_(chunk)
             planner.commit_tensor(request, target)
-        self._close()
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
 
     def _stored(self, record: dict[str, Any]) -> torch.Tensor:
         """A verified chunk (read by prepare_local_plan) as a tensor of its dtype and shape."""
@@ -207,6 +217,7 @@ class TorchkeepStorageReader(StorageReader):
         return raw.view(dtype).reshape(record["sizes"])
 
     def _close(self) -> None:
+        """Let go of the staged chunks (their memory and mappings)."""
         self._chunks.clear()
 
     @classmethod

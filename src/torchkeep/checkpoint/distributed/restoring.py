@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from ... import tree
 from ...errors import (
@@ -38,8 +36,22 @@ from ..remote import relabelled
 from . import collective, single
 from .base import SHARDED_SLOTS, SessionBase, optimizers
 from .layout import LAYOUT, rank_key, tensor_key
-from .reader import _DTYPES, NoPickleLoadPlanner, TorchkeepStorageReader, read_index
+from .reader import _DTYPES, read_index
 from .remote_source import shard_opener
+from .verified_load import VerifiedLoad
+
+_DAMAGE = (FileFormatError, TorchkeepFileNotFoundError)  # a step to skip, not a mistake
+
+
+@dataclass
+class _Verified:
+    """A step every rank has checked and verified; only its fresh tensors are filled yet."""
+
+    manifest: dict[str, Any]
+    state: dict[str, Any]
+    templates: dict[str, torch.Tensor]
+    values: dict[str, Any]
+    load: VerifiedLoad
 
 
 @dataclass
@@ -87,17 +99,13 @@ class RestoringSession(SessionBase):
                 if done is None:
                     continue
                 return done
-            loaded = self._try(
+            verified = self._try(
                 path, targets, strict=strict, fallback=fallback, allow=allow_world_size_change,
                 step=step,
             )  # fmt: skip
-            if loaded is None:
+            if verified is None:
                 continue
-            manifest, state, templates, values = loaded
-            done = self._apply(
-                path, manifest, state, templates, values, targets,
-                restore_rng=restore_rng,
-            )  # fmt: skip
+            done = self._finish(path, verified, targets, restore_rng=restore_rng)
             if self.remote is not None:
                 done.path = self.remote.step_url(step)
             return done
@@ -114,12 +122,9 @@ class RestoringSession(SessionBase):
     ) -> RestoredState:
         """Restore the step at ``path`` (a directory a framework named; collective, no
         fallback): every rank verifies its chunks before anything changes, or all raise."""
-        loaded = self._try(path, targets, strict=strict, fallback=False, allow=False)
-        assert loaded is not None  # without fallback a bad step raises
-        manifest, state, templates, values = loaded
-        return self._apply(
-            path, manifest, state, templates, values, targets, restore_rng=restore_rng
-        )
+        verified = self._try(path, targets, strict=strict, fallback=False, allow=False)
+        assert verified is not None  # without fallback a bad step raises
+        return self._finish(path, verified, targets, restore_rng=restore_rng)
 
     def _try(
         self,
@@ -130,8 +135,8 @@ class RestoringSession(SessionBase):
         fallback: bool,
         allow: bool,
         step: int | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
-        """Read, check and load one step into fresh templates; None to try the next one.
+    ) -> _Verified | None:
+        """Read, check and verify one step on every rank; None to try the next one.
 
         On object storage (``step`` names it) the step's documents are copied into a private
         folder first and every rank reads its chunks from the shard objects by ranges.
@@ -142,16 +147,12 @@ class RestoringSession(SessionBase):
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="torchkeep-")))
             stack.enter_context(self.remote.store.deadline())  # one for this rank's reads
             assert step is not None
-            error: BaseException | None = None
             unreadable: BaseException | None = None
             try:
                 path = self.remote.fetch(step, scratch, only=(STATE_NAME,))
-            except (FileFormatError, TorchkeepFileNotFoundError) as exc:
-                unreadable = exc  # damaged or retired meanwhile: the next step, if allowed
-            except Exception as exc:  # the store failed for good: every rank raises
-                error = exc
+            except Exception as exc:  # damaged or retired meanwhile, or the store failed
+                unreadable = exc
             url = self.remote.step_url(step)
-            collective.agree(error, self.group, f"the restore of {url}")
             try:
                 return self._try_at(path, step, targets, strict, fallback, allow, unreadable)
             except DistributedCheckpointError:
@@ -168,77 +169,70 @@ class RestoringSession(SessionBase):
         fallback: bool,
         allow: bool,
         unreadable: BaseException | None = None,
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+    ) -> _Verified | None:
         """:meth:`_try` on the step's documents at ``path`` (``unreadable``: why they could
-        not be fetched)."""
+        not be fetched).
+
+        Every rank reads the index, checks it against its objects, stages and hashes its
+        chunks, fills its fresh tensors from them and checks the random generator states;
+        then the ranks agree once. Only a step that passed on every rank is returned, with
+        nothing live changed yet.
+        """
         error: BaseException | None = unreadable
-        opener = None
+        verified: _Verified | None = None
         try:
             if unreadable is not None:
                 raise unreadable
             manifest, state = read_index(path)
+            opener = None
             if self.remote is not None and step is not None:
                 opener = shard_opener(self.remote, step, manifest)
-        except (FileFormatError, TorchkeepFileNotFoundError) as exc:
-            error = exc
-        if not self._readable(path, error, fallback=fallback):
-            return None
-        error = None
-        templates: dict[str, torch.Tensor] = {}
-        values: dict[str, Any] = {}
-        try:
-            templates, values = self._templates(
+            templates, values, fresh = self._templates(
                 path, manifest, state, targets, strict=strict, allow_world_size_change=allow
             )
-        except Exception as exc:  # a mismatch on any rank: every rank raises, nothing changed
+            load = VerifiedLoad(path, manifest, state, templates, opener=opener)
+            verified = _Verified(manifest, state, templates, values, load)
+            load.copy(fresh)  # memory of its own: nothing live changes
+            if RNG_ENTRY in values:
+                rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
+        except Exception as exc:
             error = exc
-        collective.agree(error, self.group, f"the restore of {path}")
-        try:
-            with collective.single_process_quiet(self.group):
-                dcp_load(
-                    templates,
-                    storage_reader=TorchkeepStorageReader(path, opener=opener),
-                    planner=NoPickleLoadPlanner(),
-                    process_group=self.group,
-                    no_dist=self.group is None,
-                )
-        except (Exception, CheckpointException) as exc:
-            if fallback and collective.only_cause(exc, CorruptFileError):
-                cause = next(iter(collective.causes(exc).values()))
+            if verified is not None:
+                verified.load.close()
+        if self._settled(path, error, fallback=fallback, stacklevel=6):
+            return verified
+        return None
+
+    def _settled(
+        self, path: Path, error: BaseException | None, *, fallback: bool, stacklevel: int
+    ) -> bool:
+        """Whether every rank passed (collective): False when the step is damaged on some
+        rank and ``fallback`` allows trying the next step (every rank warns alike); else a
+        failure raises on every rank, nothing changed.
+
+        A damaged step raises its own kind of error everywhere (``ChecksumMismatchError``...);
+        any other failure raises on its rank and as ``DistributedCheckpointError`` elsewhere.
+        """
+        failed = collective.failures(error, self.group, f"the restore of {path}")
+        if not failed:
+            return True
+        first = failed[min(failed)]
+        if all(isinstance(e, _DAMAGE) for e in failed.values()):
+            if fallback:
                 warnings.warn(
                     f"checkpoint step {path.name} is unusable and was skipped (nothing was "
-                    f"loaded from it): {first_line(cause)}",
-                    stacklevel=4,
+                    f"loaded from it): {first_line(first)}",
+                    stacklevel=stacklevel,
                 )
-                return None
-            if collective.only_cause(exc, CorruptFileError):
-                cause = next(iter(collective.causes(exc).values()))
-                raise type(cause)(str(cause)) from None
-            raise collective.translate(exc, f"the restore of {path}", me=self.rank) from None
-        error = None
-        if RNG_ENTRY in values:  # its tensors are loaded now (verified by their hashes)
-            try:
-                rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
-            except CorruptFileError as exc:
-                error = exc
-        collective.agree(error, self.group, f"the restore of {path}")
-        return manifest, state, templates, values
-
-    def _readable(self, path: Path, error: BaseException | None, *, fallback: bool) -> bool:
-        """Whether every rank could read the step (collective): False when one could not and
-        ``fallback`` allows trying the next step (every rank warns alike), else raise."""
-        reports = collective.all_gather(None if error is None else first_line(error), self.group)
-        bad = [text for text in reports if text is not None]
-        if not bad:
-            return True
-        if not fallback:
-            if error is not None:
-                raise error
-            raise CorruptFileError(f"checkpoint step {path} is unusable: {bad[0]}")
-        warnings.warn(
-            f"checkpoint step {path.name} is unusable and was skipped: {bad[0]}", stacklevel=5
+                return False
+            raise error if error is not None else type(first)(str(first))
+        if error is not None:
+            raise error
+        raise DistributedCheckpointError(
+            f"the restore of {path} failed on {collective.summary(failed)} before anything was "
+            "changed; fix the cause on that rank and call it again on every rank",
+            failed,
         )
-        return False
 
     def _try_single(
         self,
@@ -255,27 +249,18 @@ class RestoringSession(SessionBase):
         whole and checks it against its objects before any rank loads; None to try the next
         step (it is damaged on some rank and ``fallback`` allows)."""
         error: BaseException | None = None
-        loaded = None
-        fatal: BaseException | None = None
+        loaded = checked = None
         try:
             loaded = read_step(path) if self.remote is None else self.remote.read(step)
-        except (CorruptFileError, TorchkeepFileNotFoundError) as exc:
-            error = exc
-        except Exception as exc:  # the store failed for good: every rank raises
-            fatal = exc
-        collective.agree(fatal, self.group, f"the restore of checkpoint step {step}")
-        if not self._readable(path, error, fallback=fallback):
-            return None
-        assert loaded is not None  # every rank read it
-        checked = None
-        try:
             checked = single.plan(
                 self, loaded, targets, strict=strict, allow_world_size_change=allow
             )
-        except Exception as exc:  # a mismatch on any rank: every rank raises, nothing changed
+        except Exception as exc:
             error = exc
-        collective.agree(error, self.group, f"the restore of {path}")
-        assert checked is not None
+        if not self._settled(path, error, fallback=fallback, stacklevel=5):
+            return None
+        assert checked is not None  # every rank passed
+        assert loaded is not None
         extra = single.apply(self, checked, targets, strict=strict, restore_rng=restore_rng)
         where = path if self.remote is None else self.remote.step_url(step)
         return RestoredState(loaded.step, where, loaded.metrics, extra)
@@ -289,13 +274,15 @@ class RestoringSession(SessionBase):
         *,
         strict: bool,
         allow_world_size_change: bool,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The tensors DCP loads into (live sharded state, fresh memory for the rest), checked
-        against the step's index first; and the replicated entries' values built on them."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], set[str]]:
+        """The tensors to load into (live sharded state, fresh memory for the rest), checked
+        against the step's index first; the replicated entries' values built on them; and
+        the keys of the fresh ones."""
         index = state["tensors"]
         entries = state["entries"]
         templates: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {}
+        fresh: set[str] = set()
         for name in targets:
             if name not in entries or entries[name]["kind"] != "stateful":
                 saved = sorted(n for n, e in entries.items() if e["kind"] == "stateful")
@@ -361,26 +348,55 @@ class RestoringSession(SessionBase):
             tensors = {}
             for key, described in index.items():
                 if key.startswith(prefix):
-                    tensors[key[len(prefix) :]] = templates.setdefault(
-                        key, _empty(described, path, key)
-                    )
+                    tensors[key[len(prefix) :]] = templates[key] = _empty(described, path, key)
+                    fresh.add(key)
             value = tree.unflatten(skeleton, tensors, source=f"{path} (entry {name!r})")
             if name in targets:
                 precheck.check_target(name, path, value, targets[name], strict=strict)
             values[name] = value
-        return templates, values
+        return templates, values, fresh
 
-    def _apply(
+    def _finish(
         self,
         path: Path,
-        manifest: Mapping[str, Any],
-        state: Mapping[str, Any],
-        templates: Mapping[str, torch.Tensor],
-        values: Mapping[str, Any],
+        verified: _Verified,
         targets: Mapping[str, Any],
         *,
         restore_rng: bool,
     ) -> RestoredState:
+        """Copy a step every rank verified into the live objects (collective: every rank
+        raises if one failed on the way)."""
+        error: BaseException | None = None
+        try:
+            try:
+                verified.load.copy()
+            finally:
+                verified.load.close()
+            done = self._apply(path, verified, targets, restore_rng=restore_rng)
+        except Exception as exc:
+            error = exc
+        failed = collective.failures(error, self.group, f"the restore of {path}")
+        if error is not None:
+            raise error
+        if failed:
+            raise DistributedCheckpointError(
+                f"the restore of {path} failed on {collective.summary(failed)} after every rank "
+                "had verified it; this rank loaded it, so restore again on every rank",
+                failed,
+            )
+        return done
+
+    def _apply(
+        self,
+        path: Path,
+        verified: _Verified,
+        targets: Mapping[str, Any],
+        *,
+        restore_rng: bool,
+    ) -> RestoredState:
+        manifest, state, templates, values = (
+            verified.manifest, verified.state, verified.templates, verified.values
+        )  # fmt: skip
         entries = state["entries"]
         saved_world = state["world_size"]
         model = targets.get("model")
