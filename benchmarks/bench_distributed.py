@@ -42,6 +42,7 @@ from _harness import common_parser
 
 WORLD = 4
 KINDS = ("dcp", "torchkeep")
+MODEL_KINDS = ("dcp-model", "manager")
 CACHES = ("after-save", "cold", "warm")
 
 
@@ -103,7 +104,13 @@ def _worker(
         state = {
             f"w{i}": distribute_tensor(torch.randn(rows, 1024), mesh, [Shard(0)]) for i in range(8)
         }
-        times: dict[str, list[float]] = {f"{k}_{op}": [] for k in KINDS for op in _ops(k)}
+
+        def zeros() -> dict[str, Any]:
+            return {k: distribute_tensor(torch.zeros(rows, 1024), mesh, [Shard(0)]) for k in state}
+
+        times: dict[str, list[float]] = {
+            f"{k}_{op}": [] for k in (*KINDS, *MODEL_KINDS) for op in _ops(k)
+        }
         for run in range(repeats):
             for kind in KINDS:
                 path = Path(out) / f"{kind}-{run}" / "step-00000001"
@@ -119,10 +126,7 @@ def _worker(
                 for cache in CACHES:
                     if rank == 0:
                         _set_cache(path, cache)
-                    target = {
-                        k: distribute_tensor(torch.zeros(rows, 1024), mesh, [Shard(0)])
-                        for k in state
-                    }
+                    target = zeros()
                     if kind == "dcp":
                         reader, planner = dcp.FileSystemReader(str(path)), None
                     else:
@@ -134,22 +138,94 @@ def _worker(
                     times[f"{kind}_load/{cache}"].append(time.perf_counter() - start)
                     if kind == "torchkeep":
                         times[f"{kind}_read+hash/{cache}"].append(sum(staged))
-                    if not all(
-                        torch.equal(target[k].to_local(), state[k].to_local()) for k in state
-                    ):
-                        raise AssertionError(f"{kind}: the loaded state differs from the saved one")
+                    _check(kind, target, state)
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(path.parent)
+            for kind in MODEL_KINDS:
+                folder = Path(out) / f"{kind}-{run}"
+                saved = _model(state)
+                save, restore, step = _model_ops(kind, folder, policy)
+                dist.barrier()
+                start = time.perf_counter()
+                save(saved)
+                times[f"{kind}_save"].append(time.perf_counter() - start)
+                for cache in CACHES:
+                    if rank == 0:
+                        _set_cache(step, cache)
+                    target = _model(zeros())
+                    dist.barrier()
+                    start = time.perf_counter()
+                    restore(target)
+                    times[f"{kind}_restore/{cache}"].append(time.perf_counter() - start)
+                    _check(kind, dict(target.named_parameters()), state)
+                dist.barrier()
+                if rank == 0:
+                    shutil.rmtree(folder)
         queue.put((rank, "ok", times))
         dist.destroy_process_group()
     except BaseException:  # reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
 
 
+def _model(state: dict[str, Any]) -> Any:
+    """A module whose parameters are the (DTensor) tensors of ``state``."""
+    from torch import nn
+
+    model = nn.Module()
+    for name, tensor in state.items():
+        model.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    return model
+
+
+def _model_ops(kind: str, folder: Path, policy: str) -> tuple[Any, Any, Path]:
+    """The save and restore of a model's training state the way a user of ``kind`` writes
+    them, and the step folder the save creates.
+
+    ``dcp-model``: DCP's recipe (``get_model_state_dict``, ``dcp.save``/``dcp.load`` through
+    ``FileSystemWriter(sync_files=True)``/``FileSystemReader``, ``set_model_state_dict``);
+    ``manager``: a distributed ``CheckpointManager``'s ``save(1, model=...)`` and
+    ``restore(model=...)``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    import torchkeep as tk
+
+    step = folder / "step-00000001"
+    if kind == "manager":
+        manager = tk.CheckpointManager(folder, cache=policy, keep_last=None)  # collective
+        return (
+            lambda model: manager.save(1, model=model),
+            lambda model: manager.restore(model=model),
+            step,
+        )
+
+    def save(model: Any) -> None:
+        writer = dcp.FileSystemWriter(str(step), sync_files=True)
+        dcp.save({"model": get_model_state_dict(model)}, storage_writer=writer)
+
+    def restore(model: Any) -> None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(step)))
+        set_model_state_dict(model, state["model"])
+
+    return save, restore, step
+
+
+def _check(kind: str, loaded: dict[str, Any], state: dict[str, Any]) -> None:
+    """Raise unless every tensor of ``loaded`` holds this rank's part of ``state``."""
+    import torch
+
+    if not all(torch.equal(loaded[k].to_local(), state[k].to_local()) for k in state):
+        raise AssertionError(f"{kind}: the loaded state differs from the saved one")
+
+
 def _ops(kind: str) -> tuple[str, ...]:
-    """The timed operations of ``kind``: save, a load per cache state (torchkeep: and the
-    read+hash part of each load)."""
+    """The timed operations of ``kind``: save, a load (a restore for the model kinds) per
+    cache state (torchkeep: and the read+hash part of each load)."""
+    if kind in MODEL_KINDS:
+        return ("save", *(f"restore/{cache}" for cache in CACHES))
     loads = tuple(f"load/{cache}" for cache in CACHES)
     parts = tuple(f"read+hash/{cache}" for cache in CACHES) if kind == "torchkeep" else ()
     return ("save", *loads, *parts)
@@ -199,20 +275,24 @@ def main(argv: list[str] | None = None) -> None:
         f"torchkeep cache={args.cache!r}"
     )
     print(
-        f"{'state':>8} {'op':>16} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
+        f"{'state':>8} {'op':>24} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
     )
     for mib in sizes:
         before = os.getloadavg()[0]
         slowest = run_case(mib, args.repeat, args.dir, args.cache)
         after = os.getloadavg()[0]
         print(f"{mib:>5} MiB  load average (1 min): {before:.1f} before, {after:.1f} after")
-        for op in _ops("torchkeep"):
-            dcp_op = op.replace("read+hash", "load")  # a part of torchkeep's load vs DCP's load
-            dcp_runs, tk_runs = slowest[f"dcp_{dcp_op}"], slowest[f"torchkeep_{op}"]
+        rows = [
+            (f"dcp_{op.replace('read+hash', 'load')}", f"torchkeep_{op}", op)
+            for op in _ops("torchkeep")
+        ]  # a part of torchkeep's load vs DCP's load
+        rows += [(f"dcp-model_{op}", f"manager_{op}", f"model {op}") for op in _ops("manager")]
+        for dcp_key, tk_key, op in rows:
+            dcp_runs, tk_runs = slowest[dcp_key], slowest[tk_key]
             ours, theirs = statistics.median(tk_runs), statistics.median(dcp_runs)
             runs = f"{[round(t, 2) for t in dcp_runs]} / {[round(t, 2) for t in tk_runs]}"
             print(
-                f"{mib:>5} MiB {op:>16} {theirs:>8.2f} {ours:>10.2f} {theirs / ours:>6.2f}x  {runs}"
+                f"{mib:>5} MiB {op:>24} {theirs:>8.2f} {ours:>10.2f} {theirs / ours:>6.2f}x  {runs}"
             )
 
 
