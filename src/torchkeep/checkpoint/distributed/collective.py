@@ -11,6 +11,7 @@ misses; :func:`translate` turns it, and raw collective errors, into
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ... import errors
@@ -114,6 +116,18 @@ def _rebuilt(type_name: str, text: str) -> BaseException:
     ):
         return kind(text)
     return RuntimeError(f"{type_name}: {text}")
+
+
+def all_equal(value: Any, group: Any) -> bool:
+    """Whether ``value`` (JSON-like) is the same on every rank (collective: one ``all_reduce``
+    of a 64-bit digest and its negation, whose maxima are the largest and smallest digest)."""
+    if group is None:
+        return True
+    text = json.dumps(value, sort_keys=True).encode()
+    digest = int.from_bytes(xxhash.xxh3_64_digest(text), "little", signed=True) >> 1
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64, device=_device(group))
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    return bool(extremes[0].item() == -extremes[1].item())
 
 
 def agree(error: BaseException | None, group: Any, what: str) -> None:

@@ -138,6 +138,8 @@ class SavingSession(SessionBase):
                     )
         collective.agree(error, self.group, f"the save of checkpoint step {step}")
         assert prepared is not None
+        if collective.all_equal(prepared.digests, self.group):
+            return
         digests = collective.all_gather(prepared.digests, self.group)
         for name, digest in digests[0].items():
             differ = [r for r, d in enumerate(digests) if d.get(name) != digest]
