@@ -1,3 +1,3 @@
 """The package version, kept in one place."""
 
-__version__ = "0.8.2"
+__version__ = "0.8.3"

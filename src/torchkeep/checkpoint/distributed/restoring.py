@@ -197,11 +197,13 @@ class RestoringSession(SessionBase):
                 rng.check(values[RNG_ENTRY], source=f"{path} ({RNG_ENTRY})")
         except Exception as exc:
             error = exc
-            if verified is not None:
+        passed = False
+        try:
+            passed = self._settled(path, error, fallback=fallback, stacklevel=6)
+        finally:
+            if verified is not None and not passed:  # this rank's staged chunks, unused
                 verified.load.close()
-        if self._settled(path, error, fallback=fallback, stacklevel=6):
-            return verified
-        return None
+        return verified if passed else None
 
     def _settled(
         self, path: Path, error: BaseException | None, *, fallback: bool, stacklevel: int
