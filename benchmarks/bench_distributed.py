@@ -10,6 +10,11 @@ fsync, manifest, atomic rename), and ``dcp.load`` through ``FileSystemReader`` a
 The time of one operation is that of its slowest rank; figures are the median of ``--repeat``
 runs, both writers alternating within each run.
 
+A second pair saves and restores a module holding the same DTensors as parameters the way each
+user writes it (the ``model`` rows): DCP's recipe (``get_model_state_dict``, ``dcp.save`` /
+``dcp.load`` through the same writer and reader, ``set_model_state_dict``) against a distributed
+``CheckpointManager``'s ``save(1, model=...)`` and ``restore(model=...)``.
+
 ``--cache`` sets torchkeep's ``cache=`` policy (``auto``, the writer's default, ``keep`` or
 ``drop``; :mod:`torchkeep.storage.cache`).
 

@@ -2,8 +2,10 @@
 
 Rank 0 lists the candidate steps and every rank tries them in that order; each step is
 checked against the live objects and every chunk verified on every rank before a byte reaches
-a live tensor, so a damaged step makes every rank fall back together. A single-process step
-among the candidates is restored by :mod:`.single` under the same rules.
+a live tensor, so a damaged step makes every rank fall back together. The ranks agree once
+per step, after every check (:func:`.collective.failures`: one flag when all passed), instead
+of through ``dcp.load``'s collectives. A single-process step among the candidates is restored
+by :mod:`.single` under the same rules.
 """
 
 from __future__ import annotations
