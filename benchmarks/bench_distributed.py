@@ -24,6 +24,11 @@ Each save is loaded three times, with the page cache in a stated state for both 
 ``posix_fadvise(DONTNEED)``, no root needed: the files are fsynced, their pages clean) and
 ``warm`` (every file read once first).
 
+A ``read floor/cold`` row gives the disk's floor in the same run: each rank reads its own
+evicted shard file whole with buffered 1 MiB reads into memory faulted in beforehand, nothing
+else done with the bytes; DCP's cold load over it is the best cold ratio any reader could
+reach on this machine.
+
 A ``read+hash`` row per cache state gives the part of torchkeep's load spent before any byte
 may be copied (every chunk read into staging memory and hashed, :mod:`staging`), measured
 inside the same loads: torchkeep's load cannot be faster than it plus one copy of the state
@@ -144,6 +149,12 @@ def _worker(
                     if kind == "torchkeep":
                         times[f"{kind}_read+hash/{cache}"].append(sum(staged))
                     _check(kind, target, state)
+                if kind == "torchkeep":  # the disk's floor for a cold load, same files
+                    if rank == 0:
+                        _set_cache(path, "cold")
+                    shard = next(path.glob(f"shard-{rank:05d}-of-*.safetensors"))
+                    dist.barrier()
+                    times["torchkeep_read floor/cold"].append(_read_only(shard))
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(path.parent)
@@ -226,13 +237,36 @@ def _check(kind: str, loaded: dict[str, Any], state: dict[str, Any]) -> None:
         raise AssertionError(f"{kind}: the loaded state differs from the saved one")
 
 
+def _read_only(path: Path) -> float:
+    """Seconds to read ``path`` whole with buffered 1 MiB reads into memory faulted in
+    beforehand, nothing else done with the bytes: what any reader of this rank's shard must
+    spend."""
+    size = path.stat().st_size
+    memory = bytearray(size)
+    memory[::4096] = bytes(len(memory[::4096]))  # fault every page in before timing
+    view = memoryview(memory)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        offset = 0
+        while offset < size:
+            offset += os.preadv(fd, [view[offset : offset + (1 << 20)]], offset)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
 def _ops(kind: str) -> tuple[str, ...]:
     """The timed operations of ``kind``: save, a load (a restore for the model kinds) per
     cache state (torchkeep: and the read+hash part of each load)."""
     if kind in MODEL_KINDS:
         return ("save", *(f"restore/{cache}" for cache in CACHES))
     loads = tuple(f"load/{cache}" for cache in CACHES)
-    parts = tuple(f"read+hash/{cache}" for cache in CACHES) if kind == "torchkeep" else ()
+    parts = (
+        (*(f"read+hash/{cache}" for cache in CACHES), "read floor/cold")
+        if kind == "torchkeep"
+        else ()
+    )
     return ("save", *loads, *parts)
 
 
@@ -288,7 +322,11 @@ def main(argv: list[str] | None = None) -> None:
         after = os.getloadavg()[0]
         print(f"{mib:>5} MiB  load average (1 min): {before:.1f} before, {after:.1f} after")
         rows = [
-            (f"dcp_{op.replace('read+hash', 'load')}", f"torchkeep_{op}", op)
+            (
+                f"dcp_{op.replace('read+hash', 'load').replace('read floor', 'load')}",
+                f"torchkeep_{op}",
+                op,
+            )
             for op in _ops("torchkeep")
         ]  # a part of torchkeep's load vs DCP's load
         rows += [(f"dcp-model_{op}", f"manager_{op}", f"model {op}") for op in _ops("manager")]
