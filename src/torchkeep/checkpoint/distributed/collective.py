@@ -74,8 +74,9 @@ def failures(error: BaseException | None, group: Any, what: str) -> dict[int, Ba
     (empty when no rank failed).
 
     When no rank failed this costs one ``all_reduce`` of a flag; only a failure gathers the
-    errors. Another rank's error comes back as a torchkeep error of the same type (other
-    types as ``RuntimeError``) with its first line; this rank's is ``error`` itself.
+    errors. Every rank's error, this rank's included, comes back rebuilt the same way on
+    every rank (:func:`_rebuilt`), so that every rank that decides by the errors' types
+    decides alike; raise ``error`` itself on the rank that failed.
 
     Raises:
         DistributedCheckpointError: a peer died or stopped answering (the group's timeout).
@@ -83,7 +84,7 @@ def failures(error: BaseException | None, group: Any, what: str) -> dict[int, Ba
     if group is None:
         return {} if error is None else {0: error}
     me = dist.get_rank(group)
-    mine = None if error is None else (type(error).__name__, first_line(error))
+    mine = None if error is None else (_public_type(error), first_line(error))
     try:
         flag = torch.tensor([mine is not None], dtype=torch.int32, device=_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -92,11 +93,7 @@ def failures(error: BaseException | None, group: Any, what: str) -> dict[int, Ba
         reports = all_gather(mine, group)
     except Exception as exc:  # a lost peer or the timeout: no rank can go on
         raise translate(exc, what, me=me) from exc
-    return {
-        r: error if r == me and error is not None else _rebuilt(*report)
-        for r, report in enumerate(reports)
-        if report is not None
-    }
+    return {r: _rebuilt(*report) for r, report in enumerate(reports) if report is not None}
 
 
 def _device(group: Any) -> torch.device:
@@ -106,14 +103,21 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def _public_type(error: BaseException) -> str:
+    """The name of ``error``'s nearest type that :mod:`torchkeep.errors` defines (its own type
+    name when it has none): what :func:`_rebuilt` can rebuild on every rank."""
+    for kind in type(error).__mro__:
+        name: str = kind.__name__
+        if getattr(errors, name, None) is kind and issubclass(kind, TorchkeepError):
+            return name
+    return type(error).__name__
+
+
 def _rebuilt(type_name: str, text: str) -> BaseException:
-    """Another rank's error from its type name and first line."""
+    """A rank's error from its type name and first line: that torchkeep error type, or a
+    ``RuntimeError`` naming any other type."""
     kind = getattr(errors, type_name, None)
-    if (
-        isinstance(kind, type)
-        and issubclass(kind, TorchkeepError)
-        and kind is not DistributedCheckpointError
-    ):
+    if isinstance(kind, type) and issubclass(kind, TorchkeepError):
         return kind(text)
     return RuntimeError(f"{type_name}: {text}")
 
