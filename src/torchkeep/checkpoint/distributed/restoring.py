@@ -398,9 +398,8 @@ class RestoringSession(SessionBase):
         *,
         restore_rng: bool,
     ) -> RestoredState:
-        manifest, state, templates, values = (
-            verified.manifest, verified.state, verified.templates, verified.values
-        )  # fmt: skip
+        """Load ``verified`` (its chunks copied) into the live objects on this rank."""
+        state, templates, values = verified.state, verified.templates, verified.values
         entries = state["entries"]
         saved_world = state["world_size"]
         model = targets.get("model")
@@ -441,7 +440,7 @@ class RestoringSession(SessionBase):
             for name, entry in entries.items()
             if entry["kind"] == "value" and name != RNG_ENTRY and name in values
         }
-        return RestoredState(state["step"], path, dict(manifest.get("metrics", {})), extra)
+        return RestoredState(state["step"], path, dict(verified.manifest.get("metrics", {})), extra)
 
 
 def _empty(described: Mapping[str, Any], path: Path, key: str) -> torch.Tensor:
