@@ -8,7 +8,8 @@ Each rank holds ``1/4`` of a state of DTensors sharded ``Shard(0)`` (8 tensors o
 fsync, manifest, atomic rename), and ``dcp.load`` through ``FileSystemReader`` against
 ``TorchkeepStorageReader`` + ``NoPickleLoadPlanner`` (every chunk's hash verified before use).
 The time of one operation is that of its slowest rank; figures are the median of ``--repeat``
-runs, both writers alternating within each run.
+runs. The two tools of each pair take turns going first (DCP in even runs, torchkeep in odd
+ones), so that neither always follows the other's writes and deletions.
 
 A second pair saves and restores a module holding the same DTensors as parameters the way each
 user writes it (the ``model`` rows): DCP's recipe (``get_model_state_dict``, ``dcp.save`` /
@@ -24,10 +25,22 @@ Each save is loaded three times, with the page cache in a stated state for both 
 ``posix_fadvise(DONTNEED)``, no root needed: the files are fsynced, their pages clean) and
 ``warm`` (every file read once first).
 
-A ``read floor/cold`` row gives the disk's floor in the same run: each rank reads its own
-evicted shard file whole with buffered 1 MiB reads into memory faulted in beforehand, nothing
-else done with the bytes; DCP's cold load over it is the best cold ratio any reader could
-reach on this machine.
+Floors are measured in the same run, on torchkeep's own shard files, each rank on its own
+shard at once:
+
+- ``read floor/cold``: the evicted file read whole with buffered 1 MiB reads into memory
+  faulted in beforehand, nothing else done with the bytes. DCP's cold load over it is the best
+  cold ratio any reader could reach on this machine.
+- ``verified floor/cold`` and ``/warm``: the least a reader that verifies before it copies must
+  do, with nothing else (no index, no planning, no collective, no fresh memory): the file read
+  in 4 MiB pieces (cold: buffered reads into memory faulted in beforehand; warm: a private
+  mapping of the cached file), each piece hashed (XXH3-128) as it lands, then every byte
+  copied into memory faulted in beforehand, as a restore copies into live tensors once every
+  rank has verified. DCP's load over it bounds any verified restore's ratio from above.
+- ``fresh floor/cold``: the same cold read, hash and copy, but read into fresh anonymous memory
+  (:func:`staging.allocate`), as a restore that keeps the bytes it hashed in memory of its own
+  until every rank has verified must: the first restore of a process has no memory faulted
+  in to read into.
 
 A ``read+hash`` row per cache state gives the part of torchkeep's load spent before any byte
 may be copied (every chunk read into staging memory and hashed, :mod:`staging`), measured
@@ -37,6 +50,7 @@ into the destination, which bounds the restore ratio from above.
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import statistics
@@ -54,6 +68,9 @@ WORLD = 4
 KINDS = ("dcp", "torchkeep")
 MODEL_KINDS = ("dcp-model", "manager")
 CACHES = ("after-save", "cold", "warm")
+FLOORS = ("read floor/cold", "verified floor/cold", "fresh floor/cold", "verified floor/warm")
+PIECE = 4 << 20
+"""Bytes per read and hash of the verified floor (torchkeep's staging reads such pieces)."""
 
 
 def _set_cache(step: Path, cache: str) -> None:
@@ -122,7 +139,7 @@ def _worker(
             f"{k}_{op}": [] for k in (*KINDS, *MODEL_KINDS) for op in _ops(k)
         }
         for run in range(repeats):
-            for kind in KINDS:
+            for kind in KINDS if run % 2 == 0 else KINDS[::-1]:
                 path = Path(out) / f"{kind}-{run}" / "step-00000001"
                 writer = (
                     dcp.FileSystemWriter(str(path), sync_files=True)
@@ -149,16 +166,21 @@ def _worker(
                     if kind == "torchkeep":
                         times[f"{kind}_read+hash/{cache}"].append(sum(staged))
                     _check(kind, target, state)
-                if kind == "torchkeep":  # the disk's floor for a cold load, same files
-                    if rank == 0:
-                        _set_cache(path, "cold")
+                if kind == "torchkeep":  # the floors of a load, same files
                     shard = next(path.glob(f"shard-{rank:05d}-of-*.safetensors"))
-                    dist.barrier()
-                    times["torchkeep_read floor/cold"].append(_read_only(shard))
+                    for floor in FLOORS:
+                        if rank == 0:
+                            _set_cache(path, floor.split("/")[1])
+                        dist.barrier()
+                        times[f"torchkeep_{floor}"].append(
+                            _read_only(shard)
+                            if floor.startswith("read")
+                            else _verified_floor(shard, floor)
+                        )
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(path.parent)
-            for kind in MODEL_KINDS:
+            for kind in MODEL_KINDS if run % 2 == 0 else MODEL_KINDS[::-1]:
                 folder = Path(out) / f"{kind}-{run}"
                 saved = _model(state)
                 save, restore, step = _model_ops(kind, folder, policy)
@@ -237,6 +259,43 @@ def _check(kind: str, loaded: dict[str, Any], state: dict[str, Any]) -> None:
         raise AssertionError(f"{kind}: the loaded state differs from the saved one")
 
 
+def _verified_floor(path: Path, floor: str) -> float:
+    """Seconds to read ``path`` in pieces (``verified floor/cold``: buffered reads into memory
+    faulted in beforehand; ``fresh floor/cold``: into fresh memory; ``verified floor/warm``:
+    from a private mapping), hash each piece as it lands and copy every byte into memory
+    faulted in beforehand: what a reader that verifies before copying must spend (see the
+    module docstring)."""
+    import torch
+    import xxhash
+
+    from torchkeep.checkpoint.distributed.staging import allocate
+
+    size = path.stat().st_size
+    destination = torch.ones(size, dtype=torch.uint8)  # faulted in, like live tensors
+    mapped = floor.endswith("/warm")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if mapped:
+            staged = torch.frombuffer(
+                mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE), dtype=torch.uint8
+            )
+        else:
+            staged = (
+                allocate(size) if floor.startswith("fresh") else torch.ones(size, dtype=torch.uint8)
+            )
+        view = memoryview(staged.numpy())
+        start = time.perf_counter()
+        for offset in range(0, size, PIECE):
+            piece = view[offset : offset + PIECE]
+            if not mapped:
+                os.preadv(fd, [piece], offset)
+            xxhash.xxh3_128(piece)
+        destination.copy_(staged)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
 def _read_only(path: Path) -> float:
     """Seconds to read ``path`` whole with buffered 1 MiB reads into memory faulted in
     beforehand, nothing else done with the bytes: what any reader of this rank's shard must
@@ -262,11 +321,7 @@ def _ops(kind: str) -> tuple[str, ...]:
     if kind in MODEL_KINDS:
         return ("save", *(f"restore/{cache}" for cache in CACHES))
     loads = tuple(f"load/{cache}" for cache in CACHES)
-    parts = (
-        (*(f"read+hash/{cache}" for cache in CACHES), "read floor/cold")
-        if kind == "torchkeep"
-        else ()
-    )
+    parts = (*(f"read+hash/{cache}" for cache in CACHES), *FLOORS) if kind == "torchkeep" else ()
     return ("save", *loads, *parts)
 
 
@@ -322,13 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         after = os.getloadavg()[0]
         print(f"{mib:>5} MiB  load average (1 min): {before:.1f} before, {after:.1f} after")
         rows = [
-            (
-                f"dcp_{op.replace('read+hash', 'load').replace('read floor', 'load')}",
-                f"torchkeep_{op}",
-                op,
-            )
+            (f"dcp_load/{op.rsplit('/', 1)[1]}" if "/" in op else "dcp_save", f"torchkeep_{op}", op)
             for op in _ops("torchkeep")
-        ]  # a part of torchkeep's load vs DCP's load
+        ]  # a part of torchkeep's load (or a floor) against DCP's load in that cache state
         rows += [(f"dcp-model_{op}", f"manager_{op}", f"model {op}") for op in _ops("manager")]
         for dcp_key, tk_key, op in rows:
             dcp_runs, tk_runs = slowest[dcp_key], slowest[tk_key]
