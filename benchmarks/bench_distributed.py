@@ -42,6 +42,12 @@ shard at once:
   until every rank has verified must: the first restore of a process has no memory faulted
   in to read into.
 
+The ``peak`` column gives, for each save, load and restore, the most resident memory one rank
+added while it ran (median over the runs; Linux ``VmHWM`` reset through
+``/proc/self/clear_refs``, as :mod:`_harness` measures). Pages of a mapped file count: a
+torchkeep restore of a cached step maps its shard, one of an uncached step reads it into memory
+of its own, either way until every rank has verified.
+
 A ``read+hash`` row per cache state gives the part of torchkeep's load spent before any byte
 may be copied (every chunk read into staging memory and hashed, :mod:`staging`), measured
 inside the same loads: torchkeep's load cannot be faster than it plus one copy of the state
@@ -50,6 +56,7 @@ into the destination, which bounds the restore ratio from above.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import shutil
@@ -58,11 +65,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from _harness import common_parser
+from _harness import Result, Summary, common_parser, write_json
 
 WORLD = 4
 KINDS = ("dcp", "torchkeep")
@@ -138,6 +146,13 @@ def _worker(
         times: dict[str, list[float]] = {
             f"{k}_{op}": [] for k in (*KINDS, *MODEL_KINDS) for op in _ops(k)
         }
+        peaks: dict[str, list[int]] = {}
+
+        def record(key: str, call: Callable[[], object]) -> None:
+            seconds, peak = _timed(call)
+            times[key].append(seconds)
+            peaks.setdefault(key, []).append(peak)
+
         for run in range(repeats):
             for kind in KINDS if run % 2 == 0 else KINDS[::-1]:
                 path = Path(out) / f"{kind}-{run}" / "step-00000001"
@@ -147,9 +162,7 @@ def _worker(
                     else TorchkeepStorageWriter(path, cache=policy)
                 )
                 dist.barrier()
-                start = time.perf_counter()
-                dcp.save(state, storage_writer=writer)
-                times[f"{kind}_save"].append(time.perf_counter() - start)
+                record(f"{kind}_save", functools.partial(dcp.save, state, storage_writer=writer))
                 for cache in CACHES:
                     if rank == 0:
                         _set_cache(path, cache)
@@ -160,9 +173,10 @@ def _worker(
                         reader, planner = TorchkeepStorageReader(path), NoPickleLoadPlanner()
                     dist.barrier()
                     staged.clear()
-                    start = time.perf_counter()
-                    dcp.load(target, storage_reader=reader, planner=planner)
-                    times[f"{kind}_load/{cache}"].append(time.perf_counter() - start)
+                    record(
+                        f"{kind}_load/{cache}",
+                        functools.partial(dcp.load, target, storage_reader=reader, planner=planner),
+                    )
                     if kind == "torchkeep":
                         times[f"{kind}_read+hash/{cache}"].append(sum(staged))
                     _check(kind, target, state)
@@ -185,22 +199,18 @@ def _worker(
                 saved = _model(state)
                 save, restore, step = _model_ops(kind, folder, policy)
                 dist.barrier()
-                start = time.perf_counter()
-                save(saved)
-                times[f"{kind}_save"].append(time.perf_counter() - start)
+                record(f"{kind}_save", functools.partial(save, saved))
                 for cache in CACHES:
                     if rank == 0:
                         _set_cache(step, cache)
                     target = _model(zeros())
                     dist.barrier()
-                    start = time.perf_counter()
-                    restore(target)
-                    times[f"{kind}_restore/{cache}"].append(time.perf_counter() - start)
+                    record(f"{kind}_restore/{cache}", functools.partial(restore, target))
                     _check(kind, dict(target.named_parameters()), state)
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(folder)
-        queue.put((rank, "ok", times))
+        queue.put((rank, "ok", (times, peaks)))
         dist.destroy_process_group()
     except BaseException:  # reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
@@ -296,6 +306,33 @@ def _verified_floor(path: Path, floor: str) -> float:
         os.close(fd)
 
 
+def _status(field: str) -> int:
+    """``field`` of ``/proc/self/status`` in bytes (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _timed(call: Callable[[], object]) -> tuple[float, int]:
+    """Seconds ``call`` took, and the peak resident memory it added to this rank (Linux
+    ``VmHWM`` reset through ``/proc/self/clear_refs``, as :mod:`_harness` measures)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+    baseline = _status("VmRSS")
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    return seconds, max(_status("VmHWM") - baseline, 0)
+
+
 def _read_only(path: Path) -> float:
     """Seconds to read ``path`` whole with buffered 1 MiB reads into memory faulted in
     beforehand, nothing else done with the bytes: what any reader of this rank's shard must
@@ -327,8 +364,9 @@ def _ops(kind: str) -> tuple[str, ...]:
 
 def run_case(
     mib: int, repeats: int, scratch: Path | None, policy: str = "auto"
-) -> dict[str, list[float]]:
-    """Every rank's timings for ``mib`` MiB of state; the slowest rank's time per run."""
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Every rank's timings for ``mib`` MiB of state: per operation, the slowest rank's time
+    per run, and (for saves, loads and restores) the largest peak memory a rank added."""
     import torch.multiprocessing as mp
 
     out = tempfile.mkdtemp(prefix="tk-bench-dist-", dir=scratch)
@@ -352,12 +390,20 @@ def run_case(
     failed = [m[2] for m in messages if m[1] != "ok"]
     if failed:
         raise RuntimeError(failed[0])
-    keys = messages[0][2]
-    return {key: [max(m[2][key][i] for m in messages) for i in range(repeats)] for key in keys}
+    times = {
+        key: [max(m[2][0][key][i] for m in messages) for i in range(repeats)]
+        for key in messages[0][2][0]
+    }
+    peaks = {
+        key: [max(m[2][1][key][i] for m in messages) for i in range(repeats)]
+        for key in messages[0][2][1]
+    }
+    return times, peaks
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the 256 MiB and 1 GiB cases (``--quick``: 32 MiB) and print one table."""
+def main(argv: list[str] | None = None) -> list[Result]:
+    """Run the 256 MiB and 1 GiB cases (``--quick``: 32 MiB), print one table and return every
+    measured row (``--json`` writes them; ``run.py --json`` collects them)."""
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--cache", choices=("auto", "keep", "drop"), default="auto", help="torchkeep's cache="
@@ -366,14 +412,16 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [32] if args.quick else [256, 1024]
     print(
         f"{WORLD} gloo ranks, durable, slowest rank, median of {args.repeat} run(s), seconds; "
-        f"torchkeep cache={args.cache!r}"
+        f"peak = the most memory a rank added, MiB; torchkeep cache={args.cache!r}"
     )
     print(
-        f"{'state':>8} {'op':>24} {'DCP':>8} {'torchkeep':>10} {'ratio':>7}  runs (DCP / torchkeep)"
+        f"{'state':>8} {'op':>24} {'DCP':>8} {'torchkeep':>10} {'ratio':>7} {'peak':>11}"
+        "  runs (DCP / torchkeep)"
     )
+    results: list[Result] = []
     for mib in sizes:
         before = os.getloadavg()[0]
-        slowest = run_case(mib, args.repeat, args.dir, args.cache)
+        times, peaks = run_case(mib, args.repeat, args.dir, args.cache)
         after = os.getloadavg()[0]
         print(f"{mib:>5} MiB  load average (1 min): {before:.1f} before, {after:.1f} after")
         rows = [
@@ -382,12 +430,28 @@ def main(argv: list[str] | None = None) -> None:
         ]  # a part of torchkeep's load (or a floor) against DCP's load in that cache state
         rows += [(f"dcp-model_{op}", f"manager_{op}", f"model {op}") for op in _ops("manager")]
         for dcp_key, tk_key, op in rows:
-            dcp_runs, tk_runs = slowest[dcp_key], slowest[tk_key]
-            ours, theirs = statistics.median(tk_runs), statistics.median(dcp_runs)
-            runs = f"{[round(t, 2) for t in dcp_runs]} / {[round(t, 2) for t in tk_runs]}"
+            summaries = [
+                Summary(
+                    statistics.median(times[key]),
+                    int(statistics.median(peaks[key])) if key in peaks else 0,
+                    times[key],
+                )
+                for key in (dcp_key, tk_key)
+            ]
+            theirs, ours = summaries
+            results += [
+                Result(f"{mib} MiB", op, tool, mib << 20, summary)
+                for tool, summary in zip(("DCP", "torchkeep"), summaries, strict=True)
+            ]
+            peak = f"{theirs.peak_rss >> 20}/{ours.peak_rss >> 20}" if tk_key in peaks else ""
+            runs = f"{[round(t, 2) for t in theirs.runs]} / {[round(t, 2) for t in ours.runs]}"
             print(
-                f"{mib:>5} MiB {op:>24} {theirs:>8.2f} {ours:>10.2f} {theirs / ours:>6.2f}x  {runs}"
+                f"{mib:>5} MiB {op:>24} {theirs.seconds:>8.2f} {ours.seconds:>10.2f} "
+                f"{theirs.seconds / ours.seconds:>6.2f}x {peak:>11}  {runs}"
             )
+    if args.json:
+        write_json(args.json, results)
+    return results
 
 
 if __name__ == "__main__":
