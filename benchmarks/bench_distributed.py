@@ -57,6 +57,7 @@ into the destination, which bounds the restore ratio from above.
 from __future__ import annotations
 
 import functools
+import gc
 import mmap
 import os
 import shutil
@@ -321,6 +322,7 @@ def _status(field: str) -> int:
 def _timed(call: Callable[[], object]) -> tuple[float, int]:
     """Seconds ``call`` took, and the peak resident memory it added to this rank (Linux
     ``VmHWM`` reset through ``/proc/self/clear_refs``, as :mod:`_harness` measures)."""
+    gc.collect()  # what earlier operations left for the collector is not this one's
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
