@@ -150,7 +150,8 @@ def _worker(
         peaks: dict[str, list[int]] = {}
 
         def record(key: str, call: Callable[[], object]) -> None:
-            seconds, peak = _timed(call)
+            """Time ``call`` on every rank at once (a barrier first) and keep its peak."""
+            seconds, peak = _timed(call, dist.barrier)
             times[key].append(seconds)
             peaks.setdefault(key, []).append(peak)
 
@@ -162,7 +163,6 @@ def _worker(
                     if kind == "dcp"
                     else TorchkeepStorageWriter(path, cache=policy)
                 )
-                dist.barrier()
                 record(f"{kind}_save", functools.partial(dcp.save, state, storage_writer=writer))
                 for cache in CACHES:
                     if rank == 0:
@@ -172,7 +172,6 @@ def _worker(
                         reader, planner = dcp.FileSystemReader(str(path)), None
                     else:
                         reader, planner = TorchkeepStorageReader(path), NoPickleLoadPlanner()
-                    dist.barrier()
                     staged.clear()
                     record(
                         f"{kind}_load/{cache}",
@@ -199,13 +198,11 @@ def _worker(
                 folder = Path(out) / f"{kind}-{run}"
                 saved = _model(state)
                 save, restore, step = _model_ops(kind, folder, policy)
-                dist.barrier()
                 record(f"{kind}_save", functools.partial(save, saved))
                 for cache in CACHES:
                     if rank == 0:
                         _set_cache(step, cache)
                     target = _model(zeros())
-                    dist.barrier()
                     record(f"{kind}_restore/{cache}", functools.partial(restore, target))
                     _check(kind, dict(target.named_parameters()), state)
                 dist.barrier()
@@ -319,9 +316,12 @@ def _status(field: str) -> int:
     return 0
 
 
-def _timed(call: Callable[[], object]) -> tuple[float, int]:
+def _timed(call: Callable[[], object], ready: Callable[[], object]) -> tuple[float, int]:
     """Seconds ``call`` took, and the peak resident memory it added to this rank (Linux
-    ``VmHWM`` reset through ``/proc/self/clear_refs``, as :mod:`_harness` measures)."""
+    ``VmHWM`` reset through ``/proc/self/clear_refs``, as :mod:`_harness` measures).
+
+    ``ready`` (a barrier) runs after the preparation and before the clock starts, so that no
+    rank's clock runs while another still collects garbage."""
     gc.collect()  # what earlier operations left for the collector is not this one's
     try:
         with open("/proc/self/clear_refs", "w") as refs:
@@ -329,6 +329,7 @@ def _timed(call: Callable[[], object]) -> tuple[float, int]:
     except OSError:
         pass
     baseline = _status("VmRSS")
+    ready()
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
