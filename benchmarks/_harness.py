@@ -10,12 +10,14 @@ it runs, above the process's resident size just before it started (Linux ``VmHWM
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,13 +32,14 @@ if str(SRC_DIR) not in sys.path:  # benchmark this checkout's code, installed or
 
 # Runs in the fresh process: prepare, optionally drop caches, reset the peak, time the call.
 _CHILD = r"""
-import gc, json, os, sys, time
+import json, os, sys
+from dataclasses import asdict
 spec = json.loads(sys.argv[1])
 sys.path[:0] = spec["path"]
+from _harness import timed
 module_name, factory_name = spec["target"].split(":")
 module = __import__(module_name)
 op = getattr(module, factory_name)(**spec["kwargs"])
-gc.collect()
 os.sync()
 if spec["cold"]:
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -49,21 +52,7 @@ for root in spec["warm"]:  # read every file once, so the page cache holds it al
             while f.read(8 << 20):
                 pass
 
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM to the current RSS
-baseline = status("VmRSS")
-start = time.perf_counter()
-op()
-seconds = time.perf_counter() - start
-peak = status("VmHWM") - baseline
-print("\n" + json.dumps({"seconds": seconds, "peak_rss": peak}))
+print("\n" + json.dumps(asdict(timed(op))))
 """
 
 
@@ -87,6 +76,40 @@ class Summary:
     def spread(self) -> float:
         """(slowest - fastest) / median: how noisy the runs were."""
         return (max(self.runs) - min(self.runs)) / self.seconds if self.seconds else 0.0
+
+
+def _status(field: str) -> int:
+    """``field`` of ``/proc/self/status`` in bytes (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def timed(call: Callable[[], object], ready: Callable[[], object] | None = None) -> Measurement:
+    """Run ``call`` once in this process: its wall time and the peak resident memory it added
+    (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; 0 where those are missing).
+
+    Garbage is collected first, so what earlier work left to the collector is not this call's;
+    ``ready`` (a barrier between processes) runs after that and before the clock starts.
+    """
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    baseline = _status("VmRSS")
+    if ready is not None:
+        ready()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    return Measurement(seconds, max(_status("VmHWM") - baseline, 0))
 
 
 def measure(

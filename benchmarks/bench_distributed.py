@@ -58,7 +58,6 @@ into the destination, which bounds the restore ratio from above.
 from __future__ import annotations
 
 import functools
-import gc
 import mmap
 import os
 import shutil
@@ -72,7 +71,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from _harness import Result, Summary, common_parser, write_json
+from _harness import Result, Summary, common_parser, timed, write_json
 
 WORLD = 4
 KINDS = ("dcp", "torchkeep")
@@ -152,9 +151,9 @@ def _worker(
 
         def record(key: str, call: Callable[[], object]) -> None:
             """Time ``call`` on every rank at once (a barrier first) and keep its peak."""
-            seconds, peak = _timed(call, dist.barrier)
-            times[key].append(seconds)
-            peaks.setdefault(key, []).append(peak)
+            measured = timed(call, dist.barrier)
+            times[key].append(measured.seconds)
+            peaks.setdefault(key, []).append(measured.peak_rss)
 
         for run in range(repeats):
             for kind in KINDS if run % 2 == 0 else KINDS[::-1]:
@@ -187,11 +186,7 @@ def _worker(
                         if rank == 0:
                             _set_cache(path, floor.split("/")[1])
                         dist.barrier()
-                        times[f"torchkeep_{floor}"].append(
-                            _read_only(shard)
-                            if floor.startswith("read")
-                            else _verified_floor(shard, floor)
-                        )
+                        times[f"torchkeep_{floor}"].append(_floor(shard, floor))
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(path.parent)
@@ -268,89 +263,41 @@ def _check(kind: str, loaded: dict[str, Any], state: dict[str, Any]) -> None:
         raise AssertionError(f"{kind}: the loaded state differs from the saved one")
 
 
-def _verified_floor(path: Path, floor: str) -> float:
-    """Seconds to read ``path`` in pieces (``verified floor/cold``: buffered reads into memory
-    faulted in beforehand; ``fresh floor/cold``: into fresh memory; ``verified floor/warm``:
-    from a private mapping), hash each piece as it lands and copy every byte into memory
-    faulted in beforehand: what a reader that verifies before copying must spend (see the
-    module docstring)."""
+def _floor(path: Path, floor: str) -> float:
+    """Seconds one of :data:`FLOORS` takes on the shard ``path`` (see the module docstring):
+    ``read floor/cold`` reads it in 1 MiB pieces into memory faulted in beforehand; the others
+    read it in :data:`PIECE` pieces (``verified floor/cold``: into memory faulted in beforehand,
+    ``fresh floor/cold``: into fresh memory, ``verified floor/warm``: from a private mapping),
+    hash each piece as it lands and copy every byte into memory faulted in beforehand."""
     import torch
     import xxhash
 
     from torchkeep.checkpoint.distributed.staging import allocate
 
     size = path.stat().st_size
-    destination = torch.ones(size, dtype=torch.uint8)  # faulted in, like live tensors
+    verified = not floor.startswith("read")
     mapped = floor.endswith("/warm")
+    piece = PIECE if verified else 1 << 20
     fd = os.open(path, os.O_RDONLY)
     try:
         if mapped:
-            staged = torch.frombuffer(
-                mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE), dtype=torch.uint8
-            )
+            memory = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
+            staged = torch.frombuffer(memory, dtype=torch.uint8)
+        elif floor.startswith("fresh"):
+            staged = allocate(size)
         else:
-            staged = (
-                allocate(size) if floor.startswith("fresh") else torch.ones(size, dtype=torch.uint8)
-            )
+            staged = torch.ones(size, dtype=torch.uint8)  # faulted in
+        destination = torch.ones(size, dtype=torch.uint8) if verified else None  # like live tensors
         view = memoryview(staged.numpy())
         start = time.perf_counter()
-        for offset in range(0, size, PIECE):
-            piece = view[offset : offset + PIECE]
+        for offset in range(0, size, piece):
+            part = view[offset : offset + piece]
             if not mapped:
-                os.preadv(fd, [piece], offset)
-            xxhash.xxh3_128(piece)
-        destination.copy_(staged)
-        return time.perf_counter() - start
-    finally:
-        os.close(fd)
-
-
-def _status(field: str) -> int:
-    """``field`` of ``/proc/self/status`` in bytes (0 where there is none)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _timed(call: Callable[[], object], ready: Callable[[], object]) -> tuple[float, int]:
-    """Seconds ``call`` took, and the peak resident memory it added to this rank (Linux
-    ``VmHWM`` reset through ``/proc/self/clear_refs``, as :mod:`_harness` measures).
-
-    ``ready`` (a barrier) runs after the preparation and before the clock starts, so that no
-    rank's clock runs while another still collects garbage."""
-    gc.collect()  # what earlier operations left for the collector is not this one's
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
-    baseline = _status("VmRSS")
-    ready()
-    start = time.perf_counter()
-    call()
-    seconds = time.perf_counter() - start
-    return seconds, max(_status("VmHWM") - baseline, 0)
-
-
-def _read_only(path: Path) -> float:
-    """Seconds to read ``path`` whole with buffered 1 MiB reads into memory faulted in
-    beforehand, nothing else done with the bytes: what any reader of this rank's shard must
-    spend."""
-    size = path.stat().st_size
-    memory = bytearray(size)
-    memory[::4096] = bytes(len(memory[::4096]))  # fault every page in before timing
-    view = memoryview(memory)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        start = time.perf_counter()
-        offset = 0
-        while offset < size:
-            offset += os.preadv(fd, [view[offset : offset + (1 << 20)]], offset)
+                os.preadv(fd, [part], offset)
+            if verified:
+                xxhash.xxh3_128(part)
+        if destination is not None:
+            destination.copy_(staged)
         return time.perf_counter() - start
     finally:
         os.close(fd)
